@@ -1,0 +1,96 @@
+"""The `kcore` command line: argument parsing, shared options and error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from kcore import __version__
+from kcore.errors import KcoreError
+
+# name -> one-line help; each lives in kcore/commands/<name>.py with add_parser() and run().
+COMMANDS: dict[str, str] = {
+    "ranges": "print the kclist: the memory ranges /proc/kcore would show",
+    "header": "write the ELF header /proc/kcore would start with",
+    "read": "read bytes at /proc/kcore file offsets",
+    "dump": "dump kernel memory to a file (elf, kcore, lime, raw, padded)",
+    "bench": "compare kcore's read speed with the real /proc/kcore",
+}
+
+SOURCE_HELP = (
+    "where kernel memory is read: raw:PATH, padded:PATH, lime:PATH, elf:PATH, kcore:PATH, "
+    "devmem:PATH, pid:PID:START-END@PHYS, a bare PATH (format detected from its contents), "
+    "or auto (the live system: /proc/kcore, then /dev/crash, then /dev/mem; default)"
+)
+
+
+def int_arg(text: str) -> int:
+    """Parse a decimal or 0x-prefixed hex integer for argparse."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal or 0x hex)") from None
+
+
+def add_system_args(parser: argparse.ArgumentParser, *, layout: bool = True) -> None:
+    """Add --root, --source and (optionally) --layout, shared by every subcommand."""
+    parser.add_argument(
+        "--root", default="/", metavar="DIR",
+        help="system root where proc/ and sys/ files are read (default: /)",
+    )
+    parser.add_argument("--source", default="auto", metavar="SPEC", help=SOURCE_HELP)
+    if layout:
+        parser.add_argument(
+            "--layout", choices=("modern", "2.6"), default="modern",
+            help="header flavour: modern (Linux >= 4.19, default) or 2.6 (the seed's)",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with one subparser per available command."""
+    parser = argparse.ArgumentParser(
+        prog="kcore",
+        description="The Linux kernel's /proc/kcore rebuilt in userspace, "
+        "and fast full-memory dumps that drgn, crash, gdb and Volatility open.",
+    )
+    parser.add_argument("--version", action="version", version=f"kcore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"kcore.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"kcore.commands.{name}":
+                raise
+            continue
+        p = module.add_parser(sub, name, help_text)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the kcore command line; return the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KcoreError as exc:
+        print(f"kcore: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kcore: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `kcore dump - | head`): not our error to report.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"kcore: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1

@@ -1,0 +1,41 @@
+"""The exceptions kcore raises; each one's str() is a one-line message for the user."""
+
+from __future__ import annotations
+
+
+class KcoreError(Exception):
+    """Base of every error kcore reports to the user."""
+
+    exit_code = 1
+
+
+class InputError(KcoreError):
+    """A system-root file (/proc/iomem, kallsyms, vmcoreinfo...) is missing or malformed."""
+
+    exit_code = 2
+
+
+class SourceError(KcoreError):
+    """A memory source cannot be opened, or its contents are malformed."""
+
+    exit_code = 2
+
+
+class ElfFormatError(SourceError):
+    """An ELF core (QEMU, kdump, kcore) is truncated or inconsistent."""
+
+
+class LimeFormatError(SourceError):
+    """A LiME or AVML image is truncated or inconsistent."""
+
+
+class FaultError(KcoreError):
+    """Memory at an address could not be read (strict mode)."""
+
+    def __init__(self, message: str, address: int) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+class OutputError(KcoreError):
+    """An output file cannot be created or written."""

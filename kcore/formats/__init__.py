@@ -1,0 +1,1 @@
+"""Output formats of kcore dump (elf, kcore, lime, raw, padded)."""

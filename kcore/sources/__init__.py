@@ -1,0 +1,1 @@
+"""Memory sources: where kernel memory is read (raw, padded, lime, elf, kcore, devmem, pid)."""

@@ -1,0 +1,18 @@
+"""Build kcore: the Python package and its cffi C core (csrc/)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="kcore",
+    version="0.1.0",
+    description="The Linux kernel's /proc/kcore rebuilt in userspace, and fast memory dumps",
+    python_requires=">=3.11",
+    packages=find_packages(include=["kcore", "kcore.*"]),
+    setup_requires=["cffi>=1.15"],
+    cffi_modules=["csrc/build_ffi.py:ffibuilder"],
+    install_requires=["cffi>=1.15", "pyelftools>=0.29", "tqdm>=4.60"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff", "zstandard"],
+    },
+    entry_points={"console_scripts": ["kcore = kcore.cli:main"]},
+    zip_safe=False,
+)

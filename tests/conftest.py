@@ -1,0 +1,31 @@
+"""Shared pytest fixtures: where the real-kernel captures are, and how to run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURE_NAMES = ("linux-6.1.0-56-nokaslr-512M", "linux-6.1.0-56-kaslr-512M")
+
+
+def shared_fixture(name: str) -> Path:
+    """The folder of one real-kernel capture under ../shared/fixtures, or skip."""
+    path = SHARED_FIXTURES / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is not here (real-kernel captures live beside the project)")
+    return path
+
+
+def run_kcore(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m kcore ARGS` from this checkout; capture its output."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    kw.setdefault("capture_output", True)
+    return subprocess.run([sys.executable, "-m", "kcore", *args], env=env, check=check, **kw)
