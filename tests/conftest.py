@@ -29,3 +29,23 @@ def run_kcore(*args: str, check: bool = False, **kw) -> subprocess.CompletedProc
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     kw.setdefault("capture_output", True)
     return subprocess.run([sys.executable, "-m", "kcore", *args], env=env, check=check, **kw)
+
+
+CACHE = Path(os.environ.get("KCORE_TEST_CACHE", "/tmp/kcore-test-cache"))
+
+
+def fixture_memory(name: str) -> Path:
+    """The decompressed memory image of a capture (cached under KCORE_TEST_CACHE), or skip."""
+    folder = shared_fixture(name) / "memory"
+    packed = next(folder.glob("*.zst"), None)
+    if packed is None:
+        pytest.skip(f"no memory image in {folder}")
+    out = CACHE / name / packed.name[: -len(".zst")]
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        subprocess.run(
+            ["zstd", "-q", "-d", "--long=30", "-f", str(packed), "-o", str(tmp)], check=True
+        )
+        os.replace(tmp, out)
+    return out
