@@ -1,0 +1,423 @@
+"""Discovery: the kernel as kcore shows it, from a system root and a memory source."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kcore.errors import InputError, KcoreError
+from kcore.kclist import KcoreEntry, KcoreList, KcoreType, RamRange, ram_ranges_from_resources
+from kcore.layout import (
+    ALL_ONES,
+    X86_64_KERNEL_IMAGE_SIZE,
+    X86_64_START_KERNEL_MAP,
+    Layout,
+    x86_64_layout,
+)
+from kcore.vmcoreinfo import VmcoreInfo, parse_note, parse_sysfs_vmcoreinfo
+
+if TYPE_CHECKING:
+    from kcore.sources.base import MemorySource
+
+# The kernel variables discovery reads from memory (their addresses come from kallsyms).
+KALLSYMS_WANTED = frozenset({
+    "_text", "_stext", "_end", "page_offset_base", "vmalloc_base", "vmemmap_base",
+    "phys_base", "arch_task_struct_size", "init_top_pgt", "linux_banner",
+})
+_IOMEM_LINE = re.compile(r"^( *)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
+TASK_STRUCT_SANE = range(1024, 1 << 17)
+
+
+@dataclass
+class Iomem:
+    """Parsed /proc/iomem: top-level resources as (start, end inclusive, name)."""
+
+    top: list[tuple[int, int, str]]
+
+    def system_ram(self) -> list[tuple[int, int]]:
+        """Top-level "System RAM" resources (what walk_system_ram_range() visits)."""
+        return [(s, e) for s, e, name in self.top if name.startswith("System RAM")]
+
+
+def parse_iomem(text: str, where: str = "proc/iomem") -> Iomem:
+    """Parse /proc/iomem; raise InputError naming the first malformed line."""
+    top = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _IOMEM_LINE.match(line)
+        if not m:
+            raise InputError(f"{where}:{n}: malformed line {line.strip()[:60]!r}")
+        start, end = int(m.group(2), 16), int(m.group(3), 16)
+        if end < start:
+            raise InputError(f"{where}:{n}: range end {end:#x} is below its start {start:#x}")
+        if not m.group(1):
+            top.append((start, end, m.group(4).strip()))
+    ram = [(s, e) for s, e, name in top if name.startswith("System RAM")]
+    if not ram:
+        raise InputError(f"{where}: no top-level 'System RAM' line")
+    if all(s == 0 and e == 0 for s, e in ram):
+        raise InputError(f"{where}: addresses read as zero (hidden from non-root): run as root")
+    return Iomem(top)
+
+
+def parse_kallsyms(lines: Iterable[str], wanted: Iterable[str] = KALLSYMS_WANTED,
+                   where: str = "proc/kallsyms") -> dict[str, int]:
+    """The addresses of the wanted core-kernel symbols in /proc/kallsyms text."""
+    wanted = set(wanted)
+    found: dict[str, int] = {}
+    for n, line in enumerate(lines, 1):
+        parts = line.split()
+        if len(parts) < 3 or len(parts) > 4:
+            if line.strip():
+                raise InputError(f"{where}:{n}: malformed line {line.strip()[:60]!r}")
+            continue
+        name = parts[2]
+        if name in wanted and len(parts) == 3 and name not in found:
+            try:
+                found[name] = int(parts[0], 16)
+            except ValueError:
+                raise InputError(f"{where}:{n}: bad address {parts[0][:20]!r}") from None
+    if "_text" not in found:
+        raise InputError(f"{where}: no _text symbol (is this a kallsyms file?)")
+    if found["_text"] == 0:
+        raise InputError(f"{where}: addresses read as zero (kptr_restrict): run as root")
+    if "_end" not in found:
+        raise InputError(f"{where}: no _end symbol")
+    return found
+
+
+def _read_text(root: Path, rel: str, *, required: bool = True) -> str | None:
+    path = root / rel
+    try:
+        return path.read_text(errors="surrogateescape")
+    except FileNotFoundError:
+        if required:
+            raise InputError(
+                f"{path}: missing (is --root a system root with proc/ and sys/?)"
+            ) from None
+        return None
+    except OSError as exc:
+        raise InputError(f"{path}: {exc.strerror}") from None
+
+
+def memory_block_states(root: Path) -> tuple[tuple[str, str], ...] | None:
+    """The online/offline state of every memory block under sys/devices/system/memory."""
+    base = root / "sys/devices/system/memory"
+    try:
+        names = sorted(p.name for p in base.iterdir() if p.name.startswith("memory"))
+    except OSError:
+        return None
+    states = []
+    for name in names:
+        try:
+            states.append((name, (base / name / "state").read_text().strip()))
+        except OSError:
+            states.append((name, "?"))
+    return tuple(states)
+
+
+@dataclass
+class System:
+    """One kernel as kcore sees it: where its files and memory are, and what kcore shows of it."""
+
+    root: Path
+    source: MemorySource
+    layout: Layout
+    vmcoreinfo: VmcoreInfo
+    cmdline: str
+    osrelease: str
+    task_struct_size: int
+    kclist: Any
+    symbols: dict[str, int] = field(default_factory=dict)
+    task_struct: bytes | None = None  # known only when the source is a real kcore
+    flavour: str = "modern"
+
+    def pa(self, vaddr: int) -> int:
+        """__pa() of a direct-map address."""
+        return self.layout.pa(vaddr)
+
+    def va(self, paddr: int) -> int:
+        """__va() of a physical address."""
+        return self.layout.va(paddr)
+
+    def pa_symbol(self, vaddr: int) -> int:
+        """__pa_symbol() of a kernel-image address."""
+        return self.layout.pa_symbol(vaddr)
+
+    def close(self) -> None:
+        """Close the memory source."""
+        self.source.close()
+
+
+class _Reader:
+    """Small physical reads for discovery, with errors that name what was being read."""
+
+    def __init__(self, source: MemorySource) -> None:
+        self.source = source
+
+    def covered(self, paddr: int, length: int) -> bool:
+        """Whether [paddr, paddr+length) lies inside the source's extents."""
+        end = paddr + length
+        for ext in self.source.extents:
+            if ext.paddr <= paddr < ext.paddr + ext.length:
+                if end <= ext.paddr + ext.length:
+                    return True
+                paddr = ext.paddr + ext.length
+        return False
+
+    def read(self, paddr: int, length: int, what: str) -> bytes:
+        if not self.covered(paddr, length):
+            raise InputError(
+                f"{what} at physical {paddr:#x} is outside the memory source {self.source.spec} "
+                "(a source too small, or from another machine)"
+            )
+        data, stats = self.source.read_phys(paddr, length)
+        if stats.pages_zero_filled:
+            raise InputError(f"{what} at physical {paddr:#x} is unreadable in {self.source.spec}")
+        return data
+
+    def u64(self, paddr: int, what: str) -> int:
+        return int.from_bytes(self.read(paddr, 8, what), "little")
+
+
+def _open_source(source: str | MemorySource, root: Path) -> MemorySource:
+    if not isinstance(source, str):
+        return source
+    from kcore.sources import open_source
+
+    return open_source(source, str(root))
+
+
+def discover(root: str | Path = "/", source: str | MemorySource = "auto", *,
+             flavour: str = "modern") -> System:
+    """Read a system root and a memory source; return the System kcore would show."""
+    if flavour not in ("modern", "2.6"):
+        raise InputError(f"unknown layout {flavour!r}: use modern or 2.6")
+    root = Path(root)
+    src = _open_source(source, root)
+    try:
+        if getattr(src, "kind", None) == "kcore":
+            return _discover_from_kcore(root, src, flavour)
+        return _discover(root, src, flavour)
+    except BaseException:
+        if isinstance(source, str):
+            src.close()
+        raise
+
+
+def _load_vmcoreinfo(root: Path, reader: _Reader) -> VmcoreInfo:
+    text = _read_text(root, "sys/kernel/vmcoreinfo", required=False)
+    if text is None:
+        if reader.source.vmcoreinfo:
+            return VmcoreInfo.parse(reader.source.vmcoreinfo)
+        raise InputError(f"{root / 'sys/kernel/vmcoreinfo'}: missing, and the memory source "
+                         "carries no VMCOREINFO note")
+    where = str(root / "sys/kernel/vmcoreinfo")
+    paddr, size = parse_sysfs_vmcoreinfo(text, where)
+    size = min(max(size, 64), 1 << 16)
+    buf = reader.read(paddr, size, f"the VMCOREINFO note ({where})")
+    return VmcoreInfo.parse(parse_note(buf, f"VMCOREINFO note at physical {paddr:#x}"))
+
+
+def _discover(root: Path, src: MemorySource, flavour: str) -> System:
+    arch = (_read_text(root, "proc/sys/kernel/arch", required=False) or "x86_64").strip()
+    if arch != "x86_64":
+        raise InputError(f"{root}: architecture {arch!r}: only x86_64 systems can be discovered")
+    iomem_path = root / "proc/iomem"
+    iomem = parse_iomem(_read_text(root, "proc/iomem"), str(iomem_path))
+    with open(root / "proc/kallsyms", errors="surrogateescape") as f:
+        syms = parse_kallsyms(f, where=str(root / "proc/kallsyms"))
+    cmdline = (_read_text(root, "proc/cmdline") or "").rstrip("\n")
+    reader = _Reader(src)
+    info = _load_vmcoreinfo(root, reader)
+    osrelease = (_read_text(root, "proc/sys/kernel/osrelease", required=False) or "").strip()
+    if osrelease and info.osrelease and osrelease != info.osrelease:
+        raise InputError(f"the root runs {osrelease} but the memory holds {info.osrelease}: "
+                         "root and source are from different kernels")
+    stext = info.symbol("_stext")
+    if stext is not None and "_stext" in syms and stext != syms["_stext"]:
+        raise InputError(f"kallsyms _stext {syms['_stext']:#x} != VMCOREINFO {stext:#x}: "
+                         "root and source are from different boots")
+    levels = 5 if info.number("pgtable_l5_enabled") else 4
+    phys_base = info.number("phys_base") or 0
+    image_size = info.number("KERNEL_IMAGE_SIZE") or X86_64_KERNEL_IMAGE_SIZE
+    struct_page = info.size("page") or 64
+    init_top_pgt = info.symbol("init_top_pgt")
+    base = x86_64_layout(text_start=syms["_text"], text_end=syms["_end"],
+                         pgtable_levels=levels, phys_base=phys_base,
+                         kernel_image_size=image_size, struct_page_size=struct_page)
+    if syms["_text"] < X86_64_START_KERNEL_MAP:
+        raise InputError(f"kallsyms _text {syms['_text']:#x} is not a kernel-image address")
+
+    def kvar(name: str) -> int | None:
+        if name not in syms:
+            return None
+        return reader.u64(base.pa_symbol(syms[name]), f"kernel variable {name}")
+
+    # CONFIG_RANDOMIZE_MEMORY: the region bases are variables; their values live in memory.
+    page_offset, vmalloc_start, vmemmap_start = (
+        kvar("page_offset_base"), kvar("vmalloc_base"), kvar("vmemmap_base"))
+    for name, value in (("page_offset_base", page_offset), ("vmalloc_base", vmalloc_start),
+                        ("vmemmap_base", vmemmap_start)):
+        if value is not None and value < 0xFF00000000000000:
+            raise InputError(f"kernel variable {name} reads {value:#x}, not a kernel address: "
+                             "the memory source does not match this root")
+    layout = x86_64_layout(
+        text_start=syms["_text"], text_end=syms["_end"], pgtable_levels=levels,
+        page_offset=page_offset, vmalloc_start=vmalloc_start, vmemmap_start=vmemmap_start,
+        phys_base=phys_base, kernel_image_size=image_size, struct_page_size=struct_page,
+        pgd_paddr=None if init_top_pgt is None else base.pa_symbol(init_top_pgt),
+    )
+    if "arch_task_struct_size" not in syms:
+        raise InputError(f"{root / 'proc/kallsyms'}: no arch_task_struct_size symbol")
+    task_size = int.from_bytes(
+        reader.read(layout.pa_symbol(syms["arch_task_struct_size"]), 4,
+                    "kernel variable arch_task_struct_size"), "little")
+    if task_size not in TASK_STRUCT_SANE:
+        raise InputError(f"arch_task_struct_size reads {task_size}: the memory source does "
+                         "not match this root")
+    _check_source_size(src, iomem)
+
+    def ram_source() -> list[RamRange]:
+        text = _read_text(root, "proc/iomem")
+        return ram_ranges_from_resources(parse_iomem(text, str(iomem_path)).system_ram(),
+                                         layout.page_size)
+
+    kclist = KcoreList(layout, ram_source, flavour=flavour,
+                       hotplug_state=lambda: memory_block_states(root))
+    return System(root=root, source=src, layout=layout, vmcoreinfo=info, cmdline=cmdline,
+                  osrelease=osrelease or info.osrelease or "", task_struct_size=task_size,
+                  kclist=kclist, symbols=syms, flavour=flavour)
+
+
+def _check_source_size(src: MemorySource, iomem: Iomem) -> None:
+    """A raw image must reach the end of System RAM that lies below its own end's region."""
+    if getattr(src, "kind", None) not in ("raw", "padded") or not src.extents:
+        return
+    size = src.extents[-1].paddr + src.extents[-1].length
+    ram = iomem.system_ram()
+    # Below 4 GiB a RAM file maps physical addresses 1:1; a short file is truncated.
+    low_end = max((e + 1 for s, e in ram if e < 1 << 32), default=0)
+    if size < low_end:
+        raise InputError(f"{src.path}: {size:#x} bytes, but System RAM reaches {low_end:#x}: "
+                         "the image is truncated or from another machine")
+
+
+class SegmentKcoreList:
+    """The kclist of a real /proc/kcore: its own program headers, re-read on refresh()."""
+
+    def __init__(self, load: Any, layout: Layout) -> None:
+        self._load = load
+        self.layout = layout
+        self.need_update = False
+        self.generation = 0
+        self._entries: list[KcoreEntry] = []
+        self.refresh()
+
+    @property
+    def entries(self) -> list[KcoreEntry]:
+        """The entries, in the file's order."""
+        return list(self._entries)
+
+    def mark_need_update(self) -> None:
+        """Re-read the program headers on the next refresh()."""
+        self.need_update = True
+
+    def refresh(self) -> bool:
+        """Re-read the program headers; True when they changed."""
+        new = self._load()
+        changed = new != self._entries
+        self._entries = new
+        self.need_update = False
+        if changed:
+            self.generation += 1
+        return changed
+
+
+def classify_segment(vaddr: int, paddr: int, layout: Layout) -> tuple[KcoreType, str]:
+    """The kclist type of a real kcore PT_LOAD, from its addresses."""
+    if paddr != ALL_ONES:
+        if vaddr >= X86_64_START_KERNEL_MAP:
+            return KcoreType.TEXT, ""
+        return KcoreType.RAM, ""
+    if vaddr == layout.vmalloc_start:
+        return KcoreType.VMALLOC, "vmalloc area"
+    if vaddr == layout.modules_start:
+        return KcoreType.VMALLOC, "modules area"
+    return KcoreType.VMEMMAP, ""
+
+
+def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
+    """A real /proc/kcore as source: its own headers and notes are the truth."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    from kcore.errors import ElfFormatError
+
+    try:
+        with open(src.path, "rb") as f:
+            elf = ELFFile(f)
+            notes = []
+            for seg in elf.iter_segments():
+                if seg.header.p_type == "PT_NOTE":
+                    notes.extend(seg.iter_notes())
+    except (ELFError, OSError, ValueError) as exc:
+        raise ElfFormatError(f"{src.path}: cannot read its ELF notes: {exc}") from None
+    cmdline, vmci, task = "", None, None
+    for n in notes:
+        desc = n["n_descdata"] if "n_descdata" in n else b""
+        if n["n_name"] == "CORE" and n["n_type"] in ("NT_PRPSINFO", 3):
+            raw = n.get("n_descdata", b"")
+            cmdline = raw[56:136].split(b"\0")[0].decode("utf-8", "surrogateescape")
+        elif n["n_name"] == "CORE" and n["n_type"] in ("NT_TASKSTRUCT", 4):
+            task = bytes(desc)
+        elif n["n_name"] == "VMCOREINFO":
+            vmci = bytes(desc)
+    if vmci is None:
+        vmci = src.vmcoreinfo
+    if not vmci:
+        raise InputError(f"{src.path}: no VMCOREINFO note (kernel older than 4.19?)")
+    info = VmcoreInfo.parse(vmci)
+    segs = list(src.segments)
+    text = next((s for s in segs if s.paddr != ALL_ONES and s.vaddr >= X86_64_START_KERNEL_MAP),
+                None)
+    ram = [s for s in segs if s.paddr != ALL_ONES and s.vaddr < X86_64_START_KERNEL_MAP]
+    vmalloc = [s for s in segs if s.paddr == ALL_ONES and s.vaddr < X86_64_START_KERNEL_MAP]
+    levels = 5 if info.number("pgtable_l5_enabled") else 4
+    phys_base = info.number("phys_base") or 0
+    page_offset = (ram[0].vaddr - ram[0].paddr) if ram else None
+    layout = x86_64_layout(
+        text_start=text.vaddr if text else 0, text_end=text.vaddr + text.size if text else 0,
+        pgtable_levels=levels, page_offset=page_offset,
+        vmalloc_start=vmalloc[0].vaddr if vmalloc else None,
+        vmemmap_start=min((s.vaddr for s in vmalloc[1:]), default=None),
+        phys_base=phys_base,
+        kernel_image_size=info.number("KERNEL_IMAGE_SIZE") or X86_64_KERNEL_IMAGE_SIZE,
+        struct_page_size=info.size("page") or 64,
+        pgd_paddr=None,
+    )
+    pgd = info.symbol("init_top_pgt")
+    if pgd is not None:
+        layout = layout.with_(pgd_paddr=layout.pa_symbol(pgd))
+
+    def load() -> list[KcoreEntry]:
+        if hasattr(src, "reload_segments"):
+            src.reload_segments()
+        out = []
+        for s in src.segments:
+            t, label = classify_segment(s.vaddr, s.paddr, layout)
+            out.append(KcoreEntry(s.vaddr, s.size, t, paddr=s.paddr, label=label))
+        return out
+
+    osrelease = (_read_text(root, "proc/sys/kernel/osrelease", required=False) or "").strip()
+    return System(root=root, source=src, layout=layout, vmcoreinfo=info, cmdline=cmdline,
+                  osrelease=osrelease or info.osrelease or "",
+                  task_struct_size=len(task) if task else 0,
+                  kclist=SegmentKcoreList(load, layout), task_struct=task, flavour=flavour)
+
+
+__all__ = ["System", "discover", "parse_iomem", "parse_kallsyms", "KcoreError"]

@@ -1,0 +1,215 @@
+"""The kclist: the kernel memory ranges /proc/kcore exposes, built by fs/proc/kcore.c's rules."""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from kcore.layout import ALL_ONES, ULONG_MAX, Layout
+
+
+class KcoreType(enum.IntEnum):
+    """enum kcore_type (include/linux/kcore.h)."""
+
+    TEXT = 0
+    VMALLOC = 1
+    RAM = 2
+    VMEMMAP = 3
+    USER = 4
+
+
+@dataclass(frozen=True)
+class KcoreEntry:
+    """One kclist entry: a PT_LOAD of /proc/kcore."""
+
+    vaddr: int
+    size: int
+    type: KcoreType
+    paddr: int = ALL_ONES
+    label: str = ""
+
+    @property
+    def end(self) -> int:
+        """The first address past the entry."""
+        return self.vaddr + self.size
+
+    @property
+    def kind(self) -> str:
+        """A readable name: KCORE_TEXT, KCORE_VMALLOC(modules area)..."""
+        name = f"KCORE_{self.type.name}"
+        return f"{name}({self.label})" if self.label else name
+
+
+@dataclass(frozen=True)
+class RamRange:
+    """A range of System RAM, in page frames, as walk_system_ram_range() hands it out."""
+
+    pfn: int
+    nr_pages: int
+
+
+def ram_ranges_from_resources(
+    resources: Iterable[tuple[int, int]], page_size: int = 4096
+) -> list[RamRange]:
+    """walk_system_ram_range(): [start, end] byte ranges -> whole pages inside each."""
+    shift = page_size.bit_length() - 1
+    out = []
+    for start, end in resources:
+        pfn = (start + page_size - 1) >> shift  # PFN_UP(res.start)
+        end_pfn = (end + 1) >> shift  # PFN_DOWN(res.end + 1)
+        if end_pfn > pfn:
+            out.append(RamRange(pfn, end_pfn - pfn))
+    return out
+
+
+def _vmemmap_entry(
+    ram: KcoreEntry, head: Sequence[KcoreEntry], layout: Layout
+) -> KcoreEntry | None:
+    """get_sparsemem_vmemmap_info(): the struct page range of a RAM entry, trimmed for overlap."""
+    page_mask = ~(layout.page_size - 1) & ULONG_MAX
+    pfn = layout.pa(ram.vaddr) >> layout.page_shift
+    nr_pages = ram.size >> layout.page_shift
+    start = layout.pfn_to_page(pfn) & page_mask
+    end = (layout.pfn_to_page(pfn + nr_pages) - 1) & ULONG_MAX
+    end = (end + layout.page_size - 1) & page_mask  # PAGE_ALIGN
+    # "overlap check (because we have to align page)": the kernel's own rule, kept as is,
+    # including that an overlapping range is cut back to the earlier entry's start.
+    for tmp in head:
+        if tmp.type != KcoreType.VMEMMAP:
+            continue
+        if start < tmp.vaddr + tmp.size and end > tmp.vaddr:
+            end = tmp.vaddr
+    if start < end:
+        return KcoreEntry(start, end - start, KcoreType.VMEMMAP)
+    return None
+
+
+def ram_entries(
+    ranges: Iterable[RamRange], layout: Layout, flavour: str = "modern", vmemmap: bool = True
+) -> list[KcoreEntry]:
+    """kcore_ram_list(): RAM entries (each followed by its VMEMMAP entry) by kclist_add_private."""
+    head: list[KcoreEntry] = []
+    direct_map_base = layout.va(layout.phys_offset)  # __va(0) / PAGE_OFFSET
+    for r in ranges:
+        phys = r.pfn << layout.page_shift
+        addr = layout.va(phys)
+        size = r.nr_pages << layout.page_shift
+        if flavour == "2.6":
+            # "Sanity check: Can happen in 32bit arch...maybe"
+            if addr < direct_map_base:
+                continue
+        else:
+            # virt_addr_valid(): inside the direct map and below MAX_PHYSMEM_BITS.
+            if addr < direct_map_base or (phys >> layout.max_physmem_bits):
+                continue
+        # "cut not-mapped area. ....from ppc-32 code."
+        if ULONG_MAX - addr < size:
+            size = ULONG_MAX - addr
+        if flavour == "2.6":
+            # "cut when vmalloc() area is higher than direct-map area"
+            if layout.vmalloc_start > direct_map_base:
+                if addr > layout.vmalloc_start:
+                    continue
+                if layout.vmalloc_start - addr < size:
+                    size = layout.vmalloc_start - addr
+        elif layout.vmalloc_start > addr and layout.vmalloc_start - addr < size:
+            size = layout.vmalloc_start - addr
+        ent = KcoreEntry(addr, size, KcoreType.RAM, paddr=layout.pa(addr))
+        head.append(ent)
+        if vmemmap:
+            vmm = _vmemmap_entry(ent, head, layout)
+            if vmm is not None:
+                head.append(vmm)
+    return head
+
+
+def highmem_ram_entries(max_low_pfn: int, layout: Layout) -> list[KcoreEntry]:
+    """The CONFIG_HIGHMEM kcore_update_ram(): one RAM entry [__va(0), max_low_pfn pages)."""
+    addr = layout.va(layout.phys_offset)
+    return [KcoreEntry(addr, max_low_pfn << layout.page_shift, KcoreType.RAM,
+                       paddr=layout.pa(addr))]
+
+
+def static_entries(layout: Layout) -> list[KcoreEntry]:
+    """proc_kcore_init(): the text, vmalloc and modules entries, in the kernel's order."""
+    out = []
+    if layout.text_end > layout.text_start:  # proc_kcore_text_init()
+        out.append(KcoreEntry(layout.text_start, layout.text_end - layout.text_start,
+                              KcoreType.TEXT, paddr=layout.pa_symbol(layout.text_start)))
+    out.append(KcoreEntry(layout.vmalloc_start, layout.vmalloc_size, KcoreType.VMALLOC,
+                          label="vmalloc area"))
+    # add_modules_range(): only where the modules area is not inside the vmalloc area.
+    if (layout.modules_size and layout.modules_start != layout.vmalloc_start
+            and layout.modules_start + layout.modules_size != layout.vmalloc_end):
+        out.append(KcoreEntry(layout.modules_start, layout.modules_size, KcoreType.VMALLOC,
+                              label="modules area"))
+    return out
+
+
+class KcoreList:
+    """The kclist with kcore's update protocol: RAM rebuilt on open when hotplug flagged it."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        ram_source: Callable[[], list[RamRange]],
+        *,
+        flavour: str = "modern",
+        hotplug_state: Callable[[], object] | None = None,
+        highmem_max_low_pfn: int | None = None,
+    ) -> None:
+        self.layout = layout
+        self.flavour = flavour
+        self._ram_source = ram_source
+        self._hotplug_state = hotplug_state
+        self._max_low_pfn = highmem_max_low_pfn
+        self._lock = threading.RLock()
+        self._static = static_entries(layout)
+        self._entries: list[KcoreEntry] = list(self._static)
+        self._hotplug_seen: object = None
+        self.need_update = True  # "static int kcore_need_update = 1;"
+        self.generation = 0
+        self.refresh()
+
+    @property
+    def entries(self) -> list[KcoreEntry]:
+        """A snapshot of the entries, in the kernel's order."""
+        with self._lock:
+            return list(self._entries)
+
+    def mark_need_update(self) -> None:
+        """kcore_callback(): memory went online or offline; rebuild RAM on the next open."""
+        with self._lock:
+            self.need_update = True
+
+    def poll_hotplug(self) -> bool:
+        """Compare memory-block states with the last build; flag an update when they changed."""
+        if self._hotplug_state is None:
+            return False
+        state = self._hotplug_state()
+        with self._lock:
+            if state != self._hotplug_seen:
+                self.need_update = True
+                return True
+        return False
+
+    def refresh(self) -> bool:
+        """open_kcore(): rebuild RAM/VMEMMAP entries if an update is pending; True if rebuilt."""
+        self.poll_hotplug()
+        with self._lock:
+            if not self.need_update:
+                return False
+            state = self._hotplug_state() if self._hotplug_state else None
+            if self._max_low_pfn is not None:
+                ram = highmem_ram_entries(self._max_low_pfn, self.layout)
+            else:
+                ram = ram_entries(self._ram_source(), self.layout, self.flavour)
+            # __kcore_update_ram(): replace every RAM/VMEMMAP entry with the new list.
+            kept = [e for e in self._entries if e.type not in (KcoreType.RAM, KcoreType.VMEMMAP)]
+            self._entries = kept + ram
+            self._hotplug_seen = state
+            self.need_update = False
+            self.generation += 1
+            return True

@@ -1,0 +1,186 @@
+"""Per-architecture kernel address-space constants, and the translations built on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+ULONG_MAX = (1 << 64) - 1
+ALL_ONES = ULONG_MAX  # p_paddr of segments with no physical address (vmalloc, modules, vmemmap)
+
+TiB = 1 << 40
+
+# x86-64 (arch/x86/include/asm/pgtable_64_types.h, page_64_types.h) for Linux >= 4.19.
+X86_64_START_KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map
+X86_64_MODULES_END = 0xFFFFFFFFFF000000  # MODULES_END
+X86_64_L4 = {
+    "page_offset": 0xFFFF888000000000,  # __PAGE_OFFSET_BASE_L4
+    "vmalloc_start": 0xFFFFC90000000000,  # __VMALLOC_BASE_L4
+    "vmalloc_size_tb": 32,  # VMALLOC_SIZE_TB_L4
+    "vmemmap_start": 0xFFFFEA0000000000,  # __VMEMMAP_BASE_L4
+    "virtual_mask_shift": 47,  # __VIRTUAL_MASK_SHIFT
+    "max_physmem_bits": 46,  # MAX_PHYSMEM_BITS
+}
+X86_64_L5 = {
+    "page_offset": 0xFF11000000000000,  # __PAGE_OFFSET_BASE_L5
+    "vmalloc_start": 0xFFA0000000000000,  # __VMALLOC_BASE_L5
+    "vmalloc_size_tb": 12800,  # VMALLOC_SIZE_TB_L5
+    "vmemmap_start": 0xFFD4000000000000,  # __VMEMMAP_BASE_L5
+    "virtual_mask_shift": 56,
+    "max_physmem_bits": 52,
+}
+# KERNEL_IMAGE_SIZE: 1 GiB with CONFIG_RANDOMIZE_BASE (every distribution kernel), else 512 MiB.
+X86_64_KERNEL_IMAGE_SIZE = 1 << 30
+
+# arm64 with 4 KiB pages and 48-bit VAs (arch/arm64/include/asm/memory.h, Linux 6.1).
+ARM64_VA_BITS = 48
+ARM64_STRUCT_PAGE_MAX_SHIFT = 6
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The kernel's virtual address map for one boot, with the translations kcore needs."""
+
+    arch: str
+    page_offset: int
+    vmalloc_start: int
+    vmalloc_size: int
+    modules_start: int
+    modules_size: int
+    vmemmap_start: int
+    text_start: int
+    text_end: int
+    phys_base: int = 0
+    start_kernel_map: int = X86_64_START_KERNEL_MAP
+    pgtable_levels: int = 4
+    page_size: int = 4096
+    struct_page_size: int = 64
+    virtual_mask_shift: int = 47
+    max_physmem_bits: int = 46
+    phys_offset: int = 0  # arm64 PHYS_OFFSET (memstart_addr); 0 on x86-64
+    highmem: bool = False
+    pgd_paddr: int | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def page_shift(self) -> int:
+        """log2 of the page size."""
+        return self.page_size.bit_length() - 1
+
+    @property
+    def vmalloc_end(self) -> int:
+        """VMALLOC_END (inclusive, as the kernel defines it on x86-64)."""
+        return self.vmalloc_start + self.vmalloc_size
+
+    def va(self, paddr: int) -> int:
+        """__va(): the direct-map address of a physical address (wraps like unsigned long)."""
+        return (paddr - self.phys_offset + self.page_offset) & ULONG_MAX
+
+    def pa(self, vaddr: int) -> int:
+        """__pa() of a direct-map address."""
+        return (vaddr - self.page_offset + self.phys_offset) & ULONG_MAX
+
+    def pa_symbol(self, vaddr: int) -> int:
+        """__pa_symbol(): the physical address of a kernel-image address."""
+        return (vaddr - self.start_kernel_map + self.phys_base) & ULONG_MAX
+
+    def pfn_to_page(self, pfn: int) -> int:
+        """pfn_to_page() under SPARSEMEM_VMEMMAP: the struct page address of a pfn."""
+        return (self.vmemmap_start + pfn * self.struct_page_size) & ULONG_MAX
+
+    def kc_vaddr_to_offset(self, vaddr: int, flavour: str = "modern") -> int:
+        """kc_vaddr_to_offset(): where an address's bytes sit, relative to data_offset."""
+        if flavour == "2.6" or self.arch != "x86_64":
+            return (vaddr - self.page_offset) & ULONG_MAX  # the seed's default
+        return vaddr & ((1 << self.virtual_mask_shift) - 1)  # x86-64: v & __VIRTUAL_MASK
+
+    def in_direct_map(self, vaddr: int) -> bool:
+        """Whether an address lies in the direct map (below the vmalloc area)."""
+        return self.page_offset <= vaddr < self.vmalloc_start
+
+    def with_(self, **changes) -> Layout:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+def x86_64_layout(
+    *,
+    text_start: int,
+    text_end: int,
+    pgtable_levels: int = 4,
+    page_offset: int | None = None,
+    vmalloc_start: int | None = None,
+    vmemmap_start: int | None = None,
+    phys_base: int = 0,
+    kernel_image_size: int = X86_64_KERNEL_IMAGE_SIZE,
+    struct_page_size: int = 64,
+    pgd_paddr: int | None = None,
+) -> Layout:
+    """The x86-64 layout; None bases take the non-KASLR defaults of the paging mode."""
+    if pgtable_levels not in (4, 5):
+        raise ValueError(f"x86-64 has 4- or 5-level paging, not {pgtable_levels}")
+    d = X86_64_L4 if pgtable_levels == 4 else X86_64_L5
+    vstart = d["vmalloc_start"] if vmalloc_start is None else vmalloc_start
+    modules_start = X86_64_START_KERNEL_MAP + kernel_image_size  # MODULES_VADDR
+    return Layout(
+        arch="x86_64",
+        page_offset=d["page_offset"] if page_offset is None else page_offset,
+        vmalloc_start=vstart,
+        # VMALLOC_END = VMALLOC_START + (VMALLOC_SIZE_TB << 40) - 1; kcore adds END - START.
+        vmalloc_size=(d["vmalloc_size_tb"] * TiB) - 1,
+        modules_start=modules_start,
+        modules_size=X86_64_MODULES_END - modules_start,
+        vmemmap_start=d["vmemmap_start"] if vmemmap_start is None else vmemmap_start,
+        text_start=text_start,
+        text_end=text_end,
+        phys_base=phys_base & ULONG_MAX,
+        pgtable_levels=pgtable_levels,
+        struct_page_size=struct_page_size,
+        virtual_mask_shift=d["virtual_mask_shift"],
+        max_physmem_bits=d["max_physmem_bits"],
+        pgd_paddr=pgd_paddr,
+    )
+
+
+def arm64_layout(
+    *,
+    text_start: int,
+    text_end: int,
+    phys_offset: int,
+    kimage_voffset: int,
+    va_bits: int = ARM64_VA_BITS,
+    struct_page_size: int = 64,
+    page_size: int = 4096,
+) -> Layout:
+    """The arm64 layout (Linux 6.1 memory.h) for a VA_BITS-bit kernel."""
+    page_offset = (-(1 << va_bits)) & ULONG_MAX
+    page_end = (-(1 << (va_bits - 1))) & ULONG_MAX  # _PAGE_END(VA_BITS_MIN)
+    modules_start = page_end  # MODULES_VADDR
+    modules_end = modules_start + (128 << 20)  # MODULES_VSIZE = SZ_128M
+    page_shift = page_size.bit_length() - 1
+    vmemmap_size = (page_end - page_offset) >> (page_shift - ARM64_STRUCT_PAGE_MAX_SHIFT)
+    vmemmap_start = (-(vmemmap_size + (2 << 20))) & ULONG_MAX  # -(VMEMMAP_SIZE + SZ_2M)
+    vmalloc_start = modules_end
+    vmalloc_end = vmemmap_start - (256 << 20)  # VMEMMAP_START - SZ_256M
+    return Layout(
+        arch="aarch64",
+        page_offset=page_offset,
+        vmalloc_start=vmalloc_start,
+        vmalloc_size=vmalloc_end - vmalloc_start,
+        modules_start=modules_start,
+        modules_size=modules_end - modules_start,
+        # vmemmap = (struct page *)VMEMMAP_START - (memstart_addr >> PAGE_SHIFT)
+        vmemmap_start=(vmemmap_start - (phys_offset >> page_shift) * struct_page_size)
+        & ULONG_MAX,
+        text_start=text_start,
+        text_end=text_end,
+        # __pa_symbol(x) = x - kimage_voffset; expressed as start_kernel_map/phys_base.
+        start_kernel_map=kimage_voffset,
+        phys_base=0,
+        pgtable_levels=4,
+        page_size=page_size,
+        struct_page_size=struct_page_size,
+        virtual_mask_shift=va_bits,
+        max_physmem_bits=48,
+        phys_offset=phys_offset,
+        extra={"vmemmap_region_start": vmemmap_start},
+    )
