@@ -1,0 +1,181 @@
+"""The MemorySource interface: physical memory in a file, as (paddr, length, offset) extents."""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import stat
+from typing import NamedTuple
+
+from kcore.errors import SourceError
+
+try:  # the C engine (helper "engine"); until it lands, a private pread fallback stands in
+    from kcore.engine import CopyStats, readinto_range
+except ImportError:  # pragma: no cover - only before kcore/engine.py exists
+    from kcore.sources._fallback import CopyStats, readinto_range
+
+PAGE_SIZE = 4096
+ALL_ONES = (1 << 64) - 1
+# Largest physical address any x86-64 kernel can use (MAX_PHYSMEM_BITS = 52).
+MAX_PHYS = 1 << 52
+
+
+class Extent(NamedTuple):
+    """Physical memory [paddr, paddr + length) held at file offset `offset`."""
+
+    paddr: int
+    length: int
+    offset: int
+
+
+def open_readonly(path: str) -> int:
+    """Open `path` read-only (O_RDONLY|O_CLOEXEC); raise SourceError with the reason."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _with_errno(SourceError(f"{path}: cannot open: {describe_errno(exc.errno)}"),
+                          exc.errno) from None
+
+
+def _with_errno(exc: SourceError, err: int | None) -> SourceError:
+    """Attach the errno to a SourceError so callers (auto) can explain it."""
+    exc.errno = err  # type: ignore[attr-defined]
+    return exc
+
+
+def describe_errno(err: int | None) -> str:
+    """A short human reason for an errno from opening or reading a memory source."""
+    if err in (errno.EPERM, errno.EACCES):
+        return f"{os.strerror(err)} (run as root)"
+    if err == errno.ENOENT:
+        return "missing"
+    return os.strerror(err) if err else "unknown error"
+
+
+def file_size(fd: int) -> int:
+    """Size of a regular file or block device open at `fd` (0 for character devices)."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return 0
+
+
+def pread_exact(fd: int, offset: int, length: int, path: str, what: str) -> bytes:
+    """Read exactly `length` bytes of metadata at `offset`, or raise SourceError naming both."""
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        raise _with_errno(SourceError(f"{path}: cannot read {what} at offset {offset:#x}: "
+                                      f"{describe_errno(exc.errno)}"), exc.errno) from None
+    if len(data) != length:
+        raise SourceError(f"{path}: truncated {what} at offset {offset:#x}")
+    return data
+
+
+def check_extents(extents: list[Extent], path: str, error: type[SourceError]) -> list[Extent]:
+    """Sort extents by paddr; raise `error` if any overlap or lie beyond MAX_PHYS."""
+    out = sorted(e for e in extents if e.length > 0)
+    for prev, cur in zip(out, out[1:], strict=False):
+        if cur.paddr < prev.paddr + prev.length:
+            raise error(f"{path}: overlapping memory ranges at physical {prev.paddr:#x} and "
+                        f"{cur.paddr:#x} (file offset {cur.offset:#x})")
+    for e in out:
+        if e.paddr + e.length > MAX_PHYS:
+            raise error(f"{path}: physical range {e.paddr:#x}+{e.length:#x} at file offset "
+                        f"{e.offset:#x} is beyond the 52-bit physical address space")
+    return out
+
+
+class MemorySource:
+    """Physical memory in a file: reads at physical addresses, zeros outside the extents."""
+
+    kind = "base"
+
+    def __init__(self, spec: str, path: str, fd: int, extents: list[Extent],
+                 vmcoreinfo: bytes | None = None) -> None:
+        self.spec = spec
+        self.path = path
+        self.fd = fd
+        self.vmcoreinfo = vmcoreinfo
+        self._set_extents(extents)
+
+    def _set_extents(self, extents: list[Extent]) -> None:
+        self.extents = list(extents)
+        self._starts = [e.paddr for e in self.extents]
+        self._ends = [e.paddr + e.length for e in self.extents]
+        self._offsets = [e.offset for e in self.extents]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.kind}:{self.path} extents={len(self.extents)}>"
+
+    def __enter__(self) -> MemorySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file descriptor (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def contains(self, paddr: int, length: int = 1) -> bool:
+        """Whether [paddr, paddr + length) lies entirely inside one extent."""
+        i = bisect.bisect_right(self._starts, paddr) - 1
+        return i >= 0 and paddr + length <= self._ends[i]
+
+    def read_phys(self, paddr: int, length: int, *,
+                  strict: bool = False) -> tuple[bytes, CopyStats]:
+        """Read `length` bytes at physical `paddr`; zeros (counted) where nothing is held."""
+        buf = bytearray(length)
+        stats = self.readinto_phys(paddr, buf, strict=strict)
+        return bytes(buf), stats
+
+    def readinto_phys(self, paddr: int, buf, *, strict: bool = False) -> CopyStats:
+        """Fill `buf` from physical `paddr`; zeros (counted) where nothing is held."""
+        n = len(buf)
+        i = bisect.bisect_right(self._starts, paddr) - 1
+        if i >= 0 and paddr + n <= self._ends[i]:  # fast path: one extent
+            return readinto_range(self.fd, self._offsets[i] + paddr - self._starts[i], buf,
+                                  strict=strict)
+        return self._readinto_slow(paddr, memoryview(buf).cast("B"), i, strict)
+
+    def _readinto_slow(self, paddr: int, view: memoryview, i: int, strict: bool) -> CopyStats:
+        """readinto_phys across extent boundaries and holes."""
+        n = len(view)
+        end = paddr + n
+        stats = CopyStats()
+        pos = paddr
+        if i < 0 or pos >= self._ends[i]:
+            i += 1
+        while pos < end:
+            if i >= len(self._starts) or self._starts[i] >= end:
+                self._hole(view, pos - paddr, end - pos, pos, stats, strict)
+                break
+            start = self._starts[i]
+            if pos < start:
+                self._hole(view, pos - paddr, start - pos, pos, stats, strict)
+                pos = start
+            stop = min(end, self._ends[i])
+            stats += readinto_range(self.fd, self._offsets[i] + pos - start,
+                                    view[pos - paddr:stop - paddr], strict=strict)
+            pos = stop
+            i += 1
+        return stats
+
+    def _hole(self, view: memoryview, at: int, length: int, paddr: int, stats: CopyStats,
+              strict: bool) -> None:
+        """Zero-fill a part of the buffer that no extent covers, and count its pages."""
+        if strict:
+            from kcore.errors import FaultError
+
+            raise FaultError(f"{self.path}: physical address {paddr:#x} is not in this source",
+                             address=paddr)
+        view[at:at + length] = bytes(length)
+        first = paddr // PAGE_SIZE
+        last = (paddr + length - 1) // PAGE_SIZE
+        stats.pages_zero_filled += last - first + 1

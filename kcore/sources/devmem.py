@@ -1,0 +1,46 @@
+"""/dev/mem and /dev/crash: offset = physical address; RAM from the root's proc/iomem."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from kcore.errors import InputError, SourceError
+from kcore.sources.base import Extent, MemorySource, check_extents, open_readonly
+
+_IOMEM_LINE = re.compile(r"^([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
+
+
+def system_ram(root: str) -> list[Extent]:
+    """Top-level "System RAM" ranges of root/proc/iomem as extents at offset = paddr."""
+    path = os.path.join(root, "proc/iomem")
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    out = []
+    for line in lines:
+        m = _IOMEM_LINE.match(line)  # no leading blanks: top-level resources only
+        if m and m.group(3).strip() == "System RAM":
+            start, end = int(m.group(1), 16), int(m.group(2), 16)
+            if end >= start:
+                out.append(Extent(start, end - start + 1, start))
+    if out and all(e.paddr == 0 for e in out):
+        raise InputError(f"{path}: addresses are all zero (read it as root)")
+    return out
+
+
+class DevmemSource(MemorySource):
+    """/dev/mem or /dev/crash: reads at offset = physical address, RAM ranges from iomem."""
+
+    kind = "devmem"
+
+    @classmethod
+    def open(cls, path: str, root: str = "/", spec: str | None = None) -> DevmemSource:
+        """Open a physical-memory device read-only; extents are root's System RAM."""
+        extents = system_ram(root)
+        if not extents:
+            raise SourceError(f"{path}: no System RAM in {os.path.join(root, 'proc/iomem')}")
+        fd = open_readonly(path)
+        return cls(spec or f"devmem:{path}", path, fd, check_extents(extents, path, SourceError))

@@ -1,0 +1,157 @@
+"""ELF cores with physical addresses: QEMU dump-guest-memory, kdump /proc/vmcore, kcore's dumps."""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import NamedTuple
+
+from kcore.errors import ElfFormatError, SourceError
+from kcore.sources.base import (
+    ALL_ONES,
+    Extent,
+    MemorySource,
+    check_extents,
+    file_size,
+    open_readonly,
+    pread_exact,
+)
+
+ELF_MAGIC = b"\x7fELF"
+ELFCLASS64 = 2
+ELFDATA2LSB = 1
+ET_CORE = 4
+PT_LOAD = 1
+PT_NOTE = 4
+PN_XNUM = 0xFFFF
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+PHDR = struct.Struct("<IIQQQQQQ")
+NHDR = struct.Struct("<III")
+SHDR_INFO = struct.Struct("<I")  # Elf64_Shdr.sh_info, at byte 44 of section header 0
+# Caps that bound a hostile file's cost (kdump cores of huge machines stay far below them).
+MAX_PHNUM = 1 << 20
+MAX_NOTES_SIZE = 64 << 20
+
+
+class Phdr(NamedTuple):
+    """One ELF64 program header, and where it sits in the file."""
+
+    p_type: int
+    p_flags: int
+    p_offset: int
+    p_vaddr: int
+    p_paddr: int
+    p_filesz: int
+    p_memsz: int
+    p_align: int
+    at: int  # file offset of this program header
+
+
+class ElfCore(NamedTuple):
+    """The parts of an ELF core a memory source needs."""
+
+    e_machine: int
+    phdrs: list[Phdr]
+    notes: list[tuple[bytes, int, bytes]]  # (name, type, desc)
+    size: int
+
+
+def parse_elf_core(fd: int, path: str, *, size: int | None = None) -> ElfCore:
+    """Parse an ELF64 LE core's header, program headers and notes, checking every bound."""
+    if size is None:
+        size = file_size(fd)
+    if size == 0:
+        raise ElfFormatError(f"{path}: empty file at offset 0x0")
+
+    def need(offset: int, length: int, what: str) -> bytes:
+        if offset + length > size:
+            raise ElfFormatError(f"{path}: truncated {what} at offset {offset:#x} "
+                                 f"(needs {length:#x} bytes, file ends at {size:#x})")
+        try:
+            return pread_exact(fd, offset, length, path, what)
+        except SourceError as exc:
+            raise ElfFormatError(str(exc)) from None
+
+    (ident, e_type, e_machine, _ver, _entry, e_phoff, e_shoff, _flags, _ehsize, e_phentsize,
+     e_phnum, _shentsize, _shnum, _shstrndx) = EHDR.unpack(need(0, EHDR.size, "ELF header"))
+    if ident[:4] != ELF_MAGIC:
+        raise ElfFormatError(f"{path}: not an ELF file (bad magic at offset 0x0)")
+    if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
+        raise ElfFormatError(f"{path}: only 64-bit little-endian ELF cores are supported "
+                             f"(e_ident at offset 0x4)")
+    if e_type != ET_CORE:
+        raise ElfFormatError(f"{path}: e_type {e_type} at offset 0x10 is not ET_CORE")
+    phnum = e_phnum
+    if phnum == PN_XNUM:  # the real count is in section header 0's sh_info (kdump, >65534 phdrs)
+        (phnum,) = SHDR_INFO.unpack(need(e_shoff + 44, 4, "section header 0"))
+    if phnum and e_phentsize != PHDR.size:
+        raise ElfFormatError(f"{path}: e_phentsize {e_phentsize} at offset 0x36 is not "
+                             f"{PHDR.size}")
+    if phnum > MAX_PHNUM:
+        raise ElfFormatError(f"{path}: {phnum} program headers at offset {e_phoff:#x} "
+                             f"(more than {MAX_PHNUM})")
+    table = need(e_phoff, phnum * PHDR.size, "program header table")
+    phdrs = [Phdr(*PHDR.unpack_from(table, i * PHDR.size), at=e_phoff + i * PHDR.size)
+             for i in range(phnum)]
+    notes: list[tuple[bytes, int, bytes]] = []
+    for ph in phdrs:
+        if ph.p_type == PT_LOAD and ph.p_offset + ph.p_filesz > size:
+            raise ElfFormatError(
+                f"{path}: PT_LOAD at offset {ph.at:#x} has data past the end of file "
+                f"(p_offset {ph.p_offset:#x} + p_filesz {ph.p_filesz:#x} > {size:#x})")
+        if ph.p_type == PT_NOTE and ph.p_filesz:
+            if ph.p_filesz > MAX_NOTES_SIZE:
+                raise ElfFormatError(f"{path}: PT_NOTE at offset {ph.at:#x} is absurdly large "
+                                     f"({ph.p_filesz:#x} bytes)")
+            notes += parse_notes(need(ph.p_offset, ph.p_filesz, "PT_NOTE data"),
+                                 ph.p_offset, path)
+    return ElfCore(e_machine, phdrs, notes, size)
+
+
+def parse_notes(data: bytes, base: int, path: str) -> list[tuple[bytes, int, bytes]]:
+    """Split PT_NOTE contents into (name, type, desc) with 4-byte alignment, checking bounds."""
+    out = []
+    pos = 0
+    while pos + NHDR.size <= len(data):
+        namesz, descsz, ntype = NHDR.unpack_from(data, pos)
+        name_at = pos + NHDR.size
+        desc_at = name_at + (namesz + 3) // 4 * 4
+        end = desc_at + (descsz + 3) // 4 * 4
+        if desc_at + descsz > len(data):
+            raise ElfFormatError(f"{path}: truncated note at offset {base + pos:#x}")
+        name = data[name_at:name_at + namesz].rstrip(b"\0")
+        out.append((name, ntype, data[desc_at:desc_at + descsz]))
+        if namesz == 0 and descsz == 0 and ntype == 0:
+            break  # zero padding after the last note
+        pos = end
+    return out
+
+
+def vmcoreinfo_of(core: ElfCore) -> bytes | None:
+    """The desc of the VMCOREINFO note, if the core has one."""
+    for name, _ntype, desc in core.notes:
+        if name == b"VMCOREINFO":
+            return desc
+    return None
+
+
+class ElfSource(MemorySource):
+    """An ELF core whose PT_LOADs carry physical addresses in p_paddr."""
+
+    kind = "elf"
+
+    @classmethod
+    def open(cls, path: str, spec: str | None = None) -> ElfSource:
+        """Open and index an ELF core read-only; extents keyed by p_paddr."""
+        fd = open_readonly(path)
+        try:
+            core = parse_elf_core(fd, path)
+            extents = [Extent(ph.p_paddr, ph.p_filesz, ph.p_offset) for ph in core.phdrs
+                       if ph.p_type == PT_LOAD and ph.p_filesz and ph.p_paddr != ALL_ONES]
+            src = cls(spec or f"elf:{path}", path, fd,
+                      check_extents(extents, path, ElfFormatError), vmcoreinfo_of(core))
+            src.core = core
+            return src
+        except BaseException:
+            os.close(fd)
+            raise

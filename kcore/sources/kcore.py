@@ -1,0 +1,84 @@
+"""A live or saved /proc/kcore: virtual PT_LOADs, physical memory through RAM segments' p_paddr."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+from kcore.errors import ElfFormatError
+from kcore.sources.base import (
+    ALL_ONES,
+    CopyStats,
+    Extent,
+    MemorySource,
+    check_extents,
+    open_readonly,
+    readinto_range,
+)
+from kcore.sources.elf import PT_LOAD, ElfCore, parse_elf_core, vmcoreinfo_of
+
+KERNEL_HALF = 0xFFFF800000000000  # lowest canonical kernel address with 4-level paging
+KERNEL_HALF_LA57 = 0xFF00000000000000
+START_KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map: text and modules live above it
+# kc_vaddr_to_offset on x86-64: v & __VIRTUAL_MASK (47 bits, 56 with 5-level paging).
+VIRTUAL_MASKS = ((1 << 47) - 1, (1 << 56) - 1)
+
+
+class Segment(NamedTuple):
+    """One PT_LOAD of a kcore file."""
+
+    vaddr: int
+    paddr: int
+    offset: int
+    size: int
+
+
+def looks_like_kcore(core: ElfCore) -> bool:
+    """Whether an ELF core is a /proc/kcore: kernel vaddrs at offsets kc_vaddr_to_offset gives."""
+    loads = [ph for ph in core.phdrs if ph.p_type == PT_LOAD]
+    if len(loads) < 2 or any(ph.p_vaddr < KERNEL_HALF_LA57 for ph in loads):
+        return False
+    for mask in VIRTUAL_MASKS:  # modern: p_offset = (vaddr & mask) + data_offset
+        if len({ph.p_offset - (ph.p_vaddr & mask) for ph in loads}) == 1:
+            return True
+    # 2.6 era: p_offset = vaddr - PAGE_OFFSET + elf_buflen
+    return len({(ph.p_vaddr - ph.p_offset) % (1 << 64) for ph in loads}) == 1
+
+
+class KcoreSource(MemorySource):
+    """A /proc/kcore file (live or saved); physical extents from its KCORE_RAM segments."""
+
+    kind = "kcore"
+
+    @classmethod
+    def open(cls, path: str, spec: str | None = None) -> KcoreSource:
+        """Open and index a kcore file read-only."""
+        fd = open_readonly(path)
+        try:
+            core = parse_elf_core(fd, path)
+            segments = [Segment(ph.p_vaddr, ph.p_paddr, ph.p_offset, ph.p_filesz)
+                        for ph in core.phdrs if ph.p_type == PT_LOAD]
+            # KCORE_RAM: direct-map segments with p_paddr = __pa(addr); TEXT (above
+            # __START_KERNEL_map) would alias RAM, and vmalloc/vmemmap have all-ones.
+            extents = [Extent(s.paddr, s.size, s.offset) for s in segments
+                       if s.paddr != ALL_ONES and s.vaddr < START_KERNEL_MAP and s.size]
+            if all(s.paddr == 0 for s in segments):
+                extents = []  # before Linux 4.11 p_paddr was 0: no physical view
+            src = cls(spec or f"kcore:{path}", path, fd,
+                      check_extents(extents, path, ElfFormatError), vmcoreinfo_of(core))
+            src.core = core
+            src.segments = segments
+            return src
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read_kcore(self, offset: int, length: int) -> bytes:
+        """Read `length` bytes at kcore file offset `offset` (faults read as zeros)."""
+        buf = bytearray(length)
+        self.readinto_kcore(offset, buf)
+        return bytes(buf)
+
+    def readinto_kcore(self, offset: int, buf) -> CopyStats:
+        """Fill `buf` from kcore file offset `offset` (faults read as zeros)."""
+        return readinto_range(self.fd, offset, buf)

@@ -1,0 +1,76 @@
+"""LiME images: per range a 32-byte header {magic, version, s_addr, e_addr inclusive}, then data."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from kcore.errors import LimeFormatError, SourceError
+from kcore.sources.base import (
+    Extent,
+    MemorySource,
+    check_extents,
+    file_size,
+    open_readonly,
+    pread_exact,
+)
+
+LIME_MAGIC = 0x4C694D45
+LIME_VERSION = 1
+AVML_MAGIC = 0x4C4D5641
+HEADER = struct.Struct("<IIQQ8s")  # magic, version, s_addr, e_addr (inclusive), reserved
+# More ranges than any real machine has (iomem System RAM lines); bounds a hostile file's cost.
+MAX_RANGES = 1 << 20
+
+
+def parse_lime(fd: int, path: str) -> list[Extent]:
+    """Walk a LiME file's range headers; return its extents or raise LimeFormatError."""
+    size = file_size(fd)
+    if size == 0:
+        raise LimeFormatError(f"{path}: empty file at offset 0x0")
+    extents: list[Extent] = []
+    pos = 0
+    while pos < size:
+        if len(extents) >= MAX_RANGES:
+            raise LimeFormatError(f"{path}: more than {MAX_RANGES} ranges at offset {pos:#x}")
+        try:
+            raw = pread_exact(fd, pos, HEADER.size, path, "LiME range header")
+        except SourceError as exc:
+            raise LimeFormatError(str(exc)) from None
+        magic, version, s_addr, e_addr, _ = HEADER.unpack(raw)
+        if magic == AVML_MAGIC:
+            raise LimeFormatError(
+                f"{path}: AVML-compressed image (magic {magic:#x}, version {version}) at offset "
+                f"{pos:#x} is not supported as a source; convert it with `avml-convert` first")
+        if magic != LIME_MAGIC:
+            raise LimeFormatError(f"{path}: bad LiME magic {magic:#x} at offset {pos:#x}")
+        if version != LIME_VERSION:
+            raise LimeFormatError(f"{path}: unsupported LiME version {version} at offset {pos:#x}")
+        if e_addr < s_addr:
+            raise LimeFormatError(
+                f"{path}: range end {e_addr:#x} below its start {s_addr:#x} at offset {pos:#x}")
+        length = e_addr - s_addr + 1
+        data = pos + HEADER.size
+        if data + length > size:
+            raise LimeFormatError(
+                f"{path}: truncated range {s_addr:#x}-{e_addr:#x} at offset {pos:#x} "
+                f"(needs {length:#x} bytes at {data:#x}, file ends at {size:#x})")
+        extents.append(Extent(s_addr, length, data))
+        pos = data + length
+    return check_extents(extents, path, LimeFormatError)
+
+
+class LimeSource(MemorySource):
+    """A LiME `format=lime` image."""
+
+    kind = "lime"
+
+    @classmethod
+    def open(cls, path: str, spec: str | None = None) -> LimeSource:
+        """Open and index a LiME image read-only."""
+        fd = open_readonly(path)
+        try:
+            return cls(spec or f"lime:{path}", path, fd, parse_lime(fd, path))
+        except BaseException:
+            os.close(fd)
+            raise
