@@ -1,0 +1,385 @@
+/*
+ * The copy engine: pread in large blocks, page-by-page fallback where a block
+ * fails, unreadable pages zero-filled and counted, pwrite (sparse or dense).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "kcore_api.h"
+
+/* Errnos that mean "this part of the source cannot be read", not "the call is wrong". */
+static int kc_is_fault(int err)
+{
+    switch (err) {
+    case EIO:    /* /proc/PID/mem on an unmapped page; media errors */
+    case EPERM:  /* /dev/mem with STRICT_DEVMEM */
+    case EFAULT:
+    case ENXIO:
+    case EINVAL: /* past the end of some sources; /proc/PID/mem at offsets >= 2^63 */
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int kc_page_ok(size_t page_size)
+{
+    return page_size >= 512 && (page_size & (page_size - 1)) == 0;
+}
+
+/* First page boundary strictly above a. */
+static uint64_t kc_next_page(uint64_t a, size_t page_size)
+{
+    return (a | (page_size - 1)) + 1;
+}
+
+static void kc_note_fault(struct kc_stats *st, uint64_t off, int err)
+{
+    if (!st->first_errno) {
+        st->first_errno = err;
+        st->first_error_offset = off;
+    }
+}
+
+int kc_is_zero(const void *p, size_t n)
+{
+    const unsigned char *c = p;
+
+    while (n && ((uintptr_t)c & 15)) {
+        if (*c)
+            return 0;
+        c++;
+        n--;
+    }
+    for (; n >= 64; c += 64, n -= 64) {
+        uint64_t w[8];
+
+        memcpy(w, c, sizeof(w));
+        if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7])
+            return 0;
+    }
+    while (n) {
+        if (*c)
+            return 0;
+        c++;
+        n--;
+    }
+    return 1;
+}
+
+/*
+ * Read up to n bytes at off into p: retry EINTR, continue after short reads.
+ * Returns the bytes read; fewer than n when the source failed at off + that
+ * count (*err_ret: its errno, EIO for EOF). -errno for a real error.
+ */
+static ssize_t kc_pread_some(int fd, char *p, size_t n, uint64_t off, int *err_ret)
+{
+    size_t got = 0;
+
+    *err_ret = 0;
+    while (got < n) {
+        ssize_t r = pread(fd, p + got, n - got, (off_t)(off + got));
+
+        if (r > 0) {
+            got += (size_t)r;
+            continue;
+        }
+        if (r == 0) {           /* EOF inside the range is not success */
+            *err_ret = EIO;
+            break;
+        }
+        if (errno == EINTR)
+            continue;
+        if (!kc_is_fault(errno))
+            return -errno;
+        *err_ret = errno;
+        break;
+    }
+    return (ssize_t)got;
+}
+
+/*
+ * Fill buf with [off, off + len) of fd. Large reads first; where one fails,
+ * the page at the failure is read alone: if it fails too it is zero-filled
+ * and large reads resume after it (the source ends reads exactly at bad
+ * pages, as /proc/PID/mem does); if it reads, the source fails whole requests
+ * and the rest of this block goes page by page.
+ */
+static int kc_read_block(int fd, char *buf, uint64_t off, size_t len, size_t page_size,
+                         uint32_t flags, struct kc_stats *st)
+{
+    size_t pos = 0;
+    int page_mode = 0;
+
+    while (pos < len) {
+        size_t pe;
+        ssize_t n;
+        int err;
+
+        if (!page_mode) {
+            n = kc_pread_some(fd, buf + pos, len - pos, off + pos, &err);
+            if (n < 0)
+                goto fail;
+            pos += (size_t)n;
+            st->bytes_read += (uint64_t)n;
+            if (!err)
+                continue;
+        }
+        pe = (size_t)(kc_next_page(off + pos, page_size) - off);
+        if (pe > len)
+            pe = len;
+        n = kc_pread_some(fd, buf + pos, pe - pos, off + pos, &err);
+        if (n < 0)
+            goto fail;
+        pos += (size_t)n;
+        st->bytes_read += (uint64_t)n;
+        if (err) {
+            kc_note_fault(st, off + pos, err);
+            if (flags & KC_STRICT) {
+                st->fail_where = KC_FAIL_FAULT;
+                st->fail_offset = off + pos;
+                return -err;
+            }
+            memset(buf + pos, 0, pe - pos);
+            st->pages_zero_filled++;
+        } else {
+            page_mode = 1;
+        }
+        pos = pe;
+        continue;
+fail:
+        st->fail_where = KC_FAIL_SOURCE;
+        st->fail_offset = off + pos;
+        return (int)n;
+    }
+    return 0;
+}
+
+/* Length of the next block at a: at most max, ending on an align boundary unless it is the last. */
+static size_t kc_block_len(uint64_t a, uint64_t left, size_t max, size_t align)
+{
+    uint64_t end;
+
+    if (left <= max)
+        return (size_t)left;
+    end = (a + max) & ~(uint64_t)(align - 1);
+    if (end <= a)
+        return max;
+    return (size_t)(end - a);
+}
+
+/* Write all n bytes at dst_off (or sequentially when dst_off < 0). */
+static int kc_write_all(int fd, const char *p, size_t n, int64_t dst_off, struct kc_stats *st)
+{
+    size_t done = 0;
+
+    while (done < n) {
+        ssize_t r;
+
+        if (dst_off < 0)
+            r = write(fd, p + done, n - done);
+        else
+            r = pwrite(fd, p + done, n - done, (off_t)(dst_off + (int64_t)done));
+        if (r > 0) {
+            done += (size_t)r;
+            st->bytes_written += (uint64_t)r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        st->fail_where = KC_FAIL_OUTPUT;
+        st->fail_offset = dst_off < 0 ? st->bytes_written : (uint64_t)dst_off + done;
+        return r < 0 ? -errno : -EIO;
+    }
+    return 0;
+}
+
+/*
+ * An all-zero run of the output: nothing to do above the file's old size
+ * (a hole); below it, punch a hole, or write the zeros if that is unsupported.
+ */
+static int kc_zero_run(int fd, const char *p, size_t n, int64_t dst_off, uint64_t old_size,
+                       struct kc_stats *st)
+{
+    uint64_t end = (uint64_t)dst_off + n;
+    size_t stale;
+
+    if ((uint64_t)dst_off >= old_size)
+        return 0;
+    stale = (size_t)((end < old_size ? end : old_size) - (uint64_t)dst_off);
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)dst_off,
+                  (off_t)stale) == 0)
+        return 0;
+    return kc_write_all(fd, p, stale, dst_off, st);
+}
+
+int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
+               uint64_t len, void *buf, size_t buf_len, size_t page_size,
+               uint32_t flags, struct kc_stats *stats_ret)
+{
+    struct kc_stats *st = stats_ret;
+    char *b = buf;
+    uint64_t done = 0, old_size = 0;
+    int sparse = (flags & KC_SPARSE) && dst_off >= 0;
+    int tail_hole = 0;
+    int rc;
+
+    memset(st, 0, sizeof(*st));
+    if (!kc_page_ok(page_size) || buf_len < page_size)
+        return -EINVAL;
+    if (sparse) {
+        struct stat sb;
+
+        if (fstat(dst_fd, &sb) < 0) {
+            st->fail_where = KC_FAIL_OUTPUT;
+            st->fail_offset = (uint64_t)dst_off;
+            return -errno;
+        }
+        if (S_ISREG(sb.st_mode))
+            old_size = (uint64_t)sb.st_size;
+        else
+            sparse = 0;         /* holes only exist in regular files */
+    }
+    while (done < len) {
+        uint64_t a = src_off + done;
+        size_t n = kc_block_len(a, len - done, buf_len, page_size);
+        int64_t out = dst_off < 0 ? -1 : dst_off + (int64_t)done;
+
+        rc = kc_read_block(src_fd, b, a, n, page_size, flags, st);
+        if (rc)
+            return rc;
+        if (!sparse) {
+            rc = kc_write_all(dst_fd, b, n, out, st);
+            if (rc)
+                return rc;
+        } else {
+            size_t p = 0, run = 0;
+            int in_run = 0;
+
+            while (p < n) {
+                size_t pe = (size_t)(kc_next_page(a + p, page_size) - a);
+
+                if (pe > n)
+                    pe = n;
+                if (kc_is_zero(b + p, pe - p)) {
+                    if (in_run) {
+                        rc = kc_write_all(dst_fd, b + run, p - run, out + (int64_t)run, st);
+                        if (rc)
+                            return rc;
+                        in_run = 0;
+                    }
+                    rc = kc_zero_run(dst_fd, b + p, pe - p, out + (int64_t)p, old_size, st);
+                    if (rc)
+                        return rc;
+                    st->pages_sparse++;
+                    tail_hole = 1;
+                } else {
+                    if (!in_run) {
+                        run = p;
+                        in_run = 1;
+                    }
+                    tail_hole = 0;
+                }
+                p = pe;
+            }
+            if (in_run) {
+                rc = kc_write_all(dst_fd, b + run, n - run, out + (int64_t)run, st);
+                if (rc)
+                    return rc;
+            }
+        }
+        done += n;
+    }
+    if (sparse && tail_hole && (uint64_t)dst_off + len > old_size) {
+        /* The last pages were holes: the file must still reach the end of the range. */
+        struct stat sb;
+
+        if (fstat(dst_fd, &sb) < 0 ||
+            ((uint64_t)sb.st_size < (uint64_t)dst_off + len &&
+             ftruncate(dst_fd, (off_t)((uint64_t)dst_off + len)) < 0)) {
+            st->fail_where = KC_FAIL_OUTPUT;
+            st->fail_offset = (uint64_t)dst_off + len;
+            return -errno;
+        }
+    }
+    return 0;
+}
+
+int kc_read_fd(int fd, uint64_t off, void *buf, size_t len, size_t block,
+               size_t page_size, uint32_t flags, struct kc_stats *stats_ret)
+{
+    struct kc_stats *st = stats_ret;
+    char *b = buf;
+    size_t done = 0;
+
+    memset(st, 0, sizeof(*st));
+    if (!kc_page_ok(page_size) || block < page_size)
+        return -EINVAL;
+    while (done < len) {
+        size_t n = kc_block_len(off + done, len - done, block, page_size);
+        int rc = kc_read_block(fd, b + done, off + done, n, page_size, flags, st);
+
+        if (rc)
+            return rc;
+        done += n;
+    }
+    return 0;
+}
+
+int kc_data_runs(int fd, uint64_t off, uint64_t len, size_t granule,
+                 size_t page_size, void *buf, size_t buf_len, uint32_t flags,
+                 uint64_t *runs_ret, size_t max_runs, size_t *nruns_ret,
+                 struct kc_stats *stats_ret)
+{
+    struct kc_stats *st = stats_ret;
+    char *b = buf;
+    uint64_t done = 0;
+    size_t nruns = 0;
+
+    memset(st, 0, sizeof(*st));
+    *nruns_ret = 0;
+    if (!kc_page_ok(page_size) || granule < page_size || granule % page_size ||
+        buf_len < granule)
+        return -EINVAL;
+    while (done < len) {
+        uint64_t a = off + done;
+        size_t n = kc_block_len(a, len - done, buf_len, granule);
+        size_t g = 0;
+        int rc = kc_read_block(fd, b, a, n, page_size, flags, st);
+
+        if (rc)
+            return rc;
+        while (g < n) {
+            uint64_t ga = a + g;
+            uint64_t gend = ga - ga % granule + granule;
+            size_t ge = gend - a > n ? n : (size_t)(gend - a);
+
+            if (kc_is_zero(b + g, ge - g)) {
+                uint64_t first = ga & ~(uint64_t)(page_size - 1);
+
+                st->pages_sparse += (a + ge - first + page_size - 1) / page_size;
+            } else if (nruns && runs_ret[2 * nruns - 2] + runs_ret[2 * nruns - 1] == ga) {
+                runs_ret[2 * nruns - 1] += ge - g;
+            } else {
+                if (nruns == max_runs) {
+                    *nruns_ret = nruns;
+                    return -ENOSPC;
+                }
+                runs_ret[2 * nruns] = ga;
+                runs_ret[2 * nruns + 1] = ge - g;
+                nruns++;
+            }
+            g = ge;
+        }
+        done += n;
+    }
+    *nruns_ret = nruns;
+    return 0;
+}

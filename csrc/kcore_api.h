@@ -1,0 +1,76 @@
+/*
+ * The C API of kcore's copy engine: declarations only.
+ * csrc/build_ffi.py reads this file verbatim as the cffi cdef, so it must stay
+ * plain C that cffi's parser accepts (no #include, no preprocessor logic).
+ */
+
+/* Flags for the kc_* calls. */
+enum kc_flags {
+    KC_STRICT = 1,  /* the first unreadable byte is an error, not zeros */
+    KC_SPARSE = 2   /* kc_copy_fd: do not write all-zero pages (leave holes) */
+};
+
+/* Which side made a call fail (kc_stats.fail_where). */
+enum kc_fail_where {
+    KC_FAIL_NONE = 0,
+    KC_FAIL_SOURCE = 1,  /* reading the source failed (not a fault: EBADF, ENOMEM...) */
+    KC_FAIL_OUTPUT = 2,  /* writing the output failed (ENOSPC, EPIPE...) */
+    KC_FAIL_FAULT = 3    /* KC_STRICT: the source is unreadable at fail_offset */
+};
+
+/*
+ * What one call did. Every kc_* call clears *stats_ret first, then fills it.
+ * Pages are page_size-aligned in source offsets, clipped to the range.
+ */
+struct kc_stats {
+    uint64_t bytes_read;         /* bytes that came from the source */
+    uint64_t bytes_written;      /* bytes written to the output */
+    uint64_t pages_zero_filled;  /* pages with at least one unreadable byte */
+    uint64_t pages_sparse;       /* all-zero pages not written (holes) */
+    uint64_t first_error_offset; /* source offset of the first unreadable byte */
+    int32_t first_errno;         /* its errno (EIO for EOF inside the range); 0: none */
+    int32_t fail_where;          /* enum kc_fail_where: side of the error returned */
+    uint64_t fail_offset;        /* offset on that side where the call failed */
+};
+
+/*
+ * Read len bytes at source offset off into buf: pread in blocks of at most
+ * block bytes, unreadable pages zero-filled and counted.
+ * Returns 0, or -errno (with KC_STRICT, -errno of the first unreadable byte).
+ */
+int kc_read_fd(int fd, uint64_t off, void *buf, size_t len, size_t block,
+               size_t page_size, uint32_t flags, struct kc_stats *stats_ret);
+
+/*
+ * Copy len bytes from src_fd at src_off to dst_fd at dst_off, through the
+ * caller's buffer buf of buf_len bytes (one pread block at a time).
+ * dst_off < 0: sequential write() (pipes, stdout; KC_SPARSE is ignored).
+ * With KC_SPARSE the output file is extended to dst_off + len even when the
+ * last pages are holes. Returns 0 or -errno (ENOSPC on the output is an error).
+ */
+int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
+               uint64_t len, void *buf, size_t buf_len, size_t page_size,
+               uint32_t flags, struct kc_stats *stats_ret);
+
+/*
+ * Find the runs of non-zero granules in [off, off + len) of fd (unreadable
+ * pages count as zero). granule is a multiple of page_size; granules are
+ * aligned on source offsets. Runs go to runs_ret as (offset, length) pairs,
+ * merged; at most max_runs of them (-ENOSPC if more are needed).
+ */
+int kc_data_runs(int fd, uint64_t off, uint64_t len, size_t granule,
+                 size_t page_size, void *buf, size_t buf_len, uint32_t flags,
+                 uint64_t *runs_ret, size_t max_runs, size_t *nruns_ret,
+                 struct kc_stats *stats_ret);
+
+/*
+ * Copy len bytes of mapped memory at src to dst, surviving SIGBUS/SIGSEGV on
+ * the source (a file truncated under its mapping): faulting pages are
+ * zero-filled and counted. base_off is the source offset of src, for pages
+ * and for the offsets reported. Thread-safe. Returns 0 or -EFAULT (KC_STRICT).
+ */
+int kc_copy_mem(const void *src, void *dst, size_t len, uint64_t base_off,
+                size_t page_size, uint32_t flags, struct kc_stats *stats_ret);
+
+/* Non-zero when all n bytes at p are zero. */
+int kc_is_zero(const void *p, size_t n);
