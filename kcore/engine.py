@@ -1,0 +1,206 @@
+"""The copy engine's Python face: fault-tolerant, chunked reads and copies done in C."""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kcore import _native
+from kcore._native import ffi, lib
+
+BLOCK = 1 << 20  # one pread/pwrite block (KCORE.md section 6: 1 MiB is the sweet spot)
+CHUNK = 64 << 20  # bytes per C call: Ctrl-C and progress are seen between calls
+
+__all__ = [
+    "BLOCK",
+    "CHUNK",
+    "CopyStats",
+    "copy_range",
+    "data_runs",
+    "read_mapped",
+    "read_range",
+    "readinto_mapped",
+    "readinto_range",
+]
+
+Progress = Callable[[int], object]
+
+
+@dataclass
+class CopyStats:
+    """What a read or copy did: bytes read, pages zero-filled or left sparse, first failure."""
+
+    bytes_read: int = 0
+    pages_zero_filled: int = 0
+    pages_sparse: int = 0
+    first_error_offset: int | None = None
+    first_errno: int = 0
+    bytes_written: int = 0
+
+    def merge(self, other: CopyStats) -> CopyStats:
+        """Add other's counts to self (keeping the earliest failure); return self."""
+        self.bytes_read += other.bytes_read
+        self.pages_zero_filled += other.pages_zero_filled
+        self.pages_sparse += other.pages_sparse
+        self.bytes_written += other.bytes_written
+        if other.first_error_offset is not None and (
+            self.first_error_offset is None or other.first_error_offset < self.first_error_offset
+        ):
+            self.first_error_offset = other.first_error_offset
+            self.first_errno = other.first_errno
+        return self
+
+    def __iadd__(self, other: CopyStats) -> CopyStats:
+        return self.merge(other)
+
+    def _add_c(self, st) -> None:
+        self.bytes_read += st.bytes_read
+        self.bytes_written += st.bytes_written
+        self.pages_zero_filled += st.pages_zero_filled
+        self.pages_sparse += st.pages_sparse
+        if st.first_errno and self.first_error_offset is None:
+            self.first_error_offset = st.first_error_offset
+            self.first_errno = st.first_errno
+
+
+def _chunks(offset: int, length: int, align: int, chunk: int = CHUNK):
+    """(position, length) pieces of [offset, offset+length), each ending on an align boundary."""
+    chunk = max(chunk - chunk % align, align)
+    pos, end = offset, offset + length
+    while pos < end:
+        stop = min(end, (pos + chunk) // align * align)
+        if stop <= pos:
+            stop = min(end, pos + chunk)
+        yield pos, stop - pos
+        pos = stop
+
+
+def _check_args(offset: int, length: int, page_size: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"negative offset or length: {offset:#x}, {length:#x}")
+    if page_size < 512 or page_size & (page_size - 1):
+        raise ValueError(f"page size must be a power of two >= 512, not {page_size}")
+
+
+def readinto_range(
+    fd: int, offset: int, buf, *, strict: bool = False, page_size: int = 4096,
+    path: object = None,
+) -> CopyStats:
+    """Fill the writable buffer buf from fd at offset; unreadable pages become zeros."""
+    view = memoryview(buf).cast("B")
+    _check_args(offset, len(view), page_size)
+    flags = _native.STRICT if strict else 0
+    stats = CopyStats()
+    st = _native.new_stats()
+    with ffi.from_buffer(view, require_writable=True) as base:
+        for pos, n in _chunks(offset, len(view), page_size):
+            rc = lib.kc_read_fd(fd, pos, base + (pos - offset), n, BLOCK, page_size, flags, st)
+            stats._add_c(st)
+            _native.check(rc, st, path=path)
+    return stats
+
+
+def read_range(
+    fd: int, offset: int, length: int, *, strict: bool = False, page_size: int = 4096,
+    path: object = None,
+) -> tuple[bytes, CopyStats]:
+    """Read length bytes of fd at offset; unreadable pages read as zeros (counted)."""
+    buf = bytearray(length)
+    stats = readinto_range(fd, offset, buf, strict=strict, page_size=page_size, path=path)
+    return bytes(buf), stats
+
+
+def copy_range(
+    src_fd: int, src_offset: int, dst_fd: int, dst_offset: int | None, length: int, *,
+    sparse: bool = False, strict: bool = False, page_size: int = 4096,
+    progress: Progress | None = None, path: object = None, dst_path: object = None,
+) -> CopyStats:
+    """Copy length bytes of src_fd at src_offset to dst_fd at dst_offset (None: write() in order).
+
+    With sparse, all-zero pages become holes (the output still reaches dst_offset + length).
+    progress(n) is called after each chunk with the bytes it covered.
+    """
+    _check_args(src_offset, length, page_size)
+    if dst_offset is not None and dst_offset < 0:
+        raise ValueError(f"negative output offset {dst_offset:#x}")
+    flags = (_native.STRICT if strict else 0) | (_native.SPARSE if sparse else 0)
+    stats = CopyStats()
+    st = _native.new_stats()
+    buf = ffi.new("char[]", BLOCK)
+    for pos, n in _chunks(src_offset, length, page_size):
+        out = -1 if dst_offset is None else dst_offset + (pos - src_offset)
+        rc = lib.kc_copy_fd(src_fd, pos, dst_fd, out, n, buf, BLOCK, page_size, flags, st)
+        stats._add_c(st)
+        _native.check(rc, st, path=path, dst_path=dst_path)
+        if progress is not None:
+            progress(n)
+    return stats
+
+
+def data_runs(
+    fd: int, offset: int, length: int, *, granule: int = 4096, page_size: int = 4096,
+    strict: bool = False, path: object = None,
+) -> tuple[list[tuple[int, int]], CopyStats]:
+    """The merged (offset, length) runs of [offset, offset+length) that are not all zeros.
+
+    Granules are aligned on source offsets; unreadable pages count as zeros.
+    """
+    _check_args(offset, length, page_size)
+    if granule < page_size or granule % page_size:
+        raise ValueError(f"granule {granule:#x} is not a multiple of the page size")
+    flags = _native.STRICT if strict else 0
+    chunk = max(CHUNK - CHUNK % granule, granule)
+    buf_len = max(BLOCK - BLOCK % granule, granule)
+    buf = ffi.new("char[]", buf_len)
+    max_runs = chunk // granule // 2 + 2
+    out = ffi.new("uint64_t[]", 2 * max_runs)
+    nruns = ffi.new("size_t *")
+    st = _native.new_stats()
+    stats = CopyStats()
+    runs: list[tuple[int, int]] = []
+    for pos, n in _chunks(offset, length, granule, chunk):
+        rc = lib.kc_data_runs(fd, pos, n, granule, page_size, buf, buf_len, flags,
+                              out, max_runs, nruns, st)
+        stats._add_c(st)
+        _native.check(rc, st, path=path)
+        for i in range(nruns[0]):
+            start, size = out[2 * i], out[2 * i + 1]
+            if runs and runs[-1][0] + runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], runs[-1][1] + size)
+            else:
+                runs.append((start, size))
+    return runs, stats
+
+
+def readinto_mapped(
+    mapping: mmap.mmap, offset: int, buf, *, strict: bool = False, page_size: int = 4096,
+    path: object = None,
+) -> CopyStats:
+    """Fill buf from mapping[offset:], surviving SIGBUS/SIGSEGV: faulting pages become zeros."""
+    view = memoryview(buf).cast("B")
+    _check_args(offset, len(view), page_size)
+    if offset + len(view) > len(mapping):
+        raise ValueError(
+            f"range {offset:#x}+{len(view):#x} is past the mapping's end {len(mapping):#x}"
+        )
+    flags = _native.STRICT if strict else 0
+    stats = CopyStats()
+    st = _native.new_stats()
+    with ffi.from_buffer(mapping) as src, ffi.from_buffer(view, require_writable=True) as dst:
+        for pos, n in _chunks(offset, len(view), page_size):
+            rel = pos - offset
+            rc = lib.kc_copy_mem(src + pos, dst + rel, n, pos, page_size, flags, st)
+            stats._add_c(st)
+            _native.check(rc, st, path=path)
+    return stats
+
+
+def read_mapped(
+    mapping: mmap.mmap, offset: int, length: int, *, strict: bool = False,
+    page_size: int = 4096, path: object = None,
+) -> tuple[bytes, CopyStats]:
+    """Read length bytes of mapping at offset; pages that fault read as zeros (counted)."""
+    buf = bytearray(length)
+    stats = readinto_mapped(mapping, offset, buf, strict=strict, page_size=page_size, path=path)
+    return bytes(buf), stats
