@@ -1,0 +1,74 @@
+"""The copy engine on plain files: contents, counts, sparse output, errors, chunking."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from kcore import _pyengine, engine
+from kcore.errors import FaultError
+
+PAGE = 4096
+
+
+@pytest.fixture(params=["c", "py"])
+def eng(request):
+    """The C engine and its pure-Python oracle: every test here holds for both."""
+    return engine if request.param == "c" else _pyengine
+
+
+def _file(path, data: bytes) -> int:
+    path.write_bytes(data)
+    return os.open(path, os.O_RDONLY)
+
+
+def test_read_whole_file(tmp_path, eng):
+    data = os.urandom(3 * PAGE + 100)
+    fd = _file(tmp_path / "src", data)
+    got, st = eng.read_range(fd, 0, len(data))
+    assert got == data
+    assert st.bytes_read == len(data) and st.pages_zero_filled == 0
+    assert st.first_error_offset is None and st.first_errno == 0
+
+
+def test_read_crossing_end_of_source(tmp_path, eng):
+    """Bytes past EOF read as zeros; the page holding EOF and every later page count."""
+    data = os.urandom(2 * PAGE + 10)
+    fd = _file(tmp_path / "src", data)
+    got, st = eng.read_range(fd, PAGE, 4 * PAGE)
+    assert got == data[PAGE:] + bytes(4 * PAGE - (len(data) - PAGE))
+    assert st.bytes_read == len(data) - PAGE
+    assert st.pages_zero_filled == 3  # the partial page at EOF and two beyond it
+    assert st.first_error_offset == len(data) and st.first_errno == errno.EIO
+
+
+def test_strict_past_end_raises_fault_with_offset(tmp_path, eng):
+    fd = _file(tmp_path / "src", os.urandom(PAGE + 7))
+    with pytest.raises(FaultError) as exc:
+        eng.read_range(fd, 0, 3 * PAGE, strict=True, path=tmp_path / "src")
+    assert exc.value.address == PAGE + 7
+    assert "0x1007" in str(exc.value)
+
+
+def test_copy_to_dev_full_is_enospc_not_a_fault(tmp_path, eng):
+    fd = _file(tmp_path / "src", os.urandom(8 * PAGE))
+    out = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as exc:
+            eng.copy_range(fd, 0, out, None, 8 * PAGE, dst_path="/dev/full")
+        assert exc.value.errno == errno.ENOSPC
+        assert not isinstance(exc.value, FaultError)
+        assert exc.value.filename == "/dev/full"
+    finally:
+        os.close(out)
+
+
+def test_bad_source_fd_is_oserror(eng):
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(OSError) as exc:
+        eng.read_range(r, 0, PAGE)
+    assert exc.value.errno == errno.EBADF
