@@ -232,6 +232,7 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
     with open(root / "proc/kallsyms", errors="surrogateescape") as f:
         syms = parse_kallsyms(f, where=str(root / "proc/kallsyms"))
     cmdline = (_read_text(root, "proc/cmdline") or "").rstrip("\n")
+    _check_source_size(src, iomem)
     reader = _Reader(src)
     info = _load_vmcoreinfo(root, reader)
     osrelease = (_read_text(root, "proc/sys/kernel/osrelease", required=False) or "").strip()
@@ -280,7 +281,6 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
     if task_size not in TASK_STRUCT_SANE:
         raise InputError(f"arch_task_struct_size reads {task_size}: the memory source does "
                          "not match this root")
-    _check_source_size(src, iomem)
 
     def ram_source() -> list[RamRange]:
         text = _read_text(root, "proc/iomem")
