@@ -17,7 +17,13 @@ from kcore.layout import (
     Layout,
     x86_64_layout,
 )
-from kcore.vmcoreinfo import VmcoreInfo, parse_note, parse_sysfs_vmcoreinfo
+from kcore.vmcoreinfo import (
+    MAX_VMCOREINFO_BYTES,
+    NOTE_HEADER,
+    VmcoreInfo,
+    parse_note,
+    parse_sysfs_vmcoreinfo,
+)
 
 if TYPE_CHECKING:
     from kcore.sources.base import MemorySource
@@ -217,9 +223,16 @@ def _load_vmcoreinfo(root: Path, reader: _Reader) -> VmcoreInfo:
         raise InputError(f"{root / 'sys/kernel/vmcoreinfo'}: missing, and the memory source "
                          "carries no VMCOREINFO note")
     where = str(root / "sys/kernel/vmcoreinfo")
-    paddr, size = parse_sysfs_vmcoreinfo(text, where)
-    size = min(max(size, 64), 1 << 16)
-    buf = reader.read(paddr, size, f"the VMCOREINFO note ({where})")
+    # The size sysfs prints is not the note's (1024 on 6.1 for a 3263-byte note): read the
+    # note header first, then exactly the note.
+    paddr, _size = parse_sysfs_vmcoreinfo(text, where)
+    what = f"the VMCOREINFO note ({where})"
+    namesz, descsz, _ = NOTE_HEADER.unpack(reader.read(paddr, NOTE_HEADER.size, what))
+    total = NOTE_HEADER.size + ((namesz + 3) & ~3) + descsz
+    if namesz > 64 or descsz > MAX_VMCOREINFO_BYTES:
+        raise InputError(f"{what}: no VMCOREINFO note at physical {paddr:#x} "
+                         f"(namesz {namesz}, descsz {descsz}): root and source do not match")
+    buf = reader.read(paddr, total, what)
     return VmcoreInfo.parse(parse_note(buf, f"VMCOREINFO note at physical {paddr:#x}"))
 
 
