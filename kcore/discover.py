@@ -417,9 +417,18 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
     if pgd is not None:
         layout = layout.with_(pgd_paddr=layout.pa_symbol(pgd))
 
+    opened = [False]
+
     def load() -> list[KcoreEntry]:
-        if hasattr(src, "reload_segments"):
-            src.reload_segments()
+        # open_kcore() rebuilds the RAM list after hotplug: re-open to see the new headers.
+        if opened[0]:
+            fresh = type(src).open(src.path, src.spec)
+            try:
+                src.segments = fresh.segments
+                src._set_extents(fresh.extents)
+            finally:
+                fresh.close()
+        opened[0] = True
         out = []
         for s in src.segments:
             t, label = classify_segment(s.vaddr, s.paddr, layout)

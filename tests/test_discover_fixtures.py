@@ -150,3 +150,43 @@ def test_missing_root(tmp_path):
     res = run_kcore("ranges", "--root", str(tmp_path / "nope"), "--source",
                     source_spec(FIXTURE_NAMES[0]))
     _fails_cleanly(res, "missing")
+
+
+@pytest.fixture
+def saved_real_kcore(tmp_path_factory):
+    """A sparse file holding what the real /proc/kcore gave: its header and the reads."""
+    name = FIXTURE_NAMES[1]
+    fx = shared_fixture(name)
+    exp = expected(name)
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no tmpfs at /dev/shm for a 128 TiB sparse file")
+    path = shm / f"kcore-test-saved-{name}-{id(exp)}"
+    with open(path, "wb") as f:
+        f.truncate(exp["kcore_st_size"])
+        f.write((fx / "expected/kcore-head-64k.bin").read_bytes())
+        for r in exp["reads"]:
+            f.seek(r["kcore_offset"])
+            f.write((fx / "expected" / r["file"]).read_bytes())
+    yield fx, exp, path
+    path.unlink()
+
+
+def test_a_saved_real_kcore_is_its_own_truth(saved_real_kcore):
+    from kcore.discover import discover
+    from kcore.elfcore import build_header
+
+    fx, exp, path = saved_real_kcore
+    system = discover(fx / "root", f"kcore:{path}")
+    try:
+        hdr = build_header(system)
+        entries = system.kclist.entries
+    finally:
+        system.close()
+    real = [p for p in exp["phdrs"] if p["type"] == "PT_LOAD"]
+    assert [(e.kind, e.vaddr, e.size, e.paddr) for e in entries] == [
+        (p["kind"], p["p_vaddr"], p["p_filesz"], p["p_paddr"]) for p in real]
+    # With the real notes at hand, even NT_TASKSTRUCT is the reading task's own.
+    head = (fx / "expected/kcore-head-64k.bin").read_bytes()
+    assert hdr.data == head[:hdr.data_offset]
+    assert hdr.file_size == exp["kcore_st_size"]
