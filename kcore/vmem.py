@@ -1,0 +1,155 @@
+"""Kernel virtual reads: the x86-64 kernel page-table walk (4- and 5-level, large pages)."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+ENTRIES = 512
+_PRESENT = 1 << 0  # _PAGE_PRESENT
+_PSE = 1 << 7  # _PAGE_PSE: a 1 GiB (PUD) or 2 MiB (PMD) leaf
+# PTE_PFN_MASK: physical address bits 51:12 (drops NX, protection keys and the flags).
+ADDR_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
+_TABLE = struct.Struct(f"<{ENTRIES}Q")
+# Page-table pages kept; a full walk of a 512 MiB machine touches a few hundred.
+CACHE_PAGES = 4096
+START_KERNEL_MAP = 0xFFFFFFFF80000000
+
+Run = tuple[int, int, int]  # (vaddr, paddr, length): a physically contiguous mapped run
+
+
+def pa_symbol(vaddr: int, phys_base: int) -> int:
+    """__pa_symbol(): phys = vaddr - __START_KERNEL_map + phys_base."""
+    return (vaddr - START_KERNEL_MAP + phys_base) & ((1 << 64) - 1)
+
+
+class PageWalker:
+    """Translate and read kernel virtual addresses through the page tables rooted at a PGD."""
+
+    def __init__(self, read_phys: Callable[[int, int], Any], pgd_paddr: int, levels: int = 4,
+                 *, sme_mask: int = 0,
+                 readinto_phys: Callable[[int, Any], Any] | None = None) -> None:
+        if levels not in (4, 5):
+            raise ValueError(f"x86-64 has 4- or 5-level paging, not {levels}")
+        self._read_phys = read_phys
+        self._readinto_phys = readinto_phys
+        self.pgd_paddr = pgd_paddr & ADDR_MASK
+        self.levels = levels
+        self.sme_mask = sme_mask
+        self._top_shift = PAGE_SHIFT + 9 * levels - 9  # 39 (PGD, 4-level) or 48 (5-level)
+        self._cache: dict[int, tuple[int, ...]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_source(cls, source: Any, pgd_paddr: int, levels: int = 4, *,
+                   sme_mask: int = 0) -> PageWalker:
+        """A walker reading page tables and data from a MemorySource."""
+        return cls(source.read_phys, pgd_paddr, levels, sme_mask=sme_mask,
+                   readinto_phys=source.readinto_phys)
+
+    def invalidate(self) -> None:
+        """Forget cached page-table pages (a live system's tables change)."""
+        self._cache = {}
+
+    def _table(self, paddr: int) -> tuple[int, ...]:
+        """The 512 entries of the page-table page at paddr (cached)."""
+        table = self._cache.get(paddr)
+        if table is None:
+            got = self._read_phys(paddr, PAGE_SIZE)
+            data = got[0] if isinstance(got, tuple) else got
+            table = _TABLE.unpack(data)
+            cache = self._cache
+            if len(cache) >= CACHE_PAGES:
+                with self._lock:
+                    cache.clear()
+            cache[paddr] = table
+        return table
+
+    def translate(self, vaddr: int) -> tuple[int, int] | None:
+        """The physical address of vaddr and the size of its mapping, or None if unmapped."""
+        table = self._table(self.pgd_paddr)
+        shift = self._top_shift
+        keep = ~self.sme_mask
+        while True:
+            entry = table[(vaddr >> shift) & (ENTRIES - 1)]
+            if not entry & _PRESENT:
+                return None
+            entry &= keep
+            size = 1 << shift
+            if shift == PAGE_SHIFT or (shift <= 30 and entry & _PSE):
+                base = entry & ADDR_MASK & ~(size - 1)
+                return base + (vaddr & (size - 1)), size
+            table = self._table(entry & ADDR_MASK)
+            shift -= 9
+
+    def runs(self, vaddr: int, length: int) -> list[Run]:
+        """The mapped parts of [vaddr, vaddr + length), merged where physically contiguous."""
+        out: list[Run] = []
+        if length > 0:
+            self._runs(self.pgd_paddr, self._top_shift, vaddr, vaddr + length, out)
+        return out
+
+    def _runs(self, table_paddr: int, shift: int, start: int, end: int, out: list[Run]) -> None:
+        """Collect runs for [start, end) from one table level (recursion depth <= levels)."""
+        table = self._table(table_paddr)
+        size = 1 << shift
+        low = size - 1
+        keep = ~self.sme_mask
+        leaf_ok = shift <= 30  # PSE means a leaf only in a PUD (1 GiB) or PMD (2 MiB)
+        va = start
+        while va < end:
+            nxt = min(end, (va | low) + 1)
+            entry = table[(va >> shift) & (ENTRIES - 1)]
+            if entry & _PRESENT:
+                entry &= keep
+                if shift == PAGE_SHIFT or (leaf_ok and entry & _PSE):
+                    pa = (entry & ADDR_MASK & ~low) + (va & low)
+                    n = nxt - va
+                    if out:
+                        lva, lpa, ln = out[-1]
+                        if lva + ln == va and lpa + ln == pa:
+                            out[-1] = (lva, lpa, ln + n)
+                            va = nxt
+                            continue
+                    out.append((va, pa, n))
+                else:
+                    self._runs(entry & ADDR_MASK, shift - 9, va, nxt, out)
+            va = nxt
+
+    def readinto(self, vaddr: int, buf: Any) -> int:
+        """Fill buf from vaddr like the kernel's vread(): unmapped pages read as zeros.
+
+        Returns the number of bytes that were mapped.
+        """
+        view = memoryview(buf).cast("B")
+        n = len(view)
+        runs = self.runs(vaddr, n)
+        pos = 0
+        mapped = 0
+        for va, pa, ln in runs:
+            at = va - vaddr
+            if at > pos:
+                view[pos:at] = bytes(at - pos)
+            self._fill(pa, view[at:at + ln])
+            pos = at + ln
+            mapped += ln
+        if pos < n:
+            view[pos:n] = bytes(n - pos)
+        return mapped
+
+    def _fill(self, paddr: int, view: memoryview) -> None:
+        if self._readinto_phys is not None:
+            self._readinto_phys(paddr, view)
+            return
+        got = self._read_phys(paddr, len(view))
+        view[:] = got[0] if isinstance(got, tuple) else got
+
+    def read(self, vaddr: int, length: int) -> bytes:
+        """Read length bytes at vaddr; unmapped pages read as zeros."""
+        buf = bytearray(length)
+        self.readinto(vaddr, buf)
+        return bytes(buf)
