@@ -64,8 +64,9 @@ class CopyStats:
             self.first_errno = st.first_errno
 
 
-def _chunks(offset: int, length: int, align: int, chunk: int = CHUNK):
+def _chunks(offset: int, length: int, align: int, chunk: int | None = None):
     """(position, length) pieces of [offset, offset+length), each ending on an align boundary."""
+    chunk = CHUNK if chunk is None else chunk
     chunk = max(chunk - chunk % align, align)
     pos, end = offset, offset + length
     while pos < end:
