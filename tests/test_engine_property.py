@@ -1,0 +1,98 @@
+"""Property: the C engine and the Python oracle agree on any layout of holes, zeros and chunks."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import pytest
+from engine_memchild import PAGE, MemChild, expected_memory
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kcore import _pyengine, engine
+
+KINDS = st.sampled_from(["data", "zero", "hole"])
+
+
+@pytest.fixture(scope="module")
+def child():
+    with MemChild() as c:
+        yield c
+
+
+@st.composite
+def layouts(draw):
+    """Page kinds, a byte range over them, and the engine's block and chunk sizes."""
+    kinds = draw(st.lists(KINDS, min_size=1, max_size=96))
+    size = len(kinds) * PAGE
+    start = draw(st.integers(0, size - 1))
+    length = draw(st.integers(0, size - start))
+    block = draw(st.one_of(st.sampled_from([PAGE, 2 * PAGE, 1 << 20]),
+                           st.integers(PAGE, 40 * PAGE)))
+    chunk = draw(st.one_of(st.sampled_from([PAGE, 64 << 20]), st.integers(PAGE, 200 * PAGE)))
+    granule = PAGE * draw(st.sampled_from([1, 2, 4, 16]))
+    seed = draw(st.integers(0, 2**32))
+    return kinds, start, length, block, chunk, granule, seed
+
+
+def _write_layout(kinds: list[str], seed: int) -> tuple[str, bytes]:
+    rnd = random.Random(seed)
+    data = b"".join(rnd.randbytes(PAGE) if k == "data" else bytes(PAGE) for k in kinds)
+    fd, path = tempfile.mkstemp(prefix="kcore-prop-", dir="/dev/shm")
+    os.write(fd, data)
+    os.close(fd)
+    return path, data
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=layouts())
+def test_c_engine_equals_oracle_on_proc_pid_mem(child, layout):
+    kinds, start, length, block, chunk, granule, seed = layout
+    holes = [i for i, k in enumerate(kinds) if k == "hole"]
+    path, data = _write_layout(kinds, seed)
+    addr = child.map(path, len(kinds), holes)
+    saved = engine.BLOCK, engine.CHUNK
+    engine.BLOCK, engine.CHUNK = block, chunk
+    try:
+        truth = expected_memory(data, holes)[start:start + length]
+        got = engine.read_range(child.fd, addr + start, length)
+        assert got == _pyengine.read_range(child.fd, addr + start, length)
+        assert got[0] == truth
+        runs = engine.data_runs(child.fd, addr + start, length, granule=granule)
+        assert runs == _pyengine.data_runs(child.fd, addr + start, length, granule=granule)
+        for sparse in (False, True):
+            outs = []
+            for eng in (engine, _pyengine):
+                with tempfile.TemporaryFile(dir="/dev/shm") as f:
+                    stats = eng.copy_range(child.fd, addr + start, f.fileno(), 0, length,
+                                           sparse=sparse)
+                    f.seek(0)
+                    outs.append((f.read(), stats))
+            assert outs[0] == outs[1]
+            assert outs[0][0] == truth
+    finally:
+        engine.BLOCK, engine.CHUNK = saved
+        child.unmap(addr, len(kinds))
+        os.unlink(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 20 * PAGE), start=st.integers(0, 24 * PAGE),
+       length=st.integers(0, 24 * PAGE), block=st.integers(PAGE, 8 * PAGE))
+def test_c_engine_equals_oracle_past_end_of_file(size, start, length, block):
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        saved = engine.BLOCK
+        engine.BLOCK = block
+        try:
+            got = engine.read_range(f.fileno(), start, length)
+        finally:
+            engine.BLOCK = saved
+        assert got == _pyengine.read_range(f.fileno(), start, length)
+        f.seek(0)
+        data = f.read()
+        assert got[0] == (data[start:start + length]).ljust(length, b"\0")
