@@ -1,0 +1,268 @@
+/*
+ * Unit tests of the C copy engine, built with -fsanitize=address,undefined by
+ * tests/test_engine_sanitizers.py. Real faults only: holes in this process's
+ * own memory read through /proc/self/mem, a memfd truncated under its mapping,
+ * /dev/full as the output.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "kcore_api.h"
+
+enum { PAGE = 4096, BLOCK = 1 << 20 };
+
+static int failures;
+
+#define CHECK(cond)                                                          \
+    do {                                                                     \
+        if (!(cond)) {                                                       \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
+                    #cond);                                                  \
+            failures++;                                                      \
+        }                                                                    \
+    } while (0)
+
+static void fill(unsigned char *p, size_t n, unsigned seed)
+{
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        p[i] = (unsigned char)(seed >> 16) | 1; /* never zero */
+    }
+}
+
+static int memfd_with(const void *data, size_t n)
+{
+    int fd = memfd_create("kc-test", 0);
+
+    if (fd < 0 || write(fd, data, n) != (ssize_t)n) {
+        perror("memfd");
+        exit(2);
+    }
+    return fd;
+}
+
+static void test_is_zero(void)
+{
+    static unsigned char buf[3 * PAGE + 64];
+
+    memset(buf, 0, sizeof(buf));
+    CHECK(kc_is_zero(buf, 0));
+    for (size_t off = 0; off < 17; off++) {
+        for (size_t n = 0; n < 300; n += 7) {
+            CHECK(kc_is_zero(buf + off, n));
+            if (n) {
+                buf[off + n - 1] = 1;
+                CHECK(!kc_is_zero(buf + off, n));
+                buf[off + n - 1] = 0;
+                buf[off] = 1;
+                CHECK(!kc_is_zero(buf + off, n));
+                buf[off] = 0;
+            }
+        }
+    }
+}
+
+static void test_read_past_eof(void)
+{
+    size_t n = 2 * PAGE + 10;
+    unsigned char *src = malloc(n), *out = malloc(4 * PAGE);
+    struct kc_stats st;
+    int fd;
+
+    fill(src, n, 1);
+    fd = memfd_with(src, n);
+    memset(out, 0xAA, 4 * PAGE);
+    CHECK(kc_read_fd(fd, PAGE, out, 4 * PAGE, BLOCK, PAGE, 0, &st) == 0);
+    CHECK(memcmp(out, src + PAGE, n - PAGE) == 0);
+    CHECK(kc_is_zero(out + (n - PAGE), 4 * PAGE - (n - PAGE)));
+    CHECK(st.bytes_read == n - PAGE);
+    CHECK(st.pages_zero_filled == 3);
+    CHECK(st.first_errno == EIO && st.first_error_offset == n);
+
+    CHECK(kc_read_fd(fd, 0, out, 4 * PAGE, BLOCK, PAGE, KC_STRICT, &st) == -EIO);
+    CHECK(st.fail_where == KC_FAIL_FAULT && st.fail_offset == n);
+    CHECK(kc_read_fd(fd, 0, out, PAGE, BLOCK, 1000, 0, &st) == -EINVAL);
+    close(fd);
+    free(src);
+    free(out);
+}
+
+static void test_proc_self_mem_holes(void)
+{
+    enum { NP = 600 };
+    static const int holes[] = {0, 1, 255, 256, 300, 511, 512, NP - 1};
+    size_t nh = sizeof(holes) / sizeof(holes[0]);
+    unsigned char *map = mmap(NULL, NP * PAGE, PROT_READ | PROT_WRITE,
+                              MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    unsigned char *want = malloc(NP * PAGE), *out = malloc(NP * PAGE);
+    struct kc_stats st;
+    int fd = open("/proc/self/mem", O_RDONLY);
+    uint64_t runs[2 * NP];
+    size_t nruns;
+
+    CHECK(map != MAP_FAILED && fd >= 0);
+    fill(map, NP * PAGE, 2);
+    memset(map + 100 * PAGE, 0, 50 * PAGE);
+    memcpy(want, map, NP * PAGE);
+    for (size_t i = 0; i < nh; i++) {
+        munmap(map + (size_t)holes[i] * PAGE, PAGE);
+        memset(want + (size_t)holes[i] * PAGE, 0, PAGE);
+    }
+    CHECK(kc_read_fd(fd, (uintptr_t)map, out, NP * PAGE, BLOCK, PAGE, 0, &st) == 0);
+    CHECK(memcmp(out, want, NP * PAGE) == 0);
+    CHECK(st.pages_zero_filled == nh);
+    CHECK(st.bytes_read == (NP - nh) * PAGE);
+    CHECK(st.first_errno == EIO && st.first_error_offset == (uintptr_t)map);
+
+    /* Small blocks, unaligned start: same bytes. */
+    CHECK(kc_read_fd(fd, (uintptr_t)map + 77, out, NP * PAGE - 77, 3 * PAGE + 5, PAGE, 0,
+                     &st) == 0);
+    CHECK(memcmp(out, want + 77, NP * PAGE - 77) == 0);
+    CHECK(st.pages_zero_filled == nh);
+
+    CHECK(kc_read_fd(fd, (uintptr_t)map + 2 * PAGE, out, 400 * PAGE, BLOCK, PAGE, KC_STRICT,
+                     &st) == -EIO);
+    CHECK(st.fail_where == KC_FAIL_FAULT && st.fail_offset == (uintptr_t)map + 255 * PAGE);
+
+    /* Runs of non-zero pages: [2,100) [150,255) [257,300) [301,511) [513,599). */
+    CHECK(kc_data_runs(fd, (uintptr_t)map, NP * PAGE, PAGE, PAGE, out, BLOCK, 0, runs, NP,
+                       &nruns, &st) == 0);
+    CHECK(nruns == 5);
+    if (nruns == 5) {
+        CHECK(runs[0] == (uintptr_t)map + 2 * PAGE && runs[1] == 98 * PAGE);
+        CHECK(runs[2] == (uintptr_t)map + 150 * PAGE && runs[3] == 105 * PAGE);
+        CHECK(runs[8] == (uintptr_t)map + 513 * PAGE && runs[9] == 86 * PAGE);
+    }
+    CHECK(st.pages_sparse == 50 + nh);
+    CHECK(kc_data_runs(fd, (uintptr_t)map, NP * PAGE, PAGE, PAGE, out, BLOCK, 0, runs, 2,
+                       &nruns, &st) == -ENOSPC);
+    CHECK(nruns == 2);
+
+    /* Sparse copy into a memfd: holes where the pages are zero. */
+    int dst = memfd_create("kc-out", 0);
+    CHECK(kc_copy_fd(fd, (uintptr_t)map, dst, 0, NP * PAGE, out, BLOCK, PAGE, KC_SPARSE,
+                     &st) == 0);
+    CHECK(st.pages_sparse == 50 + nh);
+    CHECK(st.bytes_written == (NP - 50 - nh) * PAGE);
+    struct stat sb;
+    CHECK(fstat(dst, &sb) == 0 && sb.st_size == NP * PAGE);
+    CHECK(lseek(dst, 0, SEEK_DATA) == 2 * PAGE);
+    CHECK(lseek(dst, 2 * PAGE, SEEK_HOLE) == 100 * PAGE);
+    CHECK(pread(dst, out, NP * PAGE, 0) == NP * PAGE && memcmp(out, want, NP * PAGE) == 0);
+    close(dst);
+
+    munmap(map, NP * PAGE);
+    close(fd);
+    free(want);
+    free(out);
+}
+
+static void test_output_errors(void)
+{
+    unsigned char src[4 * PAGE], buf[2 * PAGE];
+    struct kc_stats st;
+    int fd, full = open("/dev/full", O_WRONLY);
+
+    fill(src, sizeof(src), 3);
+    fd = memfd_with(src, sizeof(src));
+    CHECK(kc_copy_fd(fd, 0, full, -1, sizeof(src), buf, sizeof(buf), PAGE, 0, &st) == -ENOSPC);
+    CHECK(st.fail_where == KC_FAIL_OUTPUT);
+    CHECK(kc_copy_fd(-1, 0, full, -1, sizeof(src), buf, sizeof(buf), PAGE, 0, &st) == -EBADF);
+    CHECK(st.fail_where == KC_FAIL_SOURCE);
+    close(full);
+    close(fd);
+}
+
+struct mem_job {
+    int fd;
+    size_t keep_pages;
+    int ok;
+};
+
+static void *mem_copy_job(void *arg)
+{
+    struct mem_job *job = arg;
+    enum { NP = 64 };
+    unsigned char *map = mmap(NULL, NP * PAGE, PROT_READ, MAP_SHARED, job->fd, 0);
+    unsigned char *out = malloc(NP * PAGE);
+    struct kc_stats st;
+
+    job->ok = map != MAP_FAILED;
+    for (int round = 0; round < 50 && job->ok; round++) {
+        memset(out, 0xAA, NP * PAGE);
+        job->ok = kc_copy_mem(map, out, NP * PAGE, 0, PAGE, 0, &st) == 0 &&
+                  st.pages_zero_filled == NP - job->keep_pages &&
+                  st.bytes_read == job->keep_pages * PAGE &&
+                  st.first_error_offset == job->keep_pages * PAGE &&
+                  kc_is_zero(out + job->keep_pages * PAGE, (NP - job->keep_pages) * PAGE);
+    }
+    munmap(map, NP * PAGE);
+    free(out);
+    return NULL;
+}
+
+static void test_mem_sigbus(void)
+{
+    enum { NP = 64 };
+    unsigned char *src = malloc(NP * PAGE), *out = malloc(NP * PAGE);
+    struct kc_stats st;
+    int fd;
+    unsigned char *map;
+
+    fill(src, NP * PAGE, 4);
+    fd = memfd_with(src, NP * PAGE);
+    map = mmap(NULL, NP * PAGE, PROT_READ, MAP_SHARED, fd, 0);
+    CHECK(map != MAP_FAILED);
+    CHECK(ftruncate(fd, 10 * PAGE + 100) == 0);
+    CHECK(kc_copy_mem(map, out, NP * PAGE, 0, PAGE, 0, &st) == 0);
+    CHECK(memcmp(out, src, 10 * PAGE + 100) == 0);
+    CHECK(kc_is_zero(out + 10 * PAGE + 100, (NP - 10) * PAGE - 100));
+    CHECK(st.pages_zero_filled == NP - 11);
+    CHECK(st.bytes_read == 11 * PAGE);
+    CHECK(st.first_errno == EFAULT && st.first_error_offset == 11 * PAGE);
+    CHECK(kc_copy_mem(map + PAGE, out, 20 * PAGE, PAGE, PAGE, KC_STRICT, &st) == -EFAULT);
+    CHECK(st.fail_where == KC_FAIL_FAULT && st.fail_offset == 11 * PAGE);
+    munmap(map, NP * PAGE);
+    close(fd);
+
+    /* Two threads, each with its own truncated mapping, at the same time. */
+    struct mem_job jobs[2];
+    pthread_t th[2];
+    for (int t = 0; t < 2; t++) {
+        jobs[t].fd = memfd_with(src, NP * PAGE);
+        jobs[t].keep_pages = 8 + 16 * (size_t)t;
+        CHECK(ftruncate(jobs[t].fd, (off_t)(jobs[t].keep_pages * PAGE)) == 0);
+        pthread_create(&th[t], NULL, mem_copy_job, &jobs[t]);
+    }
+    for (int t = 0; t < 2; t++) {
+        pthread_join(th[t], NULL);
+        CHECK(jobs[t].ok);
+        close(jobs[t].fd);
+    }
+    free(src);
+    free(out);
+}
+
+int main(void)
+{
+    test_is_zero();
+    test_read_past_eof();
+    test_proc_self_mem_holes();
+    test_output_errors();
+    test_mem_sigbus();
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    puts("kcore C engine tests: all passed");
+    return 0;
+}
