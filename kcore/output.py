@@ -1,0 +1,327 @@
+"""Safe dump outputs: 0600 files made under a temporary name, renamed into place when complete."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import secrets
+import stat
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from kcore.errors import OutputError
+
+FILE_MODE = 0o600
+HASH_CHUNK = 1 << 20  # read-back block of the background hasher
+
+
+def human(n: int) -> str:
+    """Format a byte count with a binary unit (e.g. '512.0 MiB')."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _create_exclusive(directory: str, name: str) -> int:
+    """Create directory/name read-write with O_EXCL|O_NOFOLLOW, mode 0600; return its fd."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(os.path.join(directory, name), flags, FILE_MODE)
+
+
+def _temp_file(directory: str, final_name: str) -> tuple[int, str]:
+    """Create a fresh 0600 file with a random name beside the final one; return (fd, path)."""
+    for _ in range(100):
+        name = f".{final_name}.kcore-{secrets.token_hex(6)}.tmp"
+        try:
+            fd = _create_exclusive(directory, name)
+        except FileExistsError:
+            continue
+        os.fchmod(fd, FILE_MODE)  # the umask may only have narrowed it; be exact
+        return fd, os.path.join(directory, name)
+    raise OutputError(f"cannot create a temporary file in {directory}")
+
+
+def _land(tmp: str, final: str, force: bool) -> None:
+    """Move a complete temporary file to its final name (replace only with force)."""
+    if force:
+        os.replace(tmp, final)  # rename(2) replaces a symlink itself, never its target
+        return
+    try:
+        os.link(tmp, final)  # atomic "create if absent": fails with EEXIST, never follows
+    except FileExistsError:
+        raise OutputError(f"{final} appeared while dumping; not replaced (use --force)") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        # A filesystem without hard links (vfat...): check, then rename.
+        if os.path.lexists(final):
+            raise OutputError(
+                f"{final} appeared while dumping; not replaced (use --force)"
+            ) from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
+
+
+def _write_small(path: str, data: bytes, force: bool) -> None:
+    """Write a small sidecar file safely: temp name, 0600, then into place."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = _temp_file(directory, name)
+    try:
+        with os.fdopen(fd, "wb", closefd=True) as f:
+            f.write(data)
+        _land(tmp, path, force)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class BackgroundHasher:
+    """SHA-256 of an output file, computed by a thread reading back what is already written."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._hash = hashlib.sha256()
+        self._done = 0
+        self._mark = 0
+        self._final: int | None = None
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._cancel = False
+        self._thread = threading.Thread(target=self._run, name="kcore-sha256", daemon=True)
+        self._thread.start()
+
+    def advance(self, position: int) -> None:
+        """Say that every byte before position is written (holes read back as zeros)."""
+        with self._cond:
+            if position > self._mark:
+                self._mark = position
+                self._cond.notify()
+
+    def finish(self, size: int) -> str:
+        """Wait for the hash of the first size bytes; return it as hex."""
+        with self._cond:
+            self._mark = max(self._mark, size)
+            self._final = size
+            self._cond.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+    def cancel(self) -> None:
+        """Stop the thread without a result."""
+        with self._cond:
+            self._cancel = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                with self._cond:
+                    while not self._cancel and self._done >= self._mark and self._final is None:
+                        self._cond.wait()
+                    if self._cancel:
+                        return
+                    mark = self._mark
+                    if self._final is not None and self._done >= self._final:
+                        return
+                while self._done < mark:
+                    want = min(HASH_CHUNK, mark - self._done)
+                    got = os.preadv(self._fd, [view[:want]], self._done)
+                    if got < want:
+                        # Past the current end of file: an unwritten tail hole reads as zeros.
+                        view[got:want] = bytes(want - got)
+                    self._hash.update(view[:want])
+                    self._done += want
+        except BaseException as exc:  # reported by finish()
+            self._error = exc
+
+
+@dataclass
+class Output:
+    """An open dump destination; use as a context manager, call commit() when complete."""
+
+    path: str
+    fd: int
+    kind: str  # "file" (temp + rename), "stdout", or "device" (an existing char device/FIFO)
+    force: bool = False
+    digest: bool = True
+    tmp_path: str | None = None
+    hasher: BackgroundHasher | None = None
+    sha256: str | None = None
+    sidecars: list[str] = field(default_factory=list)
+    _closed: bool = False
+
+    @property
+    def seekable(self) -> bool:
+        """True when data may be written at offsets (pwrite) and holes left."""
+        return self.kind == "file" or (
+            self.kind == "device" and stat.S_ISREG(os.fstat(self.fd).st_mode)
+        )
+
+    @property
+    def sha256_path(self) -> str:
+        """Where the `sha256sum -c` file goes."""
+        return self.path + ".sha256"
+
+    @property
+    def manifest_path(self) -> str:
+        """Where the JSON manifest goes."""
+        return self.path + ".json"
+
+    def check_space(self, needed: int, *, estimate: bool = False) -> None:
+        """Refuse to start when the output filesystem has less than needed bytes free."""
+        if self.kind != "file":
+            return
+        directory = os.path.dirname(os.path.abspath(self.path))
+        st = os.statvfs(directory)
+        free = st.f_bavail * st.f_frsize
+        if needed > free:
+            what = "up to " if estimate else ""
+            note = " (a conservative estimate: zero pages will take less)" if estimate else ""
+            raise OutputError(
+                f"not enough space in {directory}: the dump needs {what}{human(needed)}{note}, "
+                f"{human(free)} free; free some space or write elsewhere (-o PATH, or - for stdout)"
+            )
+
+    def set_size(self, size: int) -> None:
+        """Give a seekable file its final size up front (holes where nothing is written)."""
+        if self.kind != "file":
+            return
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            if exc.errno in (errno.EFBIG, errno.EINVAL):
+                raise OutputError(
+                    f"the filesystem holding {self.path} cannot hold a {human(size)} sparse file "
+                    f"(ext4 stops at 16 TiB); write it on tmpfs, xfs or btrfs, "
+                    f"or choose --format elf"
+                ) from None
+            raise
+
+    def start_digest(self) -> None:
+        """Start hashing the output as it is written (file outputs only)."""
+        if self.digest and self.kind == "file" and self.hasher is None:
+            self.hasher = BackgroundHasher(self.fd)
+
+    def written(self, position: int) -> None:
+        """Report that the output is complete up to position (feeds the hasher)."""
+        if self.hasher is not None:
+            self.hasher.advance(position)
+
+    def commit(self, size: int, manifest: dict[str, Any] | None = None) -> None:
+        """Finish: digest, fsync, move into place, then write OUTPUT.sha256 and OUTPUT.json."""
+        if self.kind != "file":
+            self._close()
+            return
+        assert self.tmp_path is not None
+        if self.hasher is not None:
+            self.sha256 = self.hasher.finish(size)
+            self.hasher = None
+        os.fsync(self.fd)
+        self._close()
+        _land(self.tmp_path, self.path, self.force)
+        self.tmp_path = None
+        if self.sha256 is not None:
+            line = f"{self.sha256}  {os.path.basename(self.path)}\n"
+            _write_small(self.sha256_path, line.encode(), self.force)
+            self.sidecars.append(self.sha256_path)
+        if manifest is not None:
+            manifest = dict(manifest, sha256=self.sha256)
+            text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+            _write_small(self.manifest_path, text.encode(), self.force)
+            self.sidecars.append(self.manifest_path)
+
+    def abort(self) -> None:
+        """Drop an unfinished output: nothing is left under the final name."""
+        if self.hasher is not None:
+            self.hasher.cancel()
+            self.hasher = None
+        self._close()
+        if self.tmp_path is not None:
+            _unlink_quietly(self.tmp_path)
+            self.tmp_path = None
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self.kind != "stdout":
+                os.close(self.fd)
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is not None or self.tmp_path is not None:
+            self.abort()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OutputError(
+                f"no space left while writing {self.path}; the partial dump was removed"
+            ) from exc
+        if isinstance(exc, OSError) and exc.errno == errno.EDQUOT:
+            raise OutputError(
+                f"disk quota exceeded while writing {self.path}; the partial dump was removed"
+            ) from exc
+
+
+def open_output(path: str, *, force: bool = False, digest: bool = True) -> Output:
+    """Open a dump destination: '-' (stdout), an existing device/FIFO, or a new 0600 file."""
+    if path == "-":
+        fd = sys.stdout.fileno()
+        if os.isatty(fd):
+            raise OutputError("refusing to write a memory dump to a terminal; redirect stdout")
+        sys.stdout.flush()
+        return Output(path="-", fd=fd, kind="stdout", digest=False)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            raise OutputError(
+                f"{path} is a symbolic link; refusing to write through it (give the real path)"
+            )
+        if stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{path} is a directory; give a file name (-o DIR/dump.elf)")
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+            # /dev/null, a named pipe: written in place, no temp file and no sidecars.
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return Output(path=path, fd=fd, kind="device", digest=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{path} is not a regular file; refusing to replace it")
+    final = [path, path + ".sha256", path + ".json"] if digest else [path, path + ".json"]
+    if not force:
+        for name in final:
+            if os.path.lexists(name):
+                raise OutputError(f"{name} already exists; use --force to replace it")
+    else:
+        for name in final[1:]:
+            if os.path.islink(name):
+                raise OutputError(f"{name} is a symbolic link; refusing to replace it")
+    directory, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OutputError(f"directory {directory} does not exist")
+    try:
+        fd, tmp = _temp_file(directory, name)
+    except PermissionError:
+        raise OutputError(f"cannot create files in {directory}: permission denied") from None
+    return Output(path=path, fd=fd, kind="file", force=force, digest=digest, tmp_path=tmp)
+

@@ -1,0 +1,143 @@
+"""Safe outputs: 0600, O_EXCL, no symlinks, temp name + rename, sidecars checked by sha256sum."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+
+from kcore.errors import OutputError
+from kcore.output import open_output
+
+
+def _write(out, data: bytes, offset: int = 0) -> None:
+    os.pwrite(out.fd, data, offset)
+    out.written(offset + len(data))
+
+
+def test_file_is_0600_and_sidecars_pass_sha256sum(tmp_path):
+    path = tmp_path / "dump.bin"
+    os.umask(0o022)
+    data = os.urandom(3 << 20) + bytes(1 << 20)
+    with open_output(str(path)) as out:
+        out.set_size(len(data) + 4096)  # a tail hole: must hash as zeros
+        out.start_digest()
+        _write(out, data)
+        out.commit(len(data) + 4096, {"source": "test"})
+    expect = hashlib.sha256(data + bytes(4096)).hexdigest()
+    for p in (path, tmp_path / "dump.bin.sha256", tmp_path / "dump.bin.json"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert (tmp_path / "dump.bin.sha256").read_text() == f"{expect}  dump.bin\n"
+    assert json.loads((tmp_path / "dump.bin.json").read_text())["sha256"] == expect
+    subprocess.run(["sha256sum", "-c", "dump.bin.sha256"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    assert sorted(os.listdir(tmp_path)) == ["dump.bin", "dump.bin.json", "dump.bin.sha256"]
+
+
+def test_existing_file_needs_force(tmp_path):
+    path = tmp_path / "dump.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(OutputError, match="already exists; use --force"):
+        open_output(str(path))
+    assert path.read_bytes() == b"old"
+    with open_output(str(path), force=True) as out:
+        _write(out, b"new")
+        out.commit(3)
+    assert path.read_bytes() == b"new"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_existing_sidecar_needs_force(tmp_path):
+    (tmp_path / "dump.bin.sha256").write_text("x")
+    with pytest.raises(OutputError, match="dump.bin.sha256 already exists"):
+        open_output(str(tmp_path / "dump.bin"))
+
+
+def test_symlink_is_refused_even_with_force(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    link = tmp_path / "dump.bin"
+    link.symlink_to(victim)
+    for force in (False, True):
+        with pytest.raises(OutputError, match="symbolic link"):
+            open_output(str(link), force=force)
+    assert victim.read_bytes() == b"keep"
+    assert link.is_symlink()
+
+
+def test_temp_name_never_follows_planted_symlinks(tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    planted = []
+    import kcore.output as mod
+
+    real = mod._create_exclusive
+
+    def plant_then_create(directory, name):
+        if not planted:  # an attacker guessed the first temp name: it must not be used
+            os.symlink(victim, os.path.join(directory, name))
+            planted.append(name)
+        return real(directory, name)
+
+    monkeypatch.setattr(mod, "_create_exclusive", plant_then_create)
+    with open_output(str(tmp_path / "dump.bin")) as out:
+        _write(out, b"data")
+        out.commit(4)
+    assert victim.read_bytes() == b"keep"
+    assert (tmp_path / "dump.bin").read_bytes() == b"data"
+
+
+def test_exception_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with open_output(str(tmp_path / "dump.bin")) as out:
+            out.start_digest()
+            _write(out, b"partial")
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_keyboard_interrupt_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with open_output(str(tmp_path / "dump.bin")) as out:
+            _write(out, b"partial")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []
+
+
+def test_free_space_is_checked_up_front(tmp_path):
+    with open_output(str(tmp_path / "dump.bin")) as out:
+        with pytest.raises(OutputError, match="not enough space .* up to .*conservative"):
+            out.check_space(1 << 62, estimate=True)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_enospc_removes_the_partial_file(small_tmpfs):
+    with pytest.raises(OutputError, match="no space left.*removed"):
+        with open_output(str(small_tmpfs / "dump.bin")) as out:
+            for i in range(16):
+                _write(out, bytes([1]) * (1 << 20), i << 20)
+    assert os.listdir(small_tmpfs) == []
+
+
+def test_char_device_is_written_in_place():
+    with open_output("/dev/null") as out:
+        assert out.kind == "device" and not out.seekable
+        os.write(out.fd, b"x" * 10)
+        out.commit(10)
+    assert out.sha256 is None
