@@ -1,1 +1,339 @@
-"""Output formats of kcore dump (elf, kcore, lime, raw, padded)."""
+"""Dump formats: each turns the memory to dump into a Layout of header blobs and source copies."""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kcore.errors import FaultError, OutputError
+
+if TYPE_CHECKING:
+    from kcore.output import Output
+
+ALL_ONES = (1 << 64) - 1
+PAGE_SIZE = 4096
+ZERO_BLOCK = 1 << 20
+DEFAULT_GRANULE = 1 << 16  # zero runs shorter than this are kept (bounds the range count)
+
+FORMATS = ("elf", "kcore", "lime", "raw", "padded")
+STREAMABLE = ("elf", "lime")  # may be written to stdout (no seeking)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Memory to dump: [vaddr, vaddr+size) whose bytes sit at physical pieces."""
+
+    kind: str  # "text", "ram", "vmalloc", "modules", "vmemmap"
+    vaddr: int
+    paddr: int  # physical address of the first byte, or ALL_ONES (not linear)
+    size: int
+    # (offset in segment, physical address, length): physically contiguous pieces; gaps read 0
+    phys: tuple[tuple[int, int, int], ...]
+
+    @staticmethod
+    def linear(kind: str, vaddr: int, paddr: int, size: int) -> Segment:
+        """A physically contiguous segment."""
+        return Segment(kind, vaddr, paddr, size, ((0, paddr, size),))
+
+    def sub(self, offset: int, length: int) -> Segment:
+        """The part [offset, offset+length) of this segment."""
+        pieces = []
+        for off, pa, n in self.phys:
+            lo, hi = max(off, offset), min(off + n, offset + length)
+            if lo < hi:
+                pieces.append((lo - offset, pa + lo - off, hi - lo))
+        paddr = self.paddr + offset if self.paddr != ALL_ONES else ALL_ONES
+        return Segment(self.kind, self.vaddr + offset, paddr, length, tuple(pieces))
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Literal bytes at an output offset (headers)."""
+
+    dst: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Copy:
+    """length bytes from the source fd at src to the output at dst."""
+
+    dst: int
+    src: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Zeros:
+    """length zero bytes at dst: a hole in a seekable output, written for a stream."""
+
+    dst: int
+    length: int
+
+
+Item = Blob | Copy | Zeros
+
+
+@dataclass
+class Layout:
+    """A complete output: items in dst order, its size, and what it holds."""
+
+    items: list[Item]
+    size: int
+    ranges: list[dict[str, Any]] = field(default_factory=list)  # for the manifest
+    elided: int = 0  # bytes of zero runs left out
+    scan_stats: Any = None  # CopyStats of the zero-run scan, if one ran
+    digestible: bool = True  # False when hashing would mean reading a huge sparse file
+    estimate: bool = False  # size is an upper bound of the space needed (holes)
+    warnings: list[str] = field(default_factory=list)  # said in the summary and the manifest
+
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes copied from the source."""
+        return sum(i.length for i in self.items if isinstance(i, Copy))
+
+    @property
+    def space_needed(self) -> int:
+        """Upper bound of the disk space the output takes."""
+        return sum(i.length if isinstance(i, Copy) else len(i.data)
+                   for i in self.items if not isinstance(i, Zeros))
+
+
+@dataclass
+class Request:
+    """What to dump and how."""
+
+    system: Any  # kcore.discover.System
+    source: Any  # kcore.sources.MemorySource
+    text: bool = True
+    vmalloc: bool = False
+    modules: bool = False
+    elide: bool = True
+    granule: int = DEFAULT_GRANULE
+    strict: bool = False
+    flavour: str = "modern"
+
+
+def source_pieces(source: Any, paddr: int, length: int) -> list[tuple[int, int, int | None]]:
+    """Split physical [paddr, paddr+length) into (offset, length, source fd offset or None)."""
+    starts = [e.paddr for e in source.extents]
+    out: list[tuple[int, int, int | None]] = []
+    pos, end = paddr, paddr + length
+    i = max(bisect.bisect_right(starts, pos) - 1, 0)
+    while pos < end:
+        e = source.extents[i] if i < len(source.extents) else None
+        if e is None or pos < e.paddr:
+            stop = end if e is None else min(end, e.paddr)
+            out.append((pos - paddr, stop - pos, None))
+            pos = stop
+            continue
+        e_end = e.paddr + e.length
+        if pos >= e_end:
+            i += 1
+            continue
+        stop = min(end, e_end)
+        out.append((pos - paddr, stop - pos, e.offset + pos - e.paddr))
+        pos = stop
+        i += 1
+    return out
+
+
+def segment_items(source: Any, seg: Segment, dst: int) -> list[Item]:
+    """The Copy/Zeros items that place seg's bytes at output offset dst."""
+    items: list[Item] = []
+    pos = 0
+    for off, pa, n in seg.phys:
+        if off > pos:
+            items.append(Zeros(dst + pos, off - pos))
+        for poff, plen, src in source_pieces(source, pa, n):
+            at = dst + off + poff
+            items.append(Copy(at, src, plen) if src is not None else Zeros(at, plen))
+        pos = off + n
+    if pos < seg.size:
+        items.append(Zeros(dst + pos, seg.size - pos))
+    return items
+
+
+def nonzero_runs(source: Any, seg: Segment, granule: int, strict: bool,
+                 stats: Any) -> list[tuple[int, int]]:
+    """The (offset, length) runs of seg that hold non-zero bytes, granule-aligned, merged."""
+    from kcore import engine
+
+    runs: list[tuple[int, int]] = []
+    for off, pa, n in seg.phys:
+        for poff, plen, src in source_pieces(source, pa, n):
+            if src is None:
+                continue
+            found, st = engine.data_runs(source.fd, src, plen, granule=granule)
+            stats += st
+            if strict and st.first_error_offset is not None:
+                raise FaultError(
+                    f"cannot read physical {pa + poff + st.first_error_offset - src:#x} "
+                    f"(errno {st.first_errno}); without --strict it is dumped as zeros",
+                    address=pa + poff + st.first_error_offset - src,
+                )
+            base = off + poff - src
+            for r_off, r_len in found:
+                start = base + r_off
+                if runs and runs[-1][0] + runs[-1][1] == start:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + r_len)
+                else:
+                    runs.append((start, r_len))
+    return runs
+
+
+def split_segments(req: Request, segments: Sequence[Segment], limit: int) -> tuple[
+        list[Segment], int, Any]:
+    """Elide zero runs: split segments into their non-zero runs; return (parts, elided, stats)."""
+    from kcore.engine import CopyStats
+
+    stats = CopyStats()
+    per_seg = [nonzero_runs(req.source, s, req.granule, req.strict, stats) for s in segments]
+    total = sum(len(r) for r in per_seg)
+    if total > limit:  # coarsen all runs together to fit the limit
+        flat = [(i, r) for i, runs in enumerate(per_seg) for r in runs]
+        keep = _coarsen_flat(flat, limit)
+        per_seg = [[r for j, r in keep if j == i] for i in range(len(segments))]
+    parts = [s.sub(off, n) for s, runs in zip(segments, per_seg, strict=True) for off, n in runs]
+    elided = sum(s.size for s in segments) - sum(p.size for p in parts)
+    return parts, elided, stats
+
+
+def _coarsen_flat(flat: list[tuple[int, tuple[int, int]]], limit: int) -> list[
+        tuple[int, tuple[int, int]]]:
+    """Merge runs within a segment across the smallest gaps until at most limit remain."""
+    gaps = []
+    for k in range(len(flat) - 1):
+        (i, (s0, n0)), (j, (s1, _)) = flat[k], flat[k + 1]
+        if i == j:
+            gaps.append((s1 - s0 - n0, k))
+    must_close = len(flat) - limit
+    if must_close > len(gaps):
+        raise OutputError(
+            f"too many separate memory ranges ({len(flat)}) for one ELF file; "
+            f"dump fewer areas (--no-text) or another format (--format lime)"
+        )
+    close = {k for _, k in sorted(gaps)[:must_close]}
+    out: list[tuple[int, tuple[int, int]]] = []
+    for k, (i, (s, n)) in enumerate(flat):
+        if k - 1 in close:
+            j, (ps, _pn) = out[-1]
+            out[-1] = (j, (ps, s + n - ps))
+        else:
+            out.append((i, (s, n)))
+    return out
+
+
+def write_layout(out: Output, source: Any, layout: Layout, *, sparse: bool, strict: bool,
+                 progress: Callable[[int], None] | None = None) -> Any:
+    """Write a layout's items to out (pwrite + holes if seekable, else in order)."""
+    from kcore import engine
+
+    stats = engine.CopyStats()
+    seekable = out.seekable
+    if seekable:
+        out.set_size(layout.size)
+    zero = bytes(ZERO_BLOCK)
+    pos = 0
+    for item in layout.items:
+        if not seekable and item.dst != pos:
+            raise AssertionError(f"layout not sequential at {item.dst:#x} (at {pos:#x})")
+        if isinstance(item, Blob):
+            _write_all(out.fd, item.data, item.dst if seekable else None)
+            pos = item.dst + len(item.data)
+        elif isinstance(item, Copy):
+            base = item.dst
+            done = 0
+
+            def tick(n: int, base: int = base) -> None:
+                nonlocal done
+                done += n
+                out.written(base + done)
+                if progress is not None:
+                    progress(n)
+
+            stats += engine.copy_range(
+                source.fd, item.src, out.fd, item.dst if seekable else None, item.length,
+                sparse=sparse and seekable, strict=strict, progress=tick,
+            )
+            pos = item.dst + item.length
+        else:
+            if not seekable or not sparse:
+                left = item.length
+                at = item.dst
+                while left:
+                    n = min(left, ZERO_BLOCK)
+                    _write_all(out.fd, zero[:n], at if seekable else None)
+                    at += n
+                    left -= n
+            pos = item.dst + item.length
+        out.written(pos)
+    if not seekable and pos != layout.size:
+        raise AssertionError(f"layout ends at {pos:#x}, expected {layout.size:#x}")
+    return stats
+
+
+def _write_all(fd: int, data: bytes, offset: int | None) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset) if offset is not None else os.write(fd, view)
+        view = view[n:]
+        if offset is not None:
+            offset += n
+
+
+
+def kind_of(entry: Any, layout: Any) -> str:
+    """text, ram, vmalloc, modules or vmemmap for a kclist entry."""
+    name = getattr(entry.type, "name", str(entry.type)).upper()
+    if name.endswith("VMALLOC"):
+        start = getattr(layout, "modules_start", None)
+        size = getattr(layout, "modules_size", 0)
+        if start is not None and start <= entry.vaddr < start + size:
+            return "modules"
+        return "vmalloc"
+    return name.rsplit("_", 1)[-1].lower()
+
+
+def entry_segment(req: Request, entry: Any) -> Segment | None:
+    """The Segment of one kclist entry (None when its pages cannot be found)."""
+    kind = kind_of(entry, req.system.layout)
+    if kind in ("ram", "text"):
+        return Segment.linear(kind, entry.vaddr, entry.paddr, entry.size)
+    return mapped_segment(req, kind, entry.vaddr, entry.size)
+
+
+def mapped_segment(req: Request, kind: str, vaddr: int, size: int) -> Segment | None:
+    """A virtual area's mapped pages (page-table walk); None if no walker is available."""
+    try:
+        from kcore import vmem
+    except ImportError:
+        return None
+    pieces = []
+    for va, pa, n in vmem.mapped_runs(req.system, req.source, vaddr, size):
+        off = va - vaddr
+        if pieces and pieces[-1][0] + pieces[-1][2] == off and pieces[-1][1] + pieces[-1][2] == pa:
+            pieces[-1] = (pieces[-1][0], pieces[-1][1], pieces[-1][2] + n)
+        else:
+            pieces.append((off, pa, n))
+    return Segment(kind, vaddr, ALL_ONES, size, tuple(pieces))
+
+
+def mapped_only(seg: Segment) -> list[Segment]:
+    """Split a page-walked segment into its mapped parts (unmapped gaps dropped)."""
+    runs: list[tuple[int, int]] = []
+    for off, _pa, n in seg.phys:
+        if runs and runs[-1][0] + runs[-1][1] == off:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        else:
+            runs.append((off, n))
+    return [seg.sub(off, n) for off, n in runs]
+
+
+def ram_segments(system: Any) -> list[Segment]:
+    """The RAM entries of the kclist, as physically linear segments."""
+    return [Segment.linear("ram", e.vaddr, e.paddr, e.size)
+            for e in system.kclist.entries if kind_of(e, system.layout) == "ram"]

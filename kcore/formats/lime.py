@@ -1,0 +1,36 @@
+"""LiME: per physical range a 32-byte header {magic, version 1, start, inclusive end} then bytes."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from kcore.formats import Blob, Item, Layout, Request, ram_segments, segment_items, split_segments
+
+LIME_MAGIC = 0x4C694D45  # "EMiL" little-endian
+LIME_VERSION = 1
+HEADER = struct.Struct("<IIQQ8s")  # magic, version, s_addr, e_addr (inclusive), reserved[8]
+MAX_RANGES = 1 << 20
+
+
+def range_header(start: int, length: int) -> bytes:
+    """The LiME header of the physical range [start, start+length)."""
+    return HEADER.pack(LIME_MAGIC, LIME_VERSION, start, start + length - 1, bytes(8))
+
+
+def plan(req: Request) -> Layout:
+    """Lay out a LiME image of the RAM ranges (zero runs left out when eliding)."""
+    segs = ram_segments(req.system)
+    elided, stats = 0, None
+    if req.elide:
+        segs, elided, stats = split_segments(req, segs, MAX_RANGES)
+    items: list[Item] = []
+    ranges: list[dict[str, Any]] = []
+    pos = 0
+    for s in segs:
+        items.append(Blob(pos, range_header(s.paddr, s.size)))
+        pos += HEADER.size
+        items.extend(segment_items(req.source, s, pos))
+        ranges.append({"kind": s.kind, "paddr": hex(s.paddr), "size": s.size, "offset": pos})
+        pos += s.size
+    return Layout(items, pos, ranges, elided, stats)
