@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kcore import __version__
@@ -74,7 +74,8 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
                    help="fail on the first unreadable page (default: dump it as zeros, counted)")
     p.add_argument("--no-text", dest="text", action="store_false",
                    help="elf: leave the kernel text segment out")
-    p.add_argument("--vmalloc", action="store_true", help="elf: add the vmalloc area's mapped pages")
+    p.add_argument("--vmalloc", action="store_true",
+                   help="elf: add the vmalloc area's mapped pages")
     p.add_argument("--modules", action="store_true", help="elf: add the module area's mapped pages")
     p.add_argument("--no-elide", dest="elide", action="store_false",
                    help="elf, lime: keep zero runs (a dense dump)")
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     fmt = args.format
     path = args.output or time.strftime(f"kcore-%Y%m%d-%H%M%S.{EXTENSIONS[fmt]}")
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.perf_counter()
     with _sigterm_interrupts():
         system = _open_system(args)
@@ -214,7 +215,7 @@ def _summary(args: argparse.Namespace, out: Output, system: Any, layout: Layout,
         "root": args.root,
         "kernel_release": getattr(system, "osrelease", None),
         "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "size": layout.size,
         "ranges": layout.ranges,
         "bytes_elided": layout.elided,
