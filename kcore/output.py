@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import stat
 import sys
 import threading
@@ -169,6 +170,8 @@ class Output:
     sha256: str | None = None
     sidecars: list[str] = field(default_factory=list)
     _closed: bool = False
+    _directory: str = ""
+    _name: str = ""
 
     @property
     def seekable(self) -> bool:
@@ -263,10 +266,27 @@ class Output:
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self.kind != "stdout":
+            if self.kind != "stdout" and self.fd >= 0:
                 os.close(self.fd)
 
     def __enter__(self) -> Output:
+        if self.kind == "file" and self.tmp_path is None and self.fd < 0:
+            # Ctrl-C/SIGTERM are held while the temp file is made and recorded, so an
+            # interrupt can never strand it: it arrives inside the with block, or before.
+            held = {signal.SIGINT, signal.SIGTERM}
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+            try:
+                try:
+                    self.fd, self.tmp_path = _temp_file(self._directory, self._name)
+                except PermissionError:
+                    raise OutputError(
+                        f"cannot create files in {self._directory}: permission denied"
+                    ) from None
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            except BaseException:
+                self.abort()
+                raise
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -283,7 +303,10 @@ class Output:
 
 
 def open_output(path: str, *, force: bool = False, digest: bool = True) -> Output:
-    """Open a dump destination: '-' (stdout), an existing device/FIFO, or a new 0600 file."""
+    """Open a dump destination: '-' (stdout), an existing device/FIFO, or a new 0600 file.
+
+    A new file is created (under a temporary name) when the result's with block is entered.
+    """
     if path == "-":
         fd = sys.stdout.fileno()
         if os.isatty(fd):
@@ -319,9 +342,7 @@ def open_output(path: str, *, force: bool = False, digest: bool = True) -> Outpu
     directory, name = os.path.split(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise OutputError(f"directory {directory} does not exist")
-    try:
-        fd, tmp = _temp_file(directory, name)
-    except PermissionError:
-        raise OutputError(f"cannot create files in {directory}: permission denied") from None
-    return Output(path=path, fd=fd, kind="file", force=force, digest=digest, tmp_path=tmp)
+    out = Output(path=path, fd=-1, kind="file", force=force, digest=digest)
+    out._directory, out._name = directory, name  # the temp file is made by __enter__
+    return out
 

@@ -176,12 +176,16 @@ def nonzero_runs(source: Any, seg: Segment, granule: int, strict: bool,
                     address=pa + poff + st.first_error_offset - src,
                 )
             base = off + poff - src
+            lo_limit, hi_limit = off + poff, off + poff + plen
             for r_off, r_len in found:
-                start = base + r_off
-                if runs and runs[-1][0] + runs[-1][1] == start:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + r_len)
+                # data_runs aligns to file offsets; a source (QEMU's ELF) may hold pages at
+                # unaligned offsets: widen each run to whole pages of the segment.
+                start = max(lo_limit, (base + r_off) // PAGE_SIZE * PAGE_SIZE)
+                end = min(hi_limit, -(-(base + r_off + r_len) // PAGE_SIZE) * PAGE_SIZE)
+                if runs and runs[-1][0] + runs[-1][1] >= start:
+                    runs[-1] = (runs[-1][0], max(runs[-1][0] + runs[-1][1], end) - runs[-1][0])
                 else:
-                    runs.append((start, r_len))
+                    runs.append((start, end - start))
     return runs
 
 

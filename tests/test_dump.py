@@ -1,0 +1,327 @@
+"""`kcore dump` on the real-kernel captures: every format checked against what the kernel gave."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
+from elftools.elf.elffile import ELFFile
+
+NOKASLR, KASLR = FIXTURE_NAMES
+LIME = struct.Struct("<IIQQ8s")
+PAGE = 4096
+
+
+def source_spec(name: str) -> str:
+    """The memory source of a capture: the raw RAM file, or QEMU's ELF core."""
+    mem = fixture_memory(name)
+    return f"raw:{mem}" if name == NOKASLR else f"elf:{mem}"
+
+
+def dump(name: str, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run kcore dump on a capture."""
+    root = shared_fixture(name) / "root"
+    r = run_kcore("dump", "--root", str(root), "--source", source_spec(name), "-o", str(out),
+                  *args)
+    if check:
+        assert r.returncode == 0, r.stderr.decode()
+    return r
+
+
+def expected(name: str) -> dict:
+    """The capture's kcore.json."""
+    return json.loads((shared_fixture(name) / "expected" / "kcore.json").read_text())
+
+
+def expected_bytes(name: str, file: str) -> bytes:
+    """A file the real /proc/kcore gave."""
+    return (shared_fixture(name) / "expected" / file).read_bytes()
+
+
+def read_reads(name: str, kind: str) -> list[dict]:
+    """The capture's recorded kcore reads of one segment kind whose bytes match the memory."""
+    # kcore-ram-16M-8M.bin was read while the kernel ran on: only text and ram0 must match.
+    return [r for r in expected(name)["reads"]
+            if r["segment_kind"] == kind and r["file"] != "kcore-ram-16M-8M.bin"]
+
+
+class ElfCore:
+    """Reads an ELF core by virtual or physical address (zeros where no PT_LOAD covers)."""
+
+    def __init__(self, path: Path) -> None:
+        self.f = open(path, "rb")  # noqa: SIM115
+        self.elf = ELFFile(self.f)
+        self.loads = [s.header for s in self.elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+
+    def read(self, addr: int, length: int, key: str = "p_vaddr") -> bytes:
+        out = bytearray(length)
+        for h in self.loads:
+            lo, hi = max(addr, h[key]), min(addr + length, h[key] + h.p_filesz)
+            if lo < hi and h[key] != (1 << 64) - 1:
+                self.f.seek(h.p_offset + lo - h[key])
+                out[lo - addr:hi - addr] = self.f.read(hi - lo)
+        return bytes(out)
+
+
+@pytest.fixture(scope="module", params=FIXTURE_NAMES)
+def elf_dump(request, tmp_path_factory):
+    name = request.param
+    out = tmp_path_factory.mktemp("elf") / "mem.elf"
+    r = dump(name, out, "--json")
+    return name, out, json.loads(r.stdout)
+
+
+def test_elf_header_notes_and_loads(elf_dump):
+    name, out, _ = elf_dump
+    core = ElfCore(out)
+    h = core.elf.header
+    assert h.e_type == "ET_CORE" and h.e_machine == "EM_X86_64"
+    segs = list(core.elf.iter_segments())
+    assert segs[0]["p_type"] == "PT_NOTE"  # crash requires phdr[0] to be the PT_NOTE
+    notes = list(segs[0].iter_notes())
+    assert [(n.n_name, n.n_descsz) for n in notes[:3]] == [
+        ("CORE", 336), ("CORE", 136), ("CORE", expected(name)["notes"][2]["descsz"])]
+    assert notes[3].n_name == "VMCOREINFO"
+    vmcoreinfo = notes[3].n_desc
+    vmcoreinfo = vmcoreinfo.encode() if isinstance(vmcoreinfo, str) else vmcoreinfo
+    assert vmcoreinfo.decode() == expected(name)["notes"][3]["text"]
+    assert core.loads and all(p.p_filesz == p.p_memsz > 0 for p in core.loads)
+    assert all(p.p_offset % PAGE == 0 for p in core.loads)
+    # The real kcore's TEXT and RAM p_vaddr/p_paddr pairs: each dumped load lies inside one.
+    kc = [p for p in expected(name)["phdrs"] if p["type"] == "PT_LOAD"]
+    for p in core.loads:
+        assert any(k["p_vaddr"] <= p.p_vaddr and p.p_vaddr + p.p_memsz <= k["p_vaddr"] +
+                   k["p_memsz"] and p.p_paddr - k["p_paddr"] == p.p_vaddr - k["p_vaddr"]
+                   and k["p_paddr"] != (1 << 64) - 1 for k in kc), hex(p.p_vaddr)
+
+
+def test_elf_holds_the_real_kcore_reads(elf_dump):
+    name, out, _ = elf_dump
+    core = ElfCore(out)
+    for kind in ("KCORE_TEXT", "KCORE_RAM"):
+        for r in read_reads(name, kind):
+            data = expected_bytes(name, r["file"])
+            assert core.read(r["vaddr"], r["length"]) == data, r["file"]
+            assert core.read(r["paddr"], r["length"], "p_paddr") == data, r["file"]
+
+
+def test_elf_sidecars_and_summary(elf_dump):
+    name, out, summary = elf_dump
+    for p in (out, Path(f"{out}.sha256"), Path(f"{out}.json")):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    subprocess.run(["sha256sum", "-c", out.name + ".sha256"], cwd=out.parent, check=True,
+                   capture_output=True)
+    manifest = json.loads(Path(f"{out}.json").read_text())
+    assert manifest["kernel_release"] == "6.1.0-56-amd64"
+    assert manifest["sha256"] == summary["sha256"]
+    assert {"source", "root", "ranges", "pages_zero_filled", "tool", "started",
+            "finished"} <= manifest.keys()
+    assert summary["bytes"] == out.stat().st_size
+    assert summary["bytes_elided"] > 0 and summary["pages_zero_filled"] == 0
+    assert summary["bytes_copied"] + summary["bytes_elided"] >= 512 << 20
+
+
+def test_elf_without_text_and_dense(tmp_path):
+    out = tmp_path / "dense.elf"
+    dump(NOKASLR, out, "--no-text", "--no-elide")
+    core = ElfCore(out)
+    assert [hex(p.p_paddr) for p in core.loads] == ["0x1000", "0x100000"]  # the RAM ranges
+    ram = fixture_memory(NOKASLR).read_bytes()[:512 << 20]
+    assert core.read(0x100000, 64 << 20, "p_paddr") == ram[0x100000:0x4100000]
+
+
+def parse_lime(data: bytes) -> list[tuple[int, int, int]]:
+    """(start, inclusive end, data offset) of each range of a LiME image."""
+    out, pos = [], 0
+    while pos < len(data):
+        magic, version, start, end, _ = LIME.unpack_from(data, pos)
+        assert (magic, version) == (0x4C694D45, 1)
+        out.append((start, end, pos + LIME.size))
+        pos += LIME.size + end - start + 1
+    assert pos == len(data)
+    return out
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_lime_ranges_hold_ram(name, tmp_path):
+    out = tmp_path / "mem.lime"
+    dump(name, out, "--format", "lime")
+    data = out.read_bytes()
+    ranges = parse_lime(data)
+    ram = [(p["p_paddr"], p["p_memsz"]) for p in expected(name)["phdrs"]
+           if p.get("kind", p["type"]) != "PT_NOTE" and p["p_paddr"] not in (
+               (1 << 64) - 1,) and p["p_vaddr"] < 0xffffffff80000000]
+    for start, end, _ in ranges:  # every LiME range lies in one System RAM range
+        assert any(s <= start and end < s + n for s, n in ram), hex(start)
+    r = read_reads(name, "KCORE_RAM")[0]
+    mem = bytearray(r["length"])  # elided zero runs stay zero
+    for start, end, off in ranges:
+        lo, hi = max(start, r["paddr"]), min(end + 1, r["paddr"] + r["length"])
+        if lo < hi:
+            mem[lo - r["paddr"]:hi - r["paddr"]] = data[off + lo - start: off + hi - start]
+    assert bytes(mem) == expected_bytes(name, r["file"])
+
+
+def test_raw_and_padded_read_back(tmp_path):
+    raw, padded = tmp_path / "mem.raw", tmp_path / "mem.img"
+    dump(NOKASLR, raw, "--format", "raw")
+    dump(NOKASLR, padded, "--format", "padded")
+    ram0 = expected_bytes(NOKASLR, "kcore-ram0.bin")
+    with open(raw, "rb") as f:
+        f.seek(0x1000)
+        assert f.read(len(ram0)) == ram0  # file offset = physical address
+    assert raw.stat().st_size == padded.stat().st_size == 0x20000000 - 0x20000
+    assert raw.stat().st_blocks * 512 < padded.stat().st_blocks * 512  # holes vs dense
+    subprocess.run(["cmp", str(raw), str(padded)], check=True)
+    # Read back by kcore's own raw source: the text the kernel showed through kcore.
+    text = read_reads(NOKASLR, "KCORE_TEXT")[0]
+    r = run_kcore("dump", "--root", str(shared_fixture(NOKASLR) / "root"), "--source",
+                  f"raw:{raw}", "-o", str(tmp_path / "again.elf"), "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    core = ElfCore(tmp_path / "again.elf")
+    assert core.read(text["vaddr"], text["length"]) == expected_bytes(NOKASLR, text["file"])
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_kcore_format_is_the_real_kcore(name):
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no tmpfs at /dev/shm for a 128 TiB sparse file")
+    out = Path("/dev/shm") / f"kcore-test-{os.getpid()}-{name}.kcore"
+    try:
+        dump(name, out, "--format", "kcore")
+        exp = expected(name)
+        assert out.stat().st_size == exp["kcore_st_size"]
+        head = expected_bytes(name, "kcore-head-64k.bin")
+        note = exp["phdrs"][0]
+        data_offset = -(-(note["p_offset"] + note["p_filesz"]) // PAGE) * PAGE
+        with open(out, "rb") as f:
+            mine = bytearray(f.read(data_offset))
+            elf = ELFFile(f)
+            task = [n for n in elf.get_segment(0).iter_notes() if n.n_type == "NT_TASKSTRUCT"]
+        real = bytearray(head[:data_offset])
+        # NT_TASKSTRUCT holds the reading task's own task_struct: only its size can match.
+        size = task[0].n_descsz
+        off = task[0].n_offset + 12 + 8  # Elf64_Nhdr, then "CORE\0" padded to 8
+        mine[off:off + size] = real[off:off + size] = bytes(size)
+        assert mine == real
+        with open(out, "rb") as f:
+            for r in read_reads(name, "KCORE_TEXT") + read_reads(name, "KCORE_RAM"):
+                f.seek(r["kcore_offset"])
+                assert f.read(r["length"]) == expected_bytes(name, r["file"]), r["file"]
+    finally:
+        for p in (out, Path(f"{out}.json")):
+            p.unlink(missing_ok=True)
+
+
+def test_kcore_format_on_ext4_says_why(tmp_path):
+    if subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                      text=True).stdout.strip() != "ext2/ext3":
+        pytest.skip("needs an ext4 tmp_path")
+    r = dump(NOKASLR, tmp_path / "k.kcore", "--format", "kcore", check=False)
+    assert r.returncode == 1
+    assert b"cannot hold a 128.0 TiB sparse file" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["elf", "lime"])
+def test_stdout_to_a_pipe(fmt, tmp_path):
+    root = shared_fixture(NOKASLR) / "root"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    cmd = ["python3", "-m", "kcore", "dump", "--root", str(root), "--source",
+           source_spec(NOKASLR), "--format", fmt, "-o", "-", "--quiet"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    h = hashlib.sha256()
+    size = 0
+    while chunk := p.stdout.read(1 << 20):
+        h.update(chunk)
+        size += len(chunk)
+    assert p.wait() == 0, p.stderr.read().decode()
+    dump(NOKASLR, tmp_path / f"file.{fmt}", "--format", fmt)
+    assert size == (tmp_path / f"file.{fmt}").stat().st_size
+    assert f"{h.hexdigest()}  file.{fmt}\n" == (tmp_path / f"file.{fmt}.sha256").read_text()
+
+
+def test_stdout_refused_for_seeking_formats(tmp_path):
+    r = dump(NOKASLR, Path("-"), "--format", "raw", check=False)
+    assert r.returncode == 2 and b"cannot go to stdout" in r.stderr
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "mem.lime"
+    out.write_bytes(b"precious")
+    r = dump(NOKASLR, out, "--format", "lime", check=False)
+    assert r.returncode == 1 and b"already exists; use --force" in r.stderr
+    assert out.read_bytes() == b"precious"
+    dump(NOKASLR, out, "--format", "lime", "--force")
+    assert out.read_bytes()[:4] == b"EMiL"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_symlink_output_is_refused(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    (tmp_path / "mem.elf").symlink_to(victim)
+    for extra in ((), ("--force",)):
+        r = dump(NOKASLR, tmp_path / "mem.elf", *extra, check=False)
+        assert r.returncode == 1 and b"symbolic link" in r.stderr
+    assert victim.read_bytes() == b"keep"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small tmpfs: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_free_space_checked_up_front(small_tmpfs):
+    r = dump(NOKASLR, small_tmpfs / "mem.elf", check=False)
+    assert r.returncode == 1 and b"not enough space" in r.stderr
+    assert os.listdir(small_tmpfs) == []
+
+
+def test_enospc_mid_dump_leaves_nothing(small_tmpfs):
+    # raw is sparse: the up-front check passes on its estimate, the copy then runs out.
+    subprocess.run(["mount", "-o", "remount,size=600m", str(small_tmpfs)], check=True)
+    ballast = small_tmpfs / "ballast"
+    subprocess.run(["fallocate", "-l", "500m", str(ballast)], check=True)
+    r = dump(NOKASLR, small_tmpfs / "mem.img", "--format", "padded", check=False)
+    ballast.unlink()
+    assert r.returncode == 1, r.stderr
+    assert b"space" in r.stderr and b"Traceback" not in r.stderr
+    assert os.listdir(small_tmpfs) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_leaves_nothing(sig, tmp_path):
+    root = shared_fixture(NOKASLR) / "root"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    out = tmp_path / "mem.img"
+    p = subprocess.Popen(["python3", "-m", "kcore", "dump", "--root", str(root), "--source",
+                          source_spec(NOKASLR), "--format", "padded", "-o", str(out)],
+                         stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 30
+    while not any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    p.send_signal(sig)
+    err = p.communicate(timeout=30)[1]
+    if p.returncode == 0:
+        pytest.skip("the dump finished before the signal arrived")
+    assert p.returncode == 130, err
+    assert b"interrupted" in err and b"Traceback" not in err
+    assert os.listdir(tmp_path) == []
