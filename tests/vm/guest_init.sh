@@ -1,0 +1,29 @@
+#!/bin/busybox sh
+# PID 1 of the vm-test guest: load the 9p modules, mount the host's / read-only as the root
+# (with the guest's own /proc, /sys, /dev and /tmp over it), mount the writable share at the
+# same path as on the host (khshare= on the kernel command line), then run its agent.sh there.
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "KV: init uptime=$(cut -d' ' -f1 /proc/uptime)"
+for m in $(cat /modules/order); do
+    insmod /modules/$m.ko || echo "KV: insmod $m failed"
+done
+SHARE=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^khshare=//p')
+i=0
+while [ $i -lt 100 ] && ! grep -qs share /sys/bus/virtio/drivers/9pnet_virtio/virtio*/mount_tag; do
+    sleep 0.05; i=$((i+1))
+done
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro hostroot /newroot \
+    || echo "KV: mount hostroot failed"
+mount --move /proc /newroot/proc
+mount --move /sys /newroot/sys
+mount --move /dev /newroot/dev
+mount -t tmpfs -o size=64m tmpfs /newroot/tmp
+mkdir -p "/newroot$SHARE" 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 share "/newroot$SHARE" \
+    || echo "KV: mount share failed"
+echo "KV: mounts done uptime=$(cut -d' ' -f1 /newroot/proc/uptime)"
+exec chroot /newroot /bin/sh "$SHARE/agent.sh" "$SHARE"

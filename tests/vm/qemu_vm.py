@@ -1,0 +1,515 @@
+"""Boot Debian's kernel under QEMU for the vm tests: kernel cache, initramfs, QMP, commands."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elftools.elf.elffile import ELFFile
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("KCORE_VM_CACHE", "/var/tmp/kcore-vm-cache"))
+# The kernel the fixtures were captured from; KCORE_VM_KERNEL picks another linux-image package.
+PINNED_PACKAGE = "linux-image-6.1.0-56-amd64"
+QEMU = os.environ.get("KCORE_VM_QEMU", "qemu-system-x86_64")
+SHM = Path("/dev/shm")
+# What the guest needs to mount the host's / over virtio-9p; dependencies are resolved from
+# each module's .modinfo, giving virtio_ring virtio ... netfs fscache 9pnet 9pnet_virtio 9p.
+GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "qemu_fw_cfg")
+BOOT_TIMEOUT = float(os.environ.get("KCORE_VM_BOOT_TIMEOUT", "180"))
+
+
+class VmError(RuntimeError):
+    """The guest did not boot, a command timed out, or QEMU went away."""
+
+
+def unavailable_reason() -> str | None:
+    """Why QEMU cannot run on this machine (None when it can)."""
+    if shutil.which(QEMU) is None:
+        return f"{QEMU} is not installed (apt-get install qemu-system-x86)"
+    if not SHM.is_dir() or not os.access(SHM, os.W_OK):
+        return "/dev/shm is missing or not writable (guest RAM is a file there)"
+    if shutil.which("busybox") is None:
+        return "busybox is not installed (apt-get install busybox-static)"
+    if not (CACHE / "kernels").is_dir() and shutil.which("apt-get") is None:
+        return "no cached kernel and no apt-get to download linux-image-*-amd64"
+    return None
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock file (several pytest runs may share the cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """An unpacked Debian kernel package: vmlinuz, modules and config."""
+
+    package: str
+    release: str
+    root: Path
+
+    @property
+    def vmlinuz(self) -> Path:
+        """The bzImage QEMU boots."""
+        return self.root / "boot" / f"vmlinuz-{self.release}"
+
+    @property
+    def modules(self) -> Path:
+        """lib/modules/RELEASE (merged-/usr packages keep it under usr/)."""
+        for base in (self.root / "lib", self.root / "usr" / "lib"):
+            if (base / "modules" / self.release).is_dir():
+                return base / "modules" / self.release
+        raise VmError(f"no modules directory for {self.release} under {self.root}")
+
+    def config(self, name: str) -> str | None:
+        """The value of CONFIG_NAME in the package's config (None if unset)."""
+        text = (self.root / "boot" / f"config-{self.release}").read_text()
+        m = re.search(rf"^CONFIG_{name}=(.*)$", text, re.M)
+        return m.group(1) if m else None
+
+
+def _apt_package() -> str:
+    """The kernel package: KCORE_VM_KERNEL, the pinned one, or what linux-image-amd64 wants."""
+    if os.environ.get("KCORE_VM_KERNEL"):
+        return os.environ["KCORE_VM_KERNEL"]
+    policy = subprocess.run(["apt-cache", "policy", PINNED_PACKAGE], capture_output=True, text=True)
+    if "Candidate:" in policy.stdout and "Candidate: (none)" not in policy.stdout:
+        return PINNED_PACKAGE
+    deps = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True,
+                          text=True).stdout
+    m = re.search(r"Depends: (linux-image-\d\S*-amd64)", deps)
+    if not m:
+        raise VmError("cannot find a linux-image-*-amd64 package (apt-get update?)")
+    return m.group(1)
+
+
+def fetch_kernel() -> Kernel:
+    """Download (apt-get download) and unpack the kernel package once into the cache."""
+    with _locked(CACHE / "kernel.lock"):
+        pin = CACHE / "kernel-package"
+        package = os.environ.get("KCORE_VM_KERNEL") or (pin.read_text().strip()
+                                                        if pin.exists() else _apt_package())
+        if not os.environ.get("KCORE_VM_KERNEL"):
+            pin.write_text(package + "\n")
+        release = package.removeprefix("linux-image-")
+        root = CACHE / "kernels" / release
+        if not (root / "boot" / f"vmlinuz-{release}").exists():
+            debs = CACHE / "debs"
+            debs.mkdir(parents=True, exist_ok=True)
+            if not list(debs.glob(f"{package}_*.deb")):
+                subprocess.run(["apt-get", "download", package], cwd=debs, check=True,
+                               capture_output=True)
+            deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
+            tmp = Path(tempfile.mkdtemp(prefix="unpack-", dir=CACHE))
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
+            shutil.rmtree(root, ignore_errors=True)
+            root.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(root)
+        return Kernel(package, release, root)
+
+
+def _module_bytes(path: Path) -> bytes:
+    """A module file's ELF bytes (.ko, .ko.xz, .ko.gz, .ko.zst)."""
+    if path.name.endswith(".xz"):
+        import lzma
+
+        return lzma.decompress(path.read_bytes())
+    if path.name.endswith(".gz"):
+        return gzip.decompress(path.read_bytes())
+    if path.name.endswith(".zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
+    return path.read_bytes()
+
+
+def _modinfo_depends(elf: bytes) -> list[str]:
+    """The depends= list from a module's .modinfo section."""
+    section = ELFFile(io.BytesIO(elf)).get_section_by_name(".modinfo")
+    for entry in (section.data().split(b"\0") if section else []):
+        if entry.startswith(b"depends="):
+            return [d.replace("-", "_") for d in entry[8:].decode().split(",") if d]
+    return []
+
+
+def module_load_order(kernel: Kernel, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """The modules to insmod for `wanted`, dependencies first; built-ins left out."""
+    moddir = kernel.modules
+    files = {}
+    for path in (moddir / "kernel").rglob("*.ko*"):
+        files[path.name.split(".ko")[0].replace("-", "_")] = path
+    builtin = {Path(line.strip()).name.removesuffix(".ko").replace("-", "_")
+               for line in (moddir / "modules.builtin").read_text().splitlines()}
+    order: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name in builtin:
+            return
+        seen.add(name)
+        if name not in files:
+            raise VmError(f"module {name} is neither in {moddir} nor built in")
+        data = _module_bytes(files[name])
+        for dep in _modinfo_depends(data):
+            visit(dep)
+        order.append((name, data))
+
+    for name in wanted:
+        visit(name.replace("-", "_"))
+    return order
+
+
+def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive of (name, mode, data) entries (directories have no data)."""
+    out = io.BytesIO()
+    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
+        encoded = name.encode() + b"\0"
+        nlink = 2 if mode & 0o040000 else 1
+        fields = [ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        out.write(b"070701" + b"".join(b"%08X" % v for v in fields) + encoded)
+        out.write(b"\0" * (-out.tell() % 4))
+        out.write(data)
+        out.write(b"\0" * (-out.tell() % 4))
+    return out.getvalue()
+
+
+def build_initramfs(kernel: Kernel) -> Path:
+    """The guest initramfs (busybox, /init, 9p modules), cached per kernel and init script."""
+    init = (HERE / "guest_init.sh").read_bytes()
+    busybox = Path(shutil.which("busybox") or "/bin/busybox").resolve()
+    digest = hashlib.sha256(init + (HERE / "qemu_vm.py").read_bytes() + busybox.read_bytes())
+    key = f"{kernel.release}-{digest.hexdigest()[:12]}"
+    out = CACHE / "initramfs" / f"{key}.cpio.gz"
+    if out.exists():
+        return out
+    mods = module_load_order(kernel, GUEST_MODULES)
+    entries: list[tuple[str, int, bytes]] = [
+        (d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "newroot", "modules")
+    ]
+    entries += [("bin/busybox", 0o100755, busybox.read_bytes()), ("init", 0o100755, init)]
+    entries += [(f"modules/{name}.ko", 0o100644, data) for name, data in mods]
+    order = "".join(f"{name}\n" for name, _ in mods).encode()
+    entries.append(("modules/order", 0o100644, order))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(gzip.compress(_cpio_newc(entries), compresslevel=1))
+    os.replace(tmp, out)
+    return out
+
+
+class Qmp:
+    """A minimal QMP client over QEMU's unix socket."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.file = self.sock.makefile("rwb", buffering=0)
+        self.events: list[dict] = []
+        self._recv()
+        self.execute("qmp_capabilities")
+
+    def _recv(self) -> dict:
+        """The next reply, keeping events aside."""
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise VmError("QMP connection closed")
+            msg = json.loads(line)
+            if "event" in msg:
+                self.events.append(msg)
+                continue
+            return msg
+
+    def execute(self, command: str, timeout: float = 60.0, **arguments: object) -> object:
+        """Run one QMP command; return its "return" value or raise VmError."""
+        self.sock.settimeout(timeout)
+        msg: dict[str, object] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        reply = self._recv()
+        if "error" in reply:
+            raise VmError(f"QMP {command}: {reply['error']}")
+        return reply.get("return")
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+
+@dataclass
+class GuestResult:
+    """What one guest command produced."""
+
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def check(self) -> GuestResult:
+        """Raise VmError unless the command exited 0."""
+        if self.rc != 0:
+            raise VmError(f"guest command failed rc={self.rc}\n{self.stdout[-3000:]}"
+                          f"\n--- stderr\n{self.stderr[-3000:]}")
+        return self
+
+
+@dataclass
+class VmConfig:
+    """How one guest boots."""
+
+    name: str
+    mem_mib: int = 512
+    kaslr: bool = False
+    hotplug_slots: int = 0
+    maxmem_mib: int = 0
+    smp: int = 1
+    extra_append: str = ""
+
+
+def _set_pdeathsig() -> None:
+    """In the child: die with the parent (pytest), so QEMU never outlives the test run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale() -> None:
+    """Remove RAM files and work directories that runs which have since died left behind."""
+    for path in [*SHM.glob("kcore-vm-*"), *(CACHE / "runs").glob("kcore-vm-*")]:
+        m = re.match(r"kcore-vm-(\d+)-", path.name)
+        if m and not _pid_alive(int(m.group(1))):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+@dataclass
+class Vm:
+    """One running guest: QEMU process, RAM file, QMP, and a command channel over 9p."""
+
+    config: VmConfig
+    kernel: Kernel
+    initramfs: Path
+    workdir: Path = field(init=False)
+    share: Path = field(init=False)
+    ram_path: Path = field(init=False)
+    proc: subprocess.Popen | None = field(default=None, init=False)
+    qmp: Qmp | None = field(default=None, init=False)
+    boot_seconds: float = field(default=0.0, init=False)
+    _next: int = field(default=1, init=False)
+
+    def __post_init__(self) -> None:
+        remove_stale()
+        tag = f"kcore-vm-{os.getpid()}-{self.config.name}-"
+        (CACHE / "runs").mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix=tag, dir=CACHE / "runs"))
+        self.share = self.workdir / "share"
+        (self.share / "cmd").mkdir(parents=True)
+        self.ram_path = SHM / (self.workdir.name + ".ram")
+
+    @property
+    def serial_log(self) -> Path:
+        """The guest's console output."""
+        return self.workdir / "serial.log"
+
+    def qemu_argv(self) -> list[str]:
+        """The QEMU command line."""
+        c = self.config
+        mem = f"{c.mem_mib}M"
+        if c.hotplug_slots:
+            mem += f",slots={c.hotplug_slots},maxmem={c.maxmem_mib}M"
+        append = f"console=ttyS0 panic=-1 loglevel=4 khshare={self.share}"
+        if not c.kaslr:
+            append += " nokaslr"
+        if c.extra_append:
+            append += " " + c.extra_append
+        return [
+            QEMU, "-accel", "tcg", "-cpu", "max,la57=off", "-smp", str(c.smp), "-m", mem,
+            "-object", f"memory-backend-file,id=ram0,size={c.mem_mib}M,"
+                       f"mem-path={self.ram_path},share=on",
+            "-machine", "pc,memory-backend=ram0",
+            "-device", "vmcoreinfo",
+            "-display", "none", "-vga", "none", "-nic", "none", "-monitor", "none",
+            "-serial", f"file:{self.serial_log}", "-no-reboot",
+            "-qmp", f"unix:{self.workdir / 'qmp.sock'},server=on,wait=off",
+            "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initramfs),
+            "-append", append,
+            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
+                       "multidevs=remap",
+            "-virtfs", f"local,path={self.share},mount_tag=share,security_model=none",
+        ]
+
+    def start(self) -> None:
+        """Boot the guest and wait until its command agent is ready."""
+        (self.share / "agent.sh").write_text((HERE / "guest_agent.sh").read_text())
+        t0 = time.monotonic()
+        with open(self.workdir / "qemu.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                self.qemu_argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_set_pdeathsig,
+            )
+        self.qmp = Qmp(self.workdir / "qmp.sock")
+        self._wait_for(lambda: (self.share / "ready").exists(), BOOT_TIMEOUT, "boot")
+        self.boot_seconds = time.monotonic() - t0
+
+    def _wait_for(self, done, timeout: float, what: str) -> None:
+        """Poll until done() or fail with the console tail (QEMU exit, panic, timeout)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if self.proc is None or self.proc.poll() is not None:
+                raise VmError(f"QEMU exited during {what}\n{self.console_tail()}")
+            if "Kernel panic" in self.console_tail(4000):
+                raise VmError(f"guest kernel panic during {what}\n{self.console_tail()}")
+            if time.monotonic() > deadline:
+                raise VmError(f"timeout ({timeout:.0f} s) during {what}\n{self.console_tail()}")
+            time.sleep(0.05)
+
+    def console_tail(self, n: int = 3000) -> str:
+        """The end of the guest console."""
+        try:
+            return self.serial_log.read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def run(self, script: str, timeout: float = 120.0, env: dict[str, str] | None = None
+            ) -> GuestResult:
+        """Run a shell script in the guest (host /, guest /proc /sys /dev); wait for its result."""
+        n = self._next
+        self._next += 1
+        d = self.share / "cmd"
+        env = {**guest_env(), **(env or {})}
+        exports = "".join(f"export {k}='{v}'\n" for k, v in env.items())
+        (d / f"{n}.timeout").write_text(f"{int(timeout)}\n")
+        tmp = d / f"{n}.sh.tmp"
+        tmp.write_text("set -e\n" + exports + script)
+        t0 = time.monotonic()
+        tmp.rename(d / f"{n}.sh")
+        self._wait_for(lambda: (d / f"{n}.rc").exists(), timeout + 30, f"guest command {n}")
+        return GuestResult(
+            rc=int((d / f"{n}.rc").read_text()),
+            stdout=(d / f"{n}.out").read_text(errors="replace"),
+            stderr=(d / f"{n}.err").read_text(errors="replace"),
+            seconds=time.monotonic() - t0,
+        )
+
+    def python(self, code: str, *args: str, timeout: float = 120.0) -> GuestResult:
+        """Run Python code in the guest with this checkout on PYTHONPATH."""
+        path = self.share / f"py-{self._next}.py"
+        path.write_text(code)
+        quoted = " ".join(f"'{a}'" for a in args)
+        return self.run(f'"$KCORE_PY" {path} {quoted}\n', timeout=timeout)
+
+    def kcore(self, *args: str, timeout: float = 300.0) -> GuestResult:
+        """Run `python -m kcore ARGS` in the guest."""
+        quoted = " ".join(f"'{a}'" for a in args)
+        return self.run(f'exec "$KCORE_PY" -m kcore {quoted}\n', timeout=timeout)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the guest's vCPUs (QMP stop) for the body; continue afterwards."""
+        assert self.qmp is not None
+        self.qmp.execute("stop")
+        try:
+            yield
+        finally:
+            self.qmp.execute("cont")
+
+    def dump_guest_memory(self, path: Path, begin: int | None = None, length: int | None = None
+                          ) -> Path:
+        """QEMU's ELF core of guest physical memory (paging off; all, or [begin, begin+length))."""
+        assert self.qmp is not None
+        window = {"begin": begin, "length": length} if begin is not None else {}
+        self.qmp.execute("dump-guest-memory", timeout=600, paging=False,
+                         protocol=f"file:{path}", **window)
+        return path
+
+    def close(self) -> None:
+        """Quit QEMU (kill its process group if it lingers) and remove every file it made."""
+        try:
+            if self.qmp is not None:
+                try:
+                    self.qmp.execute("quit")
+                except (OSError, VmError):
+                    pass
+                self.qmp.close()
+            if self.proc is not None:
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        finally:
+            self.ram_path.unlink(missing_ok=True)
+            if os.environ.get("KCORE_VM_KEEP"):
+                print(f"kept {self.workdir}", file=sys.stderr)
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def guest_env() -> dict[str, str]:
+    """The environment of guest commands: this checkout's kcore with the host's Python."""
+    return {
+        "KCORE_PY": sys.executable,
+        "PYTHONPATH": str(REPO),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "HOME": "/tmp",
+        "LANG": "C.UTF-8",
+    }
+
+
+def boot(config: VmConfig) -> Vm:
+    """Fetch the kernel, build the initramfs and boot one guest (closed again on failure)."""
+    kernel = fetch_kernel()
+    vm = Vm(config, kernel, build_initramfs(kernel))
+    try:
+        vm.start()
+    except BaseException:
+        vm.close()
+        raise
+    return vm
