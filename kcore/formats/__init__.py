@@ -312,18 +312,35 @@ def entry_segment(req: Request, entry: Any) -> Segment | None:
 
 def mapped_segment(req: Request, kind: str, vaddr: int, size: int) -> Segment | None:
     """A virtual area's mapped pages (page-table walk); None if no walker is available."""
-    try:
-        from kcore import vmem
-    except ImportError:
+    walker = page_walker(req)
+    if walker is None:
         return None
-    pieces = []
-    for va, pa, n in vmem.mapped_runs(req.system, req.source, vaddr, size):
+    pieces: list[tuple[int, int, int]] = []
+    for va, pa, n in walker.runs(vaddr, size):
         off = va - vaddr
         if pieces and pieces[-1][0] + pieces[-1][2] == off and pieces[-1][1] + pieces[-1][2] == pa:
             pieces[-1] = (pieces[-1][0], pieces[-1][1], pieces[-1][2] + n)
         else:
             pieces.append((off, pa, n))
     return Segment(kind, vaddr, ALL_ONES, size, tuple(pieces))
+
+
+def page_walker(req: Request) -> Any:
+    """The request's kernel page-table walker (made once), or None without a PGD address."""
+    walker = getattr(req, "_walker", None)
+    if walker is None:
+        try:
+            from kcore.vmem import PageWalker
+        except ImportError:
+            return None
+        layout = req.system.layout
+        if getattr(layout, "pgd_paddr", None) is None:
+            return None
+        sme = req.system.vmcoreinfo.number("sme_mask") or 0
+        walker = PageWalker.for_source(req.source, layout.pgd_paddr, layout.pgtable_levels,
+                                       sme_mask=sme)
+        req._walker = walker  # type: ignore[attr-defined]
+    return walker
 
 
 def mapped_only(seg: Segment) -> list[Segment]:
