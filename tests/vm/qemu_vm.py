@@ -446,6 +446,36 @@ class Vm:
         return self.run(f'exec "$KCORE_PY" -m kcore {quoted}\n', timeout=timeout)
 
     @contextmanager
+    def physical_image(self) -> Iterator[Path]:
+        """Guest physical memory as a raw image (offset = address); only valid while paused.
+
+        Below 4 GiB that is the RAM file itself; above, QEMU's pc machine puts the rest of
+        the RAM file at 4 GiB, so the image is a sparse copy of the file's data regions.
+        """
+        low = ram_below_4g(self.config.mem_mib)
+        if low == self.config.mem_mib << 20:
+            yield self.ram_path
+            return
+        image = SHM / (self.workdir.name + ".phys")
+        try:
+            with open(self.ram_path, "rb") as src, open(image, "wb") as dst:
+                size = os.fstat(src.fileno()).st_size
+                pos = 0
+                while pos < size:
+                    try:
+                        pos = os.lseek(src.fileno(), pos, os.SEEK_DATA)
+                    except OSError:
+                        break
+                    end = os.lseek(src.fileno(), pos, os.SEEK_HOLE)
+                    while pos < end:
+                        phys = pos if pos < low else pos - low + (1 << 32)
+                        pos += os.copy_file_range(src.fileno(), dst.fileno(), end - pos, pos, phys)
+                dst.truncate((1 << 32) + size - low)
+            yield image
+        finally:
+            image.unlink(missing_ok=True)
+
+    @contextmanager
     def paused(self) -> Iterator[None]:
         """Stop the guest's vCPUs (QMP stop) for the body; continue afterwards."""
         assert self.qmp is not None
@@ -513,3 +543,25 @@ def boot(config: VmConfig) -> Vm:
         vm.close()
         raise
     return vm
+
+
+def ensure_built() -> None:
+    """Build the C core in place if missing: the guest imports this checkout and cannot build."""
+    if list((REPO / "kcore").glob("_kcore_c*.so")) or not (REPO / "csrc").is_dir():
+        return
+    with _locked(CACHE / "build.lock"):
+        subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=REPO,
+                       check=True, capture_output=True)
+
+
+def host_kcore(*args: str, timeout: float = 600.0) -> subprocess.CompletedProcess:
+    """Run this checkout's `python -m kcore ARGS` on the host; capture its output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "kcore", *args], env=env, capture_output=True,
+                          timeout=timeout)
+
+
+def ram_below_4g(mem_mib: int) -> int:
+    """Bytes of RAM QEMU's pc machine maps below 4 GiB (the rest starts at 4 GiB)."""
+    size = mem_mib << 20
+    return 0xC0000000 if size >= 0xE0000000 else size

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import qemu_vm
-from conftest import Guest
 from elftools.elf.elffile import ELFFile
+from guests import Guest
 from pagecmp import differing_pages
 
 PT_NOTE, PT_LOAD = 4, 1

@@ -1,0 +1,71 @@
+"""The guests the vm tests boot, and a pool that keeps one of them running at a time."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import qemu_vm
+from qemu_vm import Vm, VmConfig
+
+# The guests the suite boots, in the order the tests run.  "nokaslr" can take a DIMM (hotplug
+# tests run last on it); "big" has more than 4 GiB, so part of System RAM sits above the PCI
+# hole at 4 GiB, where RAM-file offsets stop being physical addresses.
+CONFIGS = {
+    "nokaslr": VmConfig("nokaslr", mem_mib=1024, hotplug_slots=2, maxmem_mib=2048),
+    "kaslr": VmConfig("kaslr", mem_mib=512, kaslr=True),
+    "big": VmConfig("big", mem_mib=4608, kaslr=True),
+}
+# Tests that change the guest for good (memory hotplug) run after the others on their guest.
+LAST_ON_GUEST = ("hotplug",)
+
+
+@dataclass
+class Guest:
+    """A booted guest and the capture of its real /proc/kcore taken right after boot."""
+
+    vm: Vm
+    capture: Path
+    kcore: dict
+
+    @property
+    def name(self) -> str:
+        """The config name."""
+        return self.vm.config.name
+
+    @property
+    def root(self) -> Path:
+        """The captured system root (proc/, sys/ files) on the host."""
+        return self.capture / "root"
+
+
+class Pool:
+    """Boots guests on demand, keeps only one running (2 cores), closes them all at the end."""
+
+    def __init__(self) -> None:
+        self.current: Guest | None = None
+
+    def get(self, name: str) -> Guest:
+        """The running guest `name`, booting it (and closing any other) if needed."""
+        if self.current is not None and self.current.name == name:
+            return self.current
+        self.close()
+        vm = qemu_vm.boot(CONFIGS[name])
+        try:
+            capture = vm.share / "capture"
+            vm.run(f'"$KCORE_PY" {qemu_vm.HERE / "guest_capture.py"} {capture}\n').check()
+            kcore = json.loads((capture / "kcore.json").read_text())
+        except BaseException:
+            vm.close()
+            raise
+        self.current = Guest(vm, capture, kcore)
+        return self.current
+
+    def close(self) -> None:
+        """Shut the running guest down."""
+        if self.current is not None:
+            guest, self.current = self.current, None
+            guest.vm.close()
+
+
