@@ -1,0 +1,87 @@
+"""kcore dump's outputs opened by the tools people use: drgn, gdb, makedumpfile, Volatility 3."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import FIXTURE_NAMES, shared_fixture
+from test_dump import dump
+
+pytestmark = pytest.mark.consumers
+
+
+def banner_address(name: str) -> int:
+    """linux_banner's address in the capture's /proc/kallsyms."""
+    for line in (shared_fixture(name) / "root" / "proc" / "kallsyms").open():
+        addr, _kind, sym = line.split()[:3]
+        if sym == "linux_banner":
+            return int(addr, 16)
+    raise AssertionError("no linux_banner in kallsyms")
+
+
+@pytest.fixture(scope="module", params=FIXTURE_NAMES)
+def dumps(request, tmp_path_factory):
+    name = request.param
+    folder = tmp_path_factory.mktemp("consumers")
+    dump(name, folder / "mem.elf")
+    dump(name, folder / "mem.lime", "--format", "lime")
+    return name, folder
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (.ci/run installs it)")
+    return path
+
+
+def test_drgn_reads_linux_banner(dumps):
+    drgn = pytest.importorskip("drgn", reason="drgn is not installed (.ci/run installs it)")
+    name, folder = dumps
+    prog = drgn.Program()
+    prog.set_core_dump(str(folder / "mem.elf"))
+    assert prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL  # it found VMCOREINFO
+    assert prog.read(banner_address(name), 64).startswith(b"Linux version 6.1")
+
+
+def test_gdb_reads_linux_banner(dumps):
+    gdb = need("gdb")
+    name, folder = dumps
+    r = subprocess.run([gdb, "-batch", "-nx", "-c", str(folder / "mem.elf"), "-ex",
+                        f"x/s {banner_address(name):#x}"], capture_output=True, text=True,
+                       timeout=120)
+    assert '"Linux version 6.1' in r.stdout, r.stdout + r.stderr
+
+
+def test_makedumpfile_accepts_it(dumps):
+    makedumpfile = need("makedumpfile")
+    _name, folder = dumps
+    out = folder / "filtered.elf"
+    out.unlink(missing_ok=True)
+    r = subprocess.run([makedumpfile, "-E", "-d", "31", str(folder / "mem.elf"), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "makedumpfile Completed" in r.stdout + r.stderr
+    assert out.read_bytes()[:4] == b"\x7fELF"
+    out.unlink()
+
+
+@pytest.mark.parametrize("fmt", ["lime", "elf"])
+def test_volatility_finds_the_banner(dumps, fmt, tmp_path):
+    vol = shutil.which("vol")
+    if vol is None:
+        pytest.importorskip("volatility3", reason="volatility3 is not installed (.ci/run)")
+        cmd = [sys.executable, "-m", "volatility3.cli"]
+    else:
+        cmd = [vol]
+    _name, folder = dumps
+    r = subprocess.run([*cmd, "-q", "--cache-path", str(tmp_path), "-f",
+                        str(folder / f"mem.{fmt}"), "banners.Banners"],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path)))
+    assert "Linux version 6.1.0-56-amd64" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
