@@ -1,0 +1,64 @@
+"""Shared bench helpers: timing the comparison side, and recording ratios in bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "RESULTS.md"
+# The memory-child helper lives with the tests.
+sys.path.insert(0, str(BENCH.parent / "tests"))
+
+_recorded: dict[str, list[str]] = {}
+
+
+def best_time(fn: Callable[[], object], rounds: int = 3,
+              setup: Callable[[], object] | None = None) -> float:
+    """The best wall time of fn over rounds (setup, if given, runs untimed before each)."""
+    best = float("inf")
+    for _ in range(rounds):
+        if setup is not None:
+            setup()
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@pytest.fixture
+def record(request) -> Callable[[str, str, str, bool], None]:
+    """record(what, measured, target, ok): print one result line and keep it for RESULTS.md."""
+    section = Path(request.node.fspath).stem
+
+    def _record(what: str, measured: str, target: str, ok: bool) -> None:
+        line = f"| {what} | {measured} | {target} | {'yes' if ok else 'NO'} |"
+        print("\n" + line)
+        _recorded.setdefault(section, []).append(line)
+
+    return _record
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Replace this run's sections of bench/RESULTS.md, keeping the others."""
+    if not _recorded:
+        return
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    for section, lines in _recorded.items():
+        body = (f"## {section}\n\nMeasured {when} (`python3 -m pytest bench --benchmark-only`; "
+                "2-core shared machine, page-cached inputs, best of the rounds).\n\n"
+                "| what | measured | target | met |\n|---|---|---|---|\n"
+                + "\n".join(lines) + "\n")
+        pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+        if pattern.search(text):
+            text = pattern.sub(lambda m, body=body: body + "\n", text)
+        else:
+            text = text.rstrip("\n") + "\n\n" + body
+    RESULTS.write_text(text.rstrip("\n") + "\n")
