@@ -81,6 +81,13 @@ def copy_root(out: str) -> None:
     finally:
         with open(KPTR_RESTRICT, "w") as f:
             f.write(saved)
+    # memory blocks (hotplug): block size and each block's online/offline state
+    memory = "sys/devices/system/memory"
+    for name in ["block_size_bytes"] + sorted(n + "/state" for n in os.listdir("/" + memory)
+                                               if n.startswith("memory")):
+        dst = os.path.join(out, "root", memory, name)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.copyfile(os.path.join("/" + memory, name), dst)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ CACHE = Path(os.environ.get("KCORE_VM_CACHE", "/var/tmp/kcore-vm-cache"))
 PINNED_PACKAGE = "linux-image-6.1.0-56-amd64"
 QEMU = os.environ.get("KCORE_VM_QEMU", "qemu-system-x86_64")
 SHM = Path("/dev/shm")
+ALL_ONES = (1 << 64) - 1
 # What the guest needs to mount the host's / over virtio-9p; dependencies are resolved from
 # each module's .modinfo, giving virtio_ring virtio ... netfs fscache 9pnet 9pnet_virtio 9p.
 GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "qemu_fw_cfg")
@@ -469,7 +470,9 @@ class Vm:
                     end = os.lseek(src.fileno(), pos, os.SEEK_HOLE)
                     while pos < end:
                         phys = pos if pos < low else pos - low + (1 << 32)
-                        pos += os.copy_file_range(src.fileno(), dst.fileno(), end - pos, pos, phys)
+                        stop = min(end, low) if pos < low else end
+                        pos += os.copy_file_range(src.fileno(), dst.fileno(), stop - pos, pos,
+                                                  phys)
                 dst.truncate((1 << 32) + size - low)
             yield image
         finally:
