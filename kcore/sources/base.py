@@ -8,12 +8,8 @@ import os
 import stat
 from typing import NamedTuple
 
+from kcore.engine import CopyStats, readinto_range
 from kcore.errors import SourceError
-
-try:  # the C engine (helper "engine"); until it lands, a private pread fallback stands in
-    from kcore.engine import CopyStats, readinto_range
-except ImportError:  # pragma: no cover - only before kcore/engine.py exists
-    from kcore.sources._fallback import CopyStats, readinto_range
 
 PAGE_SIZE = 4096
 ALL_ONES = (1 << 64) - 1
@@ -141,7 +137,7 @@ class MemorySource:
         i = bisect.bisect_right(self._starts, paddr) - 1
         if i >= 0 and paddr + n <= self._ends[i]:  # fast path: one extent
             return readinto_range(self.fd, self._offsets[i] + paddr - self._starts[i], buf,
-                                  strict=strict)
+                                  strict=strict, path=self.path)
         return self._readinto_slow(paddr, memoryview(buf).cast("B"), i, strict)
 
     def _readinto_slow(self, paddr: int, view: memoryview, i: int, strict: bool) -> CopyStats:
@@ -162,7 +158,8 @@ class MemorySource:
                 pos = start
             stop = min(end, self._ends[i])
             stats += readinto_range(self.fd, self._offsets[i] + pos - start,
-                                    view[pos - paddr:stop - paddr], strict=strict)
+                                    view[pos - paddr:stop - paddr], strict=strict,
+                                    path=self.path)
             pos = stop
             i += 1
         return stats

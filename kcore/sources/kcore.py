@@ -55,23 +55,28 @@ class KcoreSource(MemorySource):
         """Open and index a kcore file read-only."""
         fd = open_readonly(path)
         try:
-            core = parse_elf_core(fd, path)
-            segments = [Segment(ph.p_vaddr, ph.p_paddr, ph.p_offset, ph.p_filesz)
-                        for ph in core.phdrs if ph.p_type == PT_LOAD]
-            # KCORE_RAM: direct-map segments with p_paddr = __pa(addr); TEXT (above
-            # __START_KERNEL_map) would alias RAM, and vmalloc/vmemmap have all-ones.
-            extents = [Extent(s.paddr, s.size, s.offset) for s in segments
-                       if s.paddr != ALL_ONES and s.vaddr < START_KERNEL_MAP and s.size]
-            if all(s.paddr == 0 for s in segments):
-                extents = []  # before Linux 4.11 p_paddr was 0: no physical view
-            src = cls(spec or f"kcore:{path}", path, fd,
-                      check_extents(extents, path, ElfFormatError), vmcoreinfo_of(core))
-            src.core = core
-            src.segments = segments
+            src = cls(spec or f"kcore:{path}", path, fd, [])
+            src.reload_segments()
             return src
         except BaseException:
             os.close(fd)
             raise
+
+    def reload_segments(self) -> None:
+        """Re-read the program headers (a live kcore rebuilds them after memory hotplug)."""
+        core = parse_elf_core(self.fd, self.path)
+        segments = [Segment(ph.p_vaddr, ph.p_paddr, ph.p_offset, ph.p_filesz)
+                    for ph in core.phdrs if ph.p_type == PT_LOAD]
+        # KCORE_RAM: direct-map segments with p_paddr = __pa(addr); TEXT (above
+        # __START_KERNEL_map) would alias RAM, and vmalloc/vmemmap have all-ones.
+        extents = [Extent(s.paddr, s.size, s.offset) for s in segments
+                   if s.paddr != ALL_ONES and s.vaddr < START_KERNEL_MAP and s.size]
+        if all(s.paddr == 0 for s in segments):
+            extents = []  # before Linux 4.11 p_paddr was 0: no physical view
+        self._set_extents(check_extents(extents, self.path, ElfFormatError))
+        self.core = core
+        self.segments = segments
+        self.vmcoreinfo = vmcoreinfo_of(core)
 
     def read_kcore(self, offset: int, length: int) -> bytes:
         """Read `length` bytes at kcore file offset `offset` (faults read as zeros)."""
@@ -81,4 +86,4 @@ class KcoreSource(MemorySource):
 
     def readinto_kcore(self, offset: int, buf) -> CopyStats:
         """Fill `buf` from kcore file offset `offset` (faults read as zeros)."""
-        return readinto_range(self.fd, offset, buf)
+        return readinto_range(self.fd, offset, buf, path=self.path)
