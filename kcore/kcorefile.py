@@ -10,7 +10,7 @@ from typing import Any
 
 from kcore.elfcore import KcoreHeader, build_header
 from kcore.kclist import KcoreType
-from kcore.vmem import PageWalker
+from kcore.vmem import PageWalker, walker_for
 
 # read() fills a per-thread scratch buffer of up to this size, then copies it out once:
 # one allocation per call, like os.pread (a fresh bytearray would be allocated and zeroed).
@@ -50,12 +50,7 @@ class KcoreFile(io.RawIOBase):
         self._data_offset = self.header.data_offset
         self._direct = getattr(self.source, "kind", "") == "kcore"
         self._live = getattr(self.source, "kind", "") in _LIVE_KINDS
-        layout = system.layout
-        self.walker: PageWalker | None = None
-        if layout.pgd_paddr is not None and layout.arch == "x86_64":
-            sme = system.vmcoreinfo.number("sme_mask") or 0
-            self.walker = PageWalker.for_source(self.source, layout.pgd_paddr,
-                                                layout.pgtable_levels, sme_mask=sme)
+        self.walker: PageWalker | None = walker_for(system)
         self._build_map()
         self._pos = 0
         self._pos_lock = threading.Lock()

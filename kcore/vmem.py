@@ -153,3 +153,25 @@ class PageWalker:
         buf = bytearray(length)
         self.readinto(vaddr, buf)
         return bytes(buf)
+
+
+def walker_for(system: Any, source: Any = None) -> PageWalker | None:
+    """The page walker of a discovered system (cached on it), or None without a PGD."""
+    source = source if source is not None else system.source
+    layout = system.layout
+    if layout.pgd_paddr is None or getattr(layout, "arch", "x86_64") != "x86_64":
+        return None
+    cached = getattr(system, "_page_walker", None)
+    if cached is not None and cached[0] is source:
+        return cached[1]
+    info = getattr(system, "vmcoreinfo", None)
+    sme = (info.number("sme_mask") if info is not None else 0) or 0
+    walker = PageWalker.for_source(source, layout.pgd_paddr, layout.pgtable_levels, sme_mask=sme)
+    system._page_walker = (source, walker)
+    return walker
+
+
+def mapped_runs(system: Any, source: Any, vaddr: int, size: int) -> list[Run]:
+    """The mapped (vaddr, paddr, length) runs of a kernel virtual range of a system."""
+    walker = walker_for(system, source)
+    return walker.runs(vaddr, size) if walker is not None else []
