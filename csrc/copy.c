@@ -201,23 +201,97 @@ static int kc_write_all(int fd, const char *p, size_t n, int64_t dst_off, struct
     return 0;
 }
 
+/* A sparse output file, and what is known about its holes. */
+struct kc_sparse_out {
+    int fd;
+    uint64_t old_size;              /* its size before the call: stale data may lie below */
+    uint64_t hole_from, hole_to;    /* [hole_from, hole_to) is known to hold no data */
+};
+
+/* Where the next data at or after at is (SEEK_DATA), without moving the file position. */
+static int kc_next_data(int fd, uint64_t at, uint64_t *data_ret)
+{
+    off_t cur = lseek(fd, 0, SEEK_CUR);
+    off_t d;
+    int err;
+
+    if (cur < 0)
+        return -1;
+    d = lseek(fd, (off_t)at, SEEK_DATA);
+    err = errno;
+    if (lseek(fd, cur, SEEK_SET) < 0)
+        return -1;
+    if (d < 0 && err != ENXIO) {
+        errno = err;
+        return -1;
+    }
+    *data_ret = d < 0 ? UINT64_MAX : (uint64_t)d;
+    return 0;
+}
+
 /*
- * An all-zero run of the output: nothing to do above the file's old size
- * (a hole); below it, punch a hole, or write the zeros if that is unsupported.
+ * An all-zero run [at, at + n) of the output: nothing to do where the file has
+ * no data (above its old size, or a known hole); over stale data, punch a hole,
+ * or write the zeros where punching is unsupported.
  */
-static int kc_zero_run(int fd, const char *p, size_t n, int64_t dst_off, uint64_t old_size,
+static int kc_zero_run(struct kc_sparse_out *o, const char *p, size_t n, uint64_t at,
                        struct kc_stats *st)
 {
-    uint64_t end = (uint64_t)dst_off + n;
-    size_t stale;
+    uint64_t end = at + n, data;
 
-    if ((uint64_t)dst_off >= old_size)
+    if (at >= o->old_size)
         return 0;
-    stale = (size_t)((end < old_size ? end : old_size) - (uint64_t)dst_off);
-    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)dst_off,
-                  (off_t)stale) == 0)
+    if (end > o->old_size)
+        end = o->old_size;
+    if (at >= o->hole_from && end <= o->hole_to)
         return 0;
-    return kc_write_all(fd, p, stale, dst_off, st);
+    if (kc_next_data(o->fd, at, &data) == 0) {
+        o->hole_from = at;
+        o->hole_to = data;
+        if (end <= data)
+            return 0;
+    }
+    if (fallocate(o->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)at,
+                  (off_t)(end - at)) == 0)
+        return 0;
+    return kc_write_all(o->fd, p, (size_t)(end - at), (int64_t)at, st);
+}
+
+/*
+ * Write block b (n bytes from source offset a) to the sparse output at out:
+ * runs of non-zero pages in one write each, runs of zero pages as holes.
+ * *tail_hole_ret: whether the block ends with a zero page.
+ */
+static int kc_write_sparse(struct kc_sparse_out *o, const char *b, size_t n, uint64_t a,
+                           uint64_t out, size_t page_size, int *tail_hole_ret,
+                           struct kc_stats *st)
+{
+    size_t p = 0, run = 0;
+    int run_zero = 0, rc;
+
+    while (p < n) {
+        size_t pe = (size_t)(kc_next_page(a + p, page_size) - a);
+        int zero;
+
+        if (pe > n)
+            pe = n;
+        zero = kc_is_zero(b + p, pe - p);
+        st->pages_sparse += (uint64_t)zero;
+        if (p > run && zero != run_zero) {
+            rc = run_zero ? kc_zero_run(o, b + run, p - run, out + run, st)
+                          : kc_write_all(o->fd, b + run, p - run, (int64_t)(out + run), st);
+            if (rc)
+                return rc;
+            run = p;
+        }
+        run_zero = zero;
+        p = pe;
+    }
+    *tail_hole_ret = run_zero;
+    if (n > run)
+        return run_zero ? kc_zero_run(o, b + run, n - run, out + run, st)
+                        : kc_write_all(o->fd, b + run, n - run, (int64_t)(out + run), st);
+    return 0;
 }
 
 int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
@@ -225,8 +299,9 @@ int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
                uint32_t flags, struct kc_stats *stats_ret)
 {
     struct kc_stats *st = stats_ret;
+    struct kc_sparse_out o = {dst_fd, 0, 0, 0};
     char *b = buf;
-    uint64_t done = 0, old_size = 0;
+    uint64_t done = 0;
     int sparse = (flags & KC_SPARSE) && dst_off >= 0;
     int tail_hole = 0;
     int rc;
@@ -243,7 +318,7 @@ int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
             return -errno;
         }
         if (S_ISREG(sb.st_mode))
-            old_size = (uint64_t)sb.st_size;
+            o.old_size = (uint64_t)sb.st_size;
         else
             sparse = 0;         /* holes only exist in regular files */
     }
@@ -255,49 +330,15 @@ int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
         rc = kc_read_block(src_fd, b, a, n, page_size, flags, st);
         if (rc)
             return rc;
-        if (!sparse) {
+        if (sparse)
+            rc = kc_write_sparse(&o, b, n, a, (uint64_t)out, page_size, &tail_hole, st);
+        else
             rc = kc_write_all(dst_fd, b, n, out, st);
-            if (rc)
-                return rc;
-        } else {
-            size_t p = 0, run = 0;
-            int in_run = 0;
-
-            while (p < n) {
-                size_t pe = (size_t)(kc_next_page(a + p, page_size) - a);
-
-                if (pe > n)
-                    pe = n;
-                if (kc_is_zero(b + p, pe - p)) {
-                    if (in_run) {
-                        rc = kc_write_all(dst_fd, b + run, p - run, out + (int64_t)run, st);
-                        if (rc)
-                            return rc;
-                        in_run = 0;
-                    }
-                    rc = kc_zero_run(dst_fd, b + p, pe - p, out + (int64_t)p, old_size, st);
-                    if (rc)
-                        return rc;
-                    st->pages_sparse++;
-                    tail_hole = 1;
-                } else {
-                    if (!in_run) {
-                        run = p;
-                        in_run = 1;
-                    }
-                    tail_hole = 0;
-                }
-                p = pe;
-            }
-            if (in_run) {
-                rc = kc_write_all(dst_fd, b + run, n - run, out + (int64_t)run, st);
-                if (rc)
-                    return rc;
-            }
-        }
+        if (rc)
+            return rc;
         done += n;
     }
-    if (sparse && tail_hole && (uint64_t)dst_off + len > old_size) {
+    if (sparse && tail_hole && (uint64_t)dst_off + len > o.old_size) {
         /* The last pages were holes: the file must still reach the end of the range. */
         struct stat sb;
 

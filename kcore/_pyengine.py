@@ -109,6 +109,17 @@ def _write_all(fd: int, data, off: int | None, stats: CopyStats, dst_path: objec
         stats.bytes_written += n
 
 
+def _is_hole(fd: int, off: int, n: int) -> bool:
+    """Whether [off, off+n) of fd holds no data (SEEK_DATA), keeping the file position."""
+    cur = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        return os.lseek(fd, off, os.SEEK_DATA) >= off + n
+    except OSError as exc:
+        return exc.errno == errno.ENXIO
+    finally:
+        os.lseek(fd, cur, os.SEEK_SET)
+
+
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int | None, length: int,
                *, sparse: bool = False, strict: bool = False, page_size: int = 4096,
                progress: Progress | None = None, path: object = None,
@@ -138,8 +149,9 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int | None
                 tail_hole = not any(page)
                 if tail_hole:
                     stats.pages_sparse += 1
-                    if out + (p - pos) < old_size:  # stale data below the old end: overwrite
-                        _write_all(dst_fd, page, out + (p - pos), stats, dst_path)
+                    at = out + (p - pos)
+                    if at < old_size and not _is_hole(dst_fd, at, min(len(page), old_size - at)):
+                        _write_all(dst_fd, page, at, stats, dst_path)  # zeros over stale data
                 else:
                     _write_all(dst_fd, page, out + (p - pos), stats, dst_path)
                 p = pe

@@ -72,3 +72,59 @@ def test_bad_source_fd_is_oserror(eng):
     with pytest.raises(OSError) as exc:
         eng.read_range(r, 0, PAGE)
     assert exc.value.errno == errno.EBADF
+
+
+def _data_pages(path) -> set[int]:
+    """Pages of a file that hold data, by SEEK_DATA/SEEK_HOLE."""
+    fd = os.open(path, os.O_RDONLY)
+    pages, pos = set(), 0
+    try:
+        while True:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                return pages
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            pages.update(range(start // PAGE, pos // PAGE))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["presized", "stale"])
+def test_sparse_copy_into_a_presized_file(tmp_path, eng, stale):
+    """An output sized first (ftruncate) or holding old bytes: zeros read back, as holes."""
+    kinds = [1, 0, 0, 1, 1, 0, 0, 0, 1] * 40 + [0, 0]
+    data = b"".join(os.urandom(PAGE) if k else bytes(PAGE) for k in kinds)
+    fd = _file(tmp_path / "src", data)
+    out = tmp_path / "out"
+    d = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if stale:
+            os.write(d, b"\xee" * len(data))
+        else:
+            os.ftruncate(d, len(data))
+        os.lseek(d, 1234, os.SEEK_SET)
+        st = eng.copy_range(fd, 0, d, 0, len(data), sparse=True)
+        assert os.lseek(d, 0, os.SEEK_CUR) == 1234  # the file position is left alone
+    finally:
+        os.close(d)
+    assert out.read_bytes() == data
+    assert st.pages_sparse == kinds.count(0)
+    if eng is engine or not stale:  # the oracle writes zeros over stale bytes; C punches holes
+        assert _data_pages(out) == {i for i, k in enumerate(kinds) if k}
+
+
+def test_sparse_is_ignored_for_pipes_and_devices(tmp_path, eng):
+    data = os.urandom(PAGE) + bytes(3 * PAGE) + os.urandom(10)
+    fd = _file(tmp_path / "src", data)
+    r, w = os.pipe()
+    try:
+        st = eng.copy_range(fd, 0, w, None, len(data), sparse=True)
+        os.close(w)
+        w = -1
+        assert os.read(r, 1 << 20) == data
+        assert st.pages_sparse == 0 and st.bytes_written == len(data)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)

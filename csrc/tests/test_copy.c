@@ -158,6 +158,17 @@ static void test_proc_self_mem_holes(void)
     CHECK(lseek(dst, 0, SEEK_DATA) == 2 * PAGE);
     CHECK(lseek(dst, 2 * PAGE, SEEK_HOLE) == 100 * PAGE);
     CHECK(pread(dst, out, NP * PAGE, 0) == NP * PAGE && memcmp(out, want, NP * PAGE) == 0);
+
+    /* Again over stale bytes: the zero runs become holes again, the file position stays. */
+    memset(out, 0xEE, NP * PAGE);
+    CHECK(pwrite(dst, out, NP * PAGE, 0) == NP * PAGE);
+    CHECK(lseek(dst, 77, SEEK_SET) == 77);
+    CHECK(kc_copy_fd(fd, (uintptr_t)map, dst, 0, NP * PAGE, out, BLOCK, PAGE, KC_SPARSE,
+                     &st) == 0);
+    CHECK(lseek(dst, 0, SEEK_CUR) == 77);
+    CHECK(lseek(dst, 0, SEEK_DATA) == 2 * PAGE);
+    CHECK(lseek(dst, 2 * PAGE, SEEK_HOLE) == 100 * PAGE);
+    CHECK(pread(dst, out, NP * PAGE, 0) == NP * PAGE && memcmp(out, want, NP * PAGE) == 0);
     close(dst);
 
     munmap(map, NP * PAGE);
