@@ -334,3 +334,31 @@ def test_progress_and_chunks(tmp_path, monkeypatch):
         os.close(d)
     assert out.read_bytes() == data[3:]
     assert sum(seen) == len(data) - 3 and len(seen) == 5
+
+
+def test_interrupt_is_seen_between_chunks():
+    """A signal handler's exception (as Ctrl-C's KeyboardInterrupt) stops a 1 TiB copy quickly."""
+
+    class Stop(Exception):
+        pass
+
+    def on_alarm(signum, frame):
+        raise Stop
+
+    src = os.open("/dev/zero", os.O_RDONLY)
+    null = os.open("/dev/null", os.O_WRONLY)
+    seen: list[int] = []
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        t = time.monotonic()
+        with pytest.raises(Stop):
+            engine.copy_range(src, 0, null, None, 1 << 40, progress=seen.append)
+        elapsed = time.monotonic() - t
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        os.close(src)
+        os.close(null)
+    assert elapsed < 10
+    assert seen and all(n == engine.CHUNK for n in seen)
