@@ -32,6 +32,17 @@ def best_time(fn: Callable[[], object], rounds: int = 3,
     return best
 
 
+def best_times(fns: list[Callable[[], object]], rounds: int = 3) -> list[float]:
+    """Best wall time of each fn, run interleaved round by round so they share the noise."""
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
+
+
 @pytest.fixture
 def record(request) -> Callable[[str, str, str, bool], None]:
     """record(what, measured, target, ok): print one result line and keep it for RESULTS.md."""

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import best_time
+from conftest import best_time, best_times
 from engine_memchild import PAGE, MemChild
 
 from kcore import _pyengine, engine
@@ -70,13 +70,14 @@ def test_dense_1gib_to_dev_null_vs_dd(benchmark, dense_src, null_fd, record):
     src = os.open(dense_src, os.O_RDONLY)
     dd = ["dd", f"if={dense_src}", "of=/dev/null", "bs=1M", "status=none"]
     try:
-        dd_time = best_time(lambda: subprocess.run(dd, check=True), rounds=3)
-        benchmark.pedantic(engine.copy_range, args=(src, 0, null_fd, None, GIB),
-                           rounds=3, warmup_rounds=1)
-        dd_time = min(dd_time, best_time(lambda: subprocess.run(dd, check=True), rounds=2))
+        benchmark.pedantic(engine.copy_range, args=(src, 0, null_fd, None, GIB), rounds=2,
+                           warmup_rounds=1)
+        dd_time, ours = best_times([lambda: subprocess.run(dd, check=True),
+                                    lambda: engine.copy_range(src, 0, null_fd, None, GIB)],
+                                   rounds=5)
     finally:
         os.close(src)
-    ours = benchmark.stats.stats.min
+    ours = min(ours, benchmark.stats.stats.min)
     ratio = dd_time / ours
     record("dense 1 GiB to /dev/null: engine speed / `dd bs=1M`",
            f"{ratio:.2f}x ({GIB / ours / 1e9:.1f} vs {GIB / dd_time / 1e9:.1f} GB/s)",
@@ -98,9 +99,16 @@ def test_sparse_vs_dense_1gib_to_new_file(benchmark, sparse_src, record):
         return (src, 0, fds[0], 0, GIB), {"sparse": True}
 
     try:
-        dense = best_time(lambda: engine.copy_range(src, 0, fds[0], 0, GIB), rounds=3,
-                          setup=fresh)
-        benchmark.pedantic(engine.copy_range, setup=fresh, rounds=3, warmup_rounds=0)
+        benchmark.pedantic(engine.copy_range, setup=fresh, rounds=2, warmup_rounds=0)
+        ours, dense = float("inf"), float("inf")
+        for _ in range(3):  # interleaved, so both see the same noise
+            ours = min(ours, best_time(lambda: engine.copy_range(src, 0, fds[0], 0, GIB,
+                                                                 sparse=True),
+                                       rounds=1, setup=fresh))
+            dense = min(dense, best_time(lambda: engine.copy_range(src, 0, fds[0], 0, GIB),
+                                         rounds=1, setup=fresh))
+        fresh()
+        engine.copy_range(src, 0, fds[0], 0, GIB, sparse=True)
         st = os.stat(out)
         assert st.st_size == GIB and st.st_blocks * 512 <= GIB // 19
         assert subprocess.run(["cmp", "-s", str(sparse_src), str(out)]).returncode == 0
@@ -109,7 +117,7 @@ def test_sparse_vs_dense_1gib_to_new_file(benchmark, sparse_src, record):
             os.close(fd)
         out.unlink(missing_ok=True)
         os.close(src)
-    ours = benchmark.stats.stats.min
+    ours = min(ours, benchmark.stats.stats.min)
     ratio = dense / ours
     record("1 GiB, 95% zero pages, to a new file on tmpfs: sparse / dense engine copy",
            f"{ratio:.2f}x ({GIB / ours / 1e9:.1f} vs {GIB / dense / 1e9:.1f} GB/s)",
@@ -124,15 +132,16 @@ def test_one_percent_unreadable_vs_python_oracle(benchmark, dense_src, null_fd, 
     with MemChild() as child:
         addr = child.map(dense_src, npages, holes)
         engine.copy_range(child.fd, addr, null_fd, None, GIB)  # fault the child's page tables in
-        py_stats = []
-        oracle = best_time(
-            lambda: py_stats.append(_pyengine.copy_range(child.fd, addr, null_fd, None, GIB)),
-            rounds=2)
         c_stats = benchmark.pedantic(engine.copy_range,
-                                     args=(child.fd, addr, null_fd, None, GIB), rounds=3)
+                                     args=(child.fd, addr, null_fd, None, GIB), rounds=2)
+        py_stats = []
+        oracle, ours = best_times([
+            lambda: py_stats.append(_pyengine.copy_range(child.fd, addr, null_fd, None, GIB)),
+            lambda: engine.copy_range(child.fd, addr, null_fd, None, GIB),
+        ], rounds=2)
     assert c_stats == py_stats[0]
     assert c_stats.pages_zero_filled == len(holes)
-    ours = benchmark.stats.stats.min
+    ours = min(ours, benchmark.stats.stats.min)
     ratio = oracle / ours
     record("1 GiB /proc/PID/mem, 1% unmapped pages, to /dev/null: engine / Python oracle",
            f"{ratio:.2f}x ({GIB / ours / 1e9:.2f} vs {GIB / oracle / 1e9:.2f} GB/s)",
