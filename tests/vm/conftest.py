@@ -43,6 +43,12 @@ def nokaslr_guest(vm_pool: Pool) -> Guest:
 
 
 @pytest.fixture
+def kaslr_guest(vm_pool: Pool) -> Guest:
+    """The KASLR guest (512 MiB)."""
+    return vm_pool.get("kaslr")
+
+
+@pytest.fixture
 def big_guest(vm_pool: Pool) -> Guest:
     """The guest with RAM above 4 GiB."""
     return vm_pool.get("big")
@@ -54,7 +60,8 @@ def _guest_of(item: pytest.Item) -> str | None:
     for argname in ("guest", "small_guest"):
         if callspec is not None and argname in callspec.params:
             return callspec.params[argname]
-    for argname, name in (("nokaslr_guest", "nokaslr"), ("big_guest", "big")):
+    for argname, name in (("nokaslr_guest", "nokaslr"), ("kaslr_guest", "kaslr"),
+                           ("big_guest", "big")):
         if argname in getattr(item, "fixturenames", ()):
             return name
     return None

@@ -549,8 +549,11 @@ def boot(config: VmConfig) -> Vm:
 
 
 def ensure_built() -> None:
-    """Build the C core in place if missing: the guest imports this checkout and cannot build."""
-    if list((REPO / "kcore").glob("_kcore_c*.so")) or not (REPO / "csrc").is_dir():
+    """Build the C core in place if missing or stale: the guest imports this checkout as is."""
+    if not (REPO / "csrc").is_dir():
+        return
+    built = [p.stat().st_mtime for p in (REPO / "kcore").glob("_kcore_c*.so")]
+    if built and min(built) > max(p.stat().st_mtime for p in (REPO / "csrc").rglob("*.[ch]")):
         return
     with _locked(CACHE / "build.lock"):
         subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=REPO,

@@ -1,0 +1,29 @@
+"""kcore bench in the guest: dd on the real /proc/kcore against kcore, as ratios."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from guests import Guest
+from test_harness import loads
+
+from kcore.kclist import ALL_ONES
+
+
+def test_bench_against_real_kcore(kaslr_guest: Guest) -> None:
+    """Four runs over all RAM segments, speedups over dd with 1 MiB and 4 KiB blocks."""
+    small_guest = kaslr_guest
+    out = small_guest.vm.kcore("bench", "--against", "/proc/kcore", "--json").check().stdout
+    result = json.loads(out)
+    ram = [p for p in loads(small_guest)
+           if p["p_paddr"] != ALL_ONES and p["p_vaddr"] < 0xFFFFFFFF80000000]
+    assert result["bytes"] == sum(p["p_filesz"] for p in ram)
+    assert result["segments"] == len(ram)
+    assert [r["name"] for r in result["runs"]] == ["dd-1M", "dd-4k", "kcore-engine", "kcore-dump"]
+    for r in result["runs"]:
+        assert r["bytes"] == result["bytes"] and r["seconds"] > 0
+    assert set(result["speedup"]) == {f"{a}/{b}" for a in ("kcore-engine", "kcore-dump")
+                                      for b in ("dd-1M", "dd-4k")}
+    assert all(0 < v and math.isfinite(v) for v in result["speedup"].values())
+    print(json.dumps(result, indent=1))
