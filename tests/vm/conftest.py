@@ -67,12 +67,15 @@ def _guest_of(item: pytest.Item) -> str | None:
     return None
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Every test under tests/vm is a `vm` test (before -m selects)."""
+    if Path(str(item.fspath)).is_relative_to(qemu_vm.HERE):
+        item.add_marker(pytest.mark.vm)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark tests/vm as `vm`; group them by guest (one boot each), guest-changing tests last."""
-    for item in items:
-        if Path(str(item.fspath)).is_relative_to(qemu_vm.HERE):
-            item.add_marker(pytest.mark.vm)
+    """Group vm tests by guest (one boot each), guest-changing tests last within a group."""
     order = list(CONFIGS)
     slots = [i for i, item in enumerate(items) if _guest_of(item) is not None]
     chosen = [items[i] for i in slots]
