@@ -8,15 +8,19 @@ import os
 import threading
 from typing import Any
 
+from kcore import _native
+from kcore._native import ffi
 from kcore.elfcore import KcoreHeader, build_header
+from kcore.engine import BLOCK
 from kcore.kclist import KcoreType
 from kcore.vmem import PageWalker, walker_for
 
-# read() fills a per-thread scratch buffer of up to this size, then copies it out once:
-# one allocation per call, like os.pread (a fresh bytearray would be allocated and zeroed).
-SCRATCH_MAX = 8 << 20
 _ZERO_CHUNK = 1 << 20
 _ZEROS = memoryview(bytes(_ZERO_CHUNK))
+_kc_read_fd = _native.lib.kc_read_fd
+_FAST_MAX = 64 << 20  # one C call at most this long, so Ctrl-C is seen between calls
+_SMALL = 64 << 10  # pread() up to this size goes through a per-thread scratch buffer
+_bisect_right = bisect.bisect_right
 # How each kclist type's bytes are found (read_kcore()'s switch on m->type).
 _RAM, _TEXT, _WALK = 0, 1, 2
 # Sources whose memory changes while we read: page-table pages are not cached across reads.
@@ -51,10 +55,11 @@ class KcoreFile(io.RawIOBase):
         self._direct = getattr(self.source, "kind", "") == "kcore"
         self._live = getattr(self.source, "kind", "") in _LIVE_KINDS
         self.walker: PageWalker | None = walker_for(system)
+        self._tls = threading.local()
         self._build_map()
+        self._pread = self.pread = self._make_pread()  # type: ignore[method-assign]
         self._pos = 0
         self._pos_lock = threading.Lock()
-        self._tls = threading.local()
 
     def _build_map(self) -> None:
         """Sort the PT_LOADs by file offset: (start, end, how, base) with base a paddr or vaddr."""
@@ -84,6 +89,25 @@ class KcoreFile(io.RawIOBase):
             hows.append(how)
             bases.append(base)
         self._starts, self._ends, self._hows, self._bases = starts, ends, hows, bases
+        # The fast table: kcore offsets whose bytes sit at (offset + delta) in the source
+        # file, where a RAM segment meets one source extent.
+        fast = []
+        src = self.source
+        if not self._direct and hasattr(src, "extents"):
+            for start, end, how, base in zip(starts, ends, hows, bases, strict=True):
+                if how != _RAM:
+                    continue
+                for ext in src.extents:
+                    lo = max(base, ext.paddr)
+                    hi = min(base + end - start, ext.paddr + ext.length)
+                    if lo < hi:
+                        k = start + lo - base
+                        fast.append((k, k + hi - lo, ext.offset + lo - ext.paddr - k))
+        fast.sort()
+        self._fd = getattr(src, "fd", -1)
+        self._fstarts = [f[0] for f in fast]
+        self._fends = [f[1] for f in fast]
+        self._fdeltas = [f[2] for f in fast]
 
     # ---- positional reads (thread-safe: no shared position) --------------------------------
 
@@ -100,31 +124,71 @@ class KcoreFile(io.RawIOBase):
 
     def pread(self, length: int, offset: int) -> bytes:
         """The bytes at file offset `offset`, up to `length` of them (b"" at EOF)."""
-        if offset < 0 or length < 0:
-            raise ValueError(f"negative offset or length: {offset}, {length}")
-        n = min(length, self._size - offset)
-        if n <= 0:
-            return b""
-        if n > SCRATCH_MAX:
-            buf = bytearray(n)
-            self._fill(offset, memoryview(buf))
-            return bytes(buf)
-        view = self._scratch(n)
-        self._fill(offset, view)
-        return bytes(view)
+        return self._pread(length, offset)  # replaced per instance by _make_pread()
 
-    def _scratch(self, n: int) -> memoryview:
-        """This thread's reusable buffer, as a view of n bytes."""
-        tls = self._tls
-        view = getattr(tls, "view", None)
-        if view is None or len(view) < n:
-            view = memoryview(bytearray(max(n, 1 << 16)))
-            tls.view = view
-        return view[:n]
+    def _make_pread(self) -> Any:
+        """Build pread() as a closure over this file's tables (the 4 KiB random-read path)."""
+        size, fd, path = self._size, self._fd, self.source.path
+        fstarts, fends, fdeltas = self._fstarts, self._fends, self._fdeltas
+        tls, new_scratch, fill = self._tls, self._new_scratch, self._fill
+        bisect_right, kc_read_fd, check = bisect.bisect_right, _kc_read_fd, _native.check
+
+        def pread(length: int, offset: int) -> bytes:
+            """The bytes at file offset `offset`, up to `length` of them (b"" at EOF)."""
+            n = size - offset
+            if length < n:
+                n = length
+            if n <= 0 or offset < 0:
+                if offset < 0 or length < 0:
+                    raise ValueError(f"negative offset or length: {offset}, {length}")
+                return b""
+            # Fast path: inside one RAM segment and one source extent: one C engine call
+            # (unreadable pages still become zeros), and a single copy of the data.
+            i = bisect_right(fstarts, offset) - 1
+            if i >= 0 and offset + n <= fends[i] and n <= _FAST_MAX:
+                try:
+                    view, cbuf, st = tls.scratch
+                except AttributeError:
+                    view, cbuf, st = new_scratch()
+                if n <= _SMALL:  # this thread's scratch buffer, then one small copy
+                    rc = kc_read_fd(fd, offset + fdeltas[i], cbuf, n, BLOCK, 4096, 0, st)
+                    if rc:
+                        check(rc, st, path=path)
+                    return view[:n].tobytes()
+                # Large reads fill a new bytes object in place: nothing else can see it yet,
+                # as with CPython's own PyBytes_FromStringAndSize(NULL, n) then read().
+                out = bytes(n)
+                with ffi.from_buffer(out) as ptr:
+                    rc = kc_read_fd(fd, offset + fdeltas[i], ptr, n, BLOCK, 4096, 0, st)
+                if rc:
+                    check(rc, st, path=path)
+                return out
+            buf = bytearray(n)
+            fill(offset, memoryview(buf))
+            return bytes(buf)
+
+        return pread
+
+    def _new_scratch(self) -> tuple[memoryview, Any, Any]:
+        """Give this thread a reusable small-read buffer, its cffi pointer and C stats."""
+        buf = bytearray(_SMALL)
+        scratch = (memoryview(buf), ffi.from_buffer(buf, require_writable=True),
+                   _native.new_stats())
+        self._tls.scratch = scratch
+        return scratch
 
     def _fill(self, offset: int, view: memoryview) -> None:
         """read_kcore(): header, then each segment's bytes, zeros where nothing is."""
         n = len(view)
+        i = bisect.bisect_right(self._fstarts, offset) - 1
+        if i >= 0 and offset + n <= self._fends[i] and n <= _FAST_MAX:  # see pread
+            st = _native.new_stats()
+            with ffi.from_buffer(view, require_writable=True) as cbuf:
+                rc = _kc_read_fd(self._fd, offset + self._fdeltas[i], cbuf, n, BLOCK, 4096, 0,
+                                 st)
+            if rc:
+                _native.check(rc, st, path=self.source.path)
+            return
         pos = 0
         if offset < self._data_offset:
             pos = min(n, self._data_offset - offset)
@@ -161,6 +225,8 @@ class KcoreFile(io.RawIOBase):
 
     def readinto(self, buf: Any) -> int:
         """Read into buf at the current position; advance it."""
+        if self.closed:
+            raise ValueError("readinto of a closed KcoreFile")
         view = memoryview(buf).cast("B")
         with self._pos_lock:
             pos = self._pos
@@ -172,12 +238,14 @@ class KcoreFile(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         """Read up to size bytes at the current position (all to EOF if size < 0)."""
+        if self.closed:
+            raise ValueError("read of a closed KcoreFile")
         with self._pos_lock:
             pos = self._pos
             left = max(0, self._size - pos)
             n = left if size is None or size < 0 else min(size, left)
             self._pos = pos + n
-        return self.pread(n, pos) if n else b""
+        return self._pread(n, pos) if n else b""
 
     def readall(self) -> bytes:
         """Read to EOF (the file is as large as the kernel's address space: beware)."""
@@ -185,6 +253,11 @@ class KcoreFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         """Move the position; return it."""
+        if whence == os.SEEK_SET and offset >= 0:
+            self._pos = offset  # a plain store: atomic, no lock needed
+            return offset
+        if self.closed:
+            raise ValueError("seek of a closed KcoreFile")
         with self._pos_lock:
             if whence == os.SEEK_SET:
                 pos = offset
