@@ -308,6 +308,8 @@ def hostile_cases() -> list[tuple[str, bytes, type, str]]:
         ("absurd.elf", absurd, ElfFormatError, "0x"),
         ("phnum.elf", huge_phnum, ElfFormatError, "0x40"),
         ("elf32.elf", b"\x7fELF\x01\x01\x01" + bytes(57), ElfFormatError, "0x4"),
+        ("noload.elf", build_elf([]), ElfFormatError, "0x40"),
+        ("vmalloc-only.elf", build_elf([(ALL_ONES, bytes(16))]), ElfFormatError, "0x40"),
         ("back.lime", lime_range(0x2000, b"", e_addr=0x1000), LimeFormatError, "0x0"),
         ("trunc.lime", lime_range(0, bytes(4096)) + lime_range(0x2000, bytes(4096))[:-1],
          LimeFormatError, "0x1020"),

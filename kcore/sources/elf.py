@@ -51,6 +51,7 @@ class ElfCore(NamedTuple):
     """The parts of an ELF core a memory source needs."""
 
     e_machine: int
+    phoff: int
     phdrs: list[Phdr]
     notes: list[tuple[bytes, int, bytes]]  # (name, type, desc)
     size: int
@@ -105,7 +106,7 @@ def parse_elf_core(fd: int, path: str, *, size: int | None = None) -> ElfCore:
                                      f"({ph.p_filesz:#x} bytes)")
             notes += parse_notes(need(ph.p_offset, ph.p_filesz, "PT_NOTE data"),
                                  ph.p_offset, path)
-    return ElfCore(e_machine, phdrs, notes, size)
+    return ElfCore(e_machine, e_phoff, phdrs, notes, size)
 
 
 def parse_notes(data: bytes, base: int, path: str) -> list[tuple[bytes, int, bytes]]:
@@ -148,6 +149,9 @@ class ElfSource(MemorySource):
             core = parse_elf_core(fd, path)
             extents = [Extent(ph.p_paddr, ph.p_filesz, ph.p_offset) for ph in core.phdrs
                        if ph.p_type == PT_LOAD and ph.p_filesz and ph.p_paddr != ALL_ONES]
+            if not extents:
+                raise ElfFormatError(f"{path}: no PT_LOAD with a physical address (p_paddr) in "
+                                     f"the program headers at offset {core.phoff:#x}")
             src = cls(spec or f"elf:{path}", path, fd,
                       check_extents(extents, path, ElfFormatError), vmcoreinfo_of(core))
             src.core = core
