@@ -362,3 +362,39 @@ def test_sources_are_opened_read_only(tmp_path: Path) -> None:
         assert fcntl.fcntl(src.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         src.read_phys(0, 8192)
     assert path.read_bytes() == before
+
+
+# ---- fuzzing: any damage is a one-line SourceError, never another exception ---------------
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as hst
+except ImportError:  # pragma: no cover
+    given = None
+
+if given is not None:
+    _SEEDS = [
+        build_elf([(0x1000, bytes(64)), (0x3000, bytes(32))],
+                  note(b"VMCOREINFO", 0, b"OSRELEASE=6.1\n")),
+        lime_range(0x1000, bytes(64)) + lime_range(0x4000, bytes(32)),
+    ]
+
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(seed=hst.sampled_from(_SEEDS),
+           edits=hst.lists(hst.tuples(hst.integers(0, 400), hst.integers(0, 255)), max_size=8),
+           cut=hst.integers(0, 500))
+    def test_damaged_cores_fail_cleanly(tmp_path_factory, seed: bytes, edits, cut: int) -> None:
+        """Byte flips and truncations of small ELF and LiME files: open or a SourceError."""
+        data = bytearray(seed)
+        for at, value in edits:
+            if at < len(data):
+                data[at] = value
+        path = tmp_path_factory.mktemp("fuzz") / "core"
+        path.write_bytes(bytes(data[:cut]))
+        try:
+            with open_source(str(path)) as src:
+                for e in src.extents[:4]:
+                    src.read_phys(e.paddr, min(e.length, 1 << 16))
+        except SourceError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc)
