@@ -110,20 +110,26 @@ def _read_text(root: Path, rel: str, *, required: bool = True) -> str | None:
         raise InputError(f"{path}: {exc.strerror}") from None
 
 
-def memory_block_states(root: Path) -> tuple[tuple[str, str], ...] | None:
-    """The online/offline state of every memory block under sys/devices/system/memory."""
+def online_memory_blocks(root: Path) -> frozenset[str] | None:
+    """The memory blocks under sys/devices/system/memory that are online.
+
+    kcore_callback() flags an update only on MEM_ONLINE and MEM_OFFLINE: a block that
+    appears offline (a DIMM added, not yet onlined) changes nothing, so this set is what
+    the need-update flag follows.
+    """
     base = root / "sys/devices/system/memory"
     try:
-        names = sorted(p.name for p in base.iterdir() if p.name.startswith("memory"))
+        names = [p.name for p in base.iterdir() if p.name.startswith("memory")]
     except OSError:
         return None
-    states = []
+    online = set()
     for name in names:
         try:
-            states.append((name, (base / name / "state").read_text().strip()))
+            if (base / name / "state").read_text().strip() == "online":
+                online.add(name)
         except OSError:
-            states.append((name, "?"))
-    return tuple(states)
+            continue
+    return frozenset(online)
 
 
 @dataclass
@@ -301,7 +307,7 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
                                          layout.page_size)
 
     kclist = KcoreList(layout, ram_source, flavour=flavour,
-                       hotplug_state=lambda: memory_block_states(root))
+                       hotplug_state=lambda: online_memory_blocks(root))
     return System(root=root, source=src, layout=layout, vmcoreinfo=info, cmdline=cmdline,
                   osrelease=osrelease or info.osrelease or "", task_struct_size=task_size,
                   kclist=kclist, symbols=syms, flavour=flavour)

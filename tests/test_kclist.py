@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kcore.discover import memory_block_states, parse_iomem
+from kcore.discover import online_memory_blocks, parse_iomem
 from kcore.kclist import (
     KcoreList,
     KcoreType,
@@ -144,7 +144,7 @@ def test_hotplug_rebuilds_ram_on_next_refresh(tmp_path: Path):
         return ram_ranges_from_resources(
             parse_iomem((tmp_path / "proc/iomem").read_text()).system_ram())
 
-    kl = KcoreList(L4, ram, hotplug_state=lambda: memory_block_states(tmp_path))
+    kl = KcoreList(L4, ram, hotplug_state=lambda: online_memory_blocks(tmp_path))
     assert len(kl.entries) == 3 + 4
     assert kl.refresh() is False  # nothing changed: no rebuild
 
@@ -155,8 +155,17 @@ def test_hotplug_rebuilds_ram_on_next_refresh(tmp_path: Path):
     assert ram_entries_now[-1].vaddr == 0xFFFF888000000000 + 0x100000000
     assert ram_entries_now[-1].size == 0x40000000
 
+    # A DIMM added but not onlined is no MEM_ONLINE event: the kclist stays as it was.
+    _write_root(tmp_path, base + "100000000-13fffffff : System RAM\n"
+                "140000000-17fffffff : System RAM\n", {"memory10": "offline"})
+    assert kl.refresh() is False
+    assert [e.vaddr for e in kl.entries if e.type == KcoreType.RAM][-1] == (
+        0xFFFF888000000000 + 0x100000000)
+
     # And goes away again.
     _write_root(tmp_path, base, {"memory8": "offline"})
+    (tmp_path / "sys/devices/system/memory/memory10/state").unlink()
+    (tmp_path / "sys/devices/system/memory/memory10").rmdir()
     assert kl.refresh() is True
     assert [e.vaddr for e in kl.entries if e.type == KcoreType.RAM] == [
         0xFFFF888000001000, 0xFFFF888000100000]

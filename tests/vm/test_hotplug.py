@@ -104,8 +104,6 @@ def test_hotplug_offline_dimm_not_in_real_kcore(nokaslr_guest: Guest, hotplug) -
     assert hotplug["offline"].real == hotplug["boot"].real
 
 
-@pytest.mark.xfail(strict=True, reason="kclist rebuilds when an offline memory block appears; "
-                   "the kernel's kcore_callback only on MEM_ONLINE/MEM_OFFLINE")
 def test_hotplug_offline_reopened(nokaslr_guest: Guest, hotplug) -> None:
     """A kcore kept open does not rebuild for a DIMM that was added but not onlined."""
     assert hotplug["offline"].reopened == hotplug["offline"].real
