@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import ctypes
 import io
 import os
 import threading
@@ -20,6 +21,20 @@ _ZEROS = memoryview(bytes(_ZERO_CHUNK))
 _kc_read_fd = _native.lib.kc_read_fd
 _FAST_MAX = 64 << 20  # one C call at most this long, so Ctrl-C is seen between calls
 _SMALL = 64 << 10  # pread() up to this size goes through a per-thread scratch buffer
+
+
+def _bytes_factory() -> Any:
+    """PyBytes_FromStringAndSize (NULL: uninitialised contents); bytes(n), zeroed, elsewhere."""
+    try:
+        fn = ctypes.pythonapi.PyBytes_FromStringAndSize
+    except AttributeError:  # pragma: no cover - not CPython
+        return lambda _null, n: bytes(n)
+    fn.restype = ctypes.py_object
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    return fn
+
+
+_new_bytes = _bytes_factory()
 _bisect_right = bisect.bisect_right
 # How each kclist type's bytes are found (read_kcore()'s switch on m->type).
 _RAM, _TEXT, _WALK = 0, 1, 2
@@ -155,9 +170,9 @@ class KcoreFile(io.RawIOBase):
                     if rc:
                         check(rc, st, path=path)
                     return view[:n].tobytes()
-                # Large reads fill a new bytes object in place: nothing else can see it yet,
-                # as with CPython's own PyBytes_FromStringAndSize(NULL, n) then read().
-                out = bytes(n)
+                # Large reads fill a new, uninitialised bytes object in place before anything
+                # else can see it: CPython's own PyBytes_FromStringAndSize(NULL, n) + read().
+                out = _new_bytes(None, n)
                 with ffi.from_buffer(out) as ptr:
                     rc = kc_read_fd(fd, offset + fdeltas[i], ptr, n, BLOCK, 4096, 0, st)
                 if rc:
@@ -242,10 +257,13 @@ class KcoreFile(io.RawIOBase):
             raise ValueError("read of a closed KcoreFile")
         with self._pos_lock:
             pos = self._pos
-            left = max(0, self._size - pos)
-            n = left if size is None or size < 0 else min(size, left)
+            n = self._size - pos
+            if size is not None and 0 <= size < n:
+                n = size
+            if n <= 0:
+                return b""
             self._pos = pos + n
-        return self._pread(n, pos) if n else b""
+        return self._pread(n, pos)
 
     def readall(self) -> bytes:
         """Read to EOF (the file is as large as the kernel's address space: beware)."""
@@ -253,7 +271,7 @@ class KcoreFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         """Move the position; return it."""
-        if whence == os.SEEK_SET and offset >= 0:
+        if whence == 0 and offset >= 0:  # SEEK_SET
             self._pos = offset  # a plain store: atomic, no lock needed
             return offset
         if self.closed:
