@@ -341,3 +341,48 @@ def test_cli_read_hostile_source_is_one_line(tmp_path: Path) -> None:
     lines = res.stderr.decode().splitlines()
     assert len(lines) == 1 and str(bad) in lines[0] and "0x0" in lines[0]
     assert "Traceback" not in res.stderr.decode()
+
+
+def test_vm_ram_seen_through_a_process_pid_source() -> None:
+    """pid:PID:START-END@0 over a process mapping the RAM file: kcore reads as the real one."""
+    import subprocess
+    import sys
+
+    name = NOKASLR
+    image = fixture_memory(name)
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import mmap, sys\n"
+         f"f = open({str(image)!r}, 'rb')\n"
+         "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+         "print('ready', flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        maps = Path(f"/proc/{child.pid}/maps").read_text().splitlines()
+        line = next(ln for ln in maps if ln.endswith(str(image)))
+        start, end = line.split()[0].split("-")
+        spec = f"pid:{child.pid}:{start}-{end}@0"
+        with kcore.open(str(shared_fixture(name) / "root"), spec) as f:
+            assert f.source.kind == "pid"
+            for r in meta(name)["reads"][:2]:
+                assert f.pread(r["length"], r["kcore_offset"]) == expected_bytes(name, r["file"])
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+
+
+def test_seed_layout_reads_at_its_own_offsets(kf) -> None:
+    """layout="2.6": offsets are vaddr - PAGE_OFFSET + elf_buflen; the bytes are the same."""
+    name, f = kf
+    m = meta(name)
+    with kcore.open(str(shared_fixture(name) / "root"), source_spec(name), layout="2.6") as old:
+        assert old.header.data_offset != f.header.data_offset or old.header.loads != \
+            f.header.loads
+        for r in m["reads"][:2]:
+            entry, p_offset = next((e, o) for e, o in old.header.loads
+                                   if e.vaddr <= r["vaddr"] < e.vaddr + e.size)
+            at = p_offset + r["vaddr"] - entry.vaddr
+            assert old.pread(r["length"], at) == expected_bytes(name, r["file"])
+        assert ELFFile(old).header["e_phnum"] == len(old.header.loads) + 1

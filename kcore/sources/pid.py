@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 from kcore.errors import SourceError
@@ -41,9 +40,13 @@ class PidSource(MemorySource):
 
     @classmethod
     def open(cls, body: str, root: str = "/", spec: str | None = None) -> PidSource:
-        """Open root/proc/PID/mem read-only for the ranges in `body`."""
+        """Open /proc/PID/mem read-only for the ranges in `body`.
+
+        The process is one of this host (e.g. the VM's), while `root` describes the kernel whose
+        memory it holds (the guest): so /proc here is the host's, never root-relative.
+        """
         pid, extents = parse_pid_spec(body)
-        path = os.path.join(root, f"proc/{pid}/mem")
+        path = f"/proc/{pid}/mem"
         extents = check_extents(extents, path, SourceError)
         fd = open_readonly(path)
         return cls(spec or f"pid:{body}", path, fd, extents)
