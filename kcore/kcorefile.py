@@ -128,6 +128,8 @@ class KcoreFile(io.RawIOBase):
 
     def preadinto(self, buf: Any, offset: int) -> int:
         """Fill buf with the bytes at file offset `offset`; return the count (0 at EOF)."""
+        if self.closed:
+            raise ValueError("read of a closed KcoreFile")
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
         view = memoryview(buf).cast("B")
@@ -312,9 +314,18 @@ class KcoreFile(io.RawIOBase):
 
     def close(self) -> None:
         """Close the file (and the memory source, when kcore.open() opened it)."""
-        if not self.closed and self._owns:
-            self.system.close()
+        if not self.closed:
+            # The fast reader holds the source's fd number, which the OS may hand out again.
+            self._pread = self.pread = _closed_pread  # type: ignore[method-assign]
+            self._fd = -1
+            if self._owns:
+                self.system.close()
         super().close()
+
+
+def _closed_pread(length: int, offset: int) -> bytes:
+    """pread() of a closed KcoreFile."""
+    raise ValueError("read of a closed KcoreFile")
 
 
 def open_kcore(root: str = "/", source: Any = "auto", layout: str = "modern") -> KcoreFile:

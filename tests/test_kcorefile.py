@@ -201,6 +201,20 @@ def test_file_semantics(kf) -> None:
     f.seek(0)
 
 
+def test_closed_file_refuses_reads() -> None:
+    """After close(), every read raises ValueError (the source fd number may be reused)."""
+    name = NOKASLR
+    f = kcore.open(str(shared_fixture(name) / "root"), source_spec(name))
+    r = next(r for r in meta(name)["reads"] if r["file"] == "kcore-ram0.bin")
+    assert f.pread(16, r["kcore_offset"]) == expected_bytes(name, r["file"])[:16]
+    f.close()
+    assert f.closed and f.source.fd == -1
+    for call in (lambda: f.pread(16, r["kcore_offset"]), lambda: f.read(16),
+                 lambda: f.readinto(bytearray(16)), lambda: f.preadinto(bytearray(16), 0)):
+        with pytest.raises(ValueError):
+            call()
+
+
 def test_concurrent_readers_see_the_same_bytes(kf) -> None:
     """Threads reading at random offsets (positional and shared-position) get exact bytes."""
     name, f = kf
