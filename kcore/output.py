@@ -230,16 +230,22 @@ class Output:
         if self.hasher is not None:
             self.hasher.advance(position)
 
+    def finish(self, size: int) -> str | None:
+        """Wait for the digest of the first size bytes and flush the file; return the digest."""
+        if self.hasher is not None:
+            self.sha256 = self.hasher.finish(size)
+            self.hasher = None
+        if self.kind == "file" and not self._closed:
+            os.fsync(self.fd)
+        return self.sha256
+
     def commit(self, size: int, manifest: dict[str, Any] | None = None) -> None:
-        """Finish: digest, fsync, move into place, then write OUTPUT.sha256 and OUTPUT.json."""
+        """Finish, move into place, then write OUTPUT.sha256 and OUTPUT.json."""
+        self.finish(size)
         if self.kind != "file":
             self._close()
             return
         assert self.tmp_path is not None
-        if self.hasher is not None:
-            self.sha256 = self.hasher.finish(size)
-            self.hasher = None
-        os.fsync(self.fd)
         self._close()
         _land(self.tmp_path, self.path, self.force)
         self.tmp_path = None

@@ -15,7 +15,15 @@ from typing import Any
 from kcore import __version__
 from kcore.cli import add_system_args, int_arg
 from kcore.errors import InputError
-from kcore.formats import DEFAULT_GRANULE, FORMATS, STREAMABLE, Layout, Request, write_layout
+from kcore.formats import (
+    DEFAULT_GRANULE,
+    FORMATS,
+    SCAN_CHUNK,
+    STREAMABLE,
+    Layout,
+    Request,
+    write_layout,
+)
 from kcore.output import Output, human, open_output
 
 EXTENSIONS = {"elf": "elf", "kcore": "kcore", "lime": "lime", "raw": "raw", "padded": "img"}
@@ -99,8 +107,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if not args.text and fmt != "elf":
         raise InputError("--no-text applies to --format elf only")
     g = args.granule
-    if g < 4096 or g & (g - 1):
-        raise InputError(f"--granule {g} must be a power of two >= 4096")
+    if g < 4096 or g > SCAN_CHUNK or g & (g - 1):
+        raise InputError(f"--granule {g} must be a power of two from 4096 to {SCAN_CHUNK}")
 
 
 def plan(req: Request, fmt: str) -> Layout:
@@ -141,7 +149,7 @@ def _open_system(args: argparse.Namespace) -> Any:
     return discover(args.root, args.source, flavour=args.layout)
 
 
-def _progress_bar(total: int, quiet: bool, desc: str) -> Any:
+def _progress_bar(total: int | None, quiet: bool, desc: str) -> Any:
     if quiet or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
@@ -165,7 +173,15 @@ def run(args: argparse.Namespace) -> int:
                       granule=args.granule, strict=args.strict, flavour=args.layout)
         want_digest = args.digest and fmt != "kcore"
         with open_output(path, force=args.force, digest=want_digest) as out:
-            layout = plan(req, fmt)
+            if fmt == "kcore" and not out.seekable:
+                raise InputError(f"--format kcore needs a seekable file, not {path}")
+            bar = _progress_bar(None, args.quiet or not req.elide, "scan for zero runs")
+            req.progress = bar.update if bar is not None else None
+            try:
+                layout = plan(req, fmt)
+            finally:
+                if bar is not None:
+                    bar.close()
             out.check_space(layout.space_needed, estimate=layout.estimate)
             out.start_digest()
             bar = _progress_bar(layout.copy_bytes, args.quiet, f"dump {fmt}")
@@ -176,10 +192,10 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 if bar is not None:
                     bar.close()
+            out.finish(layout.size)
             seconds = time.perf_counter() - t0
             summary = _summary(args, out, system, layout, stats, seconds, started)
             out.commit(layout.size, summary["manifest"] if out.kind == "file" else None)
-    summary["result"]["sha256"] = out.sha256
     if args.json:
         print(json.dumps(summary["result"], indent=2))
     elif not args.quiet:
@@ -204,7 +220,7 @@ def _summary(args: argparse.Namespace, out: Output, system: Any, layout: Layout,
         "pages_sparse": getattr(stats, "pages_sparse", 0),
         "seconds": round(seconds, 3),
         "gb_per_s": round(memory / seconds / 1e9, 3) if seconds > 0 else None,
-        "sha256": None,
+        "sha256": out.sha256,
         "warnings": layout.warnings,
     }
     manifest = {

@@ -17,6 +17,7 @@ ALL_ONES = (1 << 64) - 1
 PAGE_SIZE = 4096
 ZERO_BLOCK = 1 << 20
 DEFAULT_GRANULE = 1 << 16  # zero runs shorter than this are kept (bounds the range count)
+SCAN_CHUNK = 256 << 20  # bytes per zero-run scan call (a multiple of any granule <= 256 MiB)
 
 FORMATS = ("elf", "kcore", "lime", "raw", "padded")
 STREAMABLE = ("elf", "lime")  # may be written to stdout (no seeking)
@@ -115,6 +116,7 @@ class Request:
     granule: int = DEFAULT_GRANULE
     strict: bool = False
     flavour: str = "modern"
+    progress: Callable[[int], None] | None = None  # bytes scanned for zero runs
 
 
 def source_pieces(source: Any, paddr: int, length: int) -> list[tuple[int, int, int | None]]:
@@ -157,18 +159,35 @@ def segment_items(source: Any, seg: Segment, dst: int) -> list[Item]:
     return items
 
 
-def nonzero_runs(source: Any, seg: Segment, granule: int, strict: bool,
-                 stats: Any) -> list[tuple[int, int]]:
-    """The (offset, length) runs of seg that hold non-zero bytes, granule-aligned, merged."""
+def _scan(fd: int, offset: int, length: int, granule: int, stats: Any,
+          progress: Callable[[int], None] | None) -> tuple[list[tuple[int, int]], Any]:
+    """engine.data_runs in SCAN_CHUNK pieces, so progress and Ctrl-C are seen between them."""
     from kcore import engine
 
+    found: list[tuple[int, int]] = []
+    total = engine.CopyStats()
+    pos, end = offset, offset + length
+    while pos < end:
+        n = min(SCAN_CHUNK, end - pos)
+        runs, st = engine.data_runs(fd, pos, n, granule=granule)
+        total += st
+        found.extend(runs)
+        pos += n
+        if progress is not None:
+            progress(n)
+    stats += total
+    return found, total
+
+
+def nonzero_runs(source: Any, seg: Segment, granule: int, strict: bool, stats: Any,
+                 progress: Callable[[int], None] | None = None) -> list[tuple[int, int]]:
+    """The (offset, length) runs of seg that hold non-zero bytes, granule-aligned, merged."""
     runs: list[tuple[int, int]] = []
     for off, pa, n in seg.phys:
         for poff, plen, src in source_pieces(source, pa, n):
             if src is None:
                 continue
-            found, st = engine.data_runs(source.fd, src, plen, granule=granule)
-            stats += st
+            found, st = _scan(source.fd, src, plen, granule, stats, progress)
             if strict and st.first_error_offset is not None:
                 raise FaultError(
                     f"cannot read physical {pa + poff + st.first_error_offset - src:#x} "
@@ -195,7 +214,8 @@ def split_segments(req: Request, segments: Sequence[Segment], limit: int) -> tup
     from kcore.engine import CopyStats
 
     stats = CopyStats()
-    per_seg = [nonzero_runs(req.source, s, req.granule, req.strict, stats) for s in segments]
+    per_seg = [nonzero_runs(req.source, s, req.granule, req.strict, stats, req.progress)
+               for s in segments]
     total = sum(len(r) for r in per_seg)
     if total > limit:  # coarsen all runs together to fit the limit
         flat = [(i, r) for i, runs in enumerate(per_seg) for r in runs]
