@@ -413,9 +413,9 @@ class Vm:
         except OSError:
             return ""
 
-    def run(self, script: str, timeout: float = 120.0, env: dict[str, str] | None = None
-            ) -> GuestResult:
-        """Run a shell script in the guest (host /, guest /proc /sys /dev); wait for its result."""
+    def start_run(self, script: str, timeout: float = 120.0,
+                  env: dict[str, str] | None = None) -> tuple[int, float, float]:
+        """Hand a shell script to the guest (host /, guest /proc /sys /dev); don't wait."""
         n = self._next
         self._next += 1
         d = self.share / "cmd"
@@ -426,6 +426,12 @@ class Vm:
         tmp.write_text("set -e\n" + exports + script)
         t0 = time.monotonic()
         tmp.rename(d / f"{n}.sh")
+        return n, t0, timeout
+
+    def wait(self, handle: tuple[int, float, float]) -> GuestResult:
+        """Wait for a started command and collect its result."""
+        n, t0, timeout = handle
+        d = self.share / "cmd"
         self._wait_for(lambda: (d / f"{n}.rc").exists(), timeout + 30, f"guest command {n}")
         return GuestResult(
             rc=int((d / f"{n}.rc").read_text()),
@@ -433,6 +439,15 @@ class Vm:
             stderr=(d / f"{n}.err").read_text(errors="replace"),
             seconds=time.monotonic() - t0,
         )
+
+    def wait_file(self, path: Path, timeout: float = 120.0) -> None:
+        """Wait until a guest command creates `path` (in the share)."""
+        self._wait_for(path.exists, timeout, f"{path.name} from the guest")
+
+    def run(self, script: str, timeout: float = 120.0, env: dict[str, str] | None = None
+            ) -> GuestResult:
+        """Run a shell script in the guest (host /, guest /proc /sys /dev); wait for its result."""
+        return self.wait(self.start_run(script, timeout, env))
 
     def python(self, code: str, *args: str, timeout: float = 120.0) -> GuestResult:
         """Run Python code in the guest with this checkout on PYTHONPATH."""
