@@ -325,3 +325,54 @@ def test_interrupt_leaves_nothing(sig, tmp_path):
     assert p.returncode == 130, err
     assert b"interrupted" in err and b"Traceback" not in err
     assert os.listdir(tmp_path) == []
+
+
+class _MemSource:
+    """Three pages of this process's memory via /proc/self/mem, the middle one unmapped."""
+
+    def __init__(self) -> None:
+        import mmap
+
+        self.map = mmap.mmap(-1, 3 * PAGE)
+        self.map.write(b"\x11" * (3 * PAGE))
+        import ctypes
+
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        assert libc.munmap(self.addr + PAGE, PAGE) == 0  # reads of it fail with EIO
+        self.fd = os.open("/proc/self/mem", os.O_RDONLY)
+        from kcore.sources.base import Extent
+
+        self.extents = [Extent(0, 3 * PAGE, self.addr)]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def test_unreadable_pages_are_zeros_or_strict_failure(tmp_path):
+    from kcore.errors import FaultError
+    from kcore.formats import Copy, Layout, Segment, nonzero_runs, write_layout
+    from kcore.output import open_output
+
+    src = _MemSource()
+    layout = Layout([Copy(0, src.addr, 3 * PAGE)], 3 * PAGE)
+    with open_output(str(tmp_path / "lax.raw")) as out:
+        stats = write_layout(out, src, layout, sparse=True, strict=False)
+        out.commit(layout.size)
+    assert stats.pages_zero_filled == 1
+    data = (tmp_path / "lax.raw").read_bytes()
+    assert data == b"\x11" * PAGE + bytes(PAGE) + b"\x11" * PAGE
+    with pytest.raises(FaultError):
+        with open_output(str(tmp_path / "strict.raw")) as out:
+            write_layout(out, src, layout, sparse=True, strict=True)
+    assert os.listdir(tmp_path) == ["lax.raw"]  # nothing of the failed dump
+    from kcore.engine import CopyStats
+
+    seg = Segment.linear("ram", 0, 0, 3 * PAGE)
+    st = CopyStats()
+    assert nonzero_runs(src, seg, PAGE, False, st) == [(0, PAGE), (2 * PAGE, PAGE)]
+    assert st.pages_zero_filled == 1
+    with pytest.raises(FaultError):
+        nonzero_runs(src, seg, PAGE, True, CopyStats())
+    src.close()

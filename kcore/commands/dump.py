@@ -14,7 +14,7 @@ from typing import Any
 
 from kcore import __version__
 from kcore.cli import add_system_args, int_arg
-from kcore.errors import InputError
+from kcore.errors import InputError, SourceError
 from kcore.formats import (
     DEFAULT_GRANULE,
     FORMATS,
@@ -146,7 +146,13 @@ def _sigterm_interrupts() -> Iterator[None]:
 def _open_system(args: argparse.Namespace) -> Any:
     from kcore.discover import discover
 
-    return discover(args.root, args.source, flavour=args.layout)
+    try:
+        return discover(args.root, args.source, flavour=args.layout)
+    except SourceError as exc:
+        if args.source != "auto":
+            raise
+        raise SourceError(f"{exc}; to dump a saved image instead: kcore dump --root DIR "
+                          f"--source raw:FILE (see kcore dump --help)") from None
 
 
 def _progress_bar(total: int | None, quiet: bool, desc: str) -> Any:
