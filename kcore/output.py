@@ -144,7 +144,7 @@ class BackgroundHasher:
                     mark = self._mark
                     if self._final is not None and self._done >= self._final:
                         return
-                while self._done < mark:
+                while self._done < mark and not self._cancel:
                     want = min(HASH_CHUNK, mark - self._done)
                     got = os.preadv(self._fd, [view[:want]], self._done)
                     if got < want:
