@@ -376,3 +376,25 @@ def test_unreadable_pages_are_zeros_or_strict_failure(tmp_path):
     with pytest.raises(FaultError):
         nonzero_runs(src, seg, PAGE, True, CopyStats())
     src.close()
+
+
+def test_vmalloc_and_modules_match_kcorefile(tmp_path):
+    import kcore
+
+    out = tmp_path / "v.elf"
+    dump(NOKASLR, out, "--vmalloc", "--modules", "--no-digest")
+    core = ElfCore(out)
+    root = shared_fixture(NOKASLR) / "root"
+    modules = [int(line.split()[5], 16) for line in (root / "proc/modules").read_text()
+               .splitlines()]
+    # vmallocinfo's addresses are hashed (kptr_restrict): take the mapped pages found.
+    loaded = [p for p in core.loads if p.p_paddr == (1 << 64) - 1]  # kcore's p_paddr rule
+    vmalloc = [p.p_vaddr for p in loaded if p.p_vaddr < 0xffffffff80000000][:50]
+    assert modules and vmalloc
+    with kcore.open(str(root), f"raw:{fixture_memory(NOKASLR)}") as f:
+        loads = f.header.loads
+        for va in modules + vmalloc:
+            entry, off = next((e, o) for e, o in loads if e.vaddr <= va < e.vaddr + e.size)
+            want = f.pread(PAGE, off + va - entry.vaddr)
+            assert core.read(va, PAGE) == want, hex(va)
+        assert any(core.read(va, PAGE).strip(b"\0") for va in modules)
