@@ -21,6 +21,7 @@ _ZEROS = memoryview(bytes(_ZERO_CHUNK))
 _kc_read_fd = _native.lib.kc_read_fd
 _FAST_MAX = 64 << 20  # one C call at most this long, so Ctrl-C is seen between calls
 _SMALL = 64 << 10  # pread() up to this size goes through a per-thread scratch buffer
+LOFF_MAX = (1 << 63) - 1  # a read's offset + length may not pass the largest loff_t
 
 
 def _bytes_factory() -> Any:
@@ -65,6 +66,16 @@ class KcoreFile(io.RawIOBase):
         self.header: KcoreHeader = build_header(system, flavour or system.flavour)
         self.name = f"kcore:{self.source.spec}"
         self._size = self.header.file_size
+        layout = system.layout
+        if (flavour or system.flavour) == "modern" and layout.arch == "x86_64":
+            # No EOF since 4.19: read_kcore() maps any offset through kc_offset_to_vaddr()
+            # = o | ~__VIRTUAL_MASK, so past data_offset the bytes repeat every 2^47 (2^56)
+            # bytes, up to the largest loff_t a read may reach.
+            self._alias_mask: int | None = (1 << layout.virtual_mask_shift) - 1
+            self._end = LOFF_MAX
+        else:  # the seed: "if (buflen == 0 || *fpos >= size) return 0"
+            self._alias_mask = None
+            self._end = self._size
         self._head = self.header.data
         self._data_offset = self.header.data_offset
         self._direct = getattr(self.source, "kind", "") == "kcore"
@@ -133,7 +144,7 @@ class KcoreFile(io.RawIOBase):
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
         view = memoryview(buf).cast("B")
-        n = min(len(view), self._size - offset)
+        n = min(len(view), self._end - offset)
         if n <= 0:
             return 0
         self._fill(offset, view[:n] if n < len(view) else view)
@@ -145,7 +156,7 @@ class KcoreFile(io.RawIOBase):
 
     def _make_pread(self) -> Any:
         """Build pread() as a closure over this file's tables (the 4 KiB random-read path)."""
-        size, fd, path = self._size, self._fd, self.source.path
+        size, fd, path = self._end, self._fd, self.source.path
         fstarts, fends, fdeltas = self._fstarts, self._fends, self._fdeltas
         tls, new_scratch, fill = self._tls, self._new_scratch, self._fill
         bisect_right, kc_read_fd, check = bisect.bisect_right, _kc_read_fd, _native.check
@@ -214,8 +225,23 @@ class KcoreFile(io.RawIOBase):
                 return
         cur = offset + pos
         end = offset + n
+        mask = self._alias_mask
+        if mask is None or end - self._data_offset <= mask + 1:
+            self._fill_data(cur, view[pos:])
+            return
+        base = self._data_offset
+        while cur < end:  # kc_offset_to_vaddr(): one period of the alias at a time
+            rel = (cur - base) & mask
+            stop = min(end, cur + mask + 1 - rel)
+            self._fill_data(base + rel, view[cur - offset:stop - offset])
+            cur = stop
+
+    def _fill_data(self, offset: int, view: memoryview) -> None:
+        """The data part of read_kcore() for offsets in [data_offset, data_offset + 2^47)."""
+        cur = offset
+        end = offset + len(view)
         if self._direct:  # a real kcore: its data is at the same offsets
-            self.source.readinto_kcore(cur, view[pos:])
+            self.source.readinto_kcore(cur, view)
             return
         if self._live and self.walker is not None:
             self.walker.invalidate()
@@ -247,7 +273,7 @@ class KcoreFile(io.RawIOBase):
         view = memoryview(buf).cast("B")
         with self._pos_lock:
             pos = self._pos
-            n = max(0, min(len(view), self._size - pos))
+            n = max(0, min(len(view), self._end - pos))
             self._pos = pos + n
         if n:
             self._fill(pos, view[:n] if n < len(view) else view)
@@ -259,16 +285,17 @@ class KcoreFile(io.RawIOBase):
             raise ValueError("read of a closed KcoreFile")
         with self._pos_lock:
             pos = self._pos
-            n = self._size - pos
-            if size is not None and 0 <= size < n:
-                n = size
+            if size is None or size < 0:  # to st_size: the kernel's kcore has no EOF
+                n = self._size - pos
+            else:
+                n = min(size, self._end - pos)
             if n <= 0:
                 return b""
             self._pos = pos + n
         return self._pread(n, pos)
 
     def readall(self) -> bytes:
-        """Read to EOF (the file is as large as the kernel's address space: beware)."""
+        """Read up to size() (st_size; the file is as large as the kernel's address space)."""
         return self.read(-1)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:

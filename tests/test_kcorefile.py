@@ -184,14 +184,27 @@ def test_reads_across_segment_boundaries(kf) -> None:
 
 
 def test_file_semantics(kf) -> None:
-    """seek/tell/read/readinto behave like a file; past the end reads b""."""
+    """seek/tell/read/readinto behave like a file; past st_size, like Linux 6.1's kcore.
+
+    Measured on the 6.1 guest (tests/test_kcorefile_vm.py checks it against the real file):
+    reads past st_size return zeros, and from data_offset on the bytes repeat every 2^47
+    (kc_offset_to_vaddr() is o | ~__VIRTUAL_MASK); only a read past 2^63 - 1 fails.
+    """
     name, f = kf
     size = f.size()
     assert f.readable() and f.seekable() and not f.writable()
     assert f.seek(0) == 0 and f.read(4) == b"\x7fELF" and f.tell() == 4
     assert f.seek(-0x10, os.SEEK_END) == size - 0x10
-    assert len(f.read(0x100)) == 0x10 and f.read(1) == b""
-    assert f.seek(size + 5) == size + 5 and f.read(10) == b"" and f.pread(10, size) == b""
+    assert f.read(0x100) == bytes(0x100) and f.tell() == size + 0xF0
+    assert f.seek(size + 5) == size + 5 and f.read(10) == bytes(10)
+    text = next(r for r in meta(name)["reads"] if r["file"] == "kcore-text-2M.bin")
+    want = expected_bytes(name, "kcore-text-2M.bin")
+    for k in (1, 2, 0xFFFF):
+        assert f.pread(0x3000, text["kcore_offset"] + (k << 47)) == want[:0x3000]
+    assert f.pread(16, (1 << 47) + 5) == bytes(16)  # the header does not repeat
+    assert len(f.pread(64, (1 << 63) - 16)) == 15 and f.pread(1, (1 << 63) - 1) == b""
+    f.seek(size - 8)
+    assert f.read() == bytes(8) and f.read() == b""  # read(-1) stops at st_size
     buf = bytearray(16)
     f.seek(0)
     assert f.readinto(buf) == 16 and buf[:4] == b"\x7fELF"
@@ -400,3 +413,5 @@ def test_seed_layout_reads_at_its_own_offsets(kf) -> None:
             at = p_offset + r["vaddr"] - entry.vaddr
             assert old.pread(r["length"], at) == expected_bytes(name, r["file"])
         assert ELFFile(old).header["e_phnum"] == len(old.header.loads) + 1
+        # The seed's read_kcore(): "if (buflen == 0 || *fpos >= size) return 0".
+        assert old.pread(16, old.size() - 8) == bytes(8) and old.pread(16, old.size()) == b""

@@ -122,6 +122,9 @@ def test_vmalloc_and_module_areas_equal_the_real_kcore(guest) -> None:
     for _what, vaddr, size, _pages in areas:
         seg = _segment(guest.kcore, vaddr)
         offsets.append((seg["p_offset"] + vaddr - seg["p_vaddr"], size))
+    # No EOF in 6.1: 2^47 further on, text again (kc_offset_to_vaddr() = o | ~mask).
+    areas.append(("text, 2^47 on", text["p_vaddr"], 16 * PAGE, 16))
+    offsets.append((text["p_offset"] + (1 << 47), 16 * PAGE))
     before = _real_read(guest, offsets, "before")
     with guest.vm.paused(), guest.vm.physical_image() as image:
         with open_kcore(str(guest.root), f"raw:{image}") as f:
@@ -137,3 +140,62 @@ def test_vmalloc_and_module_areas_equal_the_real_kcore(guest) -> None:
             guard = o[pages * PAGE:size]
             assert guard == bytes(len(guard)) == b[pages * PAGE:size], what
     print(f"{len(areas)} areas, {changed_total} pages changed while they were read")
+
+
+LIVE = """\
+import json, os, sys
+import kcore
+f = kcore.open("/", "auto")
+fd = os.open("/proc/kcore", os.O_RDONLY)
+nph = len(f.header.loads) + 1
+text_off = f.header.loads[0][1]
+ram0_off = next(o for e, o in f.header.loads if e.type.name == "RAM")
+print(json.dumps({
+    "kind": f.source.kind,
+    "size": f.size(),
+    "st_size": os.fstat(fd).st_size,
+    "ehdr_phdrs": f.pread(64 + 56 * nph, 0) == os.pread(fd, 64 + 56 * nph, 0),
+    "text": f.pread(1 << 20, text_off) == os.pread(fd, 1 << 20, text_off),
+    "ram0": f.pread(1 << 16, ram0_off) == os.pread(fd, 1 << 16, ram0_off),
+    "past_end": all(f.pread(4096, o) == os.pread(fd, 4096, o) for o in (
+        f.size() - 8, f.size(), f.size() + (1 << 30), 1 << 47, 1 << 62)),
+    "alias": all(f.pread(4096, text_off + k) == os.pread(fd, 4096, text_off + k)
+                 for k in (1 << 47, 3 << 47, (1 << 63) - (1 << 47))),
+}))
+"""
+
+
+def test_auto_on_a_live_system_is_its_proc_kcore(guest) -> None:
+    """In the guest, kcore.open("/", "auto") is /proc/kcore itself: same headers and bytes.
+
+    Past st_size too: 6.1's read_kcore() has no EOF, and repeats the data every 2^47 bytes.
+    """
+    r = guest.vm.python(LIVE)
+    r.check()
+    got = json.loads(r.stdout)
+    assert got == {"kind": "kcore", "size": guest.kcore["st_size"],
+                   "st_size": guest.kcore["st_size"], "ehdr_phdrs": True, "text": True,
+                   "ram0": True, "past_end": True, "alias": True}
+
+
+STRICT_DEVMEM = """\
+R=/tmp/devmem-root
+rm -rf $R; mkdir -p $R/proc $R/dev
+cp /proc/iomem $R/proc/iomem
+ln -s /dev/mem $R/dev/mem
+"$KCORE_PY" -m kcore read --root $R --source auto --offset 0 --length 16 -o $R/out || echo "rc=$?"
+"""
+
+
+def test_auto_reports_strict_devmem(guest) -> None:
+    """A root whose only source is /dev/mem of a STRICT_DEVMEM kernel: one line says so."""
+    if guest.vm.kernel.config("STRICT_DEVMEM") != "y":
+        pytest.skip("the guest kernel is built without STRICT_DEVMEM")
+    r = guest.vm.run(STRICT_DEVMEM)
+    assert r.stdout.strip() == "rc=2", (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("kcore: error: no live memory source works: ")
+    assert "/tmp/devmem-root/proc/kcore: missing" in lines[0]
+    assert "/tmp/devmem-root/dev/crash: missing" in lines[0]
+    assert "/tmp/devmem-root/dev/mem: STRICT_DEVMEM" in lines[0]
