@@ -440,9 +440,20 @@ class Vm:
             seconds=time.monotonic() - t0,
         )
 
-    def wait_file(self, path: Path, timeout: float = 120.0) -> None:
-        """Wait until a guest command creates `path` (in the share)."""
-        self._wait_for(path.exists, timeout, f"{path.name} from the guest")
+    def wait_file(self, job: tuple[int, float, float], path: Path, timeout: float = 120.0
+                  ) -> None:
+        """Wait until the started command `job` creates `path` (in the share)."""
+        rc = self.share / "cmd" / f"{job[0]}.rc"
+
+        def done() -> bool:
+            if path.exists():
+                return True
+            if rc.exists():
+                raise VmError(f"guest command ended before making {path.name}:\n"
+                              f"{self.wait(job).stderr[-3000:]}")
+            return False
+
+        self._wait_for(done, timeout, f"{path.name} from the guest")
 
     def run(self, script: str, timeout: float = 120.0, env: dict[str, str] | None = None
             ) -> GuestResult:

@@ -39,6 +39,17 @@ def _segment_offset(guest: Guest, vaddr: int, length: int) -> int | None:
     return None
 
 
+def _empty_zero_page(guest: Guest) -> int:
+    """The real kcore offset of empty_zero_page (4 KiB of zeros in the TEXT segment)."""
+    for line in (guest.root / "proc/kallsyms").open():
+        addr, _t, name = line.split()[:3]
+        if name == "empty_zero_page":
+            off = _segment_offset(guest, int(addr, 16), PAGE)
+            assert off is not None
+            return off
+    raise AssertionError("no empty_zero_page in kallsyms")
+
+
 def regions(guest: Guest) -> dict[str, list[tuple[int, int]]]:
     """Kcore (offset, length) regions to compare, by kind."""
     segs = loads(guest)
@@ -55,10 +66,7 @@ def regions(guest: Guest) -> dict[str, list[tuple[int, int]]]:
             out["direct"].append((off, 4 * MIB))
     for line in (guest.root / "proc/vmallocinfo").read_text().splitlines():
         start, end = (int(x, 16) for x in line.split()[0].split("-"))
-        # vmallocinfo's end includes the unmapped guard page. Measured: the real kcore gave
-        # non-zero bytes for the last module area's guard page (6.1's vread() finds no area
-        # there and leaves read_kcore()'s bounce buffer as it was), so guard pages are left out.
-        length = min(end - start - PAGE, AREA_CAP)
+        length = min(end - start, AREA_CAP)  # with the unmapped guard page
         for name, seg in (("vmalloc", vmalloc), ("modules", modules)):
             if length > 0 and seg["p_vaddr"] <= start and end <= seg["p_vaddr"] + seg["p_filesz"]:
                 kind = "ioremap" if line.split()[-1] == "ioremap" else name
@@ -98,12 +106,15 @@ def compare(guest: Guest, tmp_path: Path) -> dict[str, Compared]:
     vm = guest.vm
     spec = regions(guest)
     flat = [r for kind in spec.values() for r in kind]
-    (vm.share / "regions.json").write_text(json.dumps(flat))
+    zero = _empty_zero_page(guest)
+    paged = [(off, n, None if kind in ("text", "direct") else zero)
+             for kind, rs in spec.items() for off, n in rs]
+    (vm.share / "regions.json").write_text(json.dumps(paged))
     work = vm.share / "data"
     work.mkdir(exist_ok=True)
     job = vm.start_run(f'"$KCORE_PY" {qemu_vm.HERE / "guest_read.py"} '
                        f'{vm.share / "regions.json"} {work}\n')
-    vm.wait_file(work / "read-1.done")
+    vm.wait_file(job, work / "read-1.done")
     t0 = time.monotonic()
     with vm.paused(), vm.physical_image() as image, \
             open_kcore(str(guest.root), f"raw:{image}") as f:
