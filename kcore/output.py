@@ -71,8 +71,8 @@ def _land(tmp: str, final: str, force: bool) -> None:
     os.unlink(tmp)
 
 
-def _write_small(path: str, data: bytes, force: bool) -> None:
-    """Write a small sidecar file safely: temp name, 0600, then into place."""
+def write_small(path: str, data: bytes, force: bool) -> None:
+    """Write a small file safely: temp name, 0600, then into place (replace only with force)."""
     directory, name = os.path.split(os.path.abspath(path))
     fd, tmp = _temp_file(directory, name)
     try:
@@ -251,12 +251,12 @@ class Output:
         self.tmp_path = None
         if self.sha256 is not None:
             line = f"{self.sha256}  {os.path.basename(self.path)}\n"
-            _write_small(self.sha256_path, line.encode(), self.force)
+            write_small(self.sha256_path, line.encode(), self.force)
             self.sidecars.append(self.sha256_path)
         if manifest is not None:
             manifest = dict(manifest, sha256=self.sha256)
             text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-            _write_small(self.manifest_path, text.encode(), self.force)
+            write_small(self.manifest_path, text.encode(), self.force)
             self.sidecars.append(self.manifest_path)
 
     def abort(self) -> None:

@@ -7,9 +7,9 @@ import os
 import sys
 
 from kcore.cli import add_system_args
-from kcore.discover import discover
-from kcore.elfcore import build_header
+from kcore.commands.ranges import discover_header
 from kcore.errors import OutputError
+from kcore.output import write_small
 
 
 def add_parser(
@@ -31,46 +31,14 @@ def add_parser(
     return p
 
 
-def write_new_file(path: str, data: bytes, force: bool) -> None:
-    """Write a small file created 0600, never through a symlink, replacing only with force."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    if force:
-        try:
-            if os.path.islink(path):
-                os.unlink(path)
-        except OSError as exc:
-            raise OutputError(f"{path}: {exc.strerror}") from None
-        flags |= os.O_TRUNC
-    else:
-        flags |= os.O_EXCL
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise OutputError(f"{path}: exists; use --force to replace it") from None
-    except OSError as exc:
-        raise OutputError(f"{path}: {exc.strerror}") from None
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    except OSError as exc:
-        os.close(fd)
-        os.unlink(path)
-        raise OutputError(f"{path}: {exc.strerror}") from None
-    os.close(fd)
-
-
 def run(args: argparse.Namespace) -> int:
     """Discover the system and write its kcore header."""
-    system = discover(args.root, args.source, flavour=args.layout)
-    try:
-        header = build_header(system, args.layout)
-    finally:
-        system.close()
+    if args.output != "-" and not args.force and os.path.lexists(args.output):
+        raise OutputError(f"{args.output}: exists; use --force to replace it")
+    header = discover_header(args)
     if args.output == "-":
         sys.stdout.buffer.write(header.data)
         sys.stdout.buffer.flush()
     else:
-        write_new_file(args.output, header.data, args.force)
+        write_small(args.output, header.data, args.force)
     return 0

@@ -8,7 +8,7 @@ import sys
 
 from kcore.cli import add_system_args
 from kcore.discover import discover
-from kcore.elfcore import build_header, phdr_paddr
+from kcore.elfcore import KcoreHeader, build_header, phdr_paddr
 
 
 def add_parser(
@@ -27,13 +27,18 @@ def add_parser(
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Discover the system and print its kclist."""
+def discover_header(args: argparse.Namespace) -> KcoreHeader:
+    """Discover the system --root/--source/--layout name and build its kcore header."""
     system = discover(args.root, args.source, flavour=args.layout)
     try:
-        header = build_header(system, args.layout)
+        return build_header(system, args.layout)
     finally:
         system.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Discover the system and print its kclist."""
+    header = discover_header(args)
     rows = [
         {
             "type": e.type.name, "kind": e.kind, "vaddr": f"{e.vaddr:#x}",
