@@ -83,9 +83,9 @@ class KcoreFile(io.RawIOBase):
         self.walker: PageWalker | None = walker_for(system)
         self._tls = threading.local()
         self._build_map()
-        self._pread = self.pread = self._make_pread()  # type: ignore[method-assign]
         self._pos = 0
         self._pos_lock = threading.Lock()
+        self._pread = self.pread = self._make_pread()  # type: ignore[method-assign]
 
     def _build_map(self) -> None:
         """Sort the PT_LOADs by file offset: (start, end, how, base) with base a paddr or vaddr."""
@@ -195,6 +195,26 @@ class KcoreFile(io.RawIOBase):
             fill(offset, memoryview(buf))
             return bytes(buf)
 
+        lock, stsize, end_ = self._pos_lock, self._size, size
+
+        def read(size: int | None = -1) -> bytes:
+            """Read up to size bytes at the current position (to st_size if size < 0)."""
+            if self.closed:
+                raise ValueError("read of a closed KcoreFile")
+            with lock:
+                pos = self._pos
+                if size is None or size < 0:  # to st_size: the kernel's kcore has no EOF
+                    n = stsize - pos
+                else:
+                    n = end_ - pos
+                    if size < n:
+                        n = size
+                if n <= 0:
+                    return b""
+                self._pos = pos + n
+            return pread(n, pos)
+
+        self.read = read  # type: ignore[method-assign]
         return pread
 
     def _new_scratch(self) -> tuple[memoryview, Any, Any]:
