@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "vm"))
 
 import qemu_vm  # noqa: E402
-from guests import Pool  # noqa: E402
+from guests import Guest, Pool  # noqa: E402
 from pagecmp import stable_mismatches  # noqa: E402
 
 from kcore.kcorefile import open_kcore  # noqa: E402
@@ -110,8 +110,47 @@ def _real_read(guest, areas: list[tuple[int, int]], tag: str) -> list[bytes]:
     return out
 
 
+class La57Vm(qemu_vm.Vm):
+    """A guest whose CPU has LA57: the kernel runs with 5-level page tables."""
+
+    def qemu_argv(self) -> list[str]:
+        """The harness's command line with la57 left on."""
+        return [a.replace("max,la57=off", "max") for a in super().qemu_argv()]
+
+
+@pytest.fixture(scope="module")
+def la57_guest():
+    """A KASLR guest with 5-level paging, captured like the harness's guests."""
+    reason = qemu_vm.unavailable_reason()
+    if reason:
+        pytest.skip(f"QEMU cannot run here: {reason}")
+    qemu_vm.ensure_built()
+    kernel = qemu_vm.fetch_kernel()
+    vm = La57Vm(qemu_vm.VmConfig("la57", mem_mib=512, kaslr=True), kernel,
+                qemu_vm.build_initramfs(kernel))
+    try:
+        vm.start()
+        capture = vm.share / "capture"
+        vm.run(f'"$KCORE_PY" {qemu_vm.HERE / "guest_capture.py"} {capture}\n').check()
+        yield Guest(vm, capture, json.loads((capture / "kcore.json").read_text()))
+    finally:
+        vm.close()
+
+
 def test_vmalloc_and_module_areas_equal_the_real_kcore(guest) -> None:
     """Module and vmalloc areas: mapped pages equal the kernel's; guard pages read zeros."""
+    _check_areas(guest)
+
+
+def test_five_level_paging_guest(la57_guest) -> None:
+    """The same with 5-level page tables (LA57): layout, offsets and the walk from the PGD."""
+    vmci = next(n for n in la57_guest.kcore["notes"] if n["name"] == "VMCOREINFO")
+    assert b"NUMBER(pgtable_l5_enabled)=1" in bytes.fromhex(vmci["desc"])
+    _check_areas(la57_guest)
+
+
+def _check_areas(guest) -> None:
+    """Read the areas in the guest, through KcoreFile, and in the guest again; compare."""
     areas = _areas(guest)
     assert len(areas) > 10
     # Text (first 4 MiB) and the start of vmemmap ride along: walked like the kernel does.
@@ -122,9 +161,12 @@ def test_vmalloc_and_module_areas_equal_the_real_kcore(guest) -> None:
     for _what, vaddr, size, _pages in areas:
         seg = _segment(guest.kcore, vaddr)
         offsets.append((seg["p_offset"] + vaddr - seg["p_vaddr"], size))
-    # No EOF in 6.1: 2^47 further on, text again (kc_offset_to_vaddr() = o | ~mask).
-    areas.append(("text, 2^47 on", text["p_vaddr"], 16 * PAGE, 16))
-    offsets.append((text["p_offset"] + (1 << 47), 16 * PAGE))
+    # No EOF in 6.1: 2^47 (2^56 with LA57) further on, text again: kc_offset_to_vaddr()
+    # is o | ~__VIRTUAL_MASK.
+    vmci = next(n for n in guest.kcore["notes"] if n["name"] == "VMCOREINFO")
+    shift = 56 if b"NUMBER(pgtable_l5_enabled)=1" in bytes.fromhex(vmci["desc"]) else 47
+    areas.append(("text, one period on", text["p_vaddr"], 16 * PAGE, 16))
+    offsets.append((text["p_offset"] + (1 << shift), 16 * PAGE))
     before = _real_read(guest, offsets, "before")
     with guest.vm.paused(), guest.vm.physical_image() as image:
         with open_kcore(str(guest.root), f"raw:{image}") as f:
