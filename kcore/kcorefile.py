@@ -14,10 +14,8 @@ from kcore._native import ffi
 from kcore.elfcore import KcoreHeader, build_header
 from kcore.engine import BLOCK
 from kcore.kclist import KcoreType
-from kcore.vmem import PageWalker, walker_for
+from kcore.vmem import PageWalker, walker_for, zero_fill
 
-_ZERO_CHUNK = 1 << 20
-_ZEROS = memoryview(bytes(_ZERO_CHUNK))
 _kc_read_fd = _native.lib.kc_read_fd
 _FAST_MAX = 64 << 20  # one C call at most this long, so Ctrl-C is seen between calls
 _SMALL = 64 << 10  # pread() up to this size goes through a per-thread scratch buffer
@@ -41,14 +39,6 @@ _bisect_right = bisect.bisect_right
 _RAM, _TEXT, _WALK = 0, 1, 2
 # Sources whose memory changes while we read: page-table pages are not cached across reads.
 _LIVE_KINDS = ("devmem", "pid", "kcore")
-
-
-def zero_fill(view: memoryview) -> None:
-    """Set every byte of a writable memoryview to zero without a large allocation."""
-    n = len(view)
-    for at in range(0, n, _ZERO_CHUNK):
-        k = min(_ZERO_CHUNK, n - at)
-        view[at:at + k] = _ZEROS[:k]
 
 
 class KcoreFile(io.RawIOBase):

@@ -20,6 +20,16 @@ CACHE_PAGES = 4096
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 
 Run = tuple[int, int, int]  # (vaddr, paddr, length): a physically contiguous mapped run
+_ZERO_CHUNK = 1 << 20
+_ZEROS = memoryview(bytes(_ZERO_CHUNK))
+
+
+def zero_fill(view: memoryview) -> None:
+    """Set every byte of a writable memoryview to zero without a large allocation."""
+    n = len(view)
+    for at in range(0, n, _ZERO_CHUNK):
+        k = min(_ZERO_CHUNK, n - at)
+        view[at:at + k] = _ZEROS[:k]
 
 
 def pa_symbol(vaddr: int, phys_base: int) -> int:
@@ -133,12 +143,12 @@ class PageWalker:
         for va, pa, ln in runs:
             at = va - vaddr
             if at > pos:
-                view[pos:at] = bytes(at - pos)
+                zero_fill(view[pos:at])
             self._fill(pa, view[at:at + ln])
             pos = at + ln
             mapped += ln
         if pos < n:
-            view[pos:n] = bytes(n - pos)
+            zero_fill(view[pos:n])
         return mapped
 
     def _fill(self, paddr: int, view: memoryview) -> None:

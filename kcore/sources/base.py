@@ -12,6 +12,7 @@ from typing import NamedTuple
 from kcore import _native
 from kcore.engine import BLOCK, CopyStats, readinto_range
 from kcore.errors import SourceError
+from kcore.vmem import zero_fill
 
 PAGE_SIZE = 4096
 ALL_ONES = (1 << 64) - 1
@@ -195,7 +196,7 @@ class MemorySource:
 
             raise FaultError(f"{self.path}: physical address {paddr:#x} is not in this source",
                              address=paddr)
-        view[at:at + length] = bytes(length)
+        zero_fill(view[at:at + length])
         first = paddr // PAGE_SIZE
         last = (paddr + length - 1) // PAGE_SIZE
         stats.pages_zero_filled += last - first + 1
