@@ -336,13 +336,30 @@ def mapped_segment(req: Request, kind: str, vaddr: int, size: int) -> Segment | 
     if walker is None:
         return None
     pieces: list[tuple[int, int, int]] = []
-    for va, pa, n in walker.runs(vaddr, size):
+    for va, pa, n in _in_ram(req, walker.runs(vaddr, size)):
         off = va - vaddr
         if pieces and pieces[-1][0] + pieces[-1][2] == off and pieces[-1][1] + pieces[-1][2] == pa:
             pieces[-1] = (pieces[-1][0], pieces[-1][1], pieces[-1][2] + n)
         else:
             pieces.append((off, pa, n))
     return Segment(kind, vaddr, ALL_ONES, size, tuple(pieces))
+
+
+def _in_ram(req: Request, runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The parts of mapped runs whose pages are System RAM (vread() reads ioremaps as holes)."""
+    ram = sorted((e.paddr, e.paddr + e.size) for e in req.system.kclist.entries
+                 if kind_of(e, req.system.layout) == "ram")
+    starts = [lo for lo, _ in ram]
+    out = []
+    for va, pa, n in runs:
+        end = pa + n
+        i = max(bisect.bisect_right(starts, pa) - 1, 0)
+        while i < len(ram) and ram[i][0] < end:
+            lo, hi = max(pa, ram[i][0]), min(end, ram[i][1])
+            if lo < hi:
+                out.append((va + lo - pa, lo, hi - lo))
+            i += 1
+    return out
 
 
 def page_walker(req: Request) -> Any:
