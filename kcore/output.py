@@ -249,15 +249,20 @@ class Output:
         self._close()
         _land(self.tmp_path, self.path, self.force)
         self.tmp_path = None
+        sidecars = []
         if self.sha256 is not None:
             line = f"{self.sha256}  {os.path.basename(self.path)}\n"
-            write_small(self.sha256_path, line.encode(), self.force)
-            self.sidecars.append(self.sha256_path)
+            sidecars.append((self.sha256_path, line.encode()))
         if manifest is not None:
-            manifest = dict(manifest, sha256=self.sha256)
-            text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-            write_small(self.manifest_path, text.encode(), self.force)
-            self.sidecars.append(self.manifest_path)
+            text = json.dumps(dict(manifest, sha256=self.sha256), indent=2) + "\n"
+            sidecars.append((self.manifest_path, text.encode()))
+        for path, data in sidecars:
+            try:
+                write_small(path, data, self.force)
+            except OSError as exc:
+                raise OutputError(f"{self.path} is complete, but {path} could not be written: "
+                                  f"{exc.strerror or exc}") from None
+            self.sidecars.append(path)
 
     def abort(self) -> None:
         """Drop an unfinished output: nothing is left under the final name."""
