@@ -6,21 +6,17 @@ import bisect
 import errno
 import os
 import stat
-import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from kcore import _native
-from kcore.engine import BLOCK, CopyStats, readinto_range
+from kcore.engine import CopyStats, readinto_range
 from kcore.errors import SourceError
 from kcore.vmem import zero_fill
 
+WritableBuffer = Any  # bytearray, memoryview, mmap...: anything with a writable buffer
 PAGE_SIZE = 4096
 ALL_ONES = (1 << 64) - 1
 # Largest physical address any x86-64 kernel can use (MAX_PHYSMEM_BITS = 52).
 MAX_PHYS = 1 << 52
-
-
-_tls = threading.local()  # per-thread struct kc_stats for readinto_cdata()
 
 
 class Extent(NamedTuple):
@@ -130,24 +126,6 @@ class MemorySource:
         i = bisect.bisect_right(self._starts, paddr) - 1
         return i >= 0 and paddr + length <= self._ends[i]
 
-    def readinto_cdata(self, paddr: int, cbuf, length: int) -> bool:
-        """Fast path: fill a cffi buffer if [paddr, +length) is inside one extent, else False.
-
-        One C engine call (unreadable pages become zeros), without CopyStats; for KcoreFile's
-        small random reads, where the Python wrapper would cost more than the read.
-        """
-        i = bisect.bisect_right(self._starts, paddr) - 1
-        if i < 0 or paddr + length > self._ends[i]:
-            return False
-        st = getattr(_tls, "stats", None)
-        if st is None:
-            st = _tls.stats = _native.new_stats()
-        rc = _native.lib.kc_read_fd(self.fd, self._offsets[i] + paddr - self._starts[i], cbuf,
-                                    length, BLOCK, PAGE_SIZE, 0, st)
-        if rc:
-            _native.check(rc, st, path=self.path)
-        return True
-
     def read_phys(self, paddr: int, length: int, *,
                   strict: bool = False) -> tuple[bytes, CopyStats]:
         """Read `length` bytes at physical `paddr`; zeros (counted) where nothing is held."""
@@ -155,7 +133,8 @@ class MemorySource:
         stats = self.readinto_phys(paddr, buf, strict=strict)
         return bytes(buf), stats
 
-    def readinto_phys(self, paddr: int, buf, *, strict: bool = False) -> CopyStats:
+    def readinto_phys(self, paddr: int, buf: WritableBuffer, *,
+                      strict: bool = False) -> CopyStats:
         """Fill `buf` from physical `paddr`; zeros (counted) where nothing is held."""
         n = len(buf)
         i = bisect.bisect_right(self._starts, paddr) - 1

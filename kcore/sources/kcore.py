@@ -11,6 +11,7 @@ from kcore.sources.base import (
     CopyStats,
     Extent,
     MemorySource,
+    WritableBuffer,
     check_extents,
     open_readonly,
     readinto_range,
@@ -84,6 +85,6 @@ class KcoreSource(MemorySource):
         self.readinto_kcore(offset, buf)
         return bytes(buf)
 
-    def readinto_kcore(self, offset: int, buf) -> CopyStats:
+    def readinto_kcore(self, offset: int, buf: WritableBuffer) -> CopyStats:
         """Fill `buf` from kcore file offset `offset` (faults read as zeros)."""
         return readinto_range(self.fd, offset, buf, path=self.path)
