@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import qemu_vm
-from guests import CONFIGS, LAST_ON_GUEST, Guest, Pool
+from guests import CONFIGS, FILE_ORDER, Guest, Pool
 
 
 @pytest.fixture(scope="session")
@@ -75,11 +75,16 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group vm tests by guest (one boot each), guest-changing tests last within a group."""
+    """Group vm tests by guest (one boot each), then by FILE_ORDER within a group."""
     order = list(CONFIGS)
     slots = [i for i, item in enumerate(items) if _guest_of(item) is not None]
     chosen = [items[i] for i in slots]
-    chosen.sort(key=lambda it: (order.index(_guest_of(it) or order[0]),
-                                any(k in it.nodeid for k in LAST_ON_GUEST)))
+
+    def key(item: pytest.Item) -> tuple[int, int]:
+        stem = Path(str(item.fspath)).stem
+        rank = FILE_ORDER.index(stem) if stem in FILE_ORDER else len(FILE_ORDER)
+        return order.index(_guest_of(item) or order[0]), rank
+
+    chosen.sort(key=key)
     for i, item in zip(slots, chosen, strict=True):
         items[i] = item

@@ -17,8 +17,10 @@ CONFIGS = {
     "kaslr": VmConfig("kaslr", mem_mib=512, kaslr=True),
     "big": VmConfig("big", mem_mib=4608, kaslr=True),
 }
-# Tests that change the guest for good (memory hotplug) run after the others on their guest.
-LAST_ON_GUEST = ("hotplug",)
+# On each guest: the harness checks first; tests that change the guest for good (memory
+# hotplug) last.
+FILE_ORDER = ("test_harness", "test_ranges_header", "test_data", "test_bench", "test_consumers",
+              "test_hotplug")
 
 
 @dataclass
