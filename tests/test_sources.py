@@ -351,6 +351,17 @@ def test_unreadable_and_missing_files(tmp_path: Path) -> None:
         open_source(str(path))
 
 
+def test_fifo_and_directory_are_refused_without_hanging(tmp_path: Path) -> None:
+    """A FIFO (no writer) and a directory: one-line SourceErrors, no blocking open."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        for spec in (str(path), f"raw:{path}", f"elf:{path}", f"lime:{path}"):
+            with pytest.raises(SourceError) as err:
+                open_source(spec).close()
+            assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_sources_are_opened_read_only(tmp_path: Path) -> None:
     """The source fd is O_RDONLY with close-on-exec; the file is never modified."""
     import fcntl
@@ -359,6 +370,7 @@ def test_sources_are_opened_read_only(tmp_path: Path) -> None:
     before = path.read_bytes()
     with open_source(f"raw:{path}") as src:
         assert fcntl.fcntl(src.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        assert os.get_blocking(src.fd)
         assert fcntl.fcntl(src.fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         src.read_phys(0, 8192)
     assert path.read_bytes() == before

@@ -28,12 +28,23 @@ class Extent(NamedTuple):
 
 
 def open_readonly(path: str) -> int:
-    """Open `path` read-only (O_RDONLY|O_CLOEXEC); raise SourceError with the reason."""
+    """Open `path` read-only (O_RDONLY|O_CLOEXEC); raise SourceError with the reason.
+
+    O_NONBLOCK while opening, so a FIFO cannot hang us; FIFOs, sockets and directories are
+    refused, since memory is read at offsets.
+    """
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise _with_errno(SourceError(f"{path}: cannot open: {describe_errno(exc.errno)}"),
                           exc.errno) from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+        os.close(fd)
+        what = "a directory" if stat.S_ISDIR(mode) else "not a file or device"
+        raise SourceError(f"{path}: {what} (memory is read at offsets 0x0 and on)")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _with_errno(exc: SourceError, err: int | None) -> SourceError:
