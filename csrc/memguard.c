@@ -22,27 +22,32 @@ struct kc_guard {
     volatile sig_atomic_t armed;
 };
 
-/* The only mutable state: this thread's active guard, and the replaced handlers. */
+/*
+ * The only mutable state: this thread's active guard, and the handlers ours
+ * replaced (written under kc_lock, before ours is installed).
+ */
 static __thread struct kc_guard *kc_tls_guard;
 static struct sigaction kc_old_bus, kc_old_segv;
-static pthread_once_t kc_once = PTHREAD_ONCE_INIT;
-static int kc_install_err;
+static pthread_mutex_t kc_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static void kc_chain(int sig, siginfo_t *info, void *ctx)
+/*
+ * Not our fault: step aside. The replaced handler goes back in place, so the
+ * faulting instruction, re-executed on return, reaches it exactly as if the
+ * guard had never been there (the default action kills; faulthandler reports).
+ * A signal sent with kill() is sent again. The next kc_copy_mem reinstalls us.
+ */
+static void kc_chain(int sig, siginfo_t *info)
 {
-    const struct sigaction *old = sig == SIGBUS ? &kc_old_bus : &kc_old_segv;
+    struct sigaction *old = sig == SIGBUS ? &kc_old_bus : &kc_old_segv;
 
-    if (old->sa_flags & SA_SIGINFO) {
-        old->sa_sigaction(sig, info, ctx);
-        return;
-    }
-    if (old->sa_handler != SIG_DFL && old->sa_handler != SIG_IGN) {
-        old->sa_handler(sig);
-        return;
-    }
-    /* Default action: restore it; a real fault re-executes and terminates as it would have. */
-    signal(sig, SIG_DFL);
-    if (info->si_code <= 0)     /* sent by kill(), not a fault: deliver it again */
+    sigaction(sig, old, NULL);
+    /*
+     * Handed back: should that handler put ours back in its place (faulthandler
+     * does, then raises again), the default action comes next, not a loop.
+     */
+    memset(old, 0, sizeof(*old));
+    old->sa_handler = SIG_DFL;
+    if (info->si_code <= 0)
         raise(sig);
 }
 
@@ -55,19 +60,46 @@ static void kc_fault_handler(int sig, siginfo_t *info, void *ctx)
         g->armed = 0;
         siglongjmp(g->env, 1);
     }
-    kc_chain(sig, info, ctx);
+    (void)ctx;
+    kc_chain(sig, info);
 }
 
-static void kc_install(void)
+static int kc_is_ours(const struct sigaction *sa)
 {
-    struct sigaction sa;
+    return (sa->sa_flags & SA_SIGINFO) && sa->sa_sigaction == kc_fault_handler;
+}
 
+/*
+ * Make ours the first handler of SIGBUS and SIGSEGV. Checked on every call: if
+ * someone installed a handler over ours since (faulthandler.enable()), ours goes
+ * back on top and passes them everything that is not its own fault.
+ */
+static int kc_install(void)
+{
+    static const int sigs[2] = {SIGBUS, SIGSEGV};
+    struct sigaction *olds[2] = {&kc_old_bus, &kc_old_segv};
+    struct sigaction sa, cur;
+    int err = 0;
+
+    if (sigaction(SIGBUS, NULL, &cur) == 0 && kc_is_ours(&cur) &&
+        sigaction(SIGSEGV, NULL, &cur) == 0 && kc_is_ours(&cur))
+        return 0;
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = kc_fault_handler;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
-    if (sigaction(SIGBUS, &sa, &kc_old_bus) < 0 || sigaction(SIGSEGV, &sa, &kc_old_segv) < 0)
-        kc_install_err = errno;
+    pthread_mutex_lock(&kc_lock);
+    for (int i = 0; i < 2 && !err; i++) {
+        if (sigaction(sigs[i], NULL, &cur) < 0) {
+            err = errno;
+        } else if (!kc_is_ours(&cur)) {
+            *olds[i] = cur;
+            if (sigaction(sigs[i], &sa, NULL) < 0)
+                err = errno;
+        }
+    }
+    pthread_mutex_unlock(&kc_lock);
+    return -err;
 }
 
 static size_t kc_page_end(size_t p, size_t len, uint64_t base_off, size_t page_size)
@@ -111,9 +143,9 @@ int kc_copy_mem(const void *src, void *dst, size_t len, uint64_t base_off,
     memset(st, 0, sizeof(*st));
     if (page_size < 512 || (page_size & (page_size - 1)))
         return -EINVAL;
-    pthread_once(&kc_once, kc_install);
-    if (kc_install_err)
-        return -kc_install_err;
+    rc = kc_install();
+    if (rc)
+        return rc;
     g.lo = s;
     g.hi = s + len;
     g.armed = 0;

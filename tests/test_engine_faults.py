@@ -266,6 +266,14 @@ def test_fault_outside_the_guard_still_kills(tmp_path):
     assert proc.stdout.strip() == "2"
     assert proc.returncode == -signal.SIGSEGV
     assert "Segmentation fault" in proc.stderr
+    # faulthandler enabled after the guard was installed: the guard goes back on top.
+    late = code.replace("ctypes.string_at(0)\n", "import faulthandler; faulthandler.enable()\n"
+                        "print(engine.read_mapped(mm, 0, 8192)[1].pages_zero_filled, flush=True)\n"
+                        "ctypes.string_at(0)\n")
+    proc = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, env=env)
+    assert proc.stdout.split() == ["2", "2"]
+    assert proc.returncode == -signal.SIGSEGV
+    assert proc.stderr.count("Fatal Python error") == 1 and "Bus error" not in proc.stderr
 
 
 def test_eintr_during_long_copy_to_a_pipe(tmp_path):
