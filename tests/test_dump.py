@@ -399,3 +399,26 @@ def test_vmalloc_and_modules_match_kcorefile(tmp_path):
             want = f.pread(PAGE, off + va - entry.vaddr)
             assert core.read(va, PAGE) == want, hex(va)
         assert any(core.read(va, PAGE).strip(b"\0") for va in modules)
+
+
+def test_zero_runs_coarsen_to_the_phdr_limit(tmp_path):
+    from kcore.formats import Request, Segment, split_segments
+    from kcore.sources import open_source
+
+    pages = [bytes(PAGE) if i % 3 else os.urandom(PAGE) for i in range(300)]
+    image = tmp_path / "mem.raw"
+    image.write_bytes(b"".join(pages))
+    with open_source(f"raw:{image}") as src:
+        segs = [Segment.linear("ram", 0xffff888000000000, 0, 150 * PAGE),
+                Segment.linear("ram", 0xffff888000000000 + 150 * PAGE, 150 * PAGE, 150 * PAGE)]
+        req = Request(None, src, granule=PAGE)
+        fine, elided, _ = split_segments(req, segs, 1000)
+        assert len(fine) == 100 and elided == 200 * PAGE  # every data page alone
+        for limit in (2, 7, 50):
+            parts, elided, _ = split_segments(req, segs, limit)
+            assert len(parts) <= limit
+            covered = {p.paddr // PAGE + i for p in parts for i in range(p.size // PAGE)}
+            assert {i for i in range(300) if i % 3 == 0} <= covered  # no data page lost
+            assert all(p.vaddr - p.paddr == 0xffff888000000000 for p in parts)
+            assert all(s.paddr <= p.paddr and p.paddr + p.size <= s.paddr + s.size
+                       for p in parts for s in segs if s.paddr <= p.paddr < s.paddr + s.size)
