@@ -19,8 +19,8 @@ CONFIGS = {
 }
 # On each guest: the harness checks first; tests that change the guest for good (memory
 # hotplug) last.
-FILE_ORDER = ("test_harness", "test_ranges_header", "test_data", "test_bench", "test_consumers",
-              "test_hotplug")
+FILE_ORDER = ("test_vm_harness", "test_vm_ranges_header", "test_vm_data", "test_vm_bench",
+              "test_vm_consumers", "test_vm_hotplug")
 
 
 @dataclass

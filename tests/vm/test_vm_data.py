@@ -18,7 +18,7 @@ import pytest
 import qemu_vm
 from guests import Guest
 from pagecmp import PAGE, differing_pages
-from test_harness import loads
+from test_vm_harness import loads
 
 from kcore.kcorefile import open_kcore
 
@@ -31,7 +31,7 @@ DRIFT_BOUND = {"text": 0.0, "direct": 0.10, "vmalloc": 0.35, "modules": 0.05, "i
 SELF_OBSERVED = {"direct": 3}
 
 
-def _segment_offset(guest: Guest, vaddr: int, length: int) -> int | None:
+def segment_offset(guest: Guest, vaddr: int, length: int) -> int | None:
     """The real kcore file offset of [vaddr, vaddr+length) if one PT_LOAD holds it."""
     for p in loads(guest):
         if p["p_vaddr"] <= vaddr and vaddr + length <= p["p_vaddr"] + p["p_filesz"]:
@@ -44,7 +44,7 @@ def _empty_zero_page(guest: Guest) -> int:
     for line in (guest.root / "proc/kallsyms").open():
         addr, _t, name = line.split()[:3]
         if name == "empty_zero_page":
-            off = _segment_offset(guest, int(addr, 16), PAGE)
+            off = segment_offset(guest, int(addr, 16), PAGE)
             assert off is not None
             return off
     raise AssertionError("no empty_zero_page in kallsyms")
@@ -61,7 +61,7 @@ def regions(guest: Guest) -> dict[str, list[tuple[int, int]]]:
     page_offset = ram[0]["p_vaddr"] - ram[0]["p_paddr"]
     low_end = max(p["p_paddr"] + p["p_filesz"] for p in ram if p["p_paddr"] < 1 << 32)
     for phys in (1 * MIB, 16 * MIB, 64 * MIB, low_end - 4 * MIB, 1 << 32):
-        off = _segment_offset(guest, page_offset + phys, 4 * MIB)
+        off = segment_offset(guest, page_offset + phys, 4 * MIB)
         if off is not None:
             out["direct"].append((off, 4 * MIB))
     for line in (guest.root / "proc/vmallocinfo").read_text().splitlines():

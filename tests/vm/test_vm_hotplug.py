@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import qemu_vm
 from guests import Guest, Pool
-from test_ranges_header import kcore_ranges, real_loads
+from test_vm_ranges_header import kcore_ranges, real_loads
 
 from kcore.discover import discover
 from kcore.elfcore import build_header

@@ -14,8 +14,8 @@ import pytest
 import qemu_vm
 from elftools.elf.elffile import ELFFile
 from guests import Guest, Pool
-from test_data import _segment_offset
-from test_harness import loads
+from test_vm_data import segment_offset
+from test_vm_harness import loads
 
 RELEASE_BANNER = b"Linux version "
 
@@ -54,7 +54,7 @@ def guest_dump(vm_pool: Pool) -> GuestDump:
     module = int((guest.root / "proc/modules").read_text().split()[5], 16)
     real = {}
     for vaddr, size in ((syms["linux_banner"], 256), (module, 8192), (syms["_text"], 65536)):
-        off = _segment_offset(guest, vaddr, size)
+        off = segment_offset(guest, vaddr, size)
         got = vm.run(f"dd if=/proc/kcore bs=4k iflag=skip_bytes,count_bytes skip={off} "
                      f"count={size} 2>/dev/null | od -An -v -tx1\n").check().stdout
         real[vaddr] = bytes.fromhex("".join(got.split()))

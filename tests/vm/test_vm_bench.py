@@ -6,7 +6,7 @@ import json
 import math
 
 from guests import Guest
-from test_harness import loads
+from test_vm_harness import loads
 
 from kcore.kclist import ALL_ONES
 
