@@ -42,13 +42,15 @@ def kallsyms(guest: Guest, *names: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def guest_dump(vm_pool: Pool) -> GuestDump:
-    """`kcore dump --modules` in the KASLR guest, written to the share; real bytes to compare."""
+    """`kcore dump --modules` (and --format lime) in the KASLR guest; real bytes to compare."""
     guest = vm_pool.get("kaslr")
     vm = guest.vm
     out = vm.share / "mem.elf"
     r = vm.kcore("dump", "--modules", "--quiet", "--json", "--no-digest", "-o", str(out),
                  timeout=300).check()
     summary = json.loads(r.stdout)
+    vm.kcore("dump", "--format", "lime", "--quiet", "--no-digest", "-o",
+             str(out.with_suffix(".lime")), timeout=300).check()
     # what the real kcore holds, read right after the dump: banner, module text, kernel text
     syms = kallsyms(guest, "linux_banner", "_text")
     module = int((guest.root / "proc/modules").read_text().split()[5], 16)
@@ -73,16 +75,18 @@ def test_drgn_reads_the_guest_dump(kaslr_guest: Guest, guest_dump: GuestDump) ->
     assert any(r.startswith(RELEASE_BANNER + release) for r in guest_dump.real.values())
 
 
-def test_volatility_finds_the_guest_banner(kaslr_guest: Guest, guest_dump: GuestDump,
+@pytest.mark.parametrize("fmt", ["elf", "lime"])
+def test_volatility_finds_the_guest_banner(kaslr_guest: Guest, guest_dump: GuestDump, fmt: str,
                                           tmp_path: Path) -> None:
-    """Volatility 3's banners plugin finds this kernel's banner in the guest's dump."""
+    """Volatility 3's banners plugin finds this kernel's banner in the guest's ELF and LiME."""
     vol = shutil.which("vol")
     if vol is None:
         pytest.importorskip("volatility3", reason="volatility3 is not installed (.ci/run)")
         cmd = [sys.executable, "-m", "volatility3.cli"]
     else:
         cmd = [vol]
-    r = subprocess.run([*cmd, "-q", "--cache-path", str(tmp_path), "-f", str(guest_dump.path),
+    image = guest_dump.path.with_suffix(f".{fmt}")
+    r = subprocess.run([*cmd, "-q", "--cache-path", str(tmp_path), "-f", str(image),
                         "banners.Banners"], capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path)))
     release = guest_dump.guest.vm.kernel.release

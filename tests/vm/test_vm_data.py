@@ -18,6 +18,7 @@ import pytest
 import qemu_vm
 from guests import Guest
 from pagecmp import PAGE, differing_pages
+from qemu_vm import host_kcore
 from test_vm_harness import loads
 
 from kcore.kcorefile import open_kcore
@@ -40,15 +41,20 @@ def segment_offset(guest: Guest, vaddr: int, length: int) -> int | None:
     return None
 
 
-def _empty_zero_page(guest: Guest) -> int:
-    """The real kcore offset of empty_zero_page (4 KiB of zeros in the TEXT segment)."""
+def _symbol(guest: Guest, wanted: str) -> int:
+    """A symbol's address in the guest's /proc/kallsyms."""
     for line in (guest.root / "proc/kallsyms").open():
         addr, _t, name = line.split()[:3]
-        if name == "empty_zero_page":
-            off = segment_offset(guest, int(addr, 16), PAGE)
-            assert off is not None
-            return off
-    raise AssertionError("no empty_zero_page in kallsyms")
+        if name == wanted:
+            return int(addr, 16)
+    raise AssertionError(f"no {wanted} in kallsyms")
+
+
+def _empty_zero_page(guest: Guest) -> int:
+    """The real kcore offset of empty_zero_page (4 KiB of zeros in the TEXT segment)."""
+    off = segment_offset(guest, _symbol(guest, "empty_zero_page"), PAGE)
+    assert off is not None
+    return off
 
 
 def regions(guest: Guest) -> dict[str, list[tuple[int, int]]]:
@@ -56,7 +62,7 @@ def regions(guest: Guest) -> dict[str, list[tuple[int, int]]]:
     segs = loads(guest)
     text, vmalloc, modules = segs[0], segs[1], segs[2]
     out: dict[str, list[tuple[int, int]]] = {
-        "text": [(text["p_offset"], min(8 * MIB, text["p_filesz"]))],
+        "text": [(text["p_offset"], _symbol(guest, "_etext") - text["p_vaddr"])],
         "direct": [], "vmalloc": [], "modules": [], "ioremap": []}
     ram = segs[3::2]
     page_offset = ram[0]["p_vaddr"] - ram[0]["p_paddr"]
@@ -117,9 +123,16 @@ def compare(guest: Guest, tmp_path: Path) -> dict[str, Compared]:
                        f'{vm.share / "regions.json"} {work}\n')
     vm.wait_file(job, work / "read-1.done")
     t0 = time.monotonic()
-    with vm.paused(), vm.physical_image() as image, \
-            open_kcore(str(guest.root), f"raw:{image}") as f:
-        ours = b"".join(f.pread(length, offset) for offset, length in flat)
+    cli = tmp_path / "text.bin"
+    with vm.paused(), vm.physical_image() as image:
+        # the kernel text through the CLI (`kcore read`), everything else through kcore.open
+        (off, n), = spec["text"]
+        r = host_kcore("read", "--root", str(guest.root), "--source", f"raw:{image}",
+                       "--offset", hex(off), "--length", hex(n), "-o", str(cli))
+        assert r.returncode == 0, r.stderr.decode()
+        with open_kcore(str(guest.root), f"raw:{image}") as f:
+            ours = cli.read_bytes() + b"".join(f.pread(length, offset)
+                                               for offset, length in flat[1:])
     (work / "go").touch()
     print(f"{guest.name}: kcore read {len(ours) / MIB:.0f} MiB in {time.monotonic() - t0:.1f} s")
     vm.wait(job).check()
