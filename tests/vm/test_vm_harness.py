@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
+import pytest
 import qemu_vm
 from elftools.elf.elffile import ELFFile
 from guests import Guest
@@ -119,3 +122,32 @@ def test_ram_above_4g(big_guest: Guest) -> None:
     finally:
         vmcore.unlink(missing_ok=True)
         out.unlink(missing_ok=True)
+
+
+def _ours(tag: str) -> list[str]:
+    """Processes, RAM files and work directories of this pytest run whose name has `tag`."""
+    prefix = f"kcore-vm-{os.getpid()}-{tag}-"
+    found = [str(p) for p in [*qemu_vm.SHM.glob(prefix + "*"),
+                              *(qemu_vm.CACHE / "runs").glob(prefix + "*")]]
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and prefix in (proc / "cmdline").read_text():
+                found.append(f"pid {proc.name}")
+        except OSError:
+            pass
+    return found
+
+
+def test_failed_boot_leaves_nothing(vm_pool) -> None:
+    """A guest that panics at boot raises VmError; its QEMU, RAM file and files are gone."""
+    config = qemu_vm.VmConfig("broken", mem_mib=256, extra_append="rdinit=/nonexistent")
+    with pytest.raises(qemu_vm.VmError, match="panic|exited"):
+        qemu_vm.boot(config)
+    assert _ours("broken") == []
+
+
+def test_guest_command_timeout(nokaslr_guest: Guest) -> None:
+    """A guest command past its timeout is killed in the guest (rc 124); the next one runs."""
+    r = nokaslr_guest.vm.run("sleep 60\n", timeout=1)
+    assert r.rc == 124 and r.seconds < 30
+    assert nokaslr_guest.vm.run("echo ok\n").check().stdout == "ok\n"
