@@ -87,7 +87,6 @@ class Layout:
     ranges: list[dict[str, Any]] = field(default_factory=list)  # for the manifest
     elided: int = 0  # bytes of zero runs left out
     scan_stats: Any = None  # CopyStats of the zero-run scan, if one ran
-    digestible: bool = True  # False when hashing would mean reading a huge sparse file
     estimate: bool = False  # size is an upper bound of the space needed (holes)
     warnings: list[str] = field(default_factory=list)  # said in the summary and the manifest
 
@@ -307,7 +306,6 @@ def _write_all(fd: int, data: bytes, offset: int | None) -> None:
         view = view[n:]
         if offset is not None:
             offset += n
-
 
 
 def kind_of(entry: Any, layout: Any) -> str:

@@ -24,7 +24,7 @@ def plan(req: Request) -> Layout:
         items.extend(i for i in segment_items(req.source, seg, p_offset) if isinstance(i, Copy))
         ranges.append({"kind": seg.kind, "vaddr": hex(entry.vaddr), "size": entry.size,
                        "offset": p_offset})
-    layout = Layout(items, header.file_size, ranges, digestible=False, estimate=True)
+    layout = Layout(items, header.file_size, ranges, estimate=True)
     if missing:
         layout.warnings.append(
             f"{len(missing)} virtual areas left as holes (no page-table walker): "
