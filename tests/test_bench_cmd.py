@@ -32,7 +32,8 @@ def saved_kcore() -> Iterator[tuple[str, int]]:
     try:
         yield str(out), ram
     finally:
-        out.unlink(missing_ok=True)
+        for path in (out, out.with_name(out.name + ".json")):  # the dump and its manifest
+            path.unlink(missing_ok=True)
 
 
 def test_bench_limit_json(saved_kcore: tuple[str, int]) -> None:

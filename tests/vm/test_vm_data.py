@@ -153,7 +153,8 @@ def compare(guest: Guest, tmp_path: Path) -> dict[str, dict[str, Compared]]:
             assert r.returncode == 0, r.stderr.decode()
             ours["dump"] = _read_dump(dump, flat)
     finally:
-        dump.unlink(missing_ok=True)
+        for path in (dump, dump.with_name(dump.name + ".json")):  # the dump and its manifest
+            path.unlink(missing_ok=True)
         (work / "go").touch()
     print(f"{guest.name}: kcore read and dump in {time.monotonic() - t0:.1f} s (paused)")
     vm.wait(job).check()
