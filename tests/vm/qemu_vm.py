@@ -121,14 +121,19 @@ def fetch_kernel() -> Kernel:
             debs = CACHE / "debs"
             debs.mkdir(parents=True, exist_ok=True)
             if not list(debs.glob(f"{package}_*.deb")):
-                subprocess.run(["apt-get", "download", package], cwd=debs, check=True,
-                               capture_output=True)
+                r = subprocess.run(["apt-get", "download", package], cwd=debs,
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise VmError(f"apt-get download {package} failed:\n{r.stderr[-2000:]}")
             deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
             tmp = Path(tempfile.mkdtemp(prefix="unpack-", dir=CACHE))
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
-            shutil.rmtree(root, ignore_errors=True)
-            root.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(root)
+            try:
+                subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
+                shutil.rmtree(root, ignore_errors=True)
+                root.parent.mkdir(parents=True, exist_ok=True)
+                tmp.rename(root)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return Kernel(package, release, root)
 
 
