@@ -20,6 +20,7 @@ from guests import Guest
 from pagecmp import PAGE, differing_pages
 from qemu_vm import host_kcore
 from test_vm_harness import loads
+from test_vm_ranges_header import real_loads
 
 from kcore.kcorefile import open_kcore
 
@@ -108,6 +109,17 @@ class Compared:
     wrong: list[int]
 
 
+def _elf_views(guest: Guest, vmcore: Path, tmp_path: Path) -> tuple[dict, bytes]:
+    """`kcore ranges --json` and `kcore header` with QEMU's core as the memory source."""
+    system = ("--root", str(guest.root), "--source", f"elf:{vmcore}")
+    r = host_kcore("ranges", "--json", *system)
+    assert r.returncode == 0, r.stderr.decode()
+    head = tmp_path / "elf-head.bin"
+    h = host_kcore("header", *system, "-o", str(head))
+    assert h.returncode == 0, h.stderr.decode()
+    return json.loads(r.stdout), head.read_bytes()
+
+
 def _read_dump(path: Path, flat: list[tuple[int, int]]) -> bytes:
     """The regions read from a `kcore dump --format kcore` file (a sparse kcore image)."""
     with open(path, "rb") as f:
@@ -136,6 +148,7 @@ def compare(guest: Guest, tmp_path: Path) -> dict[str, dict[str, Compared]]:
     t0 = time.monotonic()
     cli = tmp_path / "text.bin"
     dump = qemu_vm.SHM / (vm.workdir.name + ".kcore")
+    vmcore = qemu_vm.SHM / (vm.workdir.name + ".vmcore")
     ours: dict[str, bytes] = {}
     try:
         with vm.paused(), vm.physical_image() as image:
@@ -152,15 +165,21 @@ def compare(guest: Guest, tmp_path: Path) -> dict[str, dict[str, Compared]]:
                            "-o", str(dump))
             assert r.returncode == 0, r.stderr.decode()
             ours["dump"] = _read_dump(dump, flat)
+            if guest.vm.config.mem_mib << 20 > qemu_vm.ram_below_4g(guest.vm.config.mem_mib):
+                # RAM above the PCI hole: QEMU's own core (p_paddr) as the source too
+                vm.dump_guest_memory(vmcore)
+                with open_kcore(str(guest.root), f"elf:{vmcore}") as f:
+                    ours["elf"] = b"".join(f.pread(length, offset) for offset, length in flat)
+                guest.elf_views = _elf_views(guest, vmcore, tmp_path)  # type: ignore[attr-defined]
     finally:
-        for path in (dump, dump.with_name(dump.name + ".json")):  # the dump and its manifest
+        for path in (dump, dump.with_name(dump.name + ".json"), vmcore):
             path.unlink(missing_ok=True)
         (work / "go").touch()
     print(f"{guest.name}: kcore read and dump in {time.monotonic() - t0:.1f} s (paused)")
     vm.wait(job).check()
     before, after = (work / "before.bin").read_bytes(), (work / "after.bin").read_bytes()
     shutil.rmtree(work)
-    result: dict[str, dict[str, Compared]] = {"open": {}, "dump": {}}
+    result: dict[str, dict[str, Compared]] = {reader: {} for reader in ours}
     at = 0
     for kind, rs in spec.items():
         n = sum(length for _, length in rs)
@@ -176,9 +195,8 @@ def compare(guest: Guest, tmp_path: Path) -> dict[str, dict[str, Compared]]:
     return result
 
 
-@pytest.fixture
-def compared_all(guest: Guest, tmp_path: Path) -> dict[str, dict[str, Compared]]:
-    """The comparison for this guest (once per guest), for both readers."""
+def compared_for(guest: Guest, tmp_path: Path) -> dict[str, dict[str, Compared]]:
+    """The comparison for a guest (made once per guest), by reader and region kind."""
     cached = getattr(guest, "_compared", None)
     if cached is None:
         cached = compare(guest, tmp_path)
@@ -188,6 +206,12 @@ def compared_all(guest: Guest, tmp_path: Path) -> dict[str, dict[str, Compared]]
                 print(f"{guest.name} {reader} {kind}: {c.pages} pages, drift {len(c.drift)}, "
                       f"wrong {[hex(p) for p in c.wrong[:8]]}")
     return cached
+
+
+@pytest.fixture
+def compared_all(guest: Guest, tmp_path: Path) -> dict[str, dict[str, Compared]]:
+    """The comparison for this guest, for every reader."""
+    return compared_for(guest, tmp_path)
 
 
 @pytest.fixture
@@ -224,3 +248,24 @@ def test_ioremap_reads_as_zeros(compared: dict[str, Compared]) -> None:
     c = compared["ioremap"]
     assert c.pages > 0
     assert c.wrong == []
+
+
+@pytest.mark.parametrize("kind", ["text", "direct", "vmalloc", "modules"])
+def test_elf_source_equals_real_kcore(big_guest: Guest, tmp_path: Path, kind: str) -> None:
+    """RAM above 4 GiB through QEMU's dump-guest-memory core (elf:) reads as the real kcore."""
+    check(compared_for(big_guest, tmp_path)["elf"][kind], kind)
+
+
+def test_elf_source_ranges_and_header(big_guest: Guest, tmp_path: Path) -> None:
+    """With elf: as the source, ranges and header equal the real kcore's too."""
+    compared_for(big_guest, tmp_path)
+    ranges, head = big_guest.elf_views  # type: ignore[attr-defined]
+    rows = [tuple(int(r[k], 16) for k in ("vaddr", "paddr", "size", "offset"))
+            for r in ranges["ranges"]]
+    assert rows == real_loads(big_guest.kcore)
+    real = bytearray((big_guest.capture / "kcore-head.bin").read_bytes())
+    ours = bytearray(head)
+    task = next(n for n in big_guest.kcore["notes"] if (n["name"], n["type"]) == ("CORE", 4))
+    at, size = task["desc_offset"], task["descsz"]
+    ours[at:at + size] = real[at:at + size] = bytes(size)
+    assert ours == real
