@@ -422,3 +422,14 @@ def test_zero_runs_coarsen_to_the_phdr_limit(tmp_path):
             assert all(p.vaddr - p.paddr == 0xffff888000000000 for p in parts)
             assert all(s.paddr <= p.paddr and p.paddr + p.size <= s.paddr + s.size
                        for p in parts for s in segs if s.paddr <= p.paddr < s.paddr + s.size)
+
+
+def test_lime_reads_back_through_the_lime_source(tmp_path):
+    lime, raw, again = tmp_path / "mem.lime", tmp_path / "mem.raw", tmp_path / "again.raw"
+    dump(NOKASLR, lime, "--format", "lime", "--no-digest")
+    dump(NOKASLR, raw, "--format", "raw", "--no-digest")
+    root = shared_fixture(NOKASLR) / "root"
+    r = run_kcore("dump", "--root", str(root), "--source", f"lime:{lime}", "--format", "raw",
+                  "--no-digest", "-o", str(again))
+    assert r.returncode == 0, r.stderr.decode()
+    subprocess.run(["cmp", str(raw), str(again)], check=True)  # elided runs read back as zeros
