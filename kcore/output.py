@@ -11,6 +11,7 @@ import signal
 import stat
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,13 +114,24 @@ class BackgroundHasher:
                 self._mark = position
                 self._cond.notify()
 
-    def finish(self, size: int) -> str:
+    @property
+    def done(self) -> int:
+        """Bytes hashed so far."""
+        return self._done
+
+    def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str:
         """Wait for the hash of the first size bytes; return it as hex."""
         with self._cond:
             self._mark = max(self._mark, size)
             self._final = size
             self._cond.notify()
-        self._thread.join()
+        seen = self._done
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+            if progress is not None:
+                now = self._done
+                progress(now - seen)
+                seen = now
         if self._error is not None:
             raise self._error
         return self._hash.hexdigest()
@@ -230,10 +242,10 @@ class Output:
         if self.hasher is not None:
             self.hasher.advance(position)
 
-    def finish(self, size: int) -> str | None:
+    def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str | None:
         """Wait for the digest of the first size bytes and flush the file; return the digest."""
         if self.hasher is not None:
-            self.sha256 = self.hasher.finish(size)
+            self.sha256 = self.hasher.finish(size, progress)
             self.hasher = None
         if self.kind == "file" and not self._closed:
             os.fsync(self.fd)

@@ -199,7 +199,15 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 if bar is not None:
                     bar.close()
-            out.finish(layout.size)
+            hashing = out.hasher
+            bar = _progress_bar(layout.size, args.quiet or hashing is None, "sha256")
+            if bar is not None:
+                bar.update(hashing.done)
+            try:
+                out.finish(layout.size, bar.update if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
             seconds = time.perf_counter() - t0
             summary = _summary(args, out, system, layout, stats, seconds, started)
             out.commit(layout.size, summary["manifest"] if out.kind == "file" else None)
