@@ -85,7 +85,7 @@ def plan(req: Request) -> Layout:
     machine = EM_BY_ARCH.get(getattr(system.layout, "arch", "x86_64"))
     if machine is None:
         raise OutputError(f"no ELF machine number for architecture {system.layout.arch}")
-    notes = build_notes(system, req.flavour)
+    notes = build_notes(system, "modern")  # VMCOREINFO whatever --layout: consumers need it
     phnum = 1 + len(segs)
     notes_offset = EHDR.size + phnum * PHDR.size
     data_offset = -(-(notes_offset + len(notes)) // page) * page
