@@ -8,8 +8,10 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <stdio.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "kcore_api.h"
@@ -79,19 +81,86 @@ int kc_is_zero(const void *p, size_t n)
     return 1;
 }
 
+/* Calls shorter than this read with pread alone (finding the PID costs a few syscalls). */
+enum { KC_FAST_MIN = 256 << 10, KC_PROBE = 256 };
+
+/* A source: its fd, and the PID whose memory it is when process_vm_readv may read it. */
+struct kc_src {
+    int fd;
+    pid_t pid;
+    size_t page_size;
+};
+
+/*
+ * The PID of fd when it is /proc/PID/mem, in this process's /proc (same inode),
+ * and process_vm_readv reads the same bytes at off as pread does (so the fd
+ * still holds that process's memory: not another procfs, not an exec since).
+ * 0 otherwise, and for calls too short to gain.
+ */
+static struct kc_src kc_src_of(int fd, uint64_t off, uint64_t len, size_t page_size)
+{
+    struct kc_src src = {fd, 0, page_size};
+    char link[64], path[64], tail;
+    unsigned char by_pread[KC_PROBE], by_pvm[KC_PROBE];
+    struct iovec local = {by_pvm, KC_PROBE}, remote = {(void *)(uintptr_t)off, KC_PROBE};
+    struct stat a, b;
+    long pid;
+    ssize_t n;
+
+    if (len < KC_FAST_MIN)
+        return src;
+    snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+    n = readlink(link, path, sizeof(path) - 1);
+    if (n <= 0)
+        return src;
+    path[n] = '\0';
+    if (sscanf(path, "/proc/%ld/mem%c", &pid, &tail) != 1 || pid <= 0)
+        return src;
+    if (fstat(fd, &a) < 0 || stat(path, &b) < 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino)
+        return src;
+    if (pread(fd, by_pread, KC_PROBE, (off_t)off) != KC_PROBE ||
+        process_vm_readv((pid_t)pid, &local, 1, &remote, 1, 0) != KC_PROBE ||
+        memcmp(by_pread, by_pvm, KC_PROBE) != 0)
+        return src;
+    src.pid = (pid_t)pid;
+    return src;
+}
+
 /*
  * Read up to n bytes at off into p: retry EINTR, continue after short reads.
  * Returns the bytes read; fewer than n when the source failed at off + that
  * count (*err_ret: its errno, EIO for EOF). -errno for a real error.
  */
-static ssize_t kc_pread_some(int fd, char *p, size_t n, uint64_t off, int *err_ret)
+static ssize_t kc_pread_some(const struct kc_src *src, char *p, size_t n, uint64_t off,
+                             int *err_ret, struct kc_stats *st)
 {
     size_t got = 0;
 
     *err_ret = 0;
     while (got < n) {
-        ssize_t r = pread(fd, p + got, n - got, (off_t)(off + got));
+        size_t want;
+        ssize_t r;
 
+        if (src->pid) {
+            struct iovec local = {p + got, n - got};
+            struct iovec remote = {(void *)(uintptr_t)(off + got), n - got};
+
+            r = process_vm_readv(src->pid, &local, 1, &remote, 1, 0);
+            if (r > 0) {
+                got += (size_t)r;
+                st->bytes_fast += (uint64_t)r;
+                continue;
+            }
+        }
+        /* After a process_vm_readv failure, pread says what this page really holds. */
+        want = n - got;
+        if (src->pid) {
+            uint64_t page_end = ((off + got) | (src->page_size - 1)) + 1;
+
+            if (page_end - (off + got) < want)
+                want = (size_t)(page_end - (off + got));
+        }
+        r = pread(src->fd, p + got, want, (off_t)(off + got));
         if (r > 0) {
             got += (size_t)r;
             continue;
@@ -117,8 +186,8 @@ static ssize_t kc_pread_some(int fd, char *p, size_t n, uint64_t off, int *err_r
  * pages, as /proc/PID/mem does); if it reads, the source fails whole requests
  * and the rest of this block goes page by page.
  */
-static int kc_read_block(int fd, char *buf, uint64_t off, size_t len, size_t page_size,
-                         uint32_t flags, struct kc_stats *st)
+static int kc_read_block(const struct kc_src *src, char *buf, uint64_t off, size_t len,
+                         size_t page_size, uint32_t flags, struct kc_stats *st)
 {
     size_t pos = 0;
     int page_mode = 0;
@@ -129,7 +198,7 @@ static int kc_read_block(int fd, char *buf, uint64_t off, size_t len, size_t pag
         int err;
 
         if (!page_mode) {
-            n = kc_pread_some(fd, buf + pos, len - pos, off + pos, &err);
+            n = kc_pread_some(src, buf + pos, len - pos, off + pos, &err, st);
             if (n < 0)
                 goto fail;
             pos += (size_t)n;
@@ -140,11 +209,14 @@ static int kc_read_block(int fd, char *buf, uint64_t off, size_t len, size_t pag
         pe = (size_t)(kc_next_page(off + pos, page_size) - off);
         if (pe > len)
             pe = len;
-        n = kc_pread_some(fd, buf + pos, pe - pos, off + pos, &err);
-        if (n < 0)
-            goto fail;
-        pos += (size_t)n;
-        st->bytes_read += (uint64_t)n;
+        /* With process_vm_readv, the failing pread was already this page alone. */
+        if (page_mode || !src->pid) {
+            n = kc_pread_some(src, buf + pos, pe - pos, off + pos, &err, st);
+            if (n < 0)
+                goto fail;
+            pos += (size_t)n;
+            st->bytes_read += (uint64_t)n;
+        }
         if (err) {
             kc_note_fault(st, off + pos, err);
             if (flags & KC_STRICT) {
@@ -305,6 +377,7 @@ int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
 {
     struct kc_stats *st = stats_ret;
     struct kc_sparse_out o = {dst_fd, 0, 0, 0};
+    struct kc_src src;
     char *b = buf;
     uint64_t done = 0;
     int sparse = (flags & KC_SPARSE) && dst_off >= 0;
@@ -314,6 +387,7 @@ int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
     memset(st, 0, sizeof(*st));
     if (!kc_page_ok(page_size) || buf_len < page_size)
         return -EINVAL;
+    src = kc_src_of(src_fd, src_off, len, page_size);
     if (sparse) {
         struct stat sb;
 
@@ -332,7 +406,7 @@ int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
         size_t n = kc_block_len(a, len - done, buf_len, page_size);
         int64_t out = dst_off < 0 ? -1 : dst_off + (int64_t)done;
 
-        rc = kc_read_block(src_fd, b, a, n, page_size, flags, st);
+        rc = kc_read_block(&src, b, a, n, page_size, flags, st);
         if (rc)
             return rc;
         if (sparse)
@@ -363,14 +437,16 @@ int kc_read_fd(int fd, uint64_t off, void *buf, size_t len, size_t block,
 {
     struct kc_stats *st = stats_ret;
     char *b = buf;
+    struct kc_src src;
     size_t done = 0;
 
     memset(st, 0, sizeof(*st));
     if (!kc_page_ok(page_size) || block < page_size)
         return -EINVAL;
+    src = kc_src_of(fd, off, len, page_size);
     while (done < len) {
         size_t n = kc_block_len(off + done, len - done, block, page_size);
-        int rc = kc_read_block(fd, b + done, off + done, n, page_size, flags, st);
+        int rc = kc_read_block(&src, b + done, off + done, n, page_size, flags, st);
 
         if (rc)
             return rc;
@@ -388,17 +464,19 @@ int kc_data_runs(int fd, uint64_t off, uint64_t len, size_t granule,
     char *b = buf;
     uint64_t done = 0;
     size_t nruns = 0;
+    struct kc_src src;
 
     memset(st, 0, sizeof(*st));
     *nruns_ret = 0;
     if (!kc_page_ok(page_size) || granule < page_size || granule % page_size ||
         buf_len < granule)
         return -EINVAL;
+    src = kc_src_of(fd, off, len, page_size);
     while (done < len) {
         uint64_t a = off + done;
         size_t n = kc_block_len(a, len - done, buf_len, granule);
         size_t g = 0;
-        int rc = kc_read_block(fd, b, a, n, page_size, flags, st);
+        int rc = kc_read_block(&src, b, a, n, page_size, flags, st);
 
         if (rc)
             return rc;

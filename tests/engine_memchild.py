@@ -21,12 +21,14 @@ libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                       ctypes.c_int, ctypes.c_long]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 PAGE = 4096
 for line in sys.stdin:
     cmd, *args = line.split()
     if cmd == "map":
         path, npages = args[0], int(args[1])
-        holes = [int(x) for x in args[2].split(",")] if len(args) > 2 else []
+        holes = [int(x) for x in args[2].split(",") if x] if len(args) > 2 else []
+        noaccess = [int(x) for x in args[3].split(",") if x] if len(args) > 3 else []
         fd = os.open(path, os.O_RDONLY)
         addr = libc.mmap(None, npages * PAGE, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         os.close(fd)
@@ -35,6 +37,9 @@ for line in sys.stdin:
         for h in holes:
             if libc.munmap(addr + h * PAGE, PAGE):
                 sys.exit("munmap failed")
+        for h in noaccess:
+            if libc.mprotect(addr + h * PAGE, PAGE, 0):  # PROT_NONE
+                sys.exit("mprotect failed")
         print(addr, flush=True)
     elif cmd == "unmap":
         libc.munmap(int(args[0]), int(args[1]))
@@ -61,10 +66,16 @@ class MemChild:
             raise RuntimeError(f"memory child died (status {self.proc.wait()})")
         return reply.strip()
 
-    def map(self, path: os.PathLike | str, npages: int, holes: Iterable[int] = ()) -> int:
-        """Map npages of path in the child, unmap the pages in holes; return the address."""
-        hole_list = ",".join(str(h) for h in sorted(set(holes)))
-        return int(self._ask(f"map {os.fspath(path)} {npages} {hole_list}".rstrip()))
+    def map(self, path: os.PathLike | str, npages: int, holes: Iterable[int] = (),
+            noaccess: Iterable[int] = ()) -> int:
+        """Map npages of path in the child, unmap the pages in holes; return the address.
+
+        Pages in noaccess become PROT_NONE: /proc/PID/mem still reads them (FOLL_FORCE),
+        process_vm_readv does not.
+        """
+        hole_list = ",".join(str(h) for h in sorted(set(holes))) or ","
+        none_list = ",".join(str(h) for h in sorted(set(noaccess))) or ","
+        return int(self._ask(f"map {os.fspath(path)} {npages} {hole_list} {none_list}"))
 
     def unmap(self, addr: int, npages: int) -> None:
         """Unmap a region mapped by map()."""

@@ -85,6 +85,26 @@ def test_proc_pid_mem_strict_raises_at_first_hole(tmp_path, child):
         child.unmap(addr, npages)
 
 
+def test_proc_pid_mem_prot_none_pages_read_as_data(tmp_path, child):
+    """/proc/PID/mem reads PROT_NONE pages (FOLL_FORCE); process_vm_readv does not, so the
+    engine's fast path must hand them to pread. Starting on page 0 (PROT_NONE) the fast
+    path is off for the call; starting on page 1 it is on."""
+    npages = 400
+    path, data, _ = _layout(tmp_path, npages, seed=6, hole_frac=0)
+    noaccess, holes = [0, 10, 11, 300], [200]
+    addr = child.map(path, npages, holes, noaccess)
+    try:
+        mem = expected_memory(data, holes)
+        for first in (0, 1):
+            start, length = addr + first * PAGE, (npages - first) * PAGE
+            got, st = engine.read_range(child.fd, start, length)
+            assert got == mem[first * PAGE:]
+            assert st.pages_zero_filled == 1 and st.first_error_offset == addr + 200 * PAGE
+            assert (got, st) == _pyengine.read_range(child.fd, start, length)
+    finally:
+        child.unmap(addr, npages)
+
+
 def test_proc_pid_mem_offsets_past_2_63_are_einval_zeros(child):
     """KCORE.md section 5: offsets >= 2^63 give EINVAL from pread: unreadable, not an error."""
     got, st = engine.read_range(child.fd, 1 << 63, 2 * PAGE)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from kcore import _pyengine, engine
 
-KINDS = st.sampled_from(["data", "zero", "hole"])
+KINDS = st.sampled_from(["data", "zero", "hole", "noaccess"])
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def child():
 @st.composite
 def layouts(draw):
     """Page kinds, a byte range over them, and the engine's block and chunk sizes."""
-    kinds = draw(st.lists(KINDS, min_size=1, max_size=96))
+    kinds = draw(st.lists(KINDS, min_size=1, max_size=160))
     size = len(kinds) * PAGE
     start = draw(st.integers(0, size - 1))
     length = draw(st.integers(0, size - start))
@@ -39,7 +39,7 @@ def layouts(draw):
 
 def _write_layout(kinds: list[str], seed: int) -> tuple[str, bytes]:
     rnd = random.Random(seed)
-    data = b"".join(rnd.randbytes(PAGE) if k == "data" else bytes(PAGE) for k in kinds)
+    data = b"".join(bytes(PAGE) if k == "zero" else rnd.randbytes(PAGE) for k in kinds)
     fd, path = tempfile.mkstemp(prefix="kcore-prop-", dir="/dev/shm")
     os.write(fd, data)
     os.close(fd)
@@ -52,8 +52,9 @@ def _write_layout(kinds: list[str], seed: int) -> tuple[str, bytes]:
 def test_c_engine_equals_oracle_on_proc_pid_mem(child, layout):
     kinds, start, length, block, chunk, granule, seed = layout
     holes = [i for i, k in enumerate(kinds) if k == "hole"]
+    noaccess = [i for i, k in enumerate(kinds) if k == "noaccess"]  # data, PROT_NONE
     path, data = _write_layout(kinds, seed)
-    addr = child.map(path, len(kinds), holes)
+    addr = child.map(path, len(kinds), holes, noaccess)
     saved = engine.BLOCK, engine.CHUNK
     engine.BLOCK, engine.CHUNK = block, chunk
     try:

@@ -129,6 +129,20 @@ static void test_proc_self_mem_holes(void)
     CHECK(memcmp(out, want + 77, NP * PAGE - 77) == 0);
     CHECK(st.pages_zero_filled == nh);
 
+    /*
+     * Starting on a readable page, process_vm_readv reads most of it; PROT_NONE
+     * pages (which /proc/PID/mem reads, FOLL_FORCE) and holes go through pread.
+     */
+    CHECK(mprotect(map + 400 * PAGE, 3 * PAGE, PROT_NONE) == 0);
+    CHECK(kc_read_fd(fd, (uintptr_t)map + 2 * PAGE, out, (NP - 2) * PAGE, BLOCK, PAGE, 0,
+                     &st) == 0);
+    CHECK(memcmp(out, want + 2 * PAGE, (NP - 2) * PAGE) == 0);
+    CHECK(st.pages_zero_filled == nh - 2);
+    CHECK(st.bytes_fast > 0 && st.bytes_fast <= st.bytes_read - 3 * PAGE);
+    /* Short calls do not look for the PID. */
+    CHECK(kc_read_fd(fd, (uintptr_t)map + 2 * PAGE, out, 8 * PAGE, BLOCK, PAGE, 0, &st) == 0);
+    CHECK(st.bytes_fast == 0 && st.bytes_read == 8 * PAGE);
+
     CHECK(kc_read_fd(fd, (uintptr_t)map + 2 * PAGE, out, 400 * PAGE, BLOCK, PAGE, KC_STRICT,
                      &st) == -EIO);
     CHECK(st.fail_where == KC_FAIL_FAULT && st.fail_offset == (uintptr_t)map + 255 * PAGE);
