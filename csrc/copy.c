@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "kcore_api.h"
@@ -82,7 +83,7 @@ int kc_is_zero(const void *p, size_t n)
 }
 
 /* Calls shorter than this read with pread alone (finding the PID costs a few syscalls). */
-enum { KC_FAST_MIN = 256 << 10, KC_PROBE = 256 };
+enum { KC_FAST_MIN = 256 << 10, KC_PROBE = 256, KC_PROC_SUPER_MAGIC = 0x9fa0 };
 
 /* A source: its fd, and the PID whose memory it is when process_vm_readv may read it. */
 struct kc_src {
@@ -103,11 +104,13 @@ static struct kc_src kc_src_of(int fd, uint64_t off, uint64_t len, size_t page_s
     char link[64], path[64], tail;
     unsigned char by_pread[KC_PROBE], by_pvm[KC_PROBE];
     struct iovec local = {by_pvm, KC_PROBE}, remote = {(void *)(uintptr_t)off, KC_PROBE};
+    struct statfs fs;
     struct stat a, b;
     long pid;
     ssize_t n;
 
-    if (len < KC_FAST_MIN)
+    /* One cheap call rules out everything but procfs files. */
+    if (len < KC_FAST_MIN || fstatfs(fd, &fs) < 0 || fs.f_type != KC_PROC_SUPER_MAGIC)
         return src;
     snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
     n = readlink(link, path, sizeof(path) - 1);
