@@ -35,8 +35,11 @@ def _bytes_factory() -> Any:
 
 _new_bytes = _bytes_factory()
 _bisect_right = bisect.bisect_right
-# How each kclist type's bytes are found (read_kcore()'s switch on m->type).
-_RAM, _TEXT, _WALK = 0, 1, 2
+# How each kclist type's bytes are found (read_kcore()'s switch on m->type): RAM by __pa,
+# TEXT by __pa_symbol (without page tables), WALK through the page tables like
+# copy_from_kernel_nofault() (text, vmemmap), VREAD like vread() (vmalloc and modules:
+# only System RAM pages, so VM_IOREMAP areas, which map none, read as holes).
+_RAM, _TEXT, _WALK, _VREAD, _ZERO = 0, 1, 2, 3, 4
 # Sources whose memory changes while we read: page-table pages are not cached across reads.
 _LIVE_KINDS = ("devmem", "pid", "kcore")
 
@@ -87,11 +90,16 @@ class KcoreFile(io.RawIOBase):
                 how, base = _RAM, entry.paddr
             elif entry.type == KcoreType.TEXT and self.walker is None:
                 how, base = _TEXT, entry.paddr  # __pa_symbol(addr)
-            else:
-                # vmalloc, modules, vmemmap (and text, like copy_from_kernel_nofault()):
-                # through the page tables, unmapped pages read as zeros.
+            elif self.walker is None:  # no page tables known: nothing readable there
+                how, base = _ZERO, entry.vaddr
+            elif entry.type == KcoreType.VMALLOC:
+                how, base = _VREAD, entry.vaddr
+            else:  # vmemmap, and text when page tables are known
                 how, base = _WALK, entry.vaddr
             segs.append((p_offset, p_offset + entry.size, how, base))
+        ram = sorted((e.paddr, e.paddr + e.size) for e, _ in self.header.loads
+                     if e.type == KcoreType.RAM and e.size > 0)
+        self._ram = ([lo for lo, _ in ram], [hi for _, hi in ram])
         segs.sort()
         starts, ends, hows, bases = [], [], [], []
         for start, end, how, base in segs:
@@ -263,8 +271,13 @@ class KcoreFile(io.RawIOBase):
                 stop = min(end, ends[i])
                 part = view[cur - offset:stop - offset]
                 delta = cur - starts[i]
-                if self._hows[i] == _WALK:
+                how = self._hows[i]
+                if how == _WALK:
                     self.walker.readinto(self._bases[i] + delta, part)
+                elif how == _VREAD:
+                    self.walker.readinto(self._bases[i] + delta, part, allowed=self._ram)
+                elif how == _ZERO:
+                    zero_fill(part)
                 else:
                     self.source.readinto_phys(self._bases[i] + delta, part)
             else:  # no kclist entry here: zeros up to the next segment

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import struct
 import threading
 from collections.abc import Callable
@@ -130,14 +131,18 @@ class PageWalker:
                     self._runs(entry & ADDR_MASK, shift - 9, va, nxt, out)
             va = nxt
 
-    def readinto(self, vaddr: int, buf: Any) -> int:
+    def readinto(self, vaddr: int, buf: Any, *,
+                 allowed: tuple[list[int], list[int]] | None = None) -> int:
         """Fill buf from vaddr like the kernel's vread(): unmapped pages read as zeros.
 
-        Returns the number of bytes that were mapped.
+        With `allowed` (sorted physical range starts and ends), mapped pages outside those
+        ranges read as zeros too. Returns the number of bytes that were read from memory.
         """
         view = memoryview(buf).cast("B")
         n = len(view)
         runs = self.runs(vaddr, n)
+        if allowed is not None:
+            runs = clip_runs(runs, *allowed)
         pos = 0
         mapped = 0
         for va, pa, ln in runs:
@@ -163,6 +168,20 @@ class PageWalker:
         buf = bytearray(length)
         self.readinto(vaddr, buf)
         return bytes(buf)
+
+
+def clip_runs(runs: list[Run], starts: list[int], ends: list[int]) -> list[Run]:
+    """The parts of runs whose physical pages lie in [starts[i], ends[i]) ranges (sorted)."""
+    out: list[Run] = []
+    for va, pa, n in runs:
+        end = pa + n
+        i = max(bisect.bisect_right(starts, pa) - 1, 0)
+        while i < len(starts) and starts[i] < end:
+            lo, hi = max(pa, starts[i]), min(end, ends[i])
+            if lo < hi:
+                out.append((va + lo - pa, lo, hi - lo))
+            i += 1
+    return out
 
 
 def walker_for(system: Any, source: Any = None) -> PageWalker | None:

@@ -415,3 +415,44 @@ def test_seed_layout_reads_at_its_own_offsets(kf) -> None:
         assert ELFFile(old).header["e_phnum"] == len(old.header.loads) + 1
         # The seed's read_kcore(): "if (buflen == 0 || *fpos >= size) return 0".
         assert old.pread(16, old.size() - 8) == bytes(8) and old.pread(16, old.size()) == b""
+
+
+def test_ioremap_pages_read_as_holes(kf) -> None:
+    """vmalloc pages that map no System RAM (ioremap: ACPI tables, HPET, BIOS) read zeros.
+
+    vread() treats VM_IOREMAP areas as holes; ioremap() never maps System RAM, so kcore
+    zeroes mapped vmalloc pages outside it (tests/vm/test_vm_data.py checks the real kernel).
+    """
+    name, f = kf
+    seg = _load(name, "KCORE_VMALLOC(vmalloc area)")
+    ram = [(p["p_paddr"], p["p_paddr"] + p["p_filesz"]) for p in meta(name)["phdrs"]
+           if p.get("kind") == "KCORE_RAM"]
+    runs = f.walker.runs(seg["p_vaddr"], seg["p_filesz"])
+    outside = [(va, pa, n) for va, pa, n in runs if not any(lo <= pa < hi for lo, hi in ram)]
+    # iomem: 1ffe0000-1fffffff Reserved (ACPI), fed00000 HPET, f5000 in the BIOS area.
+    assert {pa & ~0xFFF for _, pa, _ in outside} >= {0x1FFE0000, 0xFED00000}
+    image = MemoryImage(name)
+    for va, pa, n in outside:
+        off = seg["p_offset"] + va - seg["p_vaddr"]
+        assert f.pread(n, off) == bytes(n), hex(va)
+        if pa == 0x1FFE0000:  # the ACPI tables are in the RAM image, yet read as a hole
+            assert f.walker.read(va, PAGE) == image.read(pa, PAGE) != bytes(PAGE)
+
+
+def test_without_page_tables_text_uses_pa_symbol_and_vmalloc_reads_zeros() -> None:
+    """No init_top_pgt known: text by __pa_symbol still matches; vmalloc/modules read zeros."""
+    from kcore.discover import discover
+
+    name = NOKASLR
+    system = discover(shared_fixture(name) / "root", source_spec(name))
+    try:
+        system.layout = system.layout.with_(pgd_paddr=None)
+        f = KcoreFile(system)
+        assert f.walker is None
+        r = next(r for r in meta(name)["reads"] if r["file"] == "kcore-text-2M.bin")
+        assert f.pread(r["length"], r["kcore_offset"]) == expected_bytes(name, r["file"])
+        seg = _load(name, "KCORE_VMALLOC(modules area)")
+        _, size, base = _modules(name)[0]
+        assert f.pread(size, seg["p_offset"] + base - seg["p_vaddr"]) == bytes(size)
+    finally:
+        system.close()

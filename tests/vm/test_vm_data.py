@@ -240,9 +240,6 @@ def test_dump_kcore_format_equals_real_kcore(compared_all: dict[str, dict[str, C
     check(compared_all["dump"][kind], kind)
 
 
-@pytest.mark.xfail(strict=True, reason="the kernel's vread() reads VM_IOREMAP areas as holes; "
-                   "KcoreFile's page walk reads what the PTEs map (ACPI tables, BIOS); "
-                   "kcore dump --format kcore already gives zeros there")
 def test_ioremap_reads_as_zeros(compared: dict[str, Compared]) -> None:
     """ioremap areas (ACPI tables, BIOS memremap) read as zeros, as the real kcore gives them."""
     c = compared["ioremap"]
