@@ -174,43 +174,52 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _sigterm_interrupts():
         system = _open_system(args)
-        source = system.source
-        req = Request(system, source, text=args.text, vmalloc=args.vmalloc,
-                      modules=args.modules, elide=args.elide and fmt in STREAMABLE,
-                      granule=args.granule, strict=args.strict, flavour=args.layout)
-        want_digest = args.digest and fmt != "kcore"
-        with open_output(path, force=args.force, digest=want_digest) as out:
-            if fmt == "kcore" and not out.seekable:
-                raise InputError(f"--format kcore needs a seekable file, not {path}")
-            bar = _progress_bar(None, args.quiet or not req.elide, "scan for zero runs")
-            req.progress = bar.update if bar is not None else None
-            try:
-                layout = plan(req, fmt)
-            finally:
-                if bar is not None:
-                    bar.close()
-            out.check_space(layout.space_needed, estimate=layout.estimate)
-            out.start_digest()
-            bar = _progress_bar(layout.copy_bytes, args.quiet, f"dump {fmt}")
-            try:
-                stats = write_layout(out, source, layout, sparse=fmt != "padded",
-                                     strict=args.strict,
-                                     progress=bar.update if bar is not None else None)
-            finally:
-                if bar is not None:
-                    bar.close()
-            hashing = out.hasher
-            bar = _progress_bar(layout.size, args.quiet or hashing is None, "sha256")
+        try:
+            return _dump(args, system, fmt, path, started, t0)
+        finally:
+            system.close()
+
+
+def _dump(args: argparse.Namespace, system: Any, fmt: str, path: str, started: datetime,
+          t0: float) -> int:
+    """Plan, write and land one dump of a discovered system."""
+    source = system.source
+    req = Request(system, source, text=args.text, vmalloc=args.vmalloc,
+                  modules=args.modules, elide=args.elide and fmt in STREAMABLE,
+                  granule=args.granule, strict=args.strict, flavour=args.layout)
+    want_digest = args.digest and fmt != "kcore"
+    with open_output(path, force=args.force, digest=want_digest) as out:
+        if fmt == "kcore" and not out.seekable:
+            raise InputError(f"--format kcore needs a seekable file, not {path}")
+        bar = _progress_bar(None, args.quiet or not req.elide, "scan for zero runs")
+        req.progress = bar.update if bar is not None else None
+        try:
+            layout = plan(req, fmt)
+        finally:
             if bar is not None:
-                bar.update(hashing.done)
-            try:
-                out.finish(layout.size, bar.update if bar is not None else None)
-            finally:
-                if bar is not None:
-                    bar.close()
-            seconds = time.perf_counter() - t0
-            summary = _summary(args, out, system, layout, stats, seconds, started)
-            out.commit(layout.size, summary["manifest"] if out.kind == "file" else None)
+                bar.close()
+        out.check_space(layout.space_needed, estimate=layout.estimate)
+        out.start_digest()
+        bar = _progress_bar(layout.copy_bytes, args.quiet, f"dump {fmt}")
+        try:
+            stats = write_layout(out, source, layout, sparse=fmt != "padded",
+                                 strict=args.strict,
+                                 progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        hashing = out.hasher
+        bar = _progress_bar(layout.size, args.quiet or hashing is None, "sha256")
+        if bar is not None:
+            bar.update(hashing.done)
+        try:
+            out.finish(layout.size, bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - t0
+        summary = _summary(args, out, system, layout, stats, seconds, started)
+        out.commit(layout.size, summary["manifest"] if out.kind == "file" else None)
     if args.json:
         print(json.dumps(summary["result"], indent=2))
     elif not args.quiet:
