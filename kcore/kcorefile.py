@@ -129,6 +129,9 @@ class KcoreFile(io.RawIOBase):
                         fast.append((k, k + hi - lo, ext.offset + lo - ext.paddr - k))
         fast.sort()
         self._fd = getattr(src, "fd", -1)
+        # Large reads of a process's memory go through engine.readinto_range, which uses
+        # process_vm_readv there; the direct kc_read_fd call is for everything else.
+        self._fast_max = _SMALL if getattr(src, "kind", "") == "pid" else _FAST_MAX
         self._fstarts = [f[0] for f in fast]
         self._fends = [f[1] for f in fast]
         self._fdeltas = [f[2] for f in fast]
@@ -156,6 +159,7 @@ class KcoreFile(io.RawIOBase):
         """Build pread() as a closure over this file's tables (the 4 KiB random-read path)."""
         size, fd, path = self._end, self._fd, self.source.path
         fstarts, fends, fdeltas = self._fstarts, self._fends, self._fdeltas
+        fast_max = self._fast_max
         tls, new_scratch, fill = self._tls, self._new_scratch, self._fill
         bisect_right, kc_read_fd, check = bisect.bisect_right, _kc_read_fd, _native.check
 
@@ -171,7 +175,7 @@ class KcoreFile(io.RawIOBase):
             # Fast path: inside one RAM segment and one source extent: one C engine call
             # (unreadable pages still become zeros), and a single copy of the data.
             i = bisect_right(fstarts, offset) - 1
-            if i >= 0 and offset + n <= fends[i] and n <= _FAST_MAX:
+            if i >= 0 and offset + n <= fends[i] and n <= fast_max:
                 try:
                     view, cbuf, st = tls.scratch
                 except AttributeError:
@@ -227,7 +231,7 @@ class KcoreFile(io.RawIOBase):
         """read_kcore(): header, then each segment's bytes, zeros where nothing is."""
         n = len(view)
         i = bisect.bisect_right(self._fstarts, offset) - 1
-        if i >= 0 and offset + n <= self._fends[i] and n <= _FAST_MAX:  # see pread
+        if i >= 0 and offset + n <= self._fends[i] and n <= self._fast_max:  # see pread
             st = _native.new_stats()
             with ffi.from_buffer(view, require_writable=True) as cbuf:
                 rc = _kc_read_fd(self._fd, offset + self._fdeltas[i], cbuf, n, BLOCK, 4096, 0,
