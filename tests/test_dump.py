@@ -446,3 +446,19 @@ def test_elf_reads_back_through_the_elf_source(tmp_path):
                   "--no-digest", "-o", str(again))
     assert r.returncode == 0, r.stderr.decode()
     subprocess.run(["cmp", str(raw), str(again)], check=True)
+
+
+def test_kcore_format_refuses_unseekable_outputs():
+    r = dump(NOKASLR, Path("/dev/null"), "--format", "kcore", check=False)
+    assert r.returncode == 2 and b"needs a seekable file" in r.stderr
+
+
+def test_bad_option_combinations_say_why(tmp_path):
+    for args, text in ((("--format", "lime", "--vmalloc"), b"--vmalloc applies to --format elf"),
+                       (("--format", "raw", "--no-text"), b"--no-text applies"),
+                       (("--granule", "5000"), b"must be a power of two"),
+                       (("--json",), b"--json prints to stdout")):
+        out = Path("-") if args == ("--json",) else tmp_path / "x"
+        r = dump(NOKASLR, out, *args, check=False)
+        assert r.returncode == 2 and text in r.stderr, (args, r.stderr)
+    assert os.listdir(tmp_path) == []
