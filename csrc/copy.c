@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -93,9 +94,9 @@ struct kc_src {
 };
 
 /*
- * The PID of fd when it is /proc/PID/mem, in this process's /proc (same inode),
- * and process_vm_readv reads the same bytes at off as pread does (so the fd
- * still holds that process's memory: not another procfs, not an exec since).
+ * The PID of fd when it is /proc/PID/mem, in this process's /proc (same inode,
+ * same PID namespace), and process_vm_readv reads the same bytes at off as
+ * pread does (so the fd still holds that process's memory: no exec since).
  * 0 otherwise, and for calls too short to gain.
  */
 static struct kc_src kc_src_of(int fd, uint64_t off, uint64_t len, size_t page_size)
@@ -118,6 +119,13 @@ static struct kc_src kc_src_of(int fd, uint64_t off, uint64_t len, size_t page_s
         return src;
     path[n] = '\0';
     if (sscanf(path, "/proc/%ld/mem%c", &pid, &tail) != 1 || pid <= 0)
+        return src;
+    /* That /proc must count PIDs as process_vm_readv does: /proc/self is this process. */
+    n = readlink("/proc/self", link, sizeof(link) - 1);
+    if (n <= 0)
+        return src;
+    link[n] = '\0';
+    if (strtol(link, NULL, 10) != (long)getpid())
         return src;
     if (fstat(fd, &a) < 0 || stat(path, &b) < 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino)
         return src;
