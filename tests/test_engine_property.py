@@ -54,7 +54,11 @@ def test_c_engine_equals_oracle_on_proc_pid_mem(child, layout):
     holes = [i for i, k in enumerate(kinds) if k == "hole"]
     noaccess = [i for i, k in enumerate(kinds) if k == "noaccess"]  # data, PROT_NONE
     path, data = _write_layout(kinds, seed)
-    addr = child.map(path, len(kinds), holes, noaccess)
+    try:
+        addr = child.map(path, len(kinds), holes, noaccess)
+    except BaseException:
+        os.unlink(path)
+        raise
     saved = engine.BLOCK, engine.CHUNK
     engine.BLOCK, engine.CHUNK = block, chunk
     try:
