@@ -342,6 +342,7 @@ class Vm:
     ram_path: Path = field(init=False)
     proc: subprocess.Popen | None = field(default=None, init=False)
     qmp: Qmp | None = field(default=None, init=False)
+    ctl: socket.socket | None = field(default=None, init=False)
     boot_seconds: float = field(default=0.0, init=False)
     _next: int = field(default=1, init=False)
 
@@ -378,6 +379,8 @@ class Vm:
             "-device", "vmcoreinfo",
             "-display", "none", "-vga", "none", "-nic", "none", "-monitor", "none",
             "-serial", f"file:{self.serial_log}", "-no-reboot",
+            # ttyS1: the host says "run N" here, so the idle agent blocks instead of polling
+            "-serial", f"unix:{self.workdir / 'ctl.sock'},server=on,wait=off",
             "-qmp", f"unix:{self.workdir / 'qmp.sock'},server=on,wait=off",
             "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initramfs),
             "-append", append,
@@ -396,6 +399,8 @@ class Vm:
                 start_new_session=True, preexec_fn=_set_pdeathsig,
             )
         self.qmp = Qmp(self.workdir / "qmp.sock")
+        self.ctl = socket.socket(socket.AF_UNIX)
+        self.ctl.connect(str(self.workdir / "ctl.sock"))
         self._wait_for(lambda: (self.share / "ready").exists(), BOOT_TIMEOUT, "boot")
         self.boot_seconds = time.monotonic() - t0
 
@@ -431,6 +436,8 @@ class Vm:
         tmp.write_text("set -e\n" + exports + script)
         t0 = time.monotonic()
         tmp.rename(d / f"{n}.sh")
+        assert self.ctl is not None
+        self.ctl.sendall(f"{n}\n".encode())
         return n, t0, timeout
 
     def wait(self, handle: tuple[int, float, float]) -> GuestResult:
@@ -537,6 +544,8 @@ class Vm:
                 except (OSError, VmError):
                     pass
                 self.qmp.close()
+            if self.ctl is not None:
+                self.ctl.close()
             if self.proc is not None:
                 try:
                     self.proc.wait(timeout=10)
