@@ -435,8 +435,6 @@ def test_lime_reads_back_through_the_lime_source(tmp_path):
     subprocess.run(["cmp", str(raw), str(again)], check=True)  # elided runs read back as zeros
 
 
-@pytest.mark.xfail(reason="the elf: source refuses overlapping p_paddr ranges, but kcore's (and "
-                   "this dump's) TEXT load repeats RAM at __pa_symbol(_text)", strict=False)
 def test_elf_reads_back_through_the_elf_source(tmp_path):
     elf, raw, again = tmp_path / "mem.elf", tmp_path / "mem.raw", tmp_path / "again.raw"
     dump(NOKASLR, elf, "--no-digest")

@@ -271,6 +271,24 @@ def test_built_elf_extents_skip_all_ones_and_read_holes_as_zeros(tmp_path: Path)
         assert buf == b
 
 
+def test_elf_overlapping_loads_holding_the_same_bytes_are_aliases(tmp_path: Path) -> None:
+    """A TEXT-like load repeating RAM (as kcore and its dumps have) is the same memory once."""
+    ram = os.urandom(0x8000)
+    text = ram[0x3000:0x6000]
+    tail = os.urandom(0x2000)
+    # RAM split in two loads (as a compact dump elides a zero run), text over the seam.
+    data = build_elf([(0x10000, ram[:0x4000]), (0x14000, ram[0x4000:]),
+                      (0x13000, text), (0x17000, ram[0x7000:] + tail)])
+    path = tmp_path / "alias.elf"
+    path.write_bytes(data)
+    with open_source(str(path)) as src:
+        ext = src.extents
+        assert ext[0].paddr == 0x10000 and ext[-1].paddr + ext[-1].length == 0x1A000
+        assert all(a.paddr + a.length == b.paddr for a, b in zip(ext, ext[1:], strict=False))
+        got, stats = src.read_phys(0x10000, 0xA000)
+        assert got == ram + tail and stats.pages_zero_filled == 0
+
+
 def test_elf_phnum_xnum(tmp_path: Path) -> None:
     """e_phnum = PN_XNUM: the program header count is in section header 0's sh_info."""
     body = os.urandom(4096)
@@ -295,7 +313,7 @@ def _hostile(tmp_path: Path, name: str, data: bytes) -> Path:
 def hostile_cases() -> list[tuple[str, bytes, type, str]]:
     """(name, file bytes, error class, offset the message must name)."""
     good = build_elf([(0x1000, bytes(4096))])
-    loads_overlap = build_elf([(0x1000, bytes(8192)), (0x2000, bytes(4096))])
+    loads_overlap = build_elf([(0x1000, bytes(8192)), (0x2000, b"\xff" * 4096)])
     past_end = good[:64 + 56] + phdr("PT_LOAD", 0x100000, 0, 0x1000, 4096) + good[64 + 112:]
     absurd = build_elf([(1 << 60, bytes(4096))])
     huge_phnum = ehdr(60000) + bytes(100)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 from typing import NamedTuple
@@ -31,6 +32,7 @@ SHDR_INFO = struct.Struct("<I")  # Elf64_Shdr.sh_info, at byte 44 of section hea
 # Caps that bound a hostile file's cost (kdump cores of huge machines stay far below them).
 MAX_PHNUM = 1 << 20
 MAX_NOTES_SIZE = 64 << 20
+MAX_ALIAS_BYTES = 4 << 30  # overlapping (aliased) PT_LOAD bytes compared when opening
 
 
 class Phdr(NamedTuple):
@@ -136,6 +138,51 @@ def vmcoreinfo_of(core: ElfCore) -> bytes | None:
     return None
 
 
+def resolve_aliases(fd: int, path: str, loads: list[Phdr]) -> list[Extent]:
+    """Extents of PT_LOADs by p_paddr, where overlaps must hold the same bytes (aliases).
+
+    kcore's TEXT load repeats RAM at __pa_symbol(_text), in /proc/kcore and in dumps made
+    from it; such an overlap is the same memory twice and is kept once. Overlapping loads
+    whose bytes differ are an ElfFormatError naming both program headers.
+    """
+    out: list[Extent] = []
+    ends: list[int] = []
+    ats: list[int] = []  # the program header each extent came from
+    compared = 0
+    for ph in sorted(loads, key=lambda ph: (ph.p_paddr, -ph.p_filesz)):
+        start, end = ph.p_paddr, ph.p_paddr + ph.p_filesz
+        for i in range(bisect.bisect_right(ends, start), len(out)):
+            e, at = out[i], ats[i]
+            if e.paddr >= end:
+                break
+            lo, hi = max(start, e.paddr), min(end, ends[i])
+            compared += hi - lo
+            if compared > MAX_ALIAS_BYTES:
+                raise ElfFormatError(f"{path}: PT_LOADs overlap by more than "
+                                     f"{MAX_ALIAS_BYTES:#x} bytes (program header at {ph.at:#x})")
+            if not _same_bytes(fd, e.offset + lo - e.paddr, ph.p_offset + lo - start, hi - lo):
+                raise ElfFormatError(
+                    f"{path}: PT_LOADs at offsets {at:#x} and {ph.at:#x} overlap at physical "
+                    f"{lo:#x} with different contents")
+        covered = out[-1].paddr + out[-1].length if out else 0
+        if end > covered:
+            lo = max(start, covered)
+            out.append(Extent(lo, end - lo, ph.p_offset + lo - start))
+            ends.append(end)
+            ats.append(ph.at)
+    return out
+
+
+def _same_bytes(fd: int, a: int, b: int, length: int) -> bool:
+    """Whether the file holds the same bytes at offsets a and b (compared in 1 MiB steps)."""
+    step = 1 << 20
+    for pos in range(0, length, step):
+        n = min(step, length - pos)
+        if os.pread(fd, n, a + pos) != os.pread(fd, n, b + pos):
+            return False
+    return True
+
+
 class ElfSource(MemorySource):
     """An ELF core whose PT_LOADs carry physical addresses in p_paddr."""
 
@@ -147,11 +194,12 @@ class ElfSource(MemorySource):
         fd = open_readonly(path)
         try:
             core = parse_elf_core(fd, path)
-            extents = [Extent(ph.p_paddr, ph.p_filesz, ph.p_offset) for ph in core.phdrs
-                       if ph.p_type == PT_LOAD and ph.p_filesz and ph.p_paddr != ALL_ONES]
-            if not extents:
+            loads = [ph for ph in core.phdrs
+                     if ph.p_type == PT_LOAD and ph.p_filesz and ph.p_paddr != ALL_ONES]
+            if not loads:
                 raise ElfFormatError(f"{path}: no PT_LOAD with a physical address (p_paddr) in "
                                      f"the program headers at offset {core.phoff:#x}")
+            extents = resolve_aliases(fd, path, loads)
             src = cls(spec or f"elf:{path}", path, fd,
                       check_extents(extents, path, ElfFormatError), vmcoreinfo_of(core))
             src.core = core
