@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import bisect
-import struct
+import sys
 import threading
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ _PRESENT = 1 << 0  # _PAGE_PRESENT
 _PSE = 1 << 7  # _PAGE_PSE: a 1 GiB (PUD) or 2 MiB (PMD) leaf
 # PTE_PFN_MASK: physical address bits 51:12 (drops NX, protection keys and the flags).
 ADDR_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
-_TABLE = struct.Struct(f"<{ENTRIES}Q")
+_SWAP = sys.byteorder != "little"  # page tables are little-endian x86-64 data
 # Page-table pages kept; a full walk of a 512 MiB machine touches a few hundred.
 CACHE_PAGES = 4096
 START_KERNEL_MAP = 0xFFFFFFFF80000000
@@ -52,7 +53,7 @@ class PageWalker:
         self.levels = levels
         self.sme_mask = sme_mask
         self._top_shift = PAGE_SHIFT + 9 * levels - 9  # 39 (PGD, 4-level) or 48 (5-level)
-        self._cache: dict[int, tuple[int, ...]] = {}
+        self._cache: dict[int, array] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -66,13 +67,15 @@ class PageWalker:
         """Forget cached page-table pages (a live system's tables change)."""
         self._cache = {}
 
-    def _table(self, paddr: int) -> tuple[int, ...]:
+    def _table(self, paddr: int) -> array:
         """The 512 entries of the page-table page at paddr (cached)."""
         table = self._cache.get(paddr)
         if table is None:
             got = self._read_phys(paddr, PAGE_SIZE)
             data = got[0] if isinstance(got, tuple) else got
-            table = _TABLE.unpack(data)
+            table = array("Q", data)  # 4 KiB a table, not 512 int objects
+            if _SWAP:
+                table.byteswap()
             cache = self._cache
             if len(cache) >= CACHE_PAGES:
                 with self._lock:
