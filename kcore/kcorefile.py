@@ -45,7 +45,13 @@ _LIVE_KINDS = ("devmem", "pid", "kcore")
 
 
 class KcoreFile(io.RawIOBase):
-    """The bytes /proc/kcore would return, at every offset, for a discovered system."""
+    """The bytes /proc/kcore would return, at every offset, for a discovered system.
+
+    Like Linux >= 4.19 (layout "modern" on x86-64) there is no EOF at size(): past it reads
+    give zeros, and from data_offset on the data repeats every 2^47 (2^56) bytes; read(-1)
+    stops at size(). The "2.6" layout ends at size(), as the seed did. Holes, unmapped
+    pages and vmalloc pages outside System RAM (ioremap) read as zeros.
+    """
 
     def __init__(self, system: Any, *, flavour: str | None = None,
                  owns_system: bool = False) -> None:
