@@ -428,3 +428,38 @@ if given is not None:
                     src.read_phys(e.paddr, min(e.length, 1 << 16))
         except SourceError as exc:
             assert "\n" not in str(exc) and str(path) in str(exc)
+
+
+def _kcore_like(loads: list[tuple[int, int, int]], data_offset: int = 0x1000) -> bytes:
+    """A small kcore-shaped core: p_offset = (vaddr & (2^47 - 1)) + data_offset, sparse."""
+    mask = (1 << 47) - 1
+    hdrs = [phdr("PT_LOAD", (va & mask) + data_offset, va, pa, n) for va, pa, n in loads]
+    head = ehdr(len(hdrs)) + b"".join(hdrs)
+    return head + bytes(data_offset - len(head))
+
+
+def test_kcore_shaped_core_is_detected_and_checked(tmp_path: Path) -> None:
+    """Offsets following kc_vaddr_to_offset() mean kcore; overlapping RAM there is an error."""
+    base = 0xFFFF888000000000
+    good = _kcore_like([(0xFFFFFFFF81000000, 0x1000000, 0x2000), (base + 0x1000, 0x1000, 0x1000),
+                        (0xFFFFC90000000000, ALL_ONES, 0x1000)])
+    bad = _kcore_like([(base + 0x1000, 0x1000, 0x2000), (base + 0x2000, 0x2000, 0x1000)])
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no tmpfs for a 128 TiB sparse file")
+    paths = {name: shm / f"kcore-test-shaped-{name}-{os.getpid()}" for name in ("good", "bad")}
+    try:
+        for name, data in (("good", good), ("bad", bad)):
+            with open(paths[name], "wb") as f:
+                f.write(data)
+                f.truncate(0x7FFF81000000 + 0x1000 + 0x2000)
+        with open_source(str(paths["good"])) as src:
+            assert src.kind == "kcore"
+            assert [(e.paddr, e.length) for e in src.extents] == [(0x1000, 0x1000)]
+            assert [s.vaddr for s in src.segments] == [0xFFFFFFFF81000000, base + 0x1000,
+                                                       0xFFFFC90000000000]
+        with pytest.raises(ElfFormatError, match="overlapping"):
+            open_source(str(paths["bad"]))
+    finally:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
