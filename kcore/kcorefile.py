@@ -223,6 +223,16 @@ class KcoreFile(io.RawIOBase):
             return pread(n, pos)
 
         self.read = read  # type: ignore[method-assign]
+        slow_seek = self._seek
+
+        def seek(offset: int, whence: int = 0) -> int:
+            """Move the position; return it."""
+            if whence == 0 and offset >= 0:  # SEEK_SET: a plain store, atomic, no lock
+                self._pos = offset
+                return offset
+            return slow_seek(offset, whence)
+
+        self.seek = seek  # type: ignore[method-assign]
         return pread
 
     def _new_scratch(self) -> tuple[memoryview, Any, Any]:
@@ -333,9 +343,10 @@ class KcoreFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         """Move the position; return it."""
-        if whence == 0 and offset >= 0:  # SEEK_SET
-            self._pos = offset  # a plain store: atomic, no lock needed
-            return offset
+        return self._seek(offset, whence)  # replaced per instance by _make_pread()
+
+    def _seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """seek() under the position lock."""
         if self.closed:
             raise ValueError("seek of a closed KcoreFile")
         with self._pos_lock:
@@ -377,6 +388,7 @@ class KcoreFile(io.RawIOBase):
         if not self.closed:
             # The fast reader holds the source's fd number, which the OS may hand out again.
             self._pread = self.pread = _closed_pread  # type: ignore[method-assign]
+            self.seek = self._seek  # type: ignore[method-assign]
             self._fd = -1
             if self._owns:
                 self.system.close()

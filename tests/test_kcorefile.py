@@ -223,7 +223,8 @@ def test_closed_file_refuses_reads() -> None:
     f.close()
     assert f.closed and f.source.fd == -1
     for call in (lambda: f.pread(16, r["kcore_offset"]), lambda: f.read(16),
-                 lambda: f.readinto(bytearray(16)), lambda: f.preadinto(bytearray(16), 0)):
+                 lambda: f.readinto(bytearray(16)), lambda: f.preadinto(bytearray(16), 0),
+                 lambda: f.seek(0)):
         with pytest.raises(ValueError):
             call()
 
