@@ -132,6 +132,27 @@ def online_memory_blocks(root: Path) -> frozenset[str] | None:
     return frozenset(online)
 
 
+def online_memory_end_pfn(root: Path, page_size: int = 4096) -> int | None:
+    """kcore_ram_list()'s end_pfn: the end of the highest online memory block, if known.
+
+    The kernel walks System RAM only up to the highest node_end_pfn(); node spans grow
+    when memory goes online and shrink when it goes offline, so hot-added memory that is
+    not online lies past it even though /proc/iomem lists it.
+    """
+    base = root / "sys/devices/system/memory"
+    online = online_memory_blocks(root)
+    if not online:
+        return None
+    try:
+        block = int((base / "block_size_bytes").read_text().strip(), 16)
+    except (OSError, ValueError):
+        return None
+    numbers = [int(n[len("memory"):]) for n in online if n[len("memory"):].isdigit()]
+    if not numbers or block <= 0:
+        return None
+    return ((max(numbers) + 1) * block) // page_size
+
+
 @dataclass
 class System:
     """One kernel as kcore sees it: where its files and memory are, and what kcore shows of it."""
@@ -304,7 +325,8 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
     def ram_source() -> list[RamRange]:
         text = _read_text(root, "proc/iomem")
         return ram_ranges_from_resources(parse_iomem(text, str(iomem_path)).system_ram(),
-                                         layout.page_size)
+                                         layout.page_size,
+                                         online_memory_end_pfn(root, layout.page_size))
 
     kclist = KcoreList(layout, ram_source, flavour=flavour,
                        hotplug_state=lambda: online_memory_blocks(root))

@@ -51,14 +51,16 @@ class RamRange:
 
 
 def ram_ranges_from_resources(
-    resources: Iterable[tuple[int, int]], page_size: int = 4096
+    resources: Iterable[tuple[int, int]], page_size: int = 4096, max_pfn: int | None = None
 ) -> list[RamRange]:
-    """walk_system_ram_range(): [start, end] byte ranges -> whole pages inside each."""
+    """walk_system_ram_range(0, max_pfn): [start, end] byte ranges -> whole pages inside each."""
     shift = page_size.bit_length() - 1
     out = []
     for start, end in resources:
         pfn = (start + page_size - 1) >> shift  # PFN_UP(res.start)
         end_pfn = (end + 1) >> shift  # PFN_DOWN(res.end + 1)
+        if max_pfn is not None:
+            end_pfn = min(end_pfn, max_pfn)
         if end_pfn > pfn:
             out.append(RamRange(pfn, end_pfn - pfn))
     return out

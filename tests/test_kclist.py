@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kcore.discover import online_memory_blocks, parse_iomem
+from kcore.discover import online_memory_blocks, online_memory_end_pfn, parse_iomem
 from kcore.kclist import (
     KcoreList,
     KcoreType,
@@ -171,3 +171,20 @@ def test_hotplug_rebuilds_ram_on_next_refresh(tmp_path: Path):
         0xFFFF888000001000, 0xFFFF888000100000]
     assert [e.kind for e in kl.entries[:3]] == [
         "KCORE_TEXT", "KCORE_VMALLOC(vmalloc area)", "KCORE_VMALLOC(modules area)"]
+
+
+def test_offline_hot_added_memory_lies_past_the_walk(tmp_path: Path):
+    """kcore_ram_list() walks System RAM up to the highest online block's end only."""
+    iomem = ("00001000-0009fbff : System RAM\n00100000-3fffffff : System RAM\n"
+             "100000000-13fffffff : System RAM\n")
+    blocks = {f"memory{i}": "online" for i in range(8)}  # 8 x 128 MiB blocks: 0-1 GiB
+    blocks.update({f"memory{i}": "offline" for i in range(32, 40)})  # the DIMM at 4 GiB
+    _write_root(tmp_path, iomem, blocks)
+    (tmp_path / "sys/devices/system/memory/block_size_bytes").write_text("8000000\n")
+    end = online_memory_end_pfn(tmp_path)
+    assert end == (1 << 30) >> 12
+    ranges = ram_ranges_from_resources(parse_iomem(iomem).system_ram(), 4096, end)
+    assert ranges == [RamRange(1, 0x9E), RamRange(0x100, 0x40000 - 0x100)]
+    # Onlined, the DIMM's blocks move the end past it.
+    _write_root(tmp_path, iomem, {f"memory{i}": "online" for i in range(32, 40)})
+    assert online_memory_end_pfn(tmp_path) == (0x140000000 >> 12)
