@@ -250,8 +250,8 @@ def _load_vmcoreinfo(root: Path, reader: _Reader) -> VmcoreInfo:
         raise InputError(f"{root / 'sys/kernel/vmcoreinfo'}: missing, and the memory source "
                          "carries no VMCOREINFO note")
     where = str(root / "sys/kernel/vmcoreinfo")
-    # The size sysfs prints is not the note's (1024 on 6.1 for a 3263-byte note): read the
-    # note header first, then exactly the note.
+    # sysfs gives the note buffer's size (VMCOREINFO_NOTE_SIZE, 0x1024); the note inside is
+    # shorter: read its header first, then exactly the note.
     paddr, _size = parse_sysfs_vmcoreinfo(text, where)
     what = f"the VMCOREINFO note ({where})"
     namesz, descsz, _ = NOTE_HEADER.unpack(reader.read(paddr, NOTE_HEADER.size, what))

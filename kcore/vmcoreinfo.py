@@ -65,12 +65,12 @@ class VmcoreInfo:
 
 
 def parse_sysfs_vmcoreinfo(text: str, where: str) -> tuple[int, int]:
-    """Parse /sys/kernel/vmcoreinfo ("PADDR SIZE") into (paddr, note buffer size)."""
+    """Parse /sys/kernel/vmcoreinfo ("PADDR SIZE", both hex) into (paddr, note buffer size)."""
     parts = text.split()
     try:
         if len(parts) != 2:
             raise ValueError
-        return int(parts[0], 16), int(parts[1], 0)
+        return int(parts[0], 16), int(parts[1], 16)  # sprintf("%lx %x\n", ...)
     except ValueError:
         raise InputError(f"{where}: expected 'PADDR SIZE', got {text.strip()[:60]!r}") from None
 

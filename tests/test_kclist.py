@@ -188,3 +188,11 @@ def test_offline_hot_added_memory_lies_past_the_walk(tmp_path: Path):
     # Onlined, the DIMM's blocks move the end past it.
     _write_root(tmp_path, iomem, {f"memory{i}": "online" for i in range(32, 40)})
     assert online_memory_end_pfn(tmp_path) == (0x140000000 >> 12)
+
+
+def test_sysfs_vmcoreinfo_is_two_hex_numbers():
+    from kcore.vmcoreinfo import parse_sysfs_vmcoreinfo
+
+    # the fixture kernel's /sys/kernel/vmcoreinfo: "%lx %x" of the note's address and
+    # VMCOREINFO_NOTE_SIZE (2 * (12 + 12) + 4096 = 0x1024 bytes)
+    assert parse_sysfs_vmcoreinfo("0x0000000004bb4000 1024\n", "x") == (0x4BB4000, 0x1024)
