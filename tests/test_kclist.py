@@ -194,5 +194,5 @@ def test_sysfs_vmcoreinfo_is_two_hex_numbers():
     from kcore.vmcoreinfo import parse_sysfs_vmcoreinfo
 
     # the fixture kernel's /sys/kernel/vmcoreinfo: "%lx %x" of the note's address and
-    # VMCOREINFO_NOTE_SIZE (2 * (12 + 12) + 4096 = 0x1024 bytes)
+    # VMCOREINFO_NOTE_SIZE (2 * 12 + 12 + 4096 = 0x1024 bytes)
     assert parse_sysfs_vmcoreinfo("0x0000000004bb4000 1024\n", "x") == (0x4BB4000, 0x1024)
