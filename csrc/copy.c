@@ -518,3 +518,102 @@ int kc_data_runs(int fd, uint64_t off, uint64_t len, size_t granule,
     *nruns_ret = nruns;
     return 0;
 }
+
+/* Bytes from a to the next granule boundary (boundaries at offsets = phase mod granule). */
+static uint64_t kc_to_granule_end(uint64_t a, size_t granule, size_t phase)
+{
+    uint64_t into = (a % granule + granule - phase) % granule;
+
+    return granule - into;
+}
+
+/* Flush the pending non-zero bytes [from, to) of block b to dst_fd at dst_off + *written. */
+static int kc_packed_flush(int dst_fd, uint64_t dst_off, const char *b, size_t from, size_t to,
+                           uint64_t *written, struct kc_stats *st)
+{
+    int rc;
+
+    if (to <= from)
+        return 0;
+    rc = kc_write_all(dst_fd, b + from, to - from, (int64_t)(dst_off + *written), st);
+    if (rc)
+        return rc;
+    *written += to - from;
+    return 0;
+}
+
+int kc_copy_packed(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off,
+                   uint64_t len, size_t granule, size_t phase, size_t page_size,
+                   void *buf, size_t buf_len, uint32_t flags,
+                   uint64_t *runs_ret, size_t max_runs, size_t *nruns_ret,
+                   uint64_t *written_ret, struct kc_stats *stats_ret)
+{
+    struct kc_stats *st = stats_ret;
+    char *b = buf;
+    uint64_t done = 0, written = 0;
+    size_t nruns = 0, span;
+    struct kc_src src;
+    int rc = 0;
+
+    memset(st, 0, sizeof(*st));
+    *nruns_ret = 0;
+    *written_ret = 0;
+    if (!kc_page_ok(page_size) || granule < page_size || granule % page_size ||
+        buf_len < granule || phase >= granule || dst_off > (uint64_t)INT64_MAX)
+        return -EINVAL;
+    span = buf_len - buf_len % granule;
+    src = kc_src_of(src_fd, src_off, len, page_size);
+    while (done < len) {
+        uint64_t a = src_off + done;
+        uint64_t n64 = kc_to_granule_end(a, granule, phase) + (span - granule);
+        size_t n, g = 0, pend = 0, pend_end = 0;
+
+        if (n64 > len - done)
+            n64 = len - done;
+        n = (size_t)n64;
+        rc = kc_read_block(&src, b, a, n, page_size, flags, st);
+        if (rc)
+            goto out;
+        while (g < n) {
+            uint64_t ga = a + g;
+            uint64_t step = kc_to_granule_end(ga, granule, phase);
+            size_t ge = step > n - g ? n : g + (size_t)step;
+
+            if (kc_is_zero(b + g, ge - g)) {
+                uint64_t first = ga & ~(uint64_t)(page_size - 1);
+
+                st->pages_sparse += (a + ge - first + page_size - 1) / page_size;
+                rc = kc_packed_flush(dst_fd, dst_off, b, pend, pend_end, &written, st);
+                if (rc)
+                    goto out;
+                pend = pend_end = ge;
+            } else {
+                if (nruns && runs_ret[2 * nruns - 2] + runs_ret[2 * nruns - 1] == ga) {
+                    runs_ret[2 * nruns - 1] += ge - g;
+                } else {
+                    if (nruns == max_runs) {
+                        rc = kc_packed_flush(dst_fd, dst_off, b, pend, pend_end, &written, st);
+                        if (!rc)
+                            rc = -ENOSPC;
+                        goto out;
+                    }
+                    runs_ret[2 * nruns] = ga;
+                    runs_ret[2 * nruns + 1] = ge - g;
+                    nruns++;
+                }
+                if (pend_end != g)
+                    pend = g;
+                pend_end = ge;
+            }
+            g = ge;
+        }
+        rc = kc_packed_flush(dst_fd, dst_off, b, pend, pend_end, &written, st);
+        if (rc)
+            goto out;
+        done += n;
+    }
+out:
+    *nruns_ret = nruns;
+    *written_ret = written;
+    return rc;
+}

@@ -80,3 +80,23 @@ int kc_copy_mem(const void *src, void *dst, size_t len, uint64_t base_off,
 
 /* Non-zero when all n bytes at p are zero. */
 int kc_is_zero(const void *p, size_t n);
+
+/*
+ * A single-pass zero-eliding copy to a seekable output: read [src_off,
+ * src_off + len) of src_fd in blocks of at most buf_len bytes (as kc_copy_fd:
+ * unreadable pages zero-filled and counted, KC_STRICT, EINTR), and pwrite only
+ * its non-zero granules, packed one after another from dst_off (consecutive
+ * non-zero granules of a block in one write). Granule boundaries lie at the
+ * source offsets congruent to phase modulo granule (granule: a multiple of
+ * page_size, buf_len >= granule, phase < granule). The kept runs go to
+ * runs_ret as merged (source offset, length) pairs, *written_ret is the bytes
+ * placed from dst_off; zero granules count in pages_sparse as in kc_data_runs.
+ * Returns 0 or -errno. -ENOSPC with fail_where KC_FAIL_NONE: more than
+ * max_runs runs are needed (what was written so far stays; redo the range
+ * with a coarser granule, which keeps a superset and so overwrites it).
+ */
+int kc_copy_packed(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off,
+                   uint64_t len, size_t granule, size_t phase, size_t page_size,
+                   void *buf, size_t buf_len, uint32_t flags,
+                   uint64_t *runs_ret, size_t max_runs, size_t *nruns_ret,
+                   uint64_t *written_ret, struct kc_stats *stats_ret);

@@ -183,3 +183,42 @@ def data_runs(fd: int, offset: int, length: int, *, granule: int = 4096, page_si
                 stats.pages_sparse += -(-(ge - g // page_size * page_size) // page_size)
             g = ge
     return runs, stats
+
+
+def copy_packed(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int, *,
+                granule: int = 4096, phase: int = 0, max_runs: int = 1 << 16,
+                strict: bool = False, page_size: int = 4096, path: object = None,
+                dst_path: object = None) -> tuple[list[tuple[int, int]], CopyStats, int]:
+    """Non-zero granules packed from dst_offset (oracle of kcore.engine.copy_packed)."""
+    from kcore import engine
+
+    stats = CopyStats()
+    runs: list[tuple[int, int]] = []
+    written = 0
+    block = max(engine.BLOCK - engine.BLOCK % granule, granule)
+
+    def to_end(a: int) -> int:
+        return granule - (a - phase) % granule
+
+    pos, end = src_offset, src_offset + length
+    while pos < end:
+        n = min(end - pos, to_end(pos) + block - granule)
+        data = _read_block(src_fd, pos, n, page_size, strict, stats, path)
+        g = pos
+        while g < pos + n:
+            ge = min(pos + n, g + to_end(g))
+            piece = data[g - pos:ge - pos]
+            if any(piece):
+                if runs and sum(runs[-1]) == g:
+                    runs[-1] = (runs[-1][0], runs[-1][1] + ge - g)
+                elif len(runs) == max_runs:
+                    raise engine.TooManyRuns(runs, stats, written)
+                else:
+                    runs.append((g, ge - g))
+                _write_all(dst_fd, piece, dst_offset + written, stats, dst_path)
+                written += len(piece)
+            else:
+                stats.pages_sparse += -(-(ge - g // page_size * page_size) // page_size)
+            g = ge
+        pos += n
+    return runs, stats, written

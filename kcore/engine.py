@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ __all__ = [
     "BLOCK",
     "CHUNK",
     "CopyStats",
+    "TooManyRuns",
+    "copy_packed",
     "copy_range",
     "data_runs",
     "read_mapped",
@@ -144,6 +147,49 @@ def copy_range(
         if progress is not None:
             progress(n)
     return stats
+
+
+class TooManyRuns(Exception):
+    """copy_packed needed more runs than allowed; what it wrote is given, to redo coarser."""
+
+    def __init__(self, runs: list[tuple[int, int]], stats: CopyStats, written: int) -> None:
+        super().__init__(f"more than {len(runs)} non-zero runs")
+        self.runs, self.stats, self.written = runs, stats, written
+
+
+def copy_packed(
+    src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int, *,
+    granule: int = 4096, phase: int = 0, max_runs: int = 1 << 16, strict: bool = False,
+    page_size: int = 4096, path: object = None, dst_path: object = None,
+) -> tuple[list[tuple[int, int]], CopyStats, int]:
+    """Copy only the non-zero granules of a source range, packed from dst_offset, in one pass.
+
+    Granule boundaries are the source offsets congruent to phase modulo granule; unreadable
+    pages count as zeros. Returns (merged (source offset, length) runs kept, stats, bytes
+    written). One C call: call it per chunk to see Ctrl-C. More than max_runs runs raise
+    TooManyRuns (redo the range with a coarser granule: it keeps a superset).
+    """
+    _check_args(src_offset, length, page_size)
+    if dst_offset < 0:
+        raise ValueError(f"negative output offset {dst_offset:#x}")
+    if granule < page_size or granule % page_size or not 0 <= phase < granule or max_runs < 0:
+        raise ValueError(f"bad granule {granule:#x}, phase {phase:#x} or max_runs {max_runs}")
+    flags = _native.STRICT if strict else 0
+    buf_len = max(BLOCK - BLOCK % granule, granule)
+    keep_alive, buf = _block_buffer(buf_len)
+    out = ffi.new("uint64_t[]", 2 * max(max_runs, 1))
+    nruns = ffi.new("size_t *")
+    written = ffi.new("uint64_t *")
+    st = _native.new_stats()
+    rc = lib.kc_copy_packed(src_fd, src_offset, dst_fd, dst_offset, length, granule, phase,
+                            page_size, buf, buf_len, flags, out, max_runs, nruns, written, st)
+    stats = CopyStats()
+    stats._add_c(st)
+    runs = [(out[2 * i], out[2 * i + 1]) for i in range(nruns[0])]
+    if rc == -errno.ENOSPC and st.fail_where == lib.KC_FAIL_NONE:
+        raise TooManyRuns(runs, stats, written[0])
+    _native.check(rc, st, path=path, dst_path=dst_path)
+    return runs, stats, written[0]
 
 
 def data_runs(

@@ -101,3 +101,47 @@ def test_c_engine_equals_oracle_past_end_of_file(size, start, length, block):
         f.seek(0)
         data = f.read()
         assert got[0] == (data[start:start + length]).ljust(length, b"\0")
+
+
+@settings(max_examples=120, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=layouts(), phase_pages=st.integers(0, 15), odd=st.booleans(),
+       max_runs=st.one_of(st.just(1 << 16), st.integers(0, 6)), dst=st.integers(0, 3 * PAGE))
+def test_copy_packed_equals_oracle(child, layout, phase_pages, odd, max_runs, dst):
+    kinds, start, length, block, _chunk, granule, seed = layout
+    holes = [i for i, k in enumerate(kinds) if k == "hole"]
+    noaccess = [i for i, k in enumerate(kinds) if k == "noaccess"]
+    phase = (phase_pages * PAGE + (100 if odd else 0)) % granule
+    path, data = _write_layout(kinds, seed)
+    addr = child.map(path, len(kinds), holes, noaccess)
+    saved = engine.BLOCK
+    engine.BLOCK = max(block, granule)
+    try:
+        truth = expected_memory(data, holes)
+        results = []
+        for eng in (engine, _pyengine):
+            with tempfile.TemporaryFile(dir="/dev/shm") as f:
+                try:
+                    got = eng.copy_packed(child.fd, addr + start, f.fileno(), dst, length,
+                                          granule=granule, phase=(addr + phase) % granule,
+                                          max_runs=max_runs)
+                except engine.TooManyRuns as exc:
+                    got = ("overflow", exc.runs, exc.stats, exc.written)
+                f.seek(0)
+                results.append((got, f.read()))
+        assert results[0] == results[1]
+        got, out = results[0]
+        if got[0] != "overflow":
+            runs, stats, written = got
+            assert out[dst:] == b"".join(truth[a - addr:a - addr + n] for a, n in runs)
+            assert written == stats.bytes_written
+            assert len(out) == (dst + written if written else 0)
+            assert all(n for _a, n in runs)
+            kept = bytearray(length)
+            for a, n in runs:
+                kept[a - addr - start:a - addr - start + n] = truth[a - addr:a - addr + n]
+            assert bytes(kept) == truth[start:start + length]  # only zeros were left out
+    finally:
+        engine.BLOCK = saved
+        child.unmap(addr, len(kinds))
+        os.unlink(path)

@@ -277,6 +277,89 @@ static void test_mem_sigbus(void)
     free(out);
 }
 
+/*
+ * kc_copy_packed: pages Z D D Z Z D Z D (granule one page), then coarser
+ * granules, a phase, too few runs, /dev/full, and a hole in /proc/self/mem.
+ */
+static void test_copy_packed(void)
+{
+    enum { NP = 8 };
+    static const int data_page[NP] = {0, 1, 1, 0, 0, 1, 0, 1};
+    unsigned char *src = calloc(NP, PAGE), *out = malloc(NP * PAGE), *buf = malloc(4 * PAGE);
+    uint64_t runs[2 * NP], written;
+    size_t nruns;
+    struct kc_stats st;
+    int fd, dst, full = open("/dev/full", O_WRONLY);
+
+    for (int i = 0; i < NP; i++)
+        if (data_page[i])
+            fill(src + i * PAGE, PAGE, 10 + (unsigned)i);
+    fd = memfd_with(src, NP * PAGE);
+    dst = memfd_create("kc-packed", 0);
+
+    /* Granule = page, blocks of 2 pages: runs merge across blocks. */
+    CHECK(kc_copy_packed(fd, 0, dst, 100, NP * PAGE, PAGE, 0, PAGE, buf, 2 * PAGE, 0, runs, NP,
+                         &nruns, &written, &st) == 0);
+    CHECK(nruns == 3 && written == 4 * PAGE && st.bytes_written == 4 * PAGE);
+    CHECK(runs[0] == PAGE && runs[1] == 2 * PAGE && runs[2] == 5 * PAGE && runs[3] == PAGE &&
+          runs[4] == 7 * PAGE && runs[5] == PAGE);
+    CHECK(st.pages_sparse == 4 && st.bytes_read == NP * PAGE && st.pages_zero_filled == 0);
+    CHECK(pread(dst, out, 4 * PAGE, 100) == 4 * PAGE);
+    CHECK(memcmp(out, src + PAGE, 2 * PAGE) == 0);
+    CHECK(memcmp(out + 2 * PAGE, src + 5 * PAGE, PAGE) == 0);
+    CHECK(memcmp(out + 3 * PAGE, src + 7 * PAGE, PAGE) == 0);
+
+    /* Granule of 2 pages with phase one page: granules [1,3) [3,5) [5,7) [7,8). */
+    CHECK(kc_copy_packed(fd, 0, dst, 0, NP * PAGE, 2 * PAGE, PAGE, PAGE, buf, 4 * PAGE, 0,
+                         runs, NP, &nruns, &written, &st) == 0);
+    CHECK(nruns == 2 && written == 5 * PAGE);
+    CHECK(runs[0] == PAGE && runs[1] == 2 * PAGE && runs[2] == 5 * PAGE && runs[3] == 3 * PAGE);
+
+    /* Too few runs: -ENOSPC, not an output failure; what fits is reported and written. */
+    CHECK(kc_copy_packed(fd, 0, dst, 0, NP * PAGE, PAGE, 0, PAGE, buf, 2 * PAGE, 0, runs, 2,
+                         &nruns, &written, &st) == -ENOSPC);
+    CHECK(st.fail_where == KC_FAIL_NONE && nruns == 2 && written == 3 * PAGE);
+
+    /* Bad arguments. */
+    CHECK(kc_copy_packed(fd, 0, dst, 0, PAGE, PAGE, PAGE, PAGE, buf, 2 * PAGE, 0, runs, NP,
+                         &nruns, &written, &st) == -EINVAL);
+    CHECK(kc_copy_packed(fd, 0, dst, 0, PAGE, 4 * PAGE, 0, PAGE, buf, 2 * PAGE, 0, runs, NP,
+                         &nruns, &written, &st) == -EINVAL);
+
+    /* A full output fails on the output side. */
+    CHECK(kc_copy_packed(fd, 0, full, 0, NP * PAGE, PAGE, 0, PAGE, buf, 2 * PAGE, 0, runs, NP,
+                         &nruns, &written, &st) == -ENOSPC);
+    CHECK(st.fail_where == KC_FAIL_OUTPUT);
+
+    /* A hole in this process's memory reads as zeros (elided, counted), or fails strictly. */
+    {
+        unsigned char *m = mmap(NULL, 4 * PAGE, PROT_READ | PROT_WRITE,
+                                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        int mem = open("/proc/self/mem", O_RDONLY);
+
+        fill(m, 4 * PAGE, 99);
+        CHECK(munmap(m + PAGE, PAGE) == 0);
+        CHECK(kc_copy_packed(mem, (uint64_t)(uintptr_t)m, dst, 0, 4 * PAGE, PAGE, 0, PAGE, buf,
+                             4 * PAGE, 0, runs, NP, &nruns, &written, &st) == 0);
+        CHECK(nruns == 2 && written == 3 * PAGE && st.pages_zero_filled == 1);
+        CHECK(st.first_error_offset == (uint64_t)(uintptr_t)(m + PAGE));
+        CHECK(pread(dst, out, 3 * PAGE, 0) == 3 * PAGE);
+        CHECK(memcmp(out, m, PAGE) == 0 && memcmp(out + PAGE, m + 2 * PAGE, 2 * PAGE) == 0);
+        CHECK(kc_copy_packed(mem, (uint64_t)(uintptr_t)m, dst, 0, 4 * PAGE, PAGE, 0, PAGE, buf,
+                             4 * PAGE, KC_STRICT, runs, NP, &nruns, &written, &st) == -EIO);
+        CHECK(st.fail_where == KC_FAIL_FAULT && nruns == 0 && written == 0);
+        munmap(m, PAGE);
+        munmap(m + 2 * PAGE, 2 * PAGE);
+        close(mem);
+    }
+    close(full);
+    close(dst);
+    close(fd);
+    free(src);
+    free(out);
+    free(buf);
+}
+
 int main(void)
 {
     test_is_zero();
@@ -284,6 +367,7 @@ int main(void)
     test_proc_self_mem_holes();
     test_output_errors();
     test_mem_sigbus();
+    test_copy_packed();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
