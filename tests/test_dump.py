@@ -460,3 +460,65 @@ def test_bad_option_combinations_say_why(tmp_path):
         r = dump(NOKASLR, out, *args, check=False)
         assert r.returncode == 2 and text in r.stderr, (args, r.stderr)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_elf_one_pass_equals_two_passes(name, tmp_path):
+    # --no-digest to a file: one pass (headers written last); with the digest, and to a
+    # stream: a zero-run scan, then the copy. The same bytes either way.
+    one, two = tmp_path / "one.elf", tmp_path / "two.elf"
+    dump(name, one, "--no-digest", "--json")
+    r = dump(name, two, "--json")
+    assert one.read_bytes() == two.read_bytes()
+    assert hashlib.sha256(one.read_bytes()).hexdigest() == json.loads(r.stdout)["sha256"]
+    with one.open("rb") as f:
+        elf = ELFFile(f)
+        loads = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+        assert elf.get_segment(0)["p_type"] == "PT_NOTE"
+        assert all(s["p_filesz"] == s["p_memsz"] > 0 and s["p_offset"] % PAGE == 0
+                   and s["p_paddr"] % PAGE == 0 for s in loads)
+        assert [s["p_offset"] for s in loads[1:]] == [s["p_offset"] + s["p_filesz"]
+                                                      for s in loads[:-1]]  # packed
+        assert loads[-1]["p_offset"] + loads[-1]["p_filesz"] == one.stat().st_size
+
+
+def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import kcore.elfcore
+    from kcore.formats import Request, elf
+    from kcore.sources import open_source
+
+    pages = [bytes(PAGE) if i % 3 else os.urandom(PAGE) for i in range(300)]
+    image = tmp_path / "mem.raw"
+    image.write_bytes(b"".join(pages))
+    base = 0xffff888000000000
+    kclist = SimpleNamespace(entries=[SimpleNamespace(type="KCORE_RAM", vaddr=base, paddr=0,
+                                                      size=300 * PAGE)])
+    system = SimpleNamespace(layout=SimpleNamespace(page_size=PAGE, arch="x86_64"),
+                             kclist=kclist)
+    monkeypatch.setattr(kcore.elfcore, "build_notes", lambda *a: b"notes")
+    monkeypatch.setattr(elf, "PACK_CHUNK", 64 * PAGE)
+    for limit in (5, 9, 40, 1000):
+        monkeypatch.setattr(elf, "MAX_LOADS", limit)
+        with open_source(f"raw:{image}") as src:
+            req = Request(system, src, granule=PAGE)
+            fr = elf.frame(req)
+            assert fr is not None and fr.max_loads <= limit
+            out = tmp_path / f"core-{limit}"
+            fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                layout, stats = elf.pack(req, fr, fd)
+            finally:
+                os.close(fd)
+        data = out.read_bytes()
+        assert len(layout.ranges) <= min(limit, fr.max_loads)
+        if limit == 1000:
+            assert len(layout.ranges) == 100 and layout.elided == 200 * PAGE  # pages alone
+        mem = bytearray(300 * PAGE)
+        for r in layout.ranges:
+            pa = int(r["paddr"], 16)
+            assert int(r["vaddr"], 16) - pa == base and pa % PAGE == 0
+            mem[pa:pa + r["size"]] = data[r["offset"]:r["offset"] + r["size"]]
+        assert bytes(mem) == b"".join(pages)  # no data page lost, elided runs are zeros
+        assert layout.size == len(data) and stats.bytes_read == 300 * PAGE

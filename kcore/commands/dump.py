@@ -26,6 +26,10 @@ from kcore.formats import (
 )
 from kcore.output import Output, human, open_output
 
+# With the digest on, the one pass writes the header last, so the SHA-256 (in file order)
+# cannot start before the copy ends; the two passes let it trail the copy instead.
+PACK_WITH_DIGEST = False
+
 EXTENSIONS = {"elf": "elf", "kcore": "kcore", "lime": "lime", "raw": "raw", "padded": "img"}
 
 DESCRIPTION = """\
@@ -191,23 +195,11 @@ def _dump(args: argparse.Namespace, system: Any, fmt: str, path: str, started: d
     with open_output(path, force=args.force, digest=want_digest) as out:
         if fmt == "kcore" and not out.seekable:
             raise InputError(f"--format kcore needs a seekable file, not {path}")
-        bar = _progress_bar(None, args.quiet or not req.elide, "scan for zero runs")
-        req.progress = bar.update if bar is not None else None
-        try:
-            layout = plan(req, fmt)
-        finally:
-            if bar is not None:
-                bar.close()
-        out.check_space(layout.space_needed, estimate=layout.estimate)
-        out.start_digest()
-        bar = _progress_bar(layout.copy_bytes, args.quiet, f"dump {fmt}")
-        try:
-            stats = write_layout(out, source, layout, sparse=fmt != "padded",
-                                 strict=args.strict,
-                                 progress=bar.update if bar is not None else None)
-        finally:
-            if bar is not None:
-                bar.close()
+        done = _write_one_pass(args, req, out, fmt, want_digest)
+        if done is not None:
+            layout, stats = done
+        else:
+            layout, stats = _write_two_pass(args, req, out, fmt)
         hashing = out.hasher
         bar = _progress_bar(layout.size, args.quiet or hashing is None, "sha256")
         if bar is not None:
@@ -225,6 +217,56 @@ def _dump(args: argparse.Namespace, system: Any, fmt: str, path: str, started: d
     elif not args.quiet:
         _print_human(summary["result"], layout)
     return 0
+
+
+def _write_one_pass(args: argparse.Namespace, req: Request, out: Output, fmt: str,
+                    want_digest: bool) -> tuple[Layout, Any] | None:
+    """The elf format's single pass (scan and copy at once); None where it does not apply."""
+    if fmt != "elf" or (want_digest and not PACK_WITH_DIGEST):
+        return None
+    from kcore.formats import elf
+
+    if not elf.can_pack(req, out):
+        return None
+    bar = _progress_bar(None, args.quiet, f"dump {fmt}")
+
+    def sized(total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.refresh()
+
+    try:
+        done = elf.write_packed(req, out, bar.update if bar is not None else None, sized)
+    finally:
+        if bar is not None:
+            bar.close()
+    if done is not None:
+        out.start_digest()  # the header is written last: the digest reads the file back after
+        out.written(done[0].size)
+    return done
+
+
+def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
+                    fmt: str) -> tuple[Layout, Any]:
+    """Plan the layout (a zero-run scan first where elision applies), then write it."""
+    bar = _progress_bar(None, args.quiet or not req.elide, "scan for zero runs")
+    req.progress = bar.update if bar is not None else None
+    try:
+        layout = plan(req, fmt)
+    finally:
+        if bar is not None:
+            bar.close()
+    out.check_space(layout.space_needed, estimate=layout.estimate)
+    out.start_digest()
+    bar = _progress_bar(layout.copy_bytes, args.quiet, f"dump {fmt}")
+    try:
+        stats = write_layout(out, req.source, layout, sparse=fmt != "padded",
+                             strict=args.strict,
+                             progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return layout, stats
 
 
 def _summary(args: argparse.Namespace, out: Output, system: Any, layout: Layout, stats: Any,

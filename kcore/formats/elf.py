@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import struct
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from kcore.errors import OutputError
+from kcore.errors import FaultError, OutputError
 from kcore.formats import (
+    ALL_ONES,
     Blob,
+    Copy,
     Item,
     Layout,
     Request,
@@ -16,8 +21,12 @@ from kcore.formats import (
     mapped_only,
     mapped_segment,
     segment_items,
+    source_pieces,
     split_segments,
 )
+
+if TYPE_CHECKING:
+    from kcore.output import Output
 
 # ELF constants (include/uapi/linux/elf.h)
 ELFCLASS64, ELFDATA2LSB, EV_CURRENT, ELFOSABI_NONE = 2, 1, 1, 0
@@ -27,6 +36,7 @@ PT_LOAD, PT_NOTE = 1, 4
 PF_X, PF_W, PF_R = 1, 2, 4
 PN_XNUM = 0xFFFF
 MAX_LOADS = PN_XNUM - 2  # e_phnum stays below PN_XNUM: one PT_NOTE plus the loads
+PACK_CHUNK = 64 << 20  # bytes of source per packed-copy call (progress, Ctrl-C between)
 
 # Elf64_Ehdr and Elf64_Phdr, field by field (little-endian)
 EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # e_ident e_type e_machine e_version e_entry
@@ -79,6 +89,13 @@ def plan(req: Request) -> Layout:
     segs = segments(req)
     elided, stats = 0, None
     if req.elide:
+        fr = frame(req)
+        if fr is not None:  # the packed layout, scanned by packing into /dev/null
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                return pack(req, fr, null, req.progress)[0]
+            finally:
+                os.close(null)
         segs, elided, stats = split_segments(req, segs, MAX_LOADS)
     elif len(segs) > MAX_LOADS:
         raise OutputError(f"too many ranges ({len(segs)}) for one ELF file")
@@ -105,3 +122,187 @@ def plan(req: Request) -> Layout:
     head = b"".join(headers) + notes
     head += bytes(data_offset - len(head))
     return Layout([Blob(0, head), *items], pos, ranges, elided, stats)
+
+
+
+def _header(machine: int, notes: bytes, notes_offset: int,
+            loads: list[tuple[Segment, int, int, int]], page: int) -> bytes:
+    """ELF header and program headers (PT_NOTE first: crash wants it) for (seg, off, n, dst)."""
+    parts = [ehdr(machine, 1 + len(loads)),
+             phdr(PT_NOTE, 0, notes_offset, 0, 0, len(notes), 0, 0)]
+    for seg, off, n, dst in loads:
+        paddr = seg.paddr + off if seg.paddr != ALL_ONES else ALL_ONES
+        parts.append(phdr(PT_LOAD, PF_R | PF_W | PF_X, dst, seg.vaddr + off, paddr, n, n, page))
+    return b"".join(parts)
+
+
+def _chunks(req: Request, segs: list[Segment]) -> list[tuple[int, int, int, int]]:
+    """(segment index, offset in it, source fd offset, length) pieces of at most PACK_CHUNK."""
+    out = []
+    for i, seg in enumerate(segs):
+        for off, pa, n in seg.phys:
+            for poff, plen, src in source_pieces(req.source, pa, n):
+                if src is None:
+                    continue  # outside the source's memory: zeros, left out
+                at = off + poff
+                done = 0
+                while done < plen:
+                    # chunks end on PACK_CHUNK boundaries of the segment (granules nest there)
+                    k = min(plen - done, PACK_CHUNK - (at + done) % PACK_CHUNK)
+                    out.append((i, at + done, src + done, k))
+                    done += k
+    return out
+
+
+@dataclass
+class Frame:
+    """The fixed part of a packed ELF core: what to copy, and the header region reserved."""
+
+    machine: int
+    page: int
+    segs: list[Segment]
+    chunks: list[tuple[int, int, int, int]]
+    max_loads: int  # program headers reserved for PT_LOADs
+    notes: bytes
+    notes_offset: int
+    data_offset: int
+
+    @property
+    def total(self) -> int:
+        """Bytes of source the chunks read."""
+        return sum(n for _i, _o, _s, n in self.chunks)
+
+
+def frame(req: Request) -> Frame | None:
+    """Reserve the header for a packed core; None when the chunks outnumber the loads allowed."""
+    from kcore.elfcore import build_notes
+
+    system = req.system
+    page = system.layout.page_size
+    segs = segments(req)
+    machine = EM_BY_ARCH.get(getattr(system.layout, "arch", "x86_64"))
+    if machine is None:
+        raise OutputError(f"no ELF machine number for architecture {system.layout.arch}")
+    if PACK_CHUNK % req.granule:
+        return None
+    chunks = _chunks(req, segs)
+    bound = sum(n // req.granule // 2 + 2 for _i, _o, _s, n in chunks)
+    max_loads = min(MAX_LOADS, bound)
+    if len(chunks) > max_loads:
+        return None  # too many pieces for one run each: split_segments coarsens globally
+    notes = build_notes(system, "modern")  # VMCOREINFO whatever --layout: consumers need it
+    notes_offset = EHDR.size + (1 + max_loads) * PHDR.size
+    data_offset = -(-(notes_offset + len(notes)) // page) * page
+    return Frame(machine, page, segs, chunks, max_loads, notes, notes_offset, data_offset)
+
+
+def pack(req: Request, fr: Frame, dst_fd: int,
+         progress: Callable[[int], None] | None = None) -> tuple[Layout, Any]:
+    """Copy each chunk's non-zero granules packed to dst_fd after the header; lay the core out.
+
+    With dst_fd on /dev/null this is the zero-run scan of the two-pass path: both give the
+    same layout. The runs of each chunk are budgeted in proportion to its size (a chunk that
+    needs more is redone with a coarser granule), so the loads fit the reserved headers.
+    """
+    from kcore import engine
+
+    stats = engine.CopyStats()
+    loads: list[tuple[Segment, int, int, int]] = []  # (segment, offset in it, length, dst)
+    items: list[Item] = []
+    pos = fr.data_offset
+    left_runs, left_bytes = fr.max_loads, fr.total
+    for k, (i, off, src, n) in enumerate(fr.chunks):
+        later = len(fr.chunks) - k - 1
+        budget = max(1, min(left_runs - later, -(-left_runs * n // left_bytes)))
+        seg = fr.segs[i]
+        runs, st = _pack_chunk(req, seg, dst_fd, pos, off, src, n, budget)
+        stats += st
+        for r_src, r_len in runs:
+            r_off = off + r_src - src
+            last = loads[-1] if loads else None
+            if last is not None and last[0] is seg and last[1] + last[2] == r_off:
+                loads[-1] = (seg, last[1], last[2] + r_len, last[3])
+            else:
+                loads.append((seg, r_off, r_len, pos))
+            items.append(Copy(pos, r_src, r_len))
+            pos += r_len
+        left_runs -= len(runs)
+        left_bytes -= n
+        if progress is not None:
+            progress(n)
+    if len(loads) > fr.max_loads:
+        raise AssertionError(f"{len(loads)} loads over the {fr.max_loads} reserved")
+    head = _header(fr.machine, fr.notes, fr.notes_offset, loads, fr.page)
+    blob = head + bytes(fr.notes_offset - len(head)) + fr.notes
+    blob += bytes(fr.data_offset - len(blob))
+    ranges = [{"kind": s.kind, "vaddr": hex(s.vaddr + o),
+               "paddr": hex(s.paddr + o) if s.paddr != ALL_ONES else hex(s.paddr),
+               "size": n, "offset": d} for s, o, n, d in loads]
+    elided = sum(s.size for s in fr.segs) - (pos - fr.data_offset)
+    return Layout([Blob(0, blob), *items], pos, ranges, elided, stats), stats
+
+
+def _pack_chunk(req: Request, seg: Segment, dst_fd: int, pos: int, off: int, src: int, n: int,
+                budget: int) -> tuple[list[tuple[int, int]], Any]:
+    """engine.copy_packed of one chunk within budget runs, coarsening the granule as needed."""
+    from kcore import engine
+
+    granule = req.granule
+    while True:
+        try:
+            runs, st, _written = engine.copy_packed(
+                req.source.fd, src, dst_fd, pos, n, granule=granule,
+                phase=(src - off) % granule, max_runs=budget, strict=req.strict,
+                page_size=req.system.layout.page_size)
+            return runs, st
+        except engine.TooManyRuns as exc:
+            # coarsen by the factor the part seen so far says is needed (at least 2), up
+            # to a granule that covers the chunk (then it is one run at most)
+            seen = max(sum(exc.runs[-1]) - src if exc.runs else n, 1)
+            factor = max(2, -(-n // seen))
+            granule = min(granule << (factor - 1).bit_length(), 1 << (n - 1).bit_length())
+        except FaultError as exc:
+            bad = exc.address - src + off
+            where = (f"physical {seg.paddr + bad:#x}" if seg.paddr != ALL_ONES
+                     else f"virtual {seg.vaddr + bad:#x}")
+            reason = str(exc).rsplit(": ", 1)[-1]
+            raise FaultError(f"cannot read {where} ({reason}); without --strict it is dumped "
+                             f"as zeros", address=exc.address) from None
+
+
+def can_pack(req: Request, out: Output) -> bool:
+    """Whether the one-pass packed writer applies (a seekable output, zero elision on)."""
+    return req.elide and out.seekable
+
+
+def write_packed(req: Request, out: Output, progress: Callable[[int], None] | None = None,
+                 sized: Callable[[int], None] | None = None) -> tuple[Layout, Any] | None:
+    """Write the compact ELF core in one pass over the source; None where it cannot apply.
+
+    The header region (ELF header, the program headers the chunks could need, notes) stays
+    a hole while each chunk's non-zero granules are copied packed after it; the headers are
+    written last, from the runs the copies kept. progress(n) after each chunk; sized(total)
+    once the bytes to read are known.
+    """
+    fr = frame(req)
+    if fr is None:
+        return None
+    out.check_space(fr.data_offset + fr.total, estimate=True)
+    if sized is not None:
+        sized(fr.total)
+    layout, stats = pack(req, fr, out.fd, progress)
+    layout.scan_stats = None
+    out.set_size(layout.size)
+    head = layout.items[0]
+    assert isinstance(head, Blob)
+    _pwrite_all(out.fd, head.data[:EHDR.size + (1 + len(layout.ranges)) * PHDR.size], 0)
+    _pwrite_all(out.fd, fr.notes, fr.notes_offset)
+    return layout, stats
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
