@@ -277,18 +277,6 @@ def test_symlink_output_is_refused(tmp_path):
     assert victim.read_bytes() == b"keep"
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                       capture_output=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a small tmpfs: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_free_space_checked_up_front(small_tmpfs):
     r = dump(NOKASLR, small_tmpfs / "mem.elf", check=False)
     assert r.returncode == 1 and b"not enough space" in r.stderr

@@ -115,18 +115,6 @@ def test_free_space_is_checked_up_front(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                       capture_output=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a small tmpfs: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_enospc_removes_the_partial_file(small_tmpfs):
     with pytest.raises(OutputError, match="no space left.*removed"):
         with open_output(str(small_tmpfs / "dump.bin")) as out:
