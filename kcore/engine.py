@@ -20,6 +20,7 @@ __all__ = [
     "TooManyRuns",
     "copy_packed",
     "copy_range",
+    "copy_through",
     "data_runs",
     "read_mapped",
     "read_range",
@@ -146,6 +147,26 @@ def copy_range(
         _native.check(rc, st, path=path, dst_path=dst_path)
         if progress is not None:
             progress(n)
+    return stats
+
+
+def copy_through(
+    src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, buf, *, sparse: bool = False,
+    strict: bool = False, page_size: int = 4096, path: object = None, dst_path: object = None,
+) -> CopyStats:
+    """Copy len(buf) bytes like copy_range, in one C call through buf, which holds them after."""
+    view = memoryview(buf).cast("B")
+    _check_args(src_offset, len(view), page_size)
+    if dst_offset < 0:
+        raise ValueError(f"negative output offset {dst_offset:#x}")
+    flags = (_native.STRICT if strict else 0) | (_native.SPARSE if sparse else 0)
+    st = _native.new_stats()
+    with ffi.from_buffer(view, require_writable=True) as base:
+        rc = lib.kc_copy_fd(src_fd, src_offset, dst_fd, dst_offset, len(view), base,
+                            max(len(view), page_size), page_size, flags, st)
+    stats = CopyStats()
+    stats._add_c(st)
+    _native.check(rc, st, path=path, dst_path=dst_path)
     return stats
 
 

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import secrets
 import signal
 import stat
@@ -168,6 +169,85 @@ class BackgroundHasher:
             self._error = exc
 
 
+class BufferHasher:
+    """SHA-256 of an output fed in file order from the writer's own buffers, in a thread.
+
+    The writer takes a buffer (buffer()), fills and writes it, then submit()s it; the
+    thread hashes it and hands it back. No read-back of the file.
+    """
+
+    inline = True
+
+    def __init__(self, nbuf: int = 8, size: int = HASH_CHUNK) -> None:
+        self._hash = hashlib.sha256()
+        self._done = 0
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[Any, int] | None] = queue.SimpleQueue()
+        pool = [bytearray(size) for _ in range(nbuf)]
+        self._pool = {id(b) for b in pool}
+        for b in pool:
+            self._free.put(b)
+        self.size = size
+        self._error: BaseException | None = None
+        self._cancel = False
+        self._thread = threading.Thread(target=self._run, name="kcore-sha256", daemon=True)
+        self._thread.start()
+
+    def buffer(self) -> bytearray:
+        """A buffer of self.size bytes to fill, write and submit (waits for a free one)."""
+        while True:
+            try:
+                return self._free.get(timeout=0.5)
+            except queue.Empty:
+                if self._error is not None or not self._thread.is_alive():
+                    raise OutputError(f"the SHA-256 thread stopped: {self._error}") from None
+
+    def submit(self, data: Any, n: int | None = None) -> None:
+        """Hash the first n bytes of data next (a buffer() buffer is returned after)."""
+        self._full.put((data, len(data) if n is None else n))
+
+    def advance(self, position: int) -> None:
+        """Unused here: the writer submits what it writes."""
+
+    @property
+    def done(self) -> int:
+        """Bytes hashed so far."""
+        return self._done
+
+    def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str:
+        """Wait for the hash of everything submitted (size bytes); return it as hex."""
+        self._full.put(None)
+        seen = self._done
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+            if progress is not None:
+                now = self._done
+                progress(now - seen)
+                seen = now
+        if self._error is not None:
+            raise self._error
+        if self._done != size:
+            raise AssertionError(f"hashed {self._done} bytes of a {size}-byte output")
+        return self._hash.hexdigest()
+
+    def cancel(self) -> None:
+        """Stop the thread without a result."""
+        self._cancel = True
+        self._full.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while (item := self._full.get()) is not None and not self._cancel:
+                data, n = item
+                self._hash.update(memoryview(data)[:n])
+                self._done += n
+                if id(data) in self._pool:
+                    self._free.put(data)
+        except BaseException as exc:  # reported by finish()
+            self._error = exc
+
+
 @dataclass
 class Output:
     """An open dump destination; use as a context manager, call commit() when complete."""
@@ -178,7 +258,7 @@ class Output:
     force: bool = False
     digest: bool = True
     tmp_path: str | None = None
-    hasher: BackgroundHasher | None = None
+    hasher: BackgroundHasher | BufferHasher | None = None
     sha256: str | None = None
     sidecars: list[str] = field(default_factory=list)
     _closed: bool = False
@@ -232,10 +312,13 @@ class Output:
                 ) from None
             raise
 
-    def start_digest(self) -> None:
-        """Start hashing the output as it is written (file outputs only)."""
+    def start_digest(self, *, inline: bool = False) -> None:
+        """Start hashing the output as it is written (file outputs only).
+
+        inline: the writer feeds its own buffers (BufferHasher), else the file is read back.
+        """
         if self.digest and self.kind == "file" and self.hasher is None:
-            self.hasher = BackgroundHasher(self.fd)
+            self.hasher = BufferHasher() if inline else BackgroundHasher(self.fd)
 
     def written(self, position: int) -> None:
         """Report that the output is complete up to position (feeds the hasher)."""

@@ -129,3 +129,41 @@ def test_char_device_is_written_in_place():
         os.write(out.fd, b"x" * 10)
         out.commit(10)
     assert out.sha256 is None
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_inline_digest_hashes_what_write_layout_wrote(tmp_path, sparse):
+    from kcore.formats import Blob, Copy, Layout, Zeros, write_layout
+
+    src = tmp_path / "src.bin"
+    data = os.urandom(3 << 20) + bytes(5 << 20) + os.urandom(12345)
+    src.write_bytes(data)
+    layout = Layout([Blob(0, b"head" * 1000), Copy(4000, 4096 * 5 + 7, len(data) - 4096 * 5 - 7),
+                     Zeros(4000 + len(data) - 4096 * 5 - 7, 3 << 20)],
+                    4000 + len(data) - 4096 * 5 - 7 + (3 << 20))
+    path = tmp_path / "out.bin"
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        with open_output(str(path)) as out:
+            out.start_digest(inline=True)
+            assert out.hasher is not None and out.hasher.inline
+            write_layout(out, type("S", (), {"fd": fd})(), layout, sparse=sparse, strict=False)
+            out.commit(layout.size)
+    finally:
+        os.close(fd)
+    written = path.read_bytes()
+    assert written == b"head" * 1000 + data[4096 * 5 + 7:] + bytes(3 << 20)
+    assert out.sha256 == hashlib.sha256(written).hexdigest()
+    subprocess.run(["sha256sum", "-c", "out.bin.sha256"], cwd=tmp_path, check=True,
+                   capture_output=True)
+
+
+def test_inline_digest_is_dropped_on_abort(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with open_output(str(tmp_path / "x.bin")) as out:
+            out.start_digest(inline=True)
+            buf = out.hasher.buffer()
+            os.pwrite(out.fd, buf, 0)
+            out.hasher.submit(buf)
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == []

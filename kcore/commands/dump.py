@@ -29,6 +29,8 @@ from kcore.output import Output, human, open_output
 # With the digest on, the one pass writes the header last, so the SHA-256 (in file order)
 # cannot start before the copy ends; the two passes let it trail the copy instead.
 PACK_WITH_DIGEST = False
+# The SHA-256 hashes the writer's own buffers in a thread (no read-back of the output).
+INLINE_DIGEST = True
 
 EXTENSIONS = {"elf": "elf", "kcore": "kcore", "lime": "lime", "raw": "raw", "padded": "img"}
 
@@ -257,7 +259,7 @@ def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
         if bar is not None:
             bar.close()
     out.check_space(layout.space_needed, estimate=layout.estimate)
-    out.start_digest()
+    out.start_digest(inline=INLINE_DIGEST)
     bar = _progress_bar(layout.copy_bytes, args.quiet, f"dump {fmt}")
     try:
         stats = write_layout(out, req.source, layout, sparse=fmt != "padded",

@@ -259,6 +259,9 @@ def write_layout(out: Output, source: Any, layout: Layout, *, sparse: bool, stri
     seekable = out.seekable
     if seekable:
         out.set_size(layout.size)
+    if seekable and getattr(out.hasher, "inline", False):
+        return _write_hashing(out, source, layout, sparse=sparse, strict=strict,
+                              progress=progress)
     zero = bytes(ZERO_BLOCK)
     pos = 0
     for item in layout.items:
@@ -296,6 +299,52 @@ def write_layout(out: Output, source: Any, layout: Layout, *, sparse: bool, stri
         out.written(pos)
     if not seekable and pos != layout.size:
         raise AssertionError(f"layout ends at {pos:#x}, expected {layout.size:#x}")
+    return stats
+
+
+def _write_hashing(out: Output, source: Any, layout: Layout, *, sparse: bool, strict: bool,
+                   progress: Callable[[int], None] | None = None) -> Any:
+    """write_layout to a seekable output whose hasher takes the written buffers, in order."""
+    from kcore import engine
+
+    hasher = out.hasher
+    assert hasher is not None
+    stats = engine.CopyStats()
+    zero = bytes(ZERO_BLOCK)
+    block = hasher.size
+    page = PAGE_SIZE
+    pending = 0
+    for item in layout.items:
+        if isinstance(item, Blob):
+            _write_all(out.fd, item.data, item.dst)
+            hasher.submit(item.data)
+        elif isinstance(item, Copy):
+            pos, end, at = item.src, item.src + item.length, item.dst
+            while pos < end:
+                # blocks end on page boundaries of the source (as the engine's do)
+                n = min(end - pos, block - pos % page) if end - pos > block else end - pos
+                buf = hasher.buffer()
+                stats += engine.copy_through(source.fd, pos, out.fd, at, memoryview(buf)[:n],
+                                             sparse=sparse, strict=strict)
+                hasher.submit(buf, n)
+                pos += n
+                at += n
+                pending += n
+                if progress is not None and pending >= SCAN_CHUNK // 4:
+                    progress(pending)
+                    pending = 0
+        else:
+            left = item.length
+            at = item.dst
+            while left:
+                n = min(left, ZERO_BLOCK)
+                if not sparse:
+                    _write_all(out.fd, zero[:n], at)
+                hasher.submit(zero, n)
+                at += n
+                left -= n
+    if progress is not None and pending:
+        progress(pending)
     return stats
 
 
