@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import sys
 import time
@@ -17,6 +18,8 @@ RESULTS = BENCH / "RESULTS.md"
 sys.path.insert(0, str(BENCH.parent / "tests"))
 
 _recorded: dict[str, list[str]] = {}
+_notes: dict[str, list[str]] = {}
+_load_at_start: list[float] = []
 
 
 def best_time(fn: Callable[[], object], rounds: int = 3,
@@ -56,17 +59,36 @@ def record(request) -> Callable[[str, str, str, bool], None]:
     return _record
 
 
+@pytest.fixture
+def note(request) -> Callable[[str], None]:
+    """note(paragraph): a paragraph printed under this file's table in RESULTS.md."""
+    section = Path(request.node.fspath).stem
+
+    def _note(text: str) -> None:
+        print("\n" + text)
+        _notes.setdefault(section, []).append(text)
+
+    return _note
+
+
+def pytest_sessionstart(session) -> None:
+    _load_at_start.append(os.getloadavg()[0])
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Replace this run's sections of bench/RESULTS.md, keeping the others."""
     if not _recorded:
         return
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = (f"load average {_load_at_start[0]:.2f} at the start, "
+            f"{os.getloadavg()[0]:.2f} at the end") if _load_at_start else "load not measured"
     for section, lines in _recorded.items():
+        notes = "".join(f"\n{n}\n" for n in _notes.get(section, []))
         body = (f"## {section}\n\nMeasured {when} (`python3 -m pytest bench --benchmark-only`; "
-                "2-core shared machine, page-cached inputs, best of the rounds).\n\n"
+                f"2-core shared machine, {load}, page-cached inputs, best of the rounds).\n\n"
                 "| what | measured | target | met |\n|---|---|---|---|\n"
-                + "\n".join(lines) + "\n")
+                + "\n".join(lines) + "\n" + notes)
         pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
         if pattern.search(text):
             text = pattern.sub(lambda m, body=body: body + "\n", text)

@@ -7,6 +7,7 @@ Every ratio compares two timings taken in the same run on the same page-cached i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import subprocess
@@ -23,6 +24,20 @@ GIB = 1 << 30
 MIB = 1 << 20
 SHM = Path("/dev/shm")
 REPO = Path(__file__).resolve().parent.parent
+RAM_FIXTURE = "linux-6.1.0-56-nokaslr-512M"  # real kernel RAM: where its zero pages lie
+
+
+def _load(name: str, path: Path):
+    """A helper module by path, under its own name (bench/ and tests/ both have a conftest)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_tests_conftest = _load("kcore_tests_conftest", REPO / "tests" / "conftest.py")
+fixture_memory = _tests_conftest.fixture_memory
+RAM_FIXTURE_HERE = (_tests_conftest.SHARED_FIXTURES / RAM_FIXTURE / "memory").is_dir()
 
 
 def _make(path: Path, size: int, data_pages: set[int] | None = None, seed: int = 0) -> Path:
@@ -49,13 +64,61 @@ def dense_src():
     path.unlink()
 
 
-@pytest.fixture(scope="module")
-def sparse_src():
-    """1 GiB with 95% all-zero pages (the zeros are written: the file itself is dense)."""
+def page_runs(path: Path) -> tuple[list[int], list[int]]:
+    """The lengths in pages of the all-zero and of the non-zero page runs of a memory image."""
+    zero_page = bytes(PAGE)
+    runs: tuple[list[int], list[int]] = ([], [])
+    kind, n = None, 0
+    with open(path, "rb") as f:
+        while block := f.read(MIB):
+            for i in range(0, len(block), PAGE):
+                data = block[i:i + PAGE] != zero_page
+                if data != kind and n:
+                    runs[kind].append(n)
+                    n = 0
+                kind = data
+                n += 1
+    if n:
+        runs[kind].append(n)
+    return runs
+
+
+def kernel_like_pages(zero_runs: list[int], data_runs: list[int], npages: int,
+                      seed: int = 1) -> set[int]:
+    """5% of npages as data, in runs drawn like real RAM's.
+
+    Zero and data run lengths are drawn alternately (fixed seed) from the measured ones until
+    5% of the pages are data (the last run cut to fit); the pages after that stay zero, as
+    memory never touched since boot does.
+    """
+    rng = random.Random(seed)
+    want, pos, pages = npages // 20, 0, set()
+    while len(pages) < want:
+        pos += rng.choice(zero_runs)
+        n = min(rng.choice(data_runs), want - len(pages))
+        pages.update(range(pos, pos + n))
+        pos += n
+    assert pos <= npages, "the drawn runs do not fit: zero runs too long for this size"
+    return pages
+
+
+@pytest.fixture(scope="module", params=["scattered", "kernel-runs"])
+def sparse_src(request):
+    """1 GiB with 95% all-zero pages (the zeros are written: the file itself is dense).
+
+    scattered: the 5% data pages one by one, uniformly at random (the worst case: every data
+    page is a write of its own). kernel-runs: the data in runs whose zero and non-zero lengths
+    are drawn from a real kernel's RAM (the RAM_FIXTURE capture).
+    """
     npages = GIB // PAGE
-    data_pages = set(random.Random(1).sample(range(npages), npages // 20))
+    if request.param == "scattered":
+        data_pages = set(random.Random(1).sample(range(npages), npages // 20))
+    else:
+        zero_runs, data_runs = page_runs(fixture_memory(RAM_FIXTURE))
+        data_pages = kernel_like_pages(zero_runs, data_runs, npages)
     path = _make(SHM / f"kcore-bench-sparse-{os.getpid()}", GIB, data_pages)
-    yield path
+    runs = sum(1 for p in data_pages if p - 1 not in data_pages)
+    yield request.param, path, runs
     path.unlink()
 
 
@@ -85,7 +148,8 @@ def test_dense_1gib_to_dev_null_vs_dd(benchmark, dense_src, null_fd, record):
     assert ratio >= 0.9
 
 
-def test_sparse_vs_dense_1gib_to_new_file(benchmark, sparse_src, record):
+def test_sparse_vs_dense_1gib_to_new_file(benchmark, sparse_src, null_fd, record, note):
+    kind, sparse_src, nruns = sparse_src
     out = SHM / f"kcore-bench-out-{os.getpid()}"
     src = os.open(sparse_src, os.O_RDONLY)
     fds: list[int] = []
@@ -100,13 +164,15 @@ def test_sparse_vs_dense_1gib_to_new_file(benchmark, sparse_src, record):
 
     try:
         benchmark.pedantic(engine.copy_range, setup=fresh, rounds=2, warmup_rounds=0)
-        ours, dense = float("inf"), float("inf")
+        ours, dense, read = float("inf"), float("inf"), float("inf")
         for _ in range(3):  # interleaved, so both see the same noise
             ours = min(ours, best_time(lambda: engine.copy_range(src, 0, fds[0], 0, GIB,
                                                                  sparse=True),
                                        rounds=1, setup=fresh))
             dense = min(dense, best_time(lambda: engine.copy_range(src, 0, fds[0], 0, GIB),
                                          rounds=1, setup=fresh))
+            read = min(read, best_time(lambda: engine.copy_range(src, 0, null_fd, None, GIB),
+                                       rounds=1))
         fresh()
         engine.copy_range(src, 0, fds[0], 0, GIB, sparse=True)
         st = os.stat(out)
@@ -119,10 +185,48 @@ def test_sparse_vs_dense_1gib_to_new_file(benchmark, sparse_src, record):
         os.close(src)
     ours = min(ours, benchmark.stats.stats.min)
     ratio = dense / ours
-    record("1 GiB, 95% zero pages, to a new file on tmpfs: sparse / dense engine copy",
-           f"{ratio:.2f}x ({GIB / ours / 1e9:.1f} vs {GIB / dense / 1e9:.1f} GB/s)",
-           ">= 4x", ratio >= 4)
+    if kind == "scattered":
+        what = ("1 GiB, 95% zero pages scattered one by one (worst case), to a new file on "
+                "tmpfs: sparse / dense engine copy")
+    else:
+        what = ("1 GiB, 95% zero pages in runs drawn from real kernel RAM, to a new file on "
+                "tmpfs: sparse / dense engine copy")
+    record(what, f"{ratio:.2f}x ({GIB / ours / 1e9:.1f} vs {GIB / dense / 1e9:.1f} GB/s, "
+           f"{nruns} data runs)", ">= 4x", ratio >= 4)
+    record("same, the read alone (engine to /dev/null; info: the floor of the sparse copy)",
+           f"{GIB / read / 1e9:.1f} GB/s ({read * 1e3:.0f} ms; sparse copy {ours * 1e3:.0f} ms, "
+           f"dense {dense * 1e3:.0f} ms)", "-", True)
+    _sparse_seen[kind] = (read, dense, ours, nruns)
+    if len(_sparse_seen) == 2 or not RAM_FIXTURE_HERE:
+        note(_bound_note(_sparse_seen))
     assert ratio >= 4
+
+
+_sparse_seen: dict[str, tuple[float, float, float, int]] = {}
+
+
+def _bound_note(seen: dict[str, tuple[float, float, float, int]]) -> str:
+    """The paragraph under the table: what bounds the sparse / dense ratio, with this run's ms."""
+    figures = "; ".join(
+        f"{kind}: read {r * 1e3:.0f} ms, dense copy {d * 1e3:.0f} ms, sparse copy "
+        f"{s * 1e3:.0f} ms with {n} writes" for kind, (r, d, s, n) in seen.items())
+    return (
+        "What bounds the sparse / dense ratio here: both copies read the whole 1 GiB (pread "
+        "from the page cache, ~10-18 GB/s), and only the sparse copy skips 95% of the writes, "
+        "so the ratio is at most (read + dense writes) / (read + zero check + sparse writes). "
+        "The dense copy is bound by tmpfs allocating and filling 262144 new pages (~1.2 us a "
+        "page, 2.4-2.9 GB/s); the sparse copy by the read (its floor: 60-70% of its time), the "
+        "zero check of every page in the cache-hot block (~10 ms a GiB, SSE2, early exit) and "
+        "one pwrite a data run (a new tmpfs page each, ~2 us for an isolated page). With the "
+        "data pages scattered one by one that is ~12500 writes, a third of the copy, and the "
+        "ratio sits near 4x, moving with the load; with runs as in real RAM it is a few dozen "
+        "writes and the sparse copy runs near the read's speed, so the ratio is about dense "
+        f"time / read time. This run: {figures}. A writer thread overlapping the writes with "
+        "the reads was tried (00:29 UTC) and lost on this shared 2-vCPU machine: the threads "
+        "ran serialized (0.49 CPUs used, 2.4 context switches a block) and the scattered "
+        "sparse copy took 128-130 ms against 109 ms on one thread, so the engine stays "
+        "single-threaded."
+    )
 
 
 def test_one_percent_unreadable_vs_python_oracle(benchmark, dense_src, null_fd, record):
