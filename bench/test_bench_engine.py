@@ -131,24 +131,46 @@ def physically_adjacent(path: Path) -> float | None:
     return sum(b == a + 1 for a, b in zip(pfns, pfns[1:], strict=False)) / (npages - 1)
 
 
-@pytest.fixture(scope="module", params=["scattered", "kernel-runs"])
-def sparse_src(request):
-    """1 GiB with 95% all-zero pages (the zeros are written: the file itself is dense).
+@pytest.fixture(scope="module")
+def sparse_inputs():
+    """Both 1 GiB inputs with 95% all-zero pages (the zeros are written: the files are dense).
 
     scattered: the 5% data pages one by one, uniformly at random (the worst case: every data
     page is a write of its own). kernel-runs: the data in runs whose zero and non-zero lengths
-    are drawn from a real kernel's RAM (the RAM_FIXTURE capture).
+    are drawn from a real kernel's RAM (the RAM_FIXTURE capture); None when it is not here.
+    Both are written back to back before any copy churns memory, so that tmpfs places their
+    pages alike (their read speed follows their physical contiguity).
     """
     npages = GIB // PAGE
-    if request.param == "scattered":
-        data_pages = set(random.Random(1).sample(range(npages), npages // 20))
-    else:
+    layouts: dict[str, set[int] | None] = {
+        "scattered": set(random.Random(1).sample(range(npages), npages // 20))}
+    try:
         zero_runs, data_runs = page_runs(fixture_memory(RAM_FIXTURE))
-        data_pages = kernel_like_pages(zero_runs, data_runs, npages)
-    path = _make(SHM / f"kcore-bench-sparse-{os.getpid()}", GIB, data_pages)
-    runs = sum(1 for p in data_pages if p - 1 not in data_pages)
-    yield request.param, path, runs
-    path.unlink()
+        layouts["kernel-runs"] = kernel_like_pages(zero_runs, data_runs, npages)
+    except pytest.skip.Exception:
+        layouts["kernel-runs"] = None
+    made: dict[str, tuple[Path, int] | None] = {}
+    try:
+        for kind, pages in layouts.items():
+            if pages is None:
+                made[kind] = None
+                continue
+            path = _make(SHM / f"kcore-bench-sparse-{kind}-{os.getpid()}", GIB, pages)
+            made[kind] = (path, sum(1 for p in pages if p - 1 not in pages))
+        yield made
+    finally:
+        for item in made.values():
+            if item is not None:
+                item[0].unlink()
+
+
+@pytest.fixture(params=["scattered", "kernel-runs"])
+def sparse_src(request, sparse_inputs):
+    """(kind, path, number of data runs) of one sparse input."""
+    item = sparse_inputs[request.param]
+    if item is None:
+        pytest.skip(f"{RAM_FIXTURE}'s memory image is not here: no kernel-like runs to draw")
+    return request.param, *item
 
 
 @pytest.fixture
@@ -230,10 +252,11 @@ def test_sparse_vs_dense_1gib_to_new_file(benchmark, sparse_src, null_fd, record
     _sparse_seen[kind] = (read, dense, ours, nruns)
     if len(_sparse_seen) == 2 or not RAM_FIXTURE_HERE:
         note(_bound_note(_sparse_seen))
-    # The kernel-runs figure is reported, not asserted: measured 3.1-4.2x so far, moving with
-    # the input's physical placement (see the note), so 4x is not reliably reached there.
-    if kind == "scattered":
-        assert ratio >= 4
+    assert ratio >= 4, (
+        f"sparse only {ratio:.2f}x the dense copy on the {kind} input: its read alone took "
+        f"{read * 1e3:.0f} ms ({'?' if adjacent is None else f'{adjacent:.0%}'} of its pages "
+        "physically adjacent); see the note in bench/RESULTS.md"
+    )
 
 
 _sparse_seen: dict[str, tuple[float, float, float, int]] = {}
