@@ -186,12 +186,16 @@ def test_half_zero_4gib_elf(benchmark, bench_dir, record):
     oks = [
         ratio_line(record, "4 GiB image, 50% zero pages, to a new file on tmpfs: `cp` / kcore "
                    "dump (elf, SHA-256 on)", min(cp), ours, 1.5, share),
-        ratio_line(record, "same, --no-digest", min(cp), min(x["wall"] for x in kf_nd), 1.5),
+        ratio_line(record, "same, kcore's own time (after start-up)", min(cp),
+                   min(x["seconds"] for x in kf), 1.5),
+        ratio_line(record, "same, --no-digest (one pass: scan and copy at once)", min(cp),
+                   min(x["wall"] for x in kf_nd), 1.5),
         ratio_line(record, "same, --no-digest, kcore's own time (after start-up)", min(cp),
                    min(x["seconds"] for x in kf_nd), 1.5),
         ratio_line(record, "same image: `makedumpfile -E -d 1` of its dense ELF / kcore dump "
                    "(makedumpfile only walks the kernel's mem_map: 512 MiB, output "
                    f"{md_size / GB:.2f} GB)", min(md), ours, 2.0),
+        ratio_line(record, "same, --no-digest", min(md), min(x["wall"] for x in kf_nd), 2.0),
     ]
     per_byte = min(md) / (512 << 20) / (ours / RAM_TOP)
     record("same, per byte of memory each tool handled (info)", f"{per_byte:.2f}x", ">= 2x",
