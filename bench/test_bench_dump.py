@@ -183,15 +183,21 @@ def test_half_zero_4gib_elf(benchmark, bench_dir, record):
         dense_elf.unlink()
     ours = min(x["wall"] for x in kf)
     share = f", {zero_share:.0%} zero pages, ELF {kf[0]['bytes'] / GB:.2f} GB"
+    # cp copies 4 GiB whatever the bytes: its best over both tests is the fairer baseline
+    # (with the dense ELF also in tmpfs here, cp's page allocation often meets reclaim).
+    cp_best = min(cp + RESULTS.get("dense_4GiB", {}).get("cp", []))
     oks = [
-        ratio_line(record, "4 GiB image, 50% zero pages, to a new file on tmpfs: `cp` / kcore "
-                   "dump (elf, SHA-256 on)", min(cp), ours, 1.5, share),
-        ratio_line(record, "same, kcore's own time (after start-up)", min(cp),
+        ratio_line(record, "4 GiB image, 50% zero pages, to a new file on tmpfs: `cp` (best "
+                   "4 GiB cp of both tests) / kcore dump (elf, SHA-256 on)", cp_best, ours, 1.5,
+                   share),
+        ratio_line(record, "same, kcore's own time (after start-up)", cp_best,
                    min(x["seconds"] for x in kf), 1.5),
-        ratio_line(record, "same, --no-digest (one pass: scan and copy at once)", min(cp),
+        ratio_line(record, "same, --no-digest (one pass: scan and copy at once)", cp_best,
                    min(x["wall"] for x in kf_nd), 1.5),
-        ratio_line(record, "same, --no-digest, kcore's own time (after start-up)", min(cp),
+        ratio_line(record, "same, --no-digest, kcore's own time (after start-up)", cp_best,
                    min(x["seconds"] for x in kf_nd), 1.5),
+        ratio_line(record, "same, SHA-256 on, against this test's own cp rounds (info)", min(cp),
+                   ours, 1.5),
         ratio_line(record, "same image: `makedumpfile -E -d 1` of its dense ELF / kcore dump "
                    "(makedumpfile only walks the kernel's mem_map: 512 MiB, output "
                    f"{md_size / GB:.2f} GB)", min(md), ours, 2.0),
