@@ -527,18 +527,33 @@ static uint64_t kc_to_granule_end(uint64_t a, size_t granule, size_t phase)
     return granule - into;
 }
 
-/* Flush the pending non-zero bytes [from, to) of block b to dst_fd at dst_off + *written. */
-static int kc_packed_flush(int dst_fd, uint64_t dst_off, const char *b, size_t from, size_t to,
-                           uint64_t *written, struct kc_stats *st)
+/* Where kc_copy_packed writes: the output, and with KC_SPARSE what kc_write_sparse needs. */
+struct kc_packed_out {
+    struct kc_sparse_out o;
+    uint64_t dst_off, written;
+    int sparse, tail_hole;
+};
+
+/*
+ * Write the kept bytes [from, to) of block b (source offset a) at dst_off + written:
+ * densely, or with KC_SPARSE its zero pages (aligned on source offsets) as holes.
+ */
+static int kc_packed_flush(struct kc_packed_out *p, const char *b, uint64_t a, size_t from,
+                           size_t to, size_t page_size, struct kc_stats *st)
 {
+    uint64_t at = p->dst_off + p->written;
     int rc;
 
     if (to <= from)
         return 0;
-    rc = kc_write_all(dst_fd, b + from, to - from, (int64_t)(dst_off + *written), st);
+    if (p->sparse)
+        rc = kc_write_sparse(&p->o, b + from, to - from, a + from, at, page_size,
+                             &p->tail_hole, st);
+    else
+        rc = kc_write_all(p->o.fd, b + from, to - from, (int64_t)at, st);
     if (rc)
         return rc;
-    *written += to - from;
+    p->written += to - from;
     return 0;
 }
 
@@ -549,8 +564,9 @@ int kc_copy_packed(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off,
                    uint64_t *written_ret, struct kc_stats *stats_ret)
 {
     struct kc_stats *st = stats_ret;
+    struct kc_packed_out p = {{dst_fd, 0, 0, 0}, dst_off, 0, 0, 0};
     char *b = buf;
-    uint64_t done = 0, written = 0;
+    uint64_t done = 0;
     size_t nruns = 0, span;
     struct kc_src src;
     int rc = 0;
@@ -561,6 +577,17 @@ int kc_copy_packed(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off,
     if (!kc_page_ok(page_size) || granule < page_size || granule % page_size ||
         buf_len < granule || phase >= granule || dst_off > (uint64_t)INT64_MAX)
         return -EINVAL;
+    if (flags & KC_SPARSE) {
+        struct stat sb;
+
+        if (fstat(dst_fd, &sb) < 0) {
+            st->fail_where = KC_FAIL_OUTPUT;
+            st->fail_offset = dst_off;
+            return -errno;
+        }
+        p.sparse = S_ISREG(sb.st_mode);  /* holes only exist in regular files */
+        p.o.old_size = (uint64_t)sb.st_size;
+    }
     span = buf_len - buf_len % granule;
     src = kc_src_of(src_fd, src_off, len, page_size);
     while (done < len) {
@@ -580,10 +607,7 @@ int kc_copy_packed(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off,
             size_t ge = step > n - g ? n : g + (size_t)step;
 
             if (kc_is_zero(b + g, ge - g)) {
-                uint64_t first = ga & ~(uint64_t)(page_size - 1);
-
-                st->pages_sparse += (a + ge - first + page_size - 1) / page_size;
-                rc = kc_packed_flush(dst_fd, dst_off, b, pend, pend_end, &written, st);
+                rc = kc_packed_flush(&p, b, a, pend, pend_end, page_size, st);
                 if (rc)
                     goto out;
                 pend = pend_end = ge;
@@ -592,7 +616,7 @@ int kc_copy_packed(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off,
                     runs_ret[2 * nruns - 1] += ge - g;
                 } else {
                     if (nruns == max_runs) {
-                        rc = kc_packed_flush(dst_fd, dst_off, b, pend, pend_end, &written, st);
+                        rc = kc_packed_flush(&p, b, a, pend, pend_end, page_size, st);
                         if (!rc)
                             rc = -ENOSPC;
                         goto out;
@@ -601,19 +625,29 @@ int kc_copy_packed(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off,
                     runs_ret[2 * nruns + 1] = ge - g;
                     nruns++;
                 }
-                if (pend_end != g)
-                    pend = g;
                 pend_end = ge;
             }
             g = ge;
         }
-        rc = kc_packed_flush(dst_fd, dst_off, b, pend, pend_end, &written, st);
+        rc = kc_packed_flush(&p, b, a, pend, pend_end, page_size, st);
         if (rc)
             goto out;
         done += n;
     }
+    if (p.sparse && p.tail_hole && p.written && dst_off + p.written > p.o.old_size) {
+        /* The last pages were holes: the file must still reach the end of what was placed. */
+        struct stat sb;
+
+        if (fstat(dst_fd, &sb) < 0 ||
+            ((uint64_t)sb.st_size < dst_off + p.written &&
+             ftruncate(dst_fd, (off_t)(dst_off + p.written)) < 0)) {
+            st->fail_where = KC_FAIL_OUTPUT;
+            st->fail_offset = dst_off + p.written;
+            rc = -errno;
+        }
+    }
 out:
     *nruns_ret = nruns;
-    *written_ret = written;
+    *written_ret = p.written;
     return rc;
 }

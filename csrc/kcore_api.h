@@ -90,8 +90,9 @@ int kc_is_zero(const void *p, size_t n);
  * source offsets congruent to phase modulo granule (granule: a multiple of
  * page_size, buf_len >= granule, phase < granule). The kept runs go to
  * runs_ret as merged (source offset, length) pairs, *written_ret is the bytes
- * placed from dst_off; zero granules count in pages_sparse as in kc_data_runs.
- * Returns 0 or -errno. -ENOSPC with fail_where KC_FAIL_NONE: more than
+ * placed from dst_off. With KC_SPARSE (a regular file), zero pages inside the
+ * kept runs become holes (pages_sparse), as in kc_copy_fd, and the file reaches
+ * dst_off + *written_ret. Returns 0 or -errno. -ENOSPC with fail_where KC_FAIL_NONE: more than
  * max_runs runs are needed (what was written so far stays; redo the range
  * with a coarser granule, which keeps a superset and so overwrites it).
  */

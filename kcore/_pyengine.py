@@ -185,40 +185,84 @@ def data_runs(fd: int, offset: int, length: int, *, granule: int = 4096, page_si
     return runs, stats
 
 
+
+def _write_sparse(fd: int, data, src: int, at: int, old_size: int, page_size: int,
+                  stats: CopyStats, dst_path: object) -> bool:
+    """Write data (from source offset src) at at, zero pages as holes; True if it ends in one."""
+    p, n = 0, len(data)
+    tail_hole = False
+    while p < n:
+        pe = min(n, (src + p) // page_size * page_size + page_size - src)
+        page = data[p:pe]
+        tail_hole = not any(page)
+        if tail_hole:
+            stats.pages_sparse += 1
+            end = min(at + pe, old_size)
+            if at + p < end and not _is_hole(fd, at + p, end - (at + p)):
+                _write_all(fd, page[:end - (at + p)], at + p, stats, dst_path)
+        else:
+            _write_all(fd, page, at + p, stats, dst_path)
+        p = pe
+    return tail_hole
+
+
 def copy_packed(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int, *,
                 granule: int = 4096, phase: int = 0, max_runs: int = 1 << 16,
-                strict: bool = False, page_size: int = 4096, path: object = None,
-                dst_path: object = None) -> tuple[list[tuple[int, int]], CopyStats, int]:
+                sparse: bool = False, strict: bool = False, page_size: int = 4096,
+                path: object = None, dst_path: object = None
+                ) -> tuple[list[tuple[int, int]], CopyStats, int]:
     """Non-zero granules packed from dst_offset (oracle of kcore.engine.copy_packed)."""
     from kcore import engine
 
     stats = CopyStats()
     runs: list[tuple[int, int]] = []
     written = 0
+    tail_hole = False
     block = max(engine.BLOCK - engine.BLOCK % granule, granule)
+    old_size = 0
+    if sparse:
+        st = os.fstat(dst_fd)
+        sparse = stat.S_ISREG(st.st_mode)
+        old_size = st.st_size
 
     def to_end(a: int) -> int:
         return granule - (a - phase) % granule
+
+    def flush(data, pos: int, lo: int, hi: int) -> None:
+        nonlocal written, tail_hole
+        if hi <= lo:
+            return
+        piece = data[lo - pos:hi - pos]
+        if sparse:
+            tail_hole = _write_sparse(dst_fd, piece, lo, dst_offset + written, old_size,
+                                      page_size, stats, dst_path)
+        else:
+            _write_all(dst_fd, piece, dst_offset + written, stats, dst_path)
+        written += hi - lo
 
     pos, end = src_offset, src_offset + length
     while pos < end:
         n = min(end - pos, to_end(pos) + block - granule)
         data = _read_block(src_fd, pos, n, page_size, strict, stats, path)
-        g = pos
+        g = lo = hi = pos
         while g < pos + n:
             ge = min(pos + n, g + to_end(g))
-            piece = data[g - pos:ge - pos]
-            if any(piece):
+            if any(data[g - pos:ge - pos]):
                 if runs and sum(runs[-1]) == g:
                     runs[-1] = (runs[-1][0], runs[-1][1] + ge - g)
                 elif len(runs) == max_runs:
+                    flush(data, pos, lo, hi)
                     raise engine.TooManyRuns(runs, stats, written)
                 else:
                     runs.append((g, ge - g))
-                _write_all(dst_fd, piece, dst_offset + written, stats, dst_path)
-                written += len(piece)
+                hi = ge
             else:
-                stats.pages_sparse += -(-(ge - g // page_size * page_size) // page_size)
+                flush(data, pos, lo, hi)
+                lo = hi = ge
             g = ge
+        flush(data, pos, lo, hi)
         pos += n
+    if sparse and tail_hole and written and dst_offset + written > old_size:
+        if os.fstat(dst_fd).st_size < dst_offset + written:
+            os.ftruncate(dst_fd, dst_offset + written)
     return runs, stats, written

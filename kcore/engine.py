@@ -180,22 +180,23 @@ class TooManyRuns(Exception):
 
 def copy_packed(
     src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int, *,
-    granule: int = 4096, phase: int = 0, max_runs: int = 1 << 16, strict: bool = False,
-    page_size: int = 4096, path: object = None, dst_path: object = None,
+    granule: int = 4096, phase: int = 0, max_runs: int = 1 << 16, sparse: bool = False,
+    strict: bool = False, page_size: int = 4096, path: object = None, dst_path: object = None,
 ) -> tuple[list[tuple[int, int]], CopyStats, int]:
     """Copy only the non-zero granules of a source range, packed from dst_offset, in one pass.
 
     Granule boundaries are the source offsets congruent to phase modulo granule; unreadable
     pages count as zeros. Returns (merged (source offset, length) runs kept, stats, bytes
-    written). One C call: call it per chunk to see Ctrl-C. More than max_runs runs raise
-    TooManyRuns (redo the range with a coarser granule: it keeps a superset).
+    written). With sparse, zero pages inside the kept runs become holes (pages_sparse). One
+    C call: call it per chunk to see Ctrl-C. More than max_runs runs raise TooManyRuns (redo
+    the range with a coarser granule: it keeps a superset and overwrites what was written).
     """
     _check_args(src_offset, length, page_size)
     if dst_offset < 0:
         raise ValueError(f"negative output offset {dst_offset:#x}")
     if granule < page_size or granule % page_size or not 0 <= phase < granule or max_runs < 0:
         raise ValueError(f"bad granule {granule:#x}, phase {phase:#x} or max_runs {max_runs}")
-    flags = _native.STRICT if strict else 0
+    flags = (_native.STRICT if strict else 0) | (_native.SPARSE if sparse else 0)
     buf_len = max(BLOCK - BLOCK % granule, granule)
     keep_alive, buf = _block_buffer(buf_len)
     out = ffi.new("uint64_t[]", 2 * max(max_runs, 1))

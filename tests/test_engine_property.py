@@ -106,8 +106,10 @@ def test_c_engine_equals_oracle_past_end_of_file(size, start, length, block):
 @settings(max_examples=120, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layout=layouts(), phase_pages=st.integers(0, 15), odd=st.booleans(),
-       max_runs=st.one_of(st.just(1 << 16), st.integers(0, 6)), dst=st.integers(0, 3 * PAGE))
-def test_copy_packed_equals_oracle(child, layout, phase_pages, odd, max_runs, dst):
+       max_runs=st.one_of(st.just(1 << 16), st.integers(0, 6)), dst=st.integers(0, 3 * PAGE),
+       sparse=st.booleans(), stale=st.integers(0, 8 * PAGE))
+def test_copy_packed_equals_oracle(child, layout, phase_pages, odd, max_runs, dst, sparse,
+                                   stale):
     kinds, start, length, block, _chunk, granule, seed = layout
     holes = [i for i, k in enumerate(kinds) if k == "hole"]
     noaccess = [i for i, k in enumerate(kinds) if k == "noaccess"]
@@ -121,21 +123,30 @@ def test_copy_packed_equals_oracle(child, layout, phase_pages, odd, max_runs, ds
         results = []
         for eng in (engine, _pyengine):
             with tempfile.TemporaryFile(dir="/dev/shm") as f:
+                f.write(b"\xee" * stale)  # stale data under the output: must not show
+                f.flush()
                 try:
                     got = eng.copy_packed(child.fd, addr + start, f.fileno(), dst, length,
                                           granule=granule, phase=(addr + phase) % granule,
-                                          max_runs=max_runs)
+                                          max_runs=max_runs, sparse=sparse)
                 except engine.TooManyRuns as exc:
                     got = ("overflow", exc.runs, exc.stats, exc.written)
                 f.seek(0)
+                if stale and got[0] != "overflow":  # C punches stale data, the oracle rewrites
+                    got[1].bytes_written = 0
+                elif stale:
+                    got[2].bytes_written = 0
                 results.append((got, f.read()))
         assert results[0] == results[1]
         got, out = results[0]
         if got[0] != "overflow":
             runs, stats, written = got
-            assert out[dst:] == b"".join(truth[a - addr:a - addr + n] for a, n in runs)
-            assert written == stats.bytes_written
-            assert len(out) == (dst + written if written else 0)
+            packed = b"".join(truth[a - addr:a - addr + n] for a, n in runs)
+            assert out[dst:dst + written] == packed
+            assert written == len(packed)
+            if not sparse and not stale:
+                assert written == stats.bytes_written and stats.pages_sparse == 0
+            assert len(out) == max(stale, dst + written if written else 0)
             assert all(n for _a, n in runs)
             kept = bytearray(length)
             for a, n in runs:

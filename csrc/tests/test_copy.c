@@ -303,7 +303,7 @@ static void test_copy_packed(void)
     CHECK(nruns == 3 && written == 4 * PAGE && st.bytes_written == 4 * PAGE);
     CHECK(runs[0] == PAGE && runs[1] == 2 * PAGE && runs[2] == 5 * PAGE && runs[3] == PAGE &&
           runs[4] == 7 * PAGE && runs[5] == PAGE);
-    CHECK(st.pages_sparse == 4 && st.bytes_read == NP * PAGE && st.pages_zero_filled == 0);
+    CHECK(st.pages_sparse == 0 && st.bytes_read == NP * PAGE && st.pages_zero_filled == 0);
     CHECK(pread(dst, out, 4 * PAGE, 100) == 4 * PAGE);
     CHECK(memcmp(out, src + PAGE, 2 * PAGE) == 0);
     CHECK(memcmp(out + 2 * PAGE, src + 5 * PAGE, PAGE) == 0);
@@ -314,6 +314,23 @@ static void test_copy_packed(void)
                          runs, NP, &nruns, &written, &st) == 0);
     CHECK(nruns == 2 && written == 5 * PAGE);
     CHECK(runs[0] == PAGE && runs[1] == 2 * PAGE && runs[2] == 5 * PAGE && runs[3] == 3 * PAGE);
+
+    /* KC_SPARSE: the zero page 6 inside the kept run [5, 8) becomes a hole, over stale data. */
+    CHECK(ftruncate(dst, 0) == 0);
+    memset(out, 0xee, 8 * PAGE);
+    CHECK(pwrite(dst, out, 8 * PAGE, 0) == 8 * PAGE);
+    CHECK(kc_copy_packed(fd, 0, dst, 0, NP * PAGE, 2 * PAGE, PAGE, PAGE, buf, 4 * PAGE,
+                         KC_SPARSE, runs, NP, &nruns, &written, &st) == 0);
+    CHECK(nruns == 2 && written == 5 * PAGE && st.pages_sparse == 1);
+    CHECK(pread(dst, out, 5 * PAGE, 0) == 5 * PAGE);
+    CHECK(memcmp(out, src + PAGE, 2 * PAGE) == 0);
+    CHECK(memcmp(out + 2 * PAGE, src + 5 * PAGE, 3 * PAGE) == 0);
+    /* A run ending in a zero page (a hole) still reaches dst_off + written. */
+    CHECK(ftruncate(dst, 0) == 0);
+    CHECK(kc_copy_packed(fd, 5 * PAGE, dst, 0, 2 * PAGE, 2 * PAGE, PAGE, PAGE, buf, 4 * PAGE,
+                         KC_SPARSE, runs, NP, &nruns, &written, &st) == 0);
+    CHECK(nruns == 1 && runs[0] == 5 * PAGE && runs[1] == 2 * PAGE && written == 2 * PAGE);
+    CHECK(lseek(dst, 0, SEEK_END) == 2 * PAGE && st.pages_sparse == 1 && st.bytes_written == PAGE);
 
     /* Too few runs: -ENOSPC, not an output failure; what fits is reported and written. */
     CHECK(kc_copy_packed(fd, 0, dst, 0, NP * PAGE, PAGE, 0, PAGE, buf, 2 * PAGE, 0, runs, 2,

@@ -252,7 +252,7 @@ def _pack_chunk(req: Request, seg: Segment, dst_fd: int, pos: int, off: int, src
         try:
             runs, st, _written = engine.copy_packed(
                 req.source.fd, src, dst_fd, pos, n, granule=granule,
-                phase=(src - off) % granule, max_runs=budget, strict=req.strict,
+                phase=(src - off) % granule, max_runs=budget, sparse=True, strict=req.strict,
                 page_size=req.system.layout.page_size)
             return runs, st
         except engine.TooManyRuns as exc:
