@@ -141,6 +141,8 @@ def test_inline_digest_hashes_what_write_layout_wrote(tmp_path, sparse):
     layout = Layout([Blob(0, b"head" * 1000), Copy(4000, 4096 * 5 + 7, len(data) - 4096 * 5 - 7),
                      Zeros(4000 + len(data) - 4096 * 5 - 7, 3 << 20)],
                     4000 + len(data) - 4096 * 5 - 7 + (3 << 20))
+    assert layout.contiguous
+    assert not Layout([Blob(0, b"x"), Zeros(2, 3)], 5).contiguous  # the read-back hasher then
     path = tmp_path / "out.bin"
     fd = os.open(src, os.O_RDONLY)
     try:

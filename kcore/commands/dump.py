@@ -259,7 +259,7 @@ def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
         if bar is not None:
             bar.close()
     out.check_space(layout.space_needed, estimate=layout.estimate)
-    out.start_digest(inline=INLINE_DIGEST)
+    out.start_digest(inline=INLINE_DIGEST and layout.contiguous)
     bar = _progress_bar(layout.copy_bytes, args.quiet, f"dump {fmt}")
     try:
         stats = write_layout(out, req.source, layout, sparse=fmt != "padded",

@@ -96,6 +96,16 @@ class Layout:
         return sum(i.length for i in self.items if isinstance(i, Copy))
 
     @property
+    def contiguous(self) -> bool:
+        """Whether the items cover [0, size) in order, each byte once (as a stream needs)."""
+        pos = 0
+        for i in self.items:
+            if i.dst != pos:
+                return False
+            pos += len(i.data) if isinstance(i, Blob) else i.length
+        return pos == self.size
+
+    @property
     def space_needed(self) -> int:
         """Upper bound of the disk space the output takes."""
         return sum(i.length if isinstance(i, Copy) else len(i.data)
