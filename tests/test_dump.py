@@ -510,3 +510,33 @@ def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
             mem[pa:pa + r["size"]] = data[r["offset"]:r["offset"] + r["size"]]
         assert bytes(mem) == b"".join(pages)  # no data page lost, elided runs are zeros
         assert layout.size == len(data) and stats.bytes_read == 300 * PAGE
+
+
+def test_packed_elf_unreadable_pages_are_zeros_or_strict_failure(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import kcore.elfcore
+    from kcore.errors import FaultError
+    from kcore.formats import Request, elf
+
+    src = _MemSource()
+    base = 0xffff888000000000
+    kclist = SimpleNamespace(entries=[SimpleNamespace(type="KCORE_RAM", vaddr=base, paddr=0,
+                                                      size=3 * PAGE)])
+    system = SimpleNamespace(layout=SimpleNamespace(page_size=PAGE, arch="x86_64"),
+                             kclist=kclist)
+    monkeypatch.setattr(kcore.elfcore, "build_notes", lambda *a: b"notes")
+    out = tmp_path / "core"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        req = Request(system, src, granule=PAGE)
+        layout, stats = elf.pack(req, elf.frame(req), fd)
+        assert stats.pages_zero_filled == 1 and layout.elided == PAGE
+        assert [(r["paddr"], r["size"]) for r in layout.ranges] == [("0x0", PAGE),
+                                                                    ("0x2000", PAGE)]
+        req = Request(system, src, granule=PAGE, strict=True)
+        with pytest.raises(FaultError, match="cannot read physical 0x1000"):
+            elf.pack(req, elf.frame(req), fd)
+    finally:
+        os.close(fd)
+        src.close()
