@@ -448,14 +448,11 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
     opened = [False]
 
     def load() -> list[KcoreEntry]:
-        # open_kcore() rebuilds the RAM list after hotplug: re-open to see the new headers.
+        # open_kcore() rebuilds the RAM list after hotplug: open once more so that it runs,
+        # then re-read the program headers, which read_kcore() builds from the new list.
         if opened[0]:
-            fresh = type(src).open(src.path, src.spec)
-            try:
-                src.segments = fresh.segments
-                src._set_extents(fresh.extents)
-            finally:
-                fresh.close()
+            type(src).open(src.path, src.spec).close()
+            src.reload_segments()
         opened[0] = True
         out = []
         for s in src.segments:

@@ -181,6 +181,8 @@ def test_a_saved_real_kcore_is_its_own_truth(saved_real_kcore):
     try:
         hdr = build_header(system)
         entries = system.kclist.entries
+        # The next open re-reads the file's program headers: a saved file has not changed.
+        assert system.kclist.refresh() is False and system.kclist.entries == entries
     finally:
         system.close()
     real = [p for p in exp["phdrs"] if p["type"] == "PT_LOAD"]
