@@ -70,23 +70,23 @@ def parse_iomem(text: str, where: str = "proc/iomem") -> Iomem:
     return Iomem(top)
 
 
-def parse_kallsyms(lines: Iterable[str], wanted: Iterable[str] = KALLSYMS_WANTED,
+def parse_kallsyms(text: str, wanted: Iterable[str] = KALLSYMS_WANTED,
                    where: str = "proc/kallsyms") -> dict[str, int]:
-    """The addresses of the wanted core-kernel symbols in /proc/kallsyms text."""
-    wanted = set(wanted)
+    """The addresses of the wanted core-kernel symbols (no [module] column) in kallsyms text."""
     found: dict[str, int] = {}
-    for n, line in enumerate(lines, 1):
-        parts = line.split()
-        if len(parts) < 3 or len(parts) > 4:
-            if line.strip():
-                raise InputError(f"{where}:{n}: malformed line {line.strip()[:60]!r}")
-            continue
-        name = parts[2]
-        if name in wanted and len(parts) == 3 and name not in found:
-            try:
-                found[name] = int(parts[0], 16)
-            except ValueError:
-                raise InputError(f"{where}:{n}: bad address {parts[0][:20]!r}") from None
+    # ~100k lines, and only a few names matter: find each "ADDR T NAME\n" line directly.
+    for name in set(wanted):
+        at = text.find(f" {name}\n")
+        while at >= 0:
+            start = text.rfind("\n", 0, at) + 1
+            addr, _, kind = text[start:at].partition(" ")
+            if len(kind) == 1:  # "ADDR T": a core-kernel symbol, not part of a longer name
+                try:
+                    found[name] = int(addr, 16)
+                except ValueError:
+                    raise InputError(f"{where}: bad address {addr[:20]!r} of {name}") from None
+                break
+            at = text.find(f" {name}\n", at + 1)
     if "_text" not in found:
         raise InputError(f"{where}: no _text symbol (is this a kallsyms file?)")
     if found["_text"] == 0:
@@ -269,8 +269,8 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
         raise InputError(f"{root}: architecture {arch!r}: only x86_64 systems can be discovered")
     iomem_path = root / "proc/iomem"
     iomem = parse_iomem(_read_text(root, "proc/iomem"), str(iomem_path))
-    with open(root / "proc/kallsyms", errors="surrogateescape") as f:
-        syms = parse_kallsyms(f, where=str(root / "proc/kallsyms"))
+    syms = parse_kallsyms(_read_text(root, "proc/kallsyms") or "",
+                          where=str(root / "proc/kallsyms"))
     cmdline = (_read_text(root, "proc/cmdline") or "").rstrip("\n")
     _check_source_size(src, iomem)
     reader = _Reader(src)

@@ -196,3 +196,26 @@ def test_sysfs_vmcoreinfo_is_two_hex_numbers():
     # the fixture kernel's /sys/kernel/vmcoreinfo: "%lx %x" of the note's address and
     # VMCOREINFO_NOTE_SIZE (2 * 12 + 12 + 4096 = 0x1024 bytes)
     assert parse_sysfs_vmcoreinfo("0x0000000004bb4000 1024\n", "x") == (0x4BB4000, 0x1024)
+
+
+def test_kallsyms_takes_core_kernel_symbols_only():
+    from kcore.discover import parse_kallsyms
+
+    text = ("ffffffff81000000 T _stext\n"
+            "ffffffffc0001000 t _text\t[fake_mod]\n"  # a module's symbol of the same name
+            "ffffffff81000000 T _text\n"
+            "ffffffff82000000 D my_text\n"
+            "ffffffff84430000 B _end\n")
+    syms = parse_kallsyms(text)
+    assert syms["_text"] == 0xFFFFFFFF81000000 and syms["_end"] == 0xFFFFFFFF84430000
+    assert "my_text" not in syms
+
+
+def test_kallsyms_hidden_by_kptr_restrict_says_run_as_root():
+    import pytest
+
+    from kcore.discover import parse_kallsyms
+    from kcore.errors import InputError
+
+    with pytest.raises(InputError, match="run as root"):
+        parse_kallsyms("0000000000000000 T _text\n0000000000000000 B _end\n")
