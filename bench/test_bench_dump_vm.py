@@ -21,7 +21,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "vm"))
 
 import qemu_vm  # noqa: E402
+from test_bench_dump import run_timed  # noqa: E402
 
 from kcore import engine  # noqa: E402
 from kcore.sources import open_source  # noqa: E402
@@ -57,15 +57,6 @@ with open("/tmp/fill/data", "wb") as f:
         f.write(pool[at:at + (1 << 20)])
 print(fill)
 """
-
-
-def run_timed(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
-    """Run cmd (it must succeed); return (wall seconds, result)."""
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, **kw)
-    wall = time.perf_counter() - t0
-    assert r.returncode == 0, (cmd, r.stderr.decode()[-2000:])
-    return wall, r
 
 
 def remove(*paths: Path) -> None:

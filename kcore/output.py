@@ -93,6 +93,20 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+def _join_hasher(hasher: BackgroundHasher | BufferHasher,
+                 progress: Callable[[int], None] | None) -> None:
+    """Wait for a hasher's thread, reporting bytes hashed; re-raise what the thread hit."""
+    seen = hasher._done
+    while hasher._thread.is_alive():
+        hasher._thread.join(0.2)
+        if progress is not None:
+            now = hasher._done
+            progress(now - seen)
+            seen = now
+    if hasher._error is not None:
+        raise hasher._error
+
+
 class BackgroundHasher:
     """SHA-256 of an output file, computed by a thread reading back what is already written."""
 
@@ -126,15 +140,7 @@ class BackgroundHasher:
             self._mark = max(self._mark, size)
             self._final = size
             self._cond.notify()
-        seen = self._done
-        while self._thread.is_alive():
-            self._thread.join(0.2)
-            if progress is not None:
-                now = self._done
-                progress(now - seen)
-                seen = now
-        if self._error is not None:
-            raise self._error
+        _join_hasher(self, progress)
         return self._hash.hexdigest()
 
     def cancel(self) -> None:
@@ -217,15 +223,7 @@ class BufferHasher:
     def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str:
         """Wait for the hash of everything submitted (size bytes); return it as hex."""
         self._full.put(None)
-        seen = self._done
-        while self._thread.is_alive():
-            self._thread.join(0.2)
-            if progress is not None:
-                now = self._done
-                progress(now - seen)
-                seen = now
-        if self._error is not None:
-            raise self._error
+        _join_hasher(self, progress)
         if self._done != size:
             raise AssertionError(f"hashed {self._done} bytes of a {size}-byte output")
         return self._hash.hexdigest()
