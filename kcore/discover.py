@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kcore.errors import InputError, KcoreError
+from kcore.errors import InputError
 from kcore.kclist import KcoreEntry, KcoreList, KcoreType, RamRange, ram_ranges_from_resources
 from kcore.layout import (
     ALL_ONES,
@@ -467,4 +467,4 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
                   kclist=SegmentKcoreList(load, layout), task_struct=task, flavour=flavour)
 
 
-__all__ = ["System", "discover", "parse_iomem", "parse_kallsyms", "KcoreError"]
+__all__ = ["System", "discover", "parse_iomem", "parse_kallsyms"]

@@ -186,24 +186,22 @@ class KcoreList:
         with self._lock:
             self.need_update = True
 
-    def poll_hotplug(self) -> bool:
-        """Compare memory-block states with the last build; flag an update when they changed."""
+    def _poll(self) -> object:
+        """Read the memory-block states once; flag an update if they moved since the build."""
         if self._hotplug_state is None:
-            return False
+            return None
         state = self._hotplug_state()
         with self._lock:
             if state != self._hotplug_seen:
                 self.need_update = True
-                return True
-        return False
+        return state
 
     def refresh(self) -> bool:
         """open_kcore(): rebuild RAM/VMEMMAP entries if an update is pending; True if rebuilt."""
-        self.poll_hotplug()
+        state = self._poll()
         with self._lock:
             if not self.need_update:
                 return False
-            state = self._hotplug_state() if self._hotplug_state else None
             if self._max_low_pfn is not None:
                 ram = highmem_ram_entries(self._max_low_pfn, self.layout)
             else:
