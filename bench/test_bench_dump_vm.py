@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "vm"))
 
 import qemu_vm  # noqa: E402
-from test_bench_dump import run_timed  # noqa: E402
+from test_bench_dump import ratio_line, run_timed  # noqa: E402
 
 from kcore import engine  # noqa: E402
 from kcore.sources import open_source  # noqa: E402
@@ -136,15 +136,6 @@ def guest_core():
         yield d, d / "root", vmcore, fill, boot
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-def ratio_line(record, what: str, theirs: float, ours: float, target: float,
-               info: str = "") -> bool:
-    """Record theirs/ours against a target ratio; return whether it is met."""
-    ratio = theirs / ours
-    ok = ratio >= target
-    record(what, f"{ratio:.2f}x ({ours:.2f} s vs {theirs:.2f} s{info})", f">= {target}x", ok)
-    return ok
 
 
 def test_guest_4gib_half_zero_elf_vs_makedumpfile(benchmark, guest_core, record, note):

@@ -73,3 +73,12 @@ def small_tmpfs(tmp_path):
         pytest.skip(f"cannot mount a small tmpfs: {r.stderr.decode().strip()}")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=True)
+
+
+def volatility_cmd() -> list[str]:
+    """How to run Volatility 3 here (`vol`, or the module), or skip."""
+    vol = shutil.which("vol")
+    if vol is not None:
+        return [vol]
+    pytest.importorskip("volatility3", reason="volatility3 is not installed (.ci/run)")
+    return [sys.executable, "-m", "volatility3.cli"]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
-from conftest import FIXTURE_NAMES, shared_fixture
+from conftest import FIXTURE_NAMES, shared_fixture, volatility_cmd
 from test_dump import dump
 
 pytestmark = pytest.mark.consumers
@@ -72,12 +71,7 @@ def test_makedumpfile_accepts_it(dumps):
 
 @pytest.mark.parametrize("fmt", ["lime", "elf"])
 def test_volatility_finds_the_banner(dumps, fmt, tmp_path):
-    vol = shutil.which("vol")
-    if vol is None:
-        pytest.importorskip("volatility3", reason="volatility3 is not installed (.ci/run)")
-        cmd = [sys.executable, "-m", "volatility3.cli"]
-    else:
-        cmd = [vol]
+    cmd = volatility_cmd()
     _name, folder = dumps
     r = subprocess.run([*cmd, "-q", "--cache-path", str(tmp_path), "-f",
                         str(folder / f"mem.{fmt}"), "banners.Banners"],

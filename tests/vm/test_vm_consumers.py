@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,8 @@ from elftools.elf.elffile import ELFFile
 from guests import Guest, Pool
 from test_vm_data import segment_offset
 from test_vm_harness import loads
+
+from tests.conftest import volatility_cmd
 
 RELEASE_BANNER = b"Linux version "
 
@@ -79,12 +79,7 @@ def test_drgn_reads_the_guest_dump(kaslr_guest: Guest, guest_dump: GuestDump) ->
 def test_volatility_finds_the_guest_banner(kaslr_guest: Guest, guest_dump: GuestDump, fmt: str,
                                           tmp_path: Path) -> None:
     """Volatility 3's banners plugin finds this kernel's banner in the guest's ELF and LiME."""
-    vol = shutil.which("vol")
-    if vol is None:
-        pytest.importorskip("volatility3", reason="volatility3 is not installed (.ci/run)")
-        cmd = [sys.executable, "-m", "volatility3.cli"]
-    else:
-        cmd = [vol]
+    cmd = volatility_cmd()
     image = guest_dump.path.with_suffix(f".{fmt}")
     r = subprocess.run([*cmd, "-q", "--cache-path", str(tmp_path), "-f", str(image),
                         "banners.Banners"], capture_output=True, text=True, timeout=600,
