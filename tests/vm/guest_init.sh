@@ -21,7 +21,14 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro hostroo
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
 mount --move /dev /newroot/dev
+# The guest gets its own /tmp, but a checkout under the host's /tmp (a CI clone) stays visible.
+REPO=$(tr ' ' '\n' < /newroot/proc/cmdline | sed -n 's/^khrepo=//p')
+mkdir -p /hosttmp && mount --bind /newroot/tmp /hosttmp
 mount -t tmpfs -o size=64m tmpfs /newroot/tmp
+case "$REPO" in
+    /tmp/?*) mkdir -p "/newroot$REPO" && mount --bind "/hosttmp${REPO#/tmp}" "/newroot$REPO" \
+        || echo "KV: bind $REPO failed";;
+esac
 mkdir -p "/newroot$SHARE" 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 share "/newroot$SHARE" \
     || echo "KV: mount share failed"

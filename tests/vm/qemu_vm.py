@@ -366,7 +366,7 @@ class Vm:
         mem = f"{c.mem_mib}M"
         if c.hotplug_slots:
             mem += f",slots={c.hotplug_slots},maxmem={c.maxmem_mib}M"
-        append = f"console=ttyS0 panic=-1 loglevel=4 khshare={self.share}"
+        append = f"console=ttyS0 panic=-1 loglevel=4 khshare={self.share} khrepo={REPO}"
         if not c.kaslr:
             append += " nokaslr"
         if c.extra_append:
