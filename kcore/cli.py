@@ -49,8 +49,12 @@ def add_system_args(parser: argparse.ArgumentParser, *, layout: bool = True) -> 
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the top-level parser with one subparser per available command."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the top-level parser with one subparser per available command.
+
+    With only, the other commands get a bare entry (for the help's list) and their modules
+    are not imported: start-up pays for the command that runs.
+    """
     parser = argparse.ArgumentParser(
         prog="kcore",
         description="The Linux kernel's /proc/kcore rebuilt in userspace, "
@@ -59,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
         try:
             module = importlib.import_module(f"kcore.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -72,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the kcore command line; return the process exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((w for w in words if not w.startswith("-")), "")
+    parser = build_parser(chosen if chosen in COMMANDS else "")
+    args = parser.parse_args(words)
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2

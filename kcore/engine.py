@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import errno
 import mmap
-from collections.abc import Callable
+import os
+import stat
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from kcore import _native
 from kcore._native import ffi, lib
 
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
 BLOCK = 1 << 20  # one pread/pwrite block (KCORE.md section 6: 1 MiB is the sweet spot)
 CHUNK = 64 << 20  # bytes per C call: Ctrl-C and progress are seen between calls
+PIECE = 4 << 20  # bytes per read when threads feed an in-order writer (fits the caches)
+MAX_THREADS = 4  # page-cache copies stop scaling before this: memory bandwidth
 
 __all__ = [
     "BLOCK",
@@ -22,6 +31,7 @@ __all__ = [
     "copy_range",
     "copy_through",
     "data_runs",
+    "default_threads",
     "read_mapped",
     "read_range",
     "readinto_mapped",
@@ -95,6 +105,49 @@ def _check_args(offset: int, length: int, page_size: int) -> None:
         raise ValueError(f"page size must be a power of two >= 512, not {page_size}")
 
 
+def default_threads() -> int:
+    """Copy threads worth running: the CPUs this process may use, at most MAX_THREADS."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_THREADS))
+
+
+def _ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int], Any],
+             done: Callable[[int, int, int, Any], None], threads: int, depth: int) -> None:
+    """Run work(pos, n, slot) on threads, at most depth at once; done(...) in job order.
+
+    slot (0..depth-1) names a job's private buffers: job i + depth reuses job i's slot only
+    after done() has seen job i. The first exception (in job order) cancels what has not
+    started, waits for what has, and propagates; so does Ctrl-C in the calling thread.
+    """
+    from concurrent.futures import ThreadPoolExecutor  # only threaded calls pay its import
+
+    pending: deque[tuple[int, int, int, Future]] = deque()
+    free = list(range(depth - 1, -1, -1))
+    ex = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kcore-copy")
+    try:
+        for pos, n in jobs:
+            if not free:
+                p, k, slot, fut = pending.popleft()
+                done(p, k, slot, fut.result())
+                free.append(slot)
+            slot = free.pop()
+            pending.append((pos, n, slot, ex.submit(work, pos, n, slot)))
+        while pending:
+            p, k, slot, fut = pending.popleft()
+            done(p, k, slot, fut.result())
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _c_stats(st) -> CopyStats:
+    stats = CopyStats()
+    stats._add_c(st)
+    return stats
+
+
 def readinto_range(
     fd: int, offset: int, buf, *, strict: bool = False, page_size: int = 4096,
     path: object = None,
@@ -127,16 +180,24 @@ def copy_range(
     src_fd: int, src_offset: int, dst_fd: int, dst_offset: int | None, length: int, *,
     sparse: bool = False, strict: bool = False, page_size: int = 4096,
     progress: Progress | None = None, path: object = None, dst_path: object = None,
+    threads: int = 1,
 ) -> CopyStats:
     """Copy length bytes of src_fd at src_offset to dst_fd at dst_offset (None: write() in order).
 
     With sparse, all-zero pages become holes (the output still reaches dst_offset + length).
-    progress(n) is called after each chunk with the bytes it covered.
+    progress(n) is called after each chunk with the bytes it covered. threads > 1 reads (and
+    pwrites) chunks on that many threads; the output is the same, written in order for None.
     """
     _check_args(src_offset, length, page_size)
     if dst_offset is not None and dst_offset < 0:
         raise ValueError(f"negative output offset {dst_offset:#x}")
     flags = (_native.STRICT if strict else 0) | (_native.SPARSE if sparse else 0)
+    if threads > 1 and length > 2 * PIECE:
+        if dst_offset is None:
+            return _copy_in_order(src_fd, src_offset, dst_fd, length, flags, page_size,
+                                  progress, path, dst_path, threads)
+        return _copy_parallel(src_fd, src_offset, dst_fd, dst_offset, length, flags,
+                              page_size, progress, path, dst_path, threads)
     stats = CopyStats()
     st = _native.new_stats()
     keep_alive, buf = _block_buffer(BLOCK)
@@ -147,6 +208,81 @@ def copy_range(
         _native.check(rc, st, path=path, dst_path=dst_path)
         if progress is not None:
             progress(n)
+    return stats
+
+
+def _copy_parallel(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int,
+                   flags: int, page_size: int, progress: Progress | None, path: object,
+                   dst_path: object, threads: int) -> CopyStats:
+    """copy_range to an offset on threads: each chunk goes through its own 1 MiB buffer."""
+    end = dst_offset + length
+    if flags & _native.SPARSE:
+        # Size the file first: a chunk ending in a hole would otherwise extend the file
+        # itself, and could cut it back under a later chunk written meanwhile.
+        st_out = os.fstat(dst_fd)
+        if stat.S_ISREG(st_out.st_mode) and st_out.st_size < end:
+            try:
+                os.ftruncate(dst_fd, end)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{exc.strerror} (sizing the output to {end:#x})",
+                              dst_path) from None
+    depth = threads + 1
+    bufs = [_block_buffer(BLOCK) for _ in range(depth)]
+    sts = [_native.new_stats() for _ in range(depth)]
+    stats = CopyStats()
+
+    def work(pos: int, n: int, slot: int) -> int:
+        return lib.kc_copy_fd(src_fd, pos, dst_fd, dst_offset + (pos - src_offset), n,
+                              bufs[slot][1], BLOCK, page_size, flags, sts[slot])
+
+    def done(pos: int, n: int, slot: int, rc: int) -> None:
+        stats._add_c(sts[slot])
+        _native.check(rc, sts[slot], path=path, dst_path=dst_path)
+        if progress is not None:
+            progress(n)
+
+    _ordered(_chunks(src_offset, length, page_size), work, done, threads, depth)
+    return stats
+
+
+def _copy_in_order(src_fd: int, src_offset: int, dst_fd: int, length: int, flags: int,
+                   page_size: int, progress: Progress | None, path: object,
+                   dst_path: object, threads: int) -> CopyStats:
+    """copy_range to a stream on threads: they read PIECE-sized buffers, written in order."""
+    depth = 2 * threads
+    bufs = [_block_buffer(PIECE) for _ in range(depth)]
+    sts = [_native.new_stats() for _ in range(depth)]
+    stats = CopyStats()
+    written = 0
+    pending = 0
+    read_flags = flags & _native.STRICT
+
+    def work(pos: int, n: int, slot: int) -> int:
+        return lib.kc_read_fd(src_fd, pos, bufs[slot][1], n, BLOCK, page_size, read_flags,
+                              sts[slot])
+
+    def done(pos: int, n: int, slot: int, rc: int) -> None:
+        nonlocal written, pending
+        stats._add_c(sts[slot])
+        _native.check(rc, sts[slot], path=path)
+        view = memoryview(ffi.buffer(bufs[slot][1], n))
+        while view:
+            try:
+                k = os.write(dst_fd, view)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{exc.strerror} (writing at offset {written:#x})",
+                              dst_path) from None
+            view = view[k:]
+            written += k
+        stats.bytes_written += n
+        pending += n
+        if progress is not None and pending >= CHUNK:
+            progress(pending)
+            pending = 0
+
+    _ordered(_chunks(src_offset, length, page_size, PIECE), work, done, threads, depth)
+    if progress is not None and pending:
+        progress(pending)
     return stats
 
 
@@ -216,11 +352,13 @@ def copy_packed(
 
 def data_runs(
     fd: int, offset: int, length: int, *, granule: int = 4096, page_size: int = 4096,
-    strict: bool = False, path: object = None,
+    strict: bool = False, path: object = None, progress: Progress | None = None,
+    threads: int = 1,
 ) -> tuple[list[tuple[int, int]], CopyStats]:
     """The merged (offset, length) runs of [offset, offset+length) that are not all zeros.
 
-    Granules are aligned on source offsets; unreadable pages count as zeros.
+    Granules are aligned on source offsets; unreadable pages count as zeros. progress(n) is
+    called after each chunk; threads > 1 scans chunks on that many threads.
     """
     _check_args(offset, length, page_size)
     if granule < page_size or granule % page_size:
@@ -228,24 +366,39 @@ def data_runs(
     flags = _native.STRICT if strict else 0
     chunk = max(CHUNK - CHUNK % granule, granule)
     buf_len = max(BLOCK - BLOCK % granule, granule)
-    keep_alive, buf = _block_buffer(buf_len)
     max_runs = chunk // granule // 2 + 2
-    out = ffi.new("uint64_t[]", 2 * max_runs)
-    nruns = ffi.new("size_t *")
-    st = _native.new_stats()
+    threads = max(1, threads) if length > chunk else 1
+    depth = threads + 1 if threads > 1 else 1
+    bufs = [_block_buffer(buf_len) for _ in range(depth)]
+    outs = [ffi.new("uint64_t[]", 2 * max_runs) for _ in range(depth)]
+    nruns = [ffi.new("size_t *") for _ in range(depth)]
+    sts = [_native.new_stats() for _ in range(depth)]
     stats = CopyStats()
     runs: list[tuple[int, int]] = []
-    for pos, n in _chunks(offset, length, granule, chunk):
-        rc = lib.kc_data_runs(fd, pos, n, granule, page_size, buf, buf_len, flags,
-                              out, max_runs, nruns, st)
-        stats._add_c(st)
-        _native.check(rc, st, path=path)
-        for i in range(nruns[0]):
+
+    def work(pos: int, n: int, slot: int) -> int:
+        return lib.kc_data_runs(fd, pos, n, granule, page_size, bufs[slot][1], buf_len, flags,
+                                outs[slot], max_runs, nruns[slot], sts[slot])
+
+    def done(pos: int, n: int, slot: int, rc: int) -> None:
+        stats._add_c(sts[slot])
+        _native.check(rc, sts[slot], path=path)
+        out = outs[slot]
+        for i in range(nruns[slot][0]):
             start, size = out[2 * i], out[2 * i + 1]
             if runs and runs[-1][0] + runs[-1][1] == start:
                 runs[-1] = (runs[-1][0], runs[-1][1] + size)
             else:
                 runs.append((start, size))
+        if progress is not None:
+            progress(n)
+
+    jobs = _chunks(offset, length, granule, chunk)
+    if threads == 1:
+        for pos, n in jobs:
+            done(pos, n, 0, work(pos, n, 0))
+    else:
+        _ordered(jobs, work, done, threads, depth)
     return runs, stats
 
 

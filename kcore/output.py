@@ -18,6 +18,8 @@ from typing import Any
 
 from kcore.errors import OutputError
 
+NULL_DEV = os.makedev(1, 3)  # /dev/null's device number (Documentation/admin-guide/devices.txt)
+
 FILE_MODE = 0o600
 HASH_CHUNK = 1 << 20  # read-back block of the background hasher
 
@@ -265,10 +267,14 @@ class Output:
 
     @property
     def seekable(self) -> bool:
-        """True when data may be written at offsets (pwrite) and holes left."""
-        return self.kind == "file" or (
-            self.kind == "device" and stat.S_ISREG(os.fstat(self.fd).st_mode)
-        )
+        """True when data may be written at offsets (pwrite): a file (holes left), /dev/null."""
+        if self.kind == "file":
+            return True
+        if self.kind != "device":
+            return False
+        st = os.fstat(self.fd)
+        # /dev/null discards writes at any offset: threads may write in any order.
+        return stat.S_ISREG(st.st_mode) or (stat.S_ISCHR(st.st_mode) and st.st_rdev == NULL_DEV)
 
     @property
     def sha256_path(self) -> str:

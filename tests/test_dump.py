@@ -435,7 +435,7 @@ def test_elf_reads_back_through_the_elf_source(tmp_path):
 
 
 def test_kcore_format_refuses_unseekable_outputs():
-    r = dump(NOKASLR, Path("/dev/null"), "--format", "kcore", check=False)
+    r = dump(NOKASLR, Path("/dev/full"), "--format", "kcore", check=False)
     assert r.returncode == 2 and b"needs a seekable file" in r.stderr
 
 

@@ -124,11 +124,15 @@ def test_enospc_removes_the_partial_file(small_tmpfs):
 
 
 def test_char_device_is_written_in_place():
+    # /dev/null takes writes at any offset (threads write in any order); /dev/full does not
+    # count as seekable.
     with open_output("/dev/null") as out:
-        assert out.kind == "device" and not out.seekable
-        os.write(out.fd, b"x" * 10)
+        assert out.kind == "device" and out.seekable
+        os.pwrite(out.fd, b"x" * 10, 1 << 40)
         out.commit(10)
     assert out.sha256 is None
+    with open_output("/dev/full") as out:
+        assert out.kind == "device" and not out.seekable
 
 
 @pytest.mark.parametrize("sparse", [True, False])

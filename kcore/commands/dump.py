@@ -14,6 +14,7 @@ from typing import Any
 
 from kcore import __version__
 from kcore.cli import add_system_args, int_arg
+from kcore.engine import MAX_THREADS, default_threads
 from kcore.errors import InputError, SourceError
 from kcore.formats import (
     DEFAULT_GRANULE,
@@ -98,6 +99,9 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
                    help="elf, lime: smallest zero run left out (default 64 KiB; a power of 2)")
     p.add_argument("--no-digest", dest="digest", action="store_false",
                    help="skip the SHA-256 (and OUTPUT.sha256)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="threads reading memory (default 0: one per CPU, at most "
+                        f"{MAX_THREADS}); 1 for a single reader")
     return p
 
 
@@ -116,6 +120,8 @@ def _check_args(args: argparse.Namespace) -> None:
     g = args.granule
     if g < 4096 or g > SCAN_CHUNK or g & (g - 1):
         raise InputError(f"--granule {g} must be a power of two from 4096 to {SCAN_CHUNK}")
+    if not 0 <= args.threads <= 64:
+        raise InputError(f"--threads {args.threads} must be from 0 (one per CPU) to 64")
 
 
 def plan(req: Request, fmt: str) -> Layout:
@@ -192,7 +198,8 @@ def _dump(args: argparse.Namespace, system: Any, fmt: str, path: str, started: d
     source = system.source
     req = Request(system, source, text=args.text, vmalloc=args.vmalloc,
                   modules=args.modules, elide=args.elide and fmt in STREAMABLE,
-                  granule=args.granule, strict=args.strict, flavour=args.layout)
+                  granule=args.granule, strict=args.strict, flavour=args.layout,
+                  threads=args.threads or default_threads())
     want_digest = args.digest and fmt != "kcore"
     with open_output(path, force=args.force, digest=want_digest) as out:
         if fmt == "kcore" and not out.seekable:
@@ -263,7 +270,7 @@ def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
     bar = _progress_bar(layout.copy_bytes, args.quiet, f"dump {fmt}")
     try:
         stats = write_layout(out, req.source, layout, sparse=fmt != "padded",
-                             strict=args.strict,
+                             strict=args.strict, threads=req.threads,
                              progress=bar.update if bar is not None else None)
     finally:
         if bar is not None:

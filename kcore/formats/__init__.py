@@ -126,6 +126,7 @@ class Request:
     strict: bool = False
     flavour: str = "modern"
     progress: Callable[[int], None] | None = None  # bytes scanned for zero runs
+    threads: int = 1  # copy/scan threads (engine)
 
 
 def source_pieces(source: Any, paddr: int, length: int) -> list[tuple[int, int, int | None]]:
@@ -169,34 +170,27 @@ def segment_items(source: Any, seg: Segment, dst: int) -> list[Item]:
 
 
 def _scan(fd: int, offset: int, length: int, granule: int, stats: Any,
-          progress: Callable[[int], None] | None) -> tuple[list[tuple[int, int]], Any]:
-    """engine.data_runs in SCAN_CHUNK pieces, so progress and Ctrl-C are seen between them."""
+          progress: Callable[[int], None] | None, threads: int = 1) -> tuple[
+        list[tuple[int, int]], Any]:
+    """engine.data_runs of a source range (progress and Ctrl-C are seen between its chunks)."""
     from kcore import engine
 
-    found: list[tuple[int, int]] = []
-    total = engine.CopyStats()
-    pos, end = offset, offset + length
-    while pos < end:
-        n = min(SCAN_CHUNK, end - pos)
-        runs, st = engine.data_runs(fd, pos, n, granule=granule)
-        total += st
-        found.extend(runs)
-        pos += n
-        if progress is not None:
-            progress(n)
+    found, total = engine.data_runs(fd, offset, length, granule=granule, progress=progress,
+                                    threads=threads)
     stats += total
     return found, total
 
 
 def nonzero_runs(source: Any, seg: Segment, granule: int, strict: bool, stats: Any,
-                 progress: Callable[[int], None] | None = None) -> list[tuple[int, int]]:
+                 progress: Callable[[int], None] | None = None,
+                 threads: int = 1) -> list[tuple[int, int]]:
     """The (offset, length) runs of seg that hold non-zero bytes, granule-aligned, merged."""
     runs: list[tuple[int, int]] = []
     for off, pa, n in seg.phys:
         for poff, plen, src in source_pieces(source, pa, n):
             if src is None:
                 continue
-            found, st = _scan(source.fd, src, plen, granule, stats, progress)
+            found, st = _scan(source.fd, src, plen, granule, stats, progress, threads)
             if strict and st.first_error_offset is not None:
                 raise FaultError(
                     f"cannot read physical {pa + poff + st.first_error_offset - src:#x} "
@@ -223,7 +217,8 @@ def split_segments(req: Request, segments: Sequence[Segment], limit: int) -> tup
     from kcore.engine import CopyStats
 
     stats = CopyStats()
-    per_seg = [nonzero_runs(req.source, s, req.granule, req.strict, stats, req.progress)
+    per_seg = [nonzero_runs(req.source, s, req.granule, req.strict, stats, req.progress,
+                            req.threads)
                for s in segments]
     total = sum(len(r) for r in per_seg)
     if total > limit:  # coarsen all runs together to fit the limit
@@ -261,7 +256,7 @@ def _coarsen_flat(flat: list[tuple[int, tuple[int, int]]], limit: int) -> list[
 
 
 def write_layout(out: Output, source: Any, layout: Layout, *, sparse: bool, strict: bool,
-                 progress: Callable[[int], None] | None = None) -> Any:
+                 progress: Callable[[int], None] | None = None, threads: int = 1) -> Any:
     """Write a layout's items to out (pwrite + holes if seekable, else in order)."""
     from kcore import engine
 
@@ -293,7 +288,7 @@ def write_layout(out: Output, source: Any, layout: Layout, *, sparse: bool, stri
 
             stats += engine.copy_range(
                 source.fd, item.src, out.fd, item.dst if seekable else None, item.length,
-                sparse=sparse and seekable, strict=strict, progress=tick,
+                sparse=sparse and seekable, strict=strict, progress=tick, threads=threads,
             )
             pos = item.dst + item.length
         else:
