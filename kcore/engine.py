@@ -36,6 +36,7 @@ __all__ = [
     "read_range",
     "readinto_mapped",
     "readinto_range",
+    "run_ordered",
 ]
 
 Progress = Callable[[int], object]
@@ -114,8 +115,8 @@ def default_threads() -> int:
     return max(1, min(n, MAX_THREADS))
 
 
-def _ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int], Any],
-             done: Callable[[int, int, int, Any], None], threads: int, depth: int) -> None:
+def run_ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int], Any],
+                done: Callable[[int, int, int, Any], None], threads: int, depth: int) -> None:
     """Run work(pos, n, slot) on threads, at most depth at once; done(...) in job order.
 
     slot (0..depth-1) names a job's private buffers: job i + depth reuses job i's slot only
@@ -241,7 +242,7 @@ def _copy_parallel(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, l
         if progress is not None:
             progress(n)
 
-    _ordered(_chunks(src_offset, length, page_size), work, done, threads, depth)
+    run_ordered(_chunks(src_offset, length, page_size), work, done, threads, depth)
     return stats
 
 
@@ -280,7 +281,7 @@ def _copy_in_order(src_fd: int, src_offset: int, dst_fd: int, length: int, flags
             progress(pending)
             pending = 0
 
-    _ordered(_chunks(src_offset, length, page_size, PIECE), work, done, threads, depth)
+    run_ordered(_chunks(src_offset, length, page_size, PIECE), work, done, threads, depth)
     if progress is not None and pending:
         progress(pending)
     return stats
@@ -398,7 +399,7 @@ def data_runs(
         for pos, n in jobs:
             done(pos, n, 0, work(pos, n, 0))
     else:
-        _ordered(jobs, work, done, threads, depth)
+        run_ordered(jobs, work, done, threads, depth)
     return runs, stats
 
 

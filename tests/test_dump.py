@@ -501,6 +501,15 @@ def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
                 os.close(fd)
         data = out.read_bytes()
         assert len(layout.ranges) <= min(limit, fr.max_loads)
+        # The two-pass path's threaded scan into /dev/null keeps the same runs.
+        with open_source(f"raw:{image}") as src:
+            req = Request(system, src, granule=PAGE, threads=3)
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                scanned = elf.pack(req, elf.frame(req), null, scan=True)[0]
+            finally:
+                os.close(null)
+        assert scanned.ranges == layout.ranges and scanned.size == layout.size
         if limit == 1000:
             assert len(layout.ranges) == 100 and layout.elided == 200 * PAGE  # pages alone
         mem = bytearray(300 * PAGE)
@@ -537,6 +546,18 @@ def test_packed_elf_unreadable_pages_are_zeros_or_strict_failure(tmp_path, monke
         req = Request(system, src, granule=PAGE, strict=True)
         with pytest.raises(FaultError, match="cannot read physical 0x1000"):
             elf.pack(req, elf.frame(req), fd)
+        # The threaded scan (one chunk a page here): the same runs, the same strict error.
+        monkeypatch.setattr(elf, "PACK_CHUNK", PAGE)
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            req = Request(system, src, granule=PAGE, threads=2)
+            scanned, st = elf.pack(req, elf.frame(req), null, scan=True)
+            assert scanned.ranges == layout.ranges and st.pages_zero_filled == 1
+            req = Request(system, src, granule=PAGE, strict=True, threads=2)
+            with pytest.raises(FaultError, match="cannot read physical 0x1000"):
+                elf.pack(req, elf.frame(req), null, scan=True)
+        finally:
+            os.close(null)
     finally:
         os.close(fd)
         src.close()

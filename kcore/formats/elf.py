@@ -93,7 +93,7 @@ def plan(req: Request) -> Layout:
         if fr is not None:  # the packed layout, scanned by packing into /dev/null
             null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                return pack(req, fr, null, req.progress)[0]
+                return pack(req, fr, null, req.progress, scan=True)[0]
             finally:
                 os.close(null)
         segs, elided, stats = split_segments(req, segs, MAX_LOADS)
@@ -197,12 +197,14 @@ def frame(req: Request) -> Frame | None:
 
 
 def pack(req: Request, fr: Frame, dst_fd: int,
-         progress: Callable[[int], None] | None = None) -> tuple[Layout, Any]:
+         progress: Callable[[int], None] | None = None, *, scan: bool = False) -> tuple[
+        Layout, Any]:
     """Copy each chunk's non-zero granules packed to dst_fd after the header; lay the core out.
 
-    With dst_fd on /dev/null this is the zero-run scan of the two-pass path: both give the
-    same layout. The runs of each chunk are budgeted in proportion to its size (a chunk that
-    needs more is redone with a coarser granule), so the loads fit the reserved headers.
+    With dst_fd on /dev/null (scan) this is the zero-run scan of the two-pass path: both give
+    the same layout. The runs of each chunk are budgeted in proportion to its size (a chunk
+    that needs more is redone with a coarser granule), so the loads fit the reserved headers.
+    A scan runs the chunks on req.threads threads first, at the chunk's finest granule.
     """
     from kcore import engine
 
@@ -211,11 +213,16 @@ def pack(req: Request, fr: Frame, dst_fd: int,
     items: list[Item] = []
     pos = fr.data_offset
     left_runs, left_bytes = fr.max_loads, fr.total
-    for k, (i, off, src, n) in enumerate(fr.chunks):
+
+    def place(k: int, runs: list[tuple[int, int]] | None, st: Any) -> None:
+        """Take chunk k's runs (None, or more than its budget: copy it again, in order)."""
+        nonlocal pos, left_runs, left_bytes, stats
+        i, off, src, n = fr.chunks[k]
         later = len(fr.chunks) - k - 1
         budget = max(1, min(left_runs - later, -(-left_runs * n // left_bytes)))
         seg = fr.segs[i]
-        runs, st = _pack_chunk(req, seg, dst_fd, pos, off, src, n, budget)
+        if runs is None or len(runs) > budget:
+            runs, st = _pack_chunk(req, seg, dst_fd, pos, off, src, n, budget)
         stats += st
         for r_src, r_len in runs:
             r_off = off + r_src - src
@@ -230,6 +237,12 @@ def pack(req: Request, fr: Frame, dst_fd: int,
         left_bytes -= n
         if progress is not None:
             progress(n)
+
+    if scan and req.threads > 1 and len(fr.chunks) > 1:
+        _scan_chunks(req, fr, dst_fd, place)
+    else:
+        for k in range(len(fr.chunks)):
+            place(k, None, None)
     if len(loads) > fr.max_loads:
         raise AssertionError(f"{len(loads)} loads over the {fr.max_loads} reserved")
     head = _header(fr.machine, fr.notes, fr.notes_offset, loads, fr.page)
@@ -240,6 +253,37 @@ def pack(req: Request, fr: Frame, dst_fd: int,
                "size": n, "offset": d} for s, o, n, d in loads]
     elided = sum(s.size for s in fr.segs) - (pos - fr.data_offset)
     return Layout([Blob(0, blob), *items], pos, ranges, elided, stats), stats
+
+
+def _scan_chunks(req: Request, fr: Frame, null_fd: int,
+                 place: Callable[[int, list[tuple[int, int]] | None, Any], None]) -> None:
+    """Packed copies of every chunk into /dev/null on threads, handed to place() in order.
+
+    Each runs at the request's granule with room for every run the chunk can hold, so it
+    keeps what a copy within budget at that granule keeps; place() redoes the chunks that
+    need a coarser granule, or that failed (its error then says where, as in one pass).
+    """
+    from kcore import engine
+
+    page = req.system.layout.page_size
+    granule = req.granule
+
+    def work(k: int, _n: int, _slot: int) -> tuple[list[tuple[int, int]], Any] | None:
+        i, off, src, n = fr.chunks[k]
+        try:
+            runs, st, _written = engine.copy_packed(
+                req.source.fd, src, null_fd, 0, n, granule=granule,
+                phase=(src - off) % granule, max_runs=n // granule + 2, strict=req.strict,
+                page_size=page)
+        except (engine.TooManyRuns, FaultError, OSError):
+            return None
+        return runs, st
+
+    def done(k: int, _n: int, _slot: int, result: Any) -> None:
+        place(k, *(result if result is not None else (None, None)))
+
+    jobs = ((k, 1) for k in range(len(fr.chunks)))
+    engine.run_ordered(jobs, work, done, req.threads, req.threads + 1)
 
 
 def _pack_chunk(req: Request, seg: Segment, dst_fd: int, pos: int, off: int, src: int, n: int,
