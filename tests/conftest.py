@@ -82,3 +82,41 @@ def volatility_cmd() -> list[str]:
         return [vol]
     pytest.importorskip("volatility3", reason="volatility3 is not installed (.ci/run)")
     return [sys.executable, "-m", "volatility3.cli"]
+
+
+DEBUG_PACKAGE = "linux-image-6.1.0-56-amd64-dbg"  # the fixtures' kernel, with its debug info
+VM_CACHE = Path(os.environ.get("KCORE_VM_CACHE", "/var/tmp/kcore-vm-cache"))
+
+
+def debug_vmlinux() -> Path:
+    """The fixtures' vmlinux with DWARF (from Debian's -dbg package, cached), or skip."""
+    release = DEBUG_PACKAGE.removeprefix("linux-image-").removesuffix("-dbg")
+    member = f"./usr/lib/debug/boot/vmlinux-{release}"
+    out = VM_CACHE / "dbg" / f"vmlinux-{release}"
+    if out.exists():
+        return out
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip(f"no apt-get to download {DEBUG_PACKAGE}")
+    debs = VM_CACHE / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    if not list(debs.glob(f"{DEBUG_PACKAGE}_*.deb")):
+        r = subprocess.run(["apt-get", "download", DEBUG_PACKAGE], cwd=debs, capture_output=True,
+                           text=True)
+        if r.returncode:
+            pytest.fail(f"apt-get download {DEBUG_PACKAGE} failed: {r.stderr[-1000:]}")
+    deb = sorted(debs.glob(f"{DEBUG_PACKAGE}_*.deb"))[-1]
+    tmp = out.parent / f"unpack-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        # Only vmlinux (~0.3 GB) of the package's 5.6 GB; tar stops reading after it.
+        tar = subprocess.Popen(["tar", "-x", "-C", str(tmp), "--occurrence", member],
+                               stdin=subprocess.PIPE)
+        deb_out = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                                   stdout=tar.stdin)
+        tar.stdin.close()
+        if tar.wait() or deb_out.wait() not in (0, -13, 2):  # dpkg-deb sees SIGPIPE / EPIPE
+            pytest.fail(f"cannot unpack {member} from {deb}")
+        os.replace(tmp / member, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

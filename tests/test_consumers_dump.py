@@ -79,3 +79,25 @@ def test_volatility_finds_the_banner(dumps, fmt, tmp_path):
                        env=dict(os.environ, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path)))
     assert "Linux version 6.1.0-56-amd64" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
+
+
+@pytest.fixture(scope="module")
+def vmlinux():
+    from conftest import debug_vmlinux
+
+    return debug_vmlinux()
+
+
+def test_crash_opens_it(dumps, vmlinux):
+    """crash with the kernel's debug info: release, command line (as /proc/cmdline), log, tasks."""
+    crash = need("crash")
+    name, folder = dumps
+    cmdline = (shared_fixture(name) / "root" / "proc" / "cmdline").read_text().strip()
+    r = subprocess.run([crash, "-s", str(vmlinux), str(folder / "mem.elf")],
+                       input="sys\np saved_command_line\nlog\nps\nquit\n",
+                       capture_output=True, text=True, timeout=600)
+    out = r.stdout
+    assert "RELEASE: 6.1.0-56-amd64" in out, out[-3000:] + r.stderr[-3000:]
+    assert f'"{cmdline}"' in out, out[-3000:]
+    assert "Linux version 6.1.0-56-amd64" in out  # the kernel log, from its ring buffer
+    assert "swapper/0" in out  # the task list
