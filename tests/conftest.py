@@ -111,10 +111,13 @@ def debug_vmlinux() -> Path:
         # Only vmlinux (~0.3 GB) of the package's 5.6 GB; tar stops reading after it.
         tar = subprocess.Popen(["tar", "-x", "-C", str(tmp), "--occurrence", member],
                                stdin=subprocess.PIPE)
+        # dpkg-deb's stderr is dropped: it complains of the broken pipe when tar stops.
         deb_out = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
-                                   stdout=tar.stdin)
+                                   stdout=tar.stdin, stderr=subprocess.DEVNULL)
         tar.stdin.close()
-        if tar.wait() or deb_out.wait() not in (0, -13, 2):  # dpkg-deb sees SIGPIPE / EPIPE
+        tar.wait()
+        deb_out.wait()
+        if not (tmp / member).is_file():
             pytest.fail(f"cannot unpack {member} from {deb}")
         os.replace(tmp / member, out)
     finally:

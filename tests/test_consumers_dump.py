@@ -45,6 +45,16 @@ def test_drgn_reads_linux_banner(dumps):
     prog.set_core_dump(str(folder / "mem.elf"))
     assert prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL  # it found VMCOREINFO
     assert prog.read(banner_address(name), 64).startswith(b"Linux version 6.1")
+    # Zero runs left out of the file read as zeros (zero-fill PT_LOADs), not as faults.
+    from elftools.elf.elffile import ELFFile
+
+    with open(folder / "mem.elf", "rb") as f:
+        gaps = [(s["p_vaddr"], s["p_paddr"], s["p_memsz"]) for s in ELFFile(f).iter_segments()
+                if s["p_type"] == "PT_LOAD" and s["p_filesz"] == 0]
+    assert gaps
+    for vaddr, paddr, size in gaps:
+        assert prog.read(vaddr + size - 4096, 4096) == bytes(4096)
+        assert prog.read(paddr, 4096, True) == bytes(4096)
 
 
 def test_gdb_reads_linux_banner(dumps):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -95,14 +96,24 @@ def test_elf_header_notes_and_loads(elf_dump):
     vmcoreinfo = notes[3].n_desc
     vmcoreinfo = vmcoreinfo.encode() if isinstance(vmcoreinfo, str) else vmcoreinfo
     assert vmcoreinfo.decode() == expected(name)["notes"][3]["text"]
-    assert core.loads and all(p.p_filesz == p.p_memsz > 0 for p in core.loads)
-    assert all(p.p_offset % PAGE == 0 for p in core.loads)
-    # The real kcore's TEXT and RAM p_vaddr/p_paddr pairs: each dumped load lies inside one.
-    kc = [p for p in expected(name)["phdrs"] if p["type"] == "PT_LOAD"]
+    # Loads with file bytes, and zero-fill loads (p_filesz 0) where zero runs were left out;
+    # p_align 0 as in kdump's vmcores (crash then reads it as a kdump: KASLR from VMCOREINFO).
+    data = [p for p in core.loads if p.p_filesz]
+    assert data and all(p.p_filesz == p.p_memsz for p in data)
+    assert any(p.p_filesz == 0 < p.p_memsz for p in core.loads)
+    assert all(p.p_offset % PAGE == 0 and p.p_align == 0 for p in core.loads)
+    # The real kcore's TEXT and RAM p_vaddr/p_paddr pairs: each dumped load lies inside one,
+    # and together the loads cover every byte of them.
+    kc = [p for p in expected(name)["phdrs"] if p["type"] == "PT_LOAD"
+          and p["p_paddr"] != (1 << 64) - 1]
+    covered = {id(k): 0 for k in kc}
     for p in core.loads:
-        assert any(k["p_vaddr"] <= p.p_vaddr and p.p_vaddr + p.p_memsz <= k["p_vaddr"] +
-                   k["p_memsz"] and p.p_paddr - k["p_paddr"] == p.p_vaddr - k["p_vaddr"]
-                   and k["p_paddr"] != (1 << 64) - 1 for k in kc), hex(p.p_vaddr)
+        home = [k for k in kc if k["p_vaddr"] <= p.p_vaddr and p.p_vaddr + p.p_memsz <=
+                k["p_vaddr"] + k["p_memsz"] and p.p_paddr - k["p_paddr"] == p.p_vaddr -
+                k["p_vaddr"]]
+        assert len(home) == 1, hex(p.p_vaddr)
+        covered[id(home[0])] += p.p_memsz
+    assert all(covered[id(k)] == k["p_memsz"] for k in kc), [hex(k["p_vaddr"]) for k in kc]
 
 
 def test_elf_holds_the_real_kcore_reads(elf_dump):
@@ -461,7 +472,7 @@ def test_elf_one_pass_equals_two_passes(name, tmp_path):
     assert hashlib.sha256(one.read_bytes()).hexdigest() == json.loads(r.stdout)["sha256"]
     with one.open("rb") as f:
         elf = ELFFile(f)
-        loads = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+        loads = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD" and s["p_filesz"]]
         assert elf.get_segment(0)["p_type"] == "PT_NOTE"
         assert all(s["p_filesz"] == s["p_memsz"] > 0 and s["p_offset"] % PAGE == 0
                    and s["p_paddr"] % PAGE == 0 for s in loads)
@@ -487,7 +498,7 @@ def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
                              kclist=kclist)
     monkeypatch.setattr(kcore.elfcore, "build_notes", lambda *a: b"notes")
     monkeypatch.setattr(elf, "PACK_CHUNK", 64 * PAGE)
-    for limit in (5, 9, 40, 1000):
+    for limit in (13, 19, 80, 2000):  # program headers: room for 6, 9, 39, 999 data loads
         monkeypatch.setattr(elf, "MAX_LOADS", limit)
         with open_source(f"raw:{image}") as src:
             req = Request(system, src, granule=PAGE)
@@ -510,8 +521,15 @@ def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
             finally:
                 os.close(null)
         assert scanned.ranges == layout.ranges and scanned.size == layout.size
-        if limit == 1000:
+        if limit == 2000:
             assert len(layout.ranges) == 100 and layout.elided == 200 * PAGE  # pages alone
+        elf_file = ELFFile(io.BytesIO(layout.items[0].data))  # the header pack() laid out
+        assert elf_file.num_segments() <= limit + 1  # the PT_NOTE and the loads
+        zero_fill = [(s["p_paddr"], s["p_memsz"]) for s in elf_file.iter_segments()
+                     if s["p_type"] == "PT_LOAD" and s["p_filesz"] == 0]
+        # the zero-fill loads and the data loads tile the 300 pages
+        assert sum(n for _p, n in zero_fill) + sum(r["size"] for r in layout.ranges) == 300 * PAGE
+        assert all(not any(b"".join(pages)[p:p + n]) for p, n in zero_fill)
         mem = bytearray(300 * PAGE)
         for r in layout.ranges:
             pa = int(r["paddr"], 16)

@@ -41,10 +41,10 @@ Dump kernel memory in a format analysis tools open, at the speed of the hardware
 formats:
   elf     (default) a compact ELF core: PT_NOTE (NT_PRSTATUS, NT_PRPSINFO, NT_TASKSTRUCT,
           VMCOREINFO) then packed PT_LOADs for RAM and kernel text with real p_vaddr and
-          p_paddr. Opens in drgn, gdb, makedumpfile and Volatility 3, laid out as crash
-          wants it (phdr[0] is the PT_NOTE). Zero runs are left out (ranges split around
-          them); --vmalloc/--modules add those areas' mapped pages (System RAM only),
-          --no-text leaves the kernel text out.
+          p_paddr, in kdump's style. Opens in drgn, crash, gdb, makedumpfile and
+          Volatility 3. Zero runs are left out of the file; PT_LOADs without file bytes
+          (p_filesz 0) stand for them and read as zeros. --vmalloc/--modules add those
+          areas' mapped pages (System RAM only), --no-text leaves the kernel text out.
   kcore   the exact /proc/kcore image as a sparse file of the real size (~128 TiB apparent
           on x86-64; needs tmpfs, xfs or btrfs: ext4 stops at 16 TiB). No digest.
   lime    LiME (Volatility's LimeLayer, LiME's lime format): per RAM range a 32-byte

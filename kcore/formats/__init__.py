@@ -211,9 +211,10 @@ def nonzero_runs(source: Any, seg: Segment, granule: int, strict: bool, stats: A
     return runs
 
 
-def split_segments(req: Request, segments: Sequence[Segment], limit: int) -> tuple[
-        list[Segment], int, Any]:
-    """Elide zero runs: split segments into their non-zero runs; return (parts, elided, stats)."""
+def split_runs(req: Request, segments: Sequence[Segment], limit: int) -> tuple[
+        list[list[tuple[int, int]]], int, Any]:
+    """Elide zero runs: each segment's non-zero (offset, length) runs, at most limit in all;
+    return (runs per segment, bytes elided, scan stats)."""
     from kcore.engine import CopyStats
 
     stats = CopyStats()
@@ -225,8 +226,15 @@ def split_segments(req: Request, segments: Sequence[Segment], limit: int) -> tup
         flat = [(i, r) for i, runs in enumerate(per_seg) for r in runs]
         keep = _coarsen_flat(flat, limit)
         per_seg = [[r for j, r in keep if j == i] for i in range(len(segments))]
+    elided = sum(s.size for s in segments) - sum(n for runs in per_seg for _o, n in runs)
+    return per_seg, elided, stats
+
+
+def split_segments(req: Request, segments: Sequence[Segment], limit: int) -> tuple[
+        list[Segment], int, Any]:
+    """Elide zero runs: split segments into their non-zero runs; return (parts, elided, stats)."""
+    per_seg, elided, stats = split_runs(req, segments, limit)
     parts = [s.sub(off, n) for s, runs in zip(segments, per_seg, strict=True) for off, n in runs]
-    elided = sum(s.size for s in segments) - sum(p.size for p in parts)
     return parts, elided, stats
 
 

@@ -1,4 +1,10 @@
-"""The default format: a compact ELF core (PT_NOTE, then packed PT_LOADs for RAM and text)."""
+"""The default format: a compact ELF core (PT_NOTE, then packed PT_LOADs for RAM and text).
+
+Zero runs are left out of the file. Where a RAM or text segment lost one, a PT_LOAD with no
+file bytes (p_filesz 0, p_memsz the run) says so: crash, gdb, drgn and makedumpfile read it as
+zeros, as they read kdump's ELF vmcores (Volatility 3 skips such headers). p_align is 0, as in
+kdump's vmcores: crash takes the file for a kdump (and finds KASLR from VMCOREINFO) only then.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from kcore.formats import (
     mapped_segment,
     segment_items,
     source_pieces,
-    split_segments,
+    split_runs,
 )
 
 if TYPE_CHECKING:
@@ -96,44 +102,79 @@ def plan(req: Request) -> Layout:
                 return pack(req, fr, null, req.progress, scan=True)[0]
             finally:
                 os.close(null)
-        segs, elided, stats = split_segments(req, segs, MAX_LOADS)
-    elif len(segs) > MAX_LOADS:
-        raise OutputError(f"too many ranges ({len(segs)}) for one ELF file")
+        per_seg, elided, stats = split_runs(req, segs, max_data_loads(segs))
+        runs = [(s, off, n) for s, seg_runs in zip(segs, per_seg, strict=True)
+                for off, n in seg_runs]
+    else:
+        if len(segs) > max_data_loads(segs):
+            raise OutputError(f"too many ranges ({len(segs)}) for one ELF file")
+        runs = [(s, 0, s.size) for s in segs]
     machine = EM_BY_ARCH.get(getattr(system.layout, "arch", "x86_64"))
     if machine is None:
         raise OutputError(f"no ELF machine number for architecture {system.layout.arch}")
     notes = build_notes(system, "modern")  # VMCOREINFO whatever --layout: consumers need it
-    phnum = 1 + len(segs)
+    loads: list[tuple[Segment, int, int, int]] = []
+    at = 0
+    for s, off, n in runs:
+        loads.append((s, off, n, at))
+        at += n
+    phnum = 1 + len(_load_headers(segs, loads, 0))
     notes_offset = EHDR.size + phnum * PHDR.size
     data_offset = -(-(notes_offset + len(notes)) // page) * page
-    # crash requires phdr[0] to be the PT_NOTE
-    headers = [ehdr(machine, phnum),
-               phdr(PT_NOTE, 0, notes_offset, 0, 0, len(notes), 0, 0)]
+    loads = [(s, off, n, data_offset + d) for s, off, n, d in loads]
+    head = _header(machine, notes, notes_offset, segs, loads, data_offset)
     items: list[Item] = []
     ranges: list[dict[str, Any]] = []
-    pos = data_offset
-    for s in segs:
-        headers.append(phdr(PT_LOAD, PF_R | PF_W | PF_X, pos, s.vaddr, s.paddr, s.size, s.size,
-                            page))
-        items.extend(segment_items(req.source, s, pos))
-        ranges.append({"kind": s.kind, "vaddr": hex(s.vaddr), "paddr": hex(s.paddr),
-                       "size": s.size, "offset": pos})
-        pos += s.size
-    head = b"".join(headers) + notes
+    for s, off, n, dst in loads:
+        part = s.sub(off, n)
+        items.extend(segment_items(req.source, part, dst))
+        ranges.append({"kind": s.kind, "vaddr": hex(part.vaddr), "paddr": hex(part.paddr),
+                       "size": n, "offset": dst})
+    head += bytes(notes_offset - len(head)) + notes
     head += bytes(data_offset - len(head))
-    return Layout([Blob(0, head), *items], pos, ranges, elided, stats)
+    return Layout([Blob(0, head), *items], data_offset + at, ranges, elided, stats)
 
 
+def max_data_loads(segs: list[Segment]) -> int:
+    """PT_LOADs with file bytes that fit: each may bring a zero-fill one, plus one a segment."""
+    return (MAX_LOADS - len(segs)) // 2
 
-def _header(machine: int, notes: bytes, notes_offset: int,
-            loads: list[tuple[Segment, int, int, int]], page: int) -> bytes:
-    """ELF header and program headers (PT_NOTE first: crash wants it) for (seg, off, n, dst)."""
-    parts = [ehdr(machine, 1 + len(loads)),
-             phdr(PT_NOTE, 0, notes_offset, 0, 0, len(notes), 0, 0)]
+
+def _load_headers(segs: list[Segment], loads: list[tuple[Segment, int, int, int]],
+                  data_offset: int) -> list[bytes]:
+    """The PT_LOADs for (segment, offset, length, file offset) runs, in file order, with a
+    zero-fill PT_LOAD (p_filesz 0) for each gap a run leaves in a linear segment."""
+    by_seg: dict[int, list[tuple[int, int, int]]] = {}
     for seg, off, n, dst in loads:
-        paddr = seg.paddr + off if seg.paddr != ALL_ONES else ALL_ONES
-        parts.append(phdr(PT_LOAD, PF_R | PF_W | PF_X, dst, seg.vaddr + off, paddr, n, n, page))
-    return b"".join(parts)
+        by_seg.setdefault(id(seg), []).append((off, n, dst))
+    out: list[bytes] = []
+    file_end = data_offset
+    for seg in segs:
+        linear = seg.paddr != ALL_ONES
+        cursor = 0
+
+        def zero(off: int, n: int, at: int, seg: Segment = seg) -> bytes:
+            return phdr(PT_LOAD, PF_R | PF_W | PF_X, at, seg.vaddr + off, seg.paddr + off, 0, n,
+                        0)
+
+        for off, n, dst in by_seg.get(id(seg), []):
+            if linear and off > cursor:
+                out.append(zero(cursor, off - cursor, dst))
+            paddr = seg.paddr + off if linear else ALL_ONES
+            out.append(phdr(PT_LOAD, PF_R | PF_W | PF_X, dst, seg.vaddr + off, paddr, n, n, 0))
+            cursor = off + n
+            file_end = max(file_end, dst + n)
+        if linear and cursor < seg.size:
+            out.append(zero(cursor, seg.size - cursor, file_end))
+    return out
+
+
+def _header(machine: int, notes: bytes, notes_offset: int, segs: list[Segment],
+            loads: list[tuple[Segment, int, int, int]], data_offset: int) -> bytes:
+    """ELF header and program headers (PT_NOTE first: crash wants it) for (seg, off, n, dst)."""
+    headers = _load_headers(segs, loads, data_offset)
+    return b"".join([ehdr(machine, 1 + len(headers)),
+                     phdr(PT_NOTE, 0, notes_offset, 0, 0, len(notes), 0, 0), *headers])
 
 
 def _chunks(req: Request, segs: list[Segment]) -> list[tuple[int, int, int, int]]:
@@ -162,7 +203,7 @@ class Frame:
     page: int
     segs: list[Segment]
     chunks: list[tuple[int, int, int, int]]
-    max_loads: int  # program headers reserved for PT_LOADs
+    max_loads: int  # PT_LOADs with file bytes allowed (zero-fill ones have room besides)
     notes: bytes
     notes_offset: int
     data_offset: int
@@ -187,11 +228,12 @@ def frame(req: Request) -> Frame | None:
         return None
     chunks = _chunks(req, segs)
     bound = sum(n // req.granule // 2 + 2 for _i, _o, _s, n in chunks)
-    max_loads = min(MAX_LOADS, bound)
+    max_loads = min(max_data_loads(segs), bound)
     if len(chunks) > max_loads:
-        return None  # too many pieces for one run each: split_segments coarsens globally
+        return None  # too many pieces for one run each: split_runs coarsens globally
     notes = build_notes(system, "modern")  # VMCOREINFO whatever --layout: consumers need it
-    notes_offset = EHDR.size + (1 + max_loads) * PHDR.size
+    # room for the PT_NOTE, the data loads, and a zero-fill load before each and after the last
+    notes_offset = EHDR.size + (1 + 2 * max_loads + len(segs)) * PHDR.size
     data_offset = -(-(notes_offset + len(notes)) // page) * page
     return Frame(machine, page, segs, chunks, max_loads, notes, notes_offset, data_offset)
 
@@ -245,7 +287,7 @@ def pack(req: Request, fr: Frame, dst_fd: int,
             place(k, None, None)
     if len(loads) > fr.max_loads:
         raise AssertionError(f"{len(loads)} loads over the {fr.max_loads} reserved")
-    head = _header(fr.machine, fr.notes, fr.notes_offset, loads, fr.page)
+    head = _header(fr.machine, fr.notes, fr.notes_offset, fr.segs, loads, fr.data_offset)
     blob = head + bytes(fr.notes_offset - len(head)) + fr.notes
     blob += bytes(fr.data_offset - len(blob))
     ranges = [{"kind": s.kind, "vaddr": hex(s.vaddr + o),
@@ -339,7 +381,8 @@ def write_packed(req: Request, out: Output, progress: Callable[[int], None] | No
     out.set_size(layout.size)
     head = layout.items[0]
     assert isinstance(head, Blob)
-    _pwrite_all(out.fd, head.data[:EHDR.size + (1 + len(layout.ranges)) * PHDR.size], 0)
+    phnum = EHDR.unpack_from(head.data)[10]
+    _pwrite_all(out.fd, head.data[:EHDR.size + phnum * PHDR.size], 0)
     _pwrite_all(out.fd, fr.notes, fr.notes_offset)
     return layout, stats
 
