@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import FIXTURE_NAMES, shared_fixture, volatility_cmd
+from conftest import FIXTURE_NAMES, debug_vmlinux, shared_fixture, volatility_cmd
 from test_dump import dump
 
 pytestmark = pytest.mark.consumers
@@ -93,8 +93,6 @@ def test_volatility_finds_the_banner(dumps, fmt, tmp_path):
 
 @pytest.fixture(scope="module")
 def vmlinux():
-    from conftest import debug_vmlinux
-
     return debug_vmlinux()
 
 
