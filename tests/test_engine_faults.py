@@ -364,8 +364,14 @@ def test_progress_and_chunks(tmp_path, monkeypatch):
     assert sum(seen) == len(data) - 3 and len(seen) == 5
 
 
-def test_interrupt_is_seen_between_chunks():
-    """A signal handler's exception (as Ctrl-C's KeyboardInterrupt) stops a 1 TiB copy quickly."""
+@pytest.mark.parametrize(("threads", "to_stream"), [(1, True), (2, True), (2, False)],
+                         ids=["one-thread", "threads-stream", "threads-offset"])
+def test_interrupt_is_seen_between_chunks(threads, to_stream, monkeypatch):
+    """A signal handler's exception (as Ctrl-C's KeyboardInterrupt) stops a 1 TiB copy quickly,
+    and no copy thread outlives it."""
+    if threads > 1:
+        monkeypatch.setattr(engine, "CHUNK", 4 << 20)
+        monkeypatch.setattr(engine, "PIECE", 1 << 20)
 
     class Stop(Exception):
         pass
@@ -381,7 +387,8 @@ def test_interrupt_is_seen_between_chunks():
         signal.setitimer(signal.ITIMER_REAL, 0.3)
         t = time.monotonic()
         with pytest.raises(Stop):
-            engine.copy_range(src, 0, null, None, 1 << 40, progress=seen.append)
+            engine.copy_range(src, 0, null, None if to_stream else 0, 1 << 40,
+                              progress=seen.append, threads=threads)
         elapsed = time.monotonic() - t
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -390,3 +397,4 @@ def test_interrupt_is_seen_between_chunks():
         os.close(null)
     assert elapsed < 10
     assert seen and all(n == engine.CHUNK for n in seen)
+    assert not [t for t in threading.enumerate() if t.name.startswith("kcore-copy")]
