@@ -262,6 +262,20 @@ def test_stdout_to_a_pipe(fmt, tmp_path):
     assert f"{h.hexdigest()}  file.{fmt}\n" == (tmp_path / f"file.{fmt}.sha256").read_text()
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_stdout_reader_going_away(threads):
+    """`kcore dump -o - | head -c 1M`: exit 1, nothing on stderr (no traceback)."""
+    root = shared_fixture(NOKASLR) / "root"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    cmd = ["python3", "-m", "kcore", "dump", "--root", str(root), "--source",
+           source_spec(NOKASLR), "--format", "lime", "-o", "-", "--quiet", "--threads", threads]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert len(p.stdout.read(1 << 20)) == 1 << 20
+    p.stdout.close()
+    assert p.wait(timeout=60) == 1
+    assert p.stderr.read() == b""
+
+
 def test_stdout_refused_for_seeking_formats(tmp_path):
     r = dump(NOKASLR, Path("-"), "--format", "raw", check=False)
     assert r.returncode == 2 and b"cannot go to stdout" in r.stderr
