@@ -181,23 +181,26 @@ def copy_range(
     src_fd: int, src_offset: int, dst_fd: int, dst_offset: int | None, length: int, *,
     sparse: bool = False, strict: bool = False, page_size: int = 4096,
     progress: Progress | None = None, path: object = None, dst_path: object = None,
-    threads: int = 1,
+    threads: int = 1, slot_fd: Callable[[int], int] | None = None,
 ) -> CopyStats:
     """Copy length bytes of src_fd at src_offset to dst_fd at dst_offset (None: write() in order).
 
     With sparse, all-zero pages become holes (the output still reaches dst_offset + length).
     progress(n) is called after each chunk with the bytes it covered. threads > 1 reads (and
     pwrites) chunks on that many threads; the output is the same, written in order for None.
+    slot_fd(k), if given, is the source fd for job slot k of a threaded call (a source whose
+    one fd two threads must not read at once: MemorySource.slot_fd).
     """
     _check_args(src_offset, length, page_size)
     if dst_offset is not None and dst_offset < 0:
         raise ValueError(f"negative output offset {dst_offset:#x}")
     flags = (_native.STRICT if strict else 0) | (_native.SPARSE if sparse else 0)
     if threads > 1 and length > 2 * PIECE:
+        fds = slot_fd if slot_fd is not None else (lambda _slot: src_fd)
         if dst_offset is None:
-            return _copy_in_order(src_fd, src_offset, dst_fd, length, flags, page_size,
+            return _copy_in_order(fds, src_offset, dst_fd, length, flags, page_size,
                                   progress, path, dst_path, threads)
-        return _copy_parallel(src_fd, src_offset, dst_fd, dst_offset, length, flags,
+        return _copy_parallel(fds, src_offset, dst_fd, dst_offset, length, flags,
                               page_size, progress, path, dst_path, threads)
     stats = CopyStats()
     st = _native.new_stats()
@@ -212,7 +215,8 @@ def copy_range(
     return stats
 
 
-def _copy_parallel(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int,
+def _copy_parallel(src_fds: Callable[[int], int], src_offset: int, dst_fd: int,
+                   dst_offset: int, length: int,
                    flags: int, page_size: int, progress: Progress | None, path: object,
                    dst_path: object, threads: int) -> CopyStats:
     """copy_range to an offset on threads: each chunk goes through its own 1 MiB buffer."""
@@ -233,7 +237,7 @@ def _copy_parallel(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, l
     stats = CopyStats()
 
     def work(pos: int, n: int, slot: int) -> int:
-        return lib.kc_copy_fd(src_fd, pos, dst_fd, dst_offset + (pos - src_offset), n,
+        return lib.kc_copy_fd(src_fds(slot), pos, dst_fd, dst_offset + (pos - src_offset), n,
                               bufs[slot][1], BLOCK, page_size, flags, sts[slot])
 
     def done(pos: int, n: int, slot: int, rc: int) -> None:
@@ -246,7 +250,8 @@ def _copy_parallel(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, l
     return stats
 
 
-def _copy_in_order(src_fd: int, src_offset: int, dst_fd: int, length: int, flags: int,
+def _copy_in_order(src_fds: Callable[[int], int], src_offset: int, dst_fd: int, length: int,
+                   flags: int,
                    page_size: int, progress: Progress | None, path: object,
                    dst_path: object, threads: int) -> CopyStats:
     """copy_range to a stream on threads: they read PIECE-sized buffers, written in order."""
@@ -259,8 +264,8 @@ def _copy_in_order(src_fd: int, src_offset: int, dst_fd: int, length: int, flags
     read_flags = flags & _native.STRICT
 
     def work(pos: int, n: int, slot: int) -> int:
-        return lib.kc_read_fd(src_fd, pos, bufs[slot][1], n, BLOCK, page_size, read_flags,
-                              sts[slot])
+        return lib.kc_read_fd(src_fds(slot), pos, bufs[slot][1], n, BLOCK, page_size,
+                              read_flags, sts[slot])
 
     def done(pos: int, n: int, slot: int, rc: int) -> None:
         nonlocal written, pending
@@ -354,12 +359,13 @@ def copy_packed(
 def data_runs(
     fd: int, offset: int, length: int, *, granule: int = 4096, page_size: int = 4096,
     strict: bool = False, path: object = None, progress: Progress | None = None,
-    threads: int = 1,
+    threads: int = 1, slot_fd: Callable[[int], int] | None = None,
 ) -> tuple[list[tuple[int, int]], CopyStats]:
     """The merged (offset, length) runs of [offset, offset+length) that are not all zeros.
 
     Granules are aligned on source offsets; unreadable pages count as zeros. progress(n) is
-    called after each chunk; threads > 1 scans chunks on that many threads.
+    called after each chunk; threads > 1 scans chunks on that many threads (slot_fd: as in
+    copy_range).
     """
     _check_args(offset, length, page_size)
     if granule < page_size or granule % page_size:
@@ -378,7 +384,8 @@ def data_runs(
     runs: list[tuple[int, int]] = []
 
     def work(pos: int, n: int, slot: int) -> int:
-        return lib.kc_data_runs(fd, pos, n, granule, page_size, bufs[slot][1], buf_len, flags,
+        src = slot_fd(slot) if slot_fd is not None and threads > 1 else fd
+        return lib.kc_data_runs(src, pos, n, granule, page_size, bufs[slot][1], buf_len, flags,
                                 outs[slot], max_runs, nruns[slot], sts[slot])
 
     def done(pos: int, n: int, slot: int, rc: int) -> None:

@@ -463,3 +463,38 @@ def test_kcore_shaped_core_is_detected_and_checked(tmp_path: Path) -> None:
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
+
+
+def test_sources_read_by_a_live_kcore_give_threads_their_own_fds(tmp_path):
+    """A source whose one fd threads must not share (the live /proc/kcore: the vm test
+    test_threaded_dump_of_the_live_kcore shows the corruption) reads through an fd per thread
+    and per engine slot, all closed with it; the others keep their one fd."""
+    import errno
+    import threading
+
+    data = os.urandom(64 * 4096)
+    image = tmp_path / "mem.raw"
+    image.write_bytes(data)
+    with open_source(f"raw:{image}") as src:
+        assert src.concurrent_reads_safe and src.slot_fd(3) == src.fd_here() == src.fd
+    src = open_source(f"raw:{image}")
+    src.concurrent_reads_safe = False  # as KcoreSource
+    seen: dict[str, int] = {}
+
+    def other() -> None:
+        seen["fd"] = src.fd_here()
+        seen["same"] = src.fd_here()
+        seen["ok"] = src.read_phys(4096, 8192)[0] == data[4096:12288]
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    slots = [src.slot_fd(k) for k in (0, 1, 0)]
+    fds = {src.fd, seen["fd"], slots[0], slots[1]}
+    assert seen["ok"] and seen["same"] == seen["fd"] and slots[0] == slots[2]
+    assert len(fds) == 4 and src.fd_here() == src.fd
+    src.close()
+    for fd in fds:
+        with pytest.raises(OSError) as exc:
+            os.fstat(fd)
+        assert exc.value.errno == errno.EBADF

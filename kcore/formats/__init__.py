@@ -169,14 +169,15 @@ def segment_items(source: Any, seg: Segment, dst: int) -> list[Item]:
     return items
 
 
-def _scan(fd: int, offset: int, length: int, granule: int, stats: Any,
+def _scan(source: Any, offset: int, length: int, granule: int, stats: Any,
           progress: Callable[[int], None] | None, threads: int = 1) -> tuple[
         list[tuple[int, int]], Any]:
     """engine.data_runs of a source range (progress and Ctrl-C are seen between its chunks)."""
     from kcore import engine
 
-    found, total = engine.data_runs(fd, offset, length, granule=granule, progress=progress,
-                                    threads=threads)
+    found, total = engine.data_runs(source.fd, offset, length, granule=granule,
+                                    progress=progress, threads=threads,
+                                    slot_fd=getattr(source, "slot_fd", None))
     stats += total
     return found, total
 
@@ -190,7 +191,7 @@ def nonzero_runs(source: Any, seg: Segment, granule: int, strict: bool, stats: A
         for poff, plen, src in source_pieces(source, pa, n):
             if src is None:
                 continue
-            found, st = _scan(source.fd, src, plen, granule, stats, progress, threads)
+            found, st = _scan(source, src, plen, granule, stats, progress, threads)
             if strict and st.first_error_offset is not None:
                 raise FaultError(
                     f"cannot read physical {pa + poff + st.first_error_offset - src:#x} "
@@ -297,6 +298,7 @@ def write_layout(out: Output, source: Any, layout: Layout, *, sparse: bool, stri
             stats += engine.copy_range(
                 source.fd, item.src, out.fd, item.dst if seekable else None, item.length,
                 sparse=sparse and seekable, strict=strict, progress=tick, threads=threads,
+                slot_fd=getattr(source, "slot_fd", None),
             )
             pos = item.dst + item.length
         else:

@@ -310,11 +310,14 @@ def _scan_chunks(req: Request, fr: Frame, null_fd: int,
     page = req.system.layout.page_size
     granule = req.granule
 
-    def work(k: int, _n: int, _slot: int) -> tuple[list[tuple[int, int]], Any] | None:
+    slot_fd = getattr(req.source, "slot_fd", None)
+
+    def work(k: int, _n: int, slot: int) -> tuple[list[tuple[int, int]], Any] | None:
         i, off, src, n = fr.chunks[k]
+        fd = slot_fd(slot) if slot_fd is not None else req.source.fd
         try:
             runs, st, _written = engine.copy_packed(
-                req.source.fd, src, null_fd, 0, n, granule=granule,
+                fd, src, null_fd, 0, n, granule=granule,
                 phase=(src - off) % granule, max_runs=n // granule + 2, strict=req.strict,
                 page_size=page)
         except (engine.TooManyRuns, FaultError, OSError):

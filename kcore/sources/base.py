@@ -6,6 +6,7 @@ import bisect
 import errno
 import os
 import stat
+import threading
 from typing import Any, NamedTuple
 
 from kcore.engine import CopyStats, readinto_range
@@ -102,6 +103,11 @@ class MemorySource:
     """Physical memory in a file: reads at physical addresses, zeros outside the extents."""
 
     kind = "base"
+    # Whether two threads may read self.fd at once. Where not (a live /proc/kcore: 6.1's
+    # read_kcore() copies every page through one bounce page per open file, so concurrent
+    # reads of one fd can hand a thread another thread's page), each other thread, and each
+    # slot of the engine's threaded calls, reads through an fd of its own on the same path.
+    concurrent_reads_safe = True
 
     def __init__(self, spec: str, path: str, fd: int, extents: list[Extent],
                  vmcoreinfo: bytes | None = None) -> None:
@@ -110,6 +116,41 @@ class MemorySource:
         self.fd = fd
         self.vmcoreinfo = vmcoreinfo
         self._set_extents(extents)
+        self._owner = threading.get_ident()
+        self._local = threading.local()
+        self._fd_lock = threading.Lock()
+        self._slot_fds: dict[int, int] = {}
+        self._more_fds: list[int] = []
+
+    def fd_here(self) -> int:
+        """The fd the calling thread reads the source through (see concurrent_reads_safe)."""
+        if self.concurrent_reads_safe or threading.get_ident() == self._owner:
+            return self.fd
+        fd = getattr(self._local, "fd", None)
+        if fd is None:
+            fd = self._local.fd = self._another_fd()
+        return fd
+
+    def slot_fd(self, slot: int) -> int:
+        """The fd for slot `slot` of a threaded engine call (one job a slot at a time)."""
+        if self.concurrent_reads_safe:
+            return self.fd
+        with self._fd_lock:
+            fd = self._slot_fds.get(slot)
+        if fd is None:
+            fd = self._another_fd()
+            with self._fd_lock:
+                self._slot_fds[slot] = fd
+        return fd
+
+    def _another_fd(self) -> int:
+        """One more read-only fd on the source's path, closed with the source."""
+        if self.fd < 0:
+            raise ValueError(f"{self.path}: the source is closed")
+        fd = open_readonly(self.path)
+        with self._fd_lock:
+            self._more_fds.append(fd)
+        return fd
 
     def _set_extents(self, extents: list[Extent]) -> None:
         self.extents = list(extents)
@@ -127,7 +168,12 @@ class MemorySource:
         self.close()
 
     def close(self) -> None:
-        """Close the file descriptor (idempotent)."""
+        """Close the file descriptors (idempotent)."""
+        with self._fd_lock:
+            more, self._more_fds, self._slot_fds = self._more_fds, [], {}
+        for fd in more:
+            os.close(fd)
+        self._local = threading.local()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -150,8 +196,8 @@ class MemorySource:
         n = len(buf)
         i = bisect.bisect_right(self._starts, paddr) - 1
         if i >= 0 and paddr + n <= self._ends[i]:  # fast path: one extent
-            return readinto_range(self.fd, self._offsets[i] + paddr - self._starts[i], buf,
-                                  strict=strict, path=self.path)
+            return readinto_range(self.fd_here(), self._offsets[i] + paddr - self._starts[i],
+                                  buf, strict=strict, path=self.path)
         return self._readinto_slow(paddr, memoryview(buf).cast("B"), i, strict)
 
     def _readinto_slow(self, paddr: int, view: memoryview, i: int, strict: bool) -> CopyStats:
@@ -171,7 +217,7 @@ class MemorySource:
                 self._hole(view, pos - paddr, start - pos, pos, stats, strict)
                 pos = start
             stop = min(end, self._ends[i])
-            stats += readinto_range(self.fd, self._offsets[i] + pos - start,
+            stats += readinto_range(self.fd_here(), self._offsets[i] + pos - start,
                                     view[pos - paddr:stop - paddr], strict=strict,
                                     path=self.path)
             pos = stop

@@ -50,6 +50,7 @@ class KcoreSource(MemorySource):
     """A /proc/kcore file (live or saved); physical extents from its KCORE_RAM segments."""
 
     kind = "kcore"
+    concurrent_reads_safe = False  # one bounce page per open /proc/kcore (see MemorySource)
 
     @classmethod
     def open(cls, path: str, spec: str | None = None) -> KcoreSource:
@@ -87,4 +88,4 @@ class KcoreSource(MemorySource):
 
     def readinto_kcore(self, offset: int, buf: WritableBuffer) -> CopyStats:
         """Fill `buf` from kcore file offset `offset` (faults read as zeros)."""
-        return readinto_range(self.fd, offset, buf, path=self.path)
+        return readinto_range(self.fd_here(), offset, buf, path=self.path)

@@ -14,7 +14,7 @@ from qemu_vm import Vm, VmConfig
 # hole at 4 GiB, where RAM-file offsets stop being physical addresses.
 CONFIGS = {
     "nokaslr": VmConfig("nokaslr", mem_mib=1024, hotplug_slots=2, maxmem_mib=2048),
-    "kaslr": VmConfig("kaslr", mem_mib=512, kaslr=True),
+    "kaslr": VmConfig("kaslr", mem_mib=512, kaslr=True, smp=2),  # 2 CPUs: threaded dumps
     "big": VmConfig("big", mem_mib=4608, kaslr=True),
 }
 # On each guest: the harness checks first; tests that change the guest for good (memory
