@@ -35,6 +35,9 @@ class DevmemSource(MemorySource):
     """/dev/mem or /dev/crash: reads at offset = physical address, RAM ranges from iomem."""
 
     kind = "devmem"
+    # /dev/mem bounces each read through a buffer of its own call, but /dev/crash's driver is
+    # out of tree: give threads fds of their own as for /proc/kcore (they cost nothing).
+    concurrent_reads_safe = False
 
     @classmethod
     def open(cls, path: str, root: str = "/", spec: str | None = None) -> DevmemSource:
