@@ -143,12 +143,6 @@ def run_ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int],
         ex.shutdown(wait=True, cancel_futures=True)
 
 
-def _c_stats(st) -> CopyStats:
-    stats = CopyStats()
-    stats._add_c(st)
-    return stats
-
-
 def readinto_range(
     fd: int, offset: int, buf, *, strict: bool = False, page_size: int = 4096,
     path: object = None,
@@ -216,9 +210,9 @@ def copy_range(
 
 
 def _copy_parallel(src_fds: Callable[[int], int], src_offset: int, dst_fd: int,
-                   dst_offset: int, length: int,
-                   flags: int, page_size: int, progress: Progress | None, path: object,
-                   dst_path: object, threads: int) -> CopyStats:
+                   dst_offset: int, length: int, flags: int, page_size: int,
+                   progress: Progress | None, path: object, dst_path: object,
+                   threads: int) -> CopyStats:
     """copy_range to an offset on threads: each chunk goes through its own 1 MiB buffer."""
     end = dst_offset + length
     if flags & _native.SPARSE:
@@ -251,8 +245,7 @@ def _copy_parallel(src_fds: Callable[[int], int], src_offset: int, dst_fd: int,
 
 
 def _copy_in_order(src_fds: Callable[[int], int], src_offset: int, dst_fd: int, length: int,
-                   flags: int,
-                   page_size: int, progress: Progress | None, path: object,
+                   flags: int, page_size: int, progress: Progress | None, path: object,
                    dst_path: object, threads: int) -> CopyStats:
     """copy_range to a stream on threads: they read PIECE-sized buffers, written in order."""
     depth = 2 * threads
