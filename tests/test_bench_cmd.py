@@ -40,12 +40,21 @@ def test_bench_limit_json(saved_kcore: tuple[str, int]) -> None:
     """--limit reads that much of the RAM segments each way; the dump run is left out."""
     path, ram = saved_kcore
     limit = 32 << 20
-    r = run_kcore("bench", "--against", path, "--limit", str(limit), "--rounds", "2", "--json")
+    r = run_kcore("bench", "--against", path, "--limit", str(limit), "--rounds", "2", "--json",
+                  "--threads", "1")
     assert r.returncode == 0, r.stderr.decode()
     result = json.loads(r.stdout)
     assert result["bytes"] == min(limit, ram) and result["rounds"] == 2
     assert [x["name"] for x in result["runs"]] == ["dd-1M", "dd-4k", "kcore-engine"]
     assert set(result["speedup"]) == {"kcore-engine/dd-1M", "kcore-engine/dd-4k"}
+    r = run_kcore("bench", "--against", path, "--limit", str(limit), "--rounds", "1", "--json",
+                  "--threads", "3")
+    assert r.returncode == 0, r.stderr.decode()
+    result = json.loads(r.stdout)
+    assert [x["name"] for x in result["runs"]] == ["dd-1M", "dd-4k", "kcore-engine",
+                                                   "kcore-engine-threads"]
+    assert all(x["bytes"] == min(limit, ram) for x in result["runs"])
+    assert "kcore-engine-threads/dd-1M" in result["speedup"]
 
 
 def test_bench_text_output(saved_kcore: tuple[str, int]) -> None:

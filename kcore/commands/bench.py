@@ -41,9 +41,10 @@ def add_parser(
     """Register the subcommand."""
     p = sub.add_parser(
         name, help=help_text,
-        description="Read every RAM segment of a real /proc/kcore four ways and compare: GNU dd "
-        "with 1 MiB and with 4 KiB blocks (what AVML does), kcore's copy engine to /dev/null, "
-        "and `kcore dump --source kcore:KCORE` to /dev/null. Prints each speed and kcore's "
+        description="Read every RAM segment of a real /proc/kcore several ways and compare: GNU "
+        "dd with 1 MiB and with 4 KiB blocks (what AVML does), kcore's copy engine to /dev/null "
+        "(on one thread, and on --threads threads with an open file each), and `kcore dump "
+        "--source kcore:KCORE` to /dev/null. Prints each speed and kcore's "
         "speedups over dd (a ratio above 1 means kcore was faster), best of --rounds "
         "interleaved rounds. Needs root.",
         epilog="example: sudo kcore bench --against /proc/kcore --json",
@@ -58,6 +59,9 @@ def add_parser(
     p.add_argument("--rounds", type=int, default=3, metavar="N",
                    help="rounds, each running every method once in turn; the best time of "
                    "each method counts (default 3)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="threads for the threaded engine run (default 0: one per CPU, at most "
+                        f"{engine.MAX_THREADS}; 1 leaves that run out)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -117,6 +121,31 @@ def run_engine(kcore: str, extents: list[Extent]) -> Run:
                seconds)
 
 
+def run_engine_threads(kcore: str, extents: list[Extent], threads: int) -> Run:
+    """The engine on `threads` threads, each job slot reading through an open file of its own
+    (6.1's read_kcore() has one bounce page per open file: threads must not share one)."""
+    src = os.open(kcore, os.O_RDONLY)
+    dst = os.open(os.devnull, os.O_WRONLY)
+    fds: dict[int, int] = {}
+
+    def slot_fd(slot: int) -> int:
+        if slot not in fds:
+            fds[slot] = os.open(kcore, os.O_RDONLY)
+        return fds[slot]
+
+    try:
+        t0 = time.perf_counter()
+        for e in extents:
+            engine.copy_range(src, e.offset, dst, e.offset, e.length, threads=threads,
+                              slot_fd=slot_fd)
+        seconds = time.perf_counter() - t0
+    finally:
+        for fd in (src, dst, *fds.values()):
+            os.close(fd)
+    return Run("kcore-engine-threads", f"engine.copy_range(threads={threads}) to /dev/null",
+               sum(e.length for e in extents), seconds)
+
+
 def run_dump(kcore: str, root: str, total: int) -> Run:
     """`kcore dump --source kcore:KCORE` (elf, RAM only) written to /dev/null."""
     cmd = [sys.executable, "-m", "kcore", "dump", "--root", root, "--source", f"kcore:{kcore}",
@@ -143,15 +172,19 @@ def run_startup(kcore: str, root: str) -> Run:
                "included in kcore-dump)", 0, seconds)
 
 
-def measure(kcore: str, root: str, limit: int = 0, rounds: int = 1) -> dict:
+def measure(kcore: str, root: str, limit: int = 0, rounds: int = 1, threads: int = 1) -> dict:
     """Read the RAM segments every way; return the best runs and kcore's speedups over dd."""
     if rounds < 1:
         raise InputError(f"--rounds {rounds}: at least 1")
+    if not 1 <= threads <= 64:
+        raise InputError(f"--threads {threads}: from 1 to 64 (0: one per CPU)")
     extents = ram_extents(kcore, limit)
     dd = gnu_dd()
     total = sum(e.length for e in extents)
     methods = [lambda: run_dd(dd, kcore, extents, "1M"), lambda: run_dd(dd, kcore, extents, "4k"),
                lambda: run_engine(kcore, extents)]
+    if threads > 1:
+        methods.append(lambda: run_engine_threads(kcore, extents, threads))
     if limit <= 0:  # the dump reads all RAM; comparable only when the others did too
         methods += [lambda: run_dump(kcore, root, total), lambda: run_startup(kcore, root)]
     best: dict[str, Run] = {}
@@ -167,7 +200,8 @@ def measure(kcore: str, root: str, limit: int = 0, rounds: int = 1) -> dict:
         # the dump's copying alone: its wall time less what any kcore command costs to start
         seconds["kcore-dump-copy"] = seconds["kcore-dump"] - seconds["kcore-startup"]
     ratios = {f"{ours}/{base}": round(seconds[base] / seconds[ours], 3)
-              for ours in ("kcore-engine", "kcore-dump", "kcore-dump-copy") if ours in seconds
+              for ours in ("kcore-engine", "kcore-engine-threads", "kcore-dump", "kcore-dump-copy")
+              if ours in seconds
               for base in ("dd-1M", "dd-4k")}
     return {
         "against": kcore, "segments": len(extents), "bytes": total, "rounds": rounds,
@@ -179,7 +213,8 @@ def measure(kcore: str, root: str, limit: int = 0, rounds: int = 1) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Benchmark and print the result."""
-    result = measure(args.against, args.root, args.limit, args.rounds)
+    result = measure(args.against, args.root, args.limit, args.rounds,
+                     args.threads or engine.default_threads())
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -187,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['against']}: {result['segments']} RAM segments, "
           f"{result['bytes'] / MIB:.1f} MiB per method, best of {result['rounds']} rounds")
     for r in result["runs"]:
-        print(f"  {r['name']:<14} {r['seconds']:9.3f} s {r['MiB_per_s']:10.1f} MiB/s  {r['what']}")
+        print(f"  {r['name']:<20} {r['seconds']:9.3f} s {r['MiB_per_s']:10.1f} MiB/s  {r['what']}")
     for name, ratio in result["speedup"].items():
         print(f"  speedup {name:<24} {ratio:7.2f}x")
     return 0
