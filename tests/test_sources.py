@@ -498,3 +498,11 @@ def test_sources_read_by_a_live_kcore_give_threads_their_own_fds(tmp_path):
         with pytest.raises(OSError) as exc:
             os.fstat(fd)
         assert exc.value.errno == errno.EBADF
+    # A path that names another file by now is refused, not read.
+    src = open_source(f"raw:{image}")
+    src.concurrent_reads_safe = False
+    image.rename(tmp_path / "moved.raw")
+    image.write_bytes(bytes(len(data)))
+    with pytest.raises(SourceError, match="replaced by another file"):
+        src.slot_fd(0)
+    src.close()

@@ -148,6 +148,10 @@ class MemorySource:
         if self.fd < 0:
             raise ValueError(f"{self.path}: the source is closed")
         fd = open_readonly(self.path)
+        first, again = os.fstat(self.fd), os.fstat(fd)
+        if (first.st_dev, first.st_ino) != (again.st_dev, again.st_ino):
+            os.close(fd)
+            raise SourceError(f"{self.path}: replaced by another file while being read")
         with self._fd_lock:
             self._more_fds.append(fd)
         return fd
