@@ -122,8 +122,10 @@ def run_engine(kcore: str, extents: list[Extent]) -> Run:
 
 
 def run_engine_threads(kcore: str, extents: list[Extent], threads: int) -> Run:
-    """The engine on `threads` threads, each job slot reading through an open file of its own
-    (6.1's read_kcore() has one bounce page per open file: threads must not share one)."""
+    """The engine on `threads` threads, each job slot reading through an open file of its own.
+
+    6.1's read_kcore() has one bounce page per open file: threads must not share one.
+    """
     src = os.open(kcore, os.O_RDONLY)
     dst = os.open(os.devnull, os.O_WRONLY)
     fds: dict[int, int] = {}

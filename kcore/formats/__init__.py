@@ -214,8 +214,10 @@ def nonzero_runs(source: Any, seg: Segment, granule: int, strict: bool, stats: A
 
 def split_runs(req: Request, segments: Sequence[Segment], limit: int) -> tuple[
         list[list[tuple[int, int]]], int, Any]:
-    """Elide zero runs: each segment's non-zero (offset, length) runs, at most limit in all;
-    return (runs per segment, bytes elided, scan stats)."""
+    """Elide zero runs: return (each segment's non-zero runs, bytes elided, scan stats).
+
+    The runs are (offset, length) pairs, at most limit of them in all (coarsened to fit).
+    """
     from kcore.engine import CopyStats
 
     stats = CopyStats()

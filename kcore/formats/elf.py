@@ -142,8 +142,10 @@ def max_data_loads(segs: list[Segment]) -> int:
 
 def _load_headers(segs: list[Segment], loads: list[tuple[Segment, int, int, int]],
                   data_offset: int) -> list[bytes]:
-    """The PT_LOADs for (segment, offset, length, file offset) runs, in file order, with a
-    zero-fill PT_LOAD (p_filesz 0) for each gap a run leaves in a linear segment."""
+    """The PT_LOADs for (segment, offset, length, file offset) runs, in file order.
+
+    A linear segment's gaps between runs get zero-fill PT_LOADs (p_filesz 0).
+    """
     by_seg: dict[int, list[tuple[int, int, int]]] = {}
     for seg, off, n, dst in loads:
         by_seg.setdefault(id(seg), []).append((off, n, dst))
