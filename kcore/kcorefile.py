@@ -164,9 +164,9 @@ class KcoreFile(io.RawIOBase):
     def _make_pread(self) -> Any:
         """Build pread() as a closure over this file's tables (the 4 KiB random-read path)."""
         size, fd, path = self._end, self._fd, self.source.path
-        # a source whose fd threads must not share (devmem here) gives each thread its own
-        fd_here = None if getattr(self.source, "concurrent_reads_safe", True) else \
-            self.source.fd_here
+        # a source whose fd two reads must not share at once (devmem here) lends one per read
+        unshared = None if getattr(self.source, "concurrent_reads_safe", True) else \
+            self._read_unshared
         fstarts, fends, fdeltas = self._fstarts, self._fends, self._fdeltas
         fast_max = self._fast_max
         tls, new_scratch, fill = self._tls, self._new_scratch, self._fill
@@ -190,8 +190,10 @@ class KcoreFile(io.RawIOBase):
                 except AttributeError:
                     view, cbuf, st = new_scratch()
                 if n <= _SMALL:  # this thread's scratch buffer, then one small copy
-                    rc = kc_read_fd(fd if fd_here is None else fd_here(), offset + fdeltas[i],
-                                    cbuf, n, BLOCK, 4096, 0, st)
+                    if unshared is None:
+                        rc = kc_read_fd(fd, offset + fdeltas[i], cbuf, n, BLOCK, 4096, 0, st)
+                    else:
+                        rc = unshared(offset + fdeltas[i], cbuf, n, st)
                     if rc:
                         check(rc, st, path=path)
                     return view[:n].tobytes()
@@ -199,8 +201,10 @@ class KcoreFile(io.RawIOBase):
                 # else can see it: CPython's own PyBytes_FromStringAndSize(NULL, n) + read().
                 out = _new_bytes(None, n)
                 with ffi.from_buffer(out) as ptr:
-                    rc = kc_read_fd(fd if fd_here is None else fd_here(), offset + fdeltas[i],
-                                    ptr, n, BLOCK, 4096, 0, st)
+                    if unshared is None:
+                        rc = kc_read_fd(fd, offset + fdeltas[i], ptr, n, BLOCK, 4096, 0, st)
+                    else:
+                        rc = unshared(offset + fdeltas[i], ptr, n, st)
                 if rc:
                     check(rc, st, path=path)
                 return out
@@ -240,6 +244,14 @@ class KcoreFile(io.RawIOBase):
         self.seek = seek  # type: ignore[method-assign]
         return pread
 
+    def _read_unshared(self, offset: int, ptr: Any, n: int, st: Any) -> int:
+        """kc_read_fd through an fd the source lends to this read alone."""
+        fd = self.source.borrow_fd()
+        try:
+            return _kc_read_fd(fd, offset, ptr, n, BLOCK, 4096, 0, st)
+        finally:
+            self.source.return_fd(fd)
+
     def _new_scratch(self) -> tuple[memoryview, Any, Any]:
         """Give this thread a reusable small-read buffer, its cffi pointer and C stats."""
         buf = bytearray(_SMALL)
@@ -255,9 +267,11 @@ class KcoreFile(io.RawIOBase):
         if i >= 0 and offset + n <= self._fends[i] and n <= self._fast_max:  # see pread
             st = _native.new_stats()
             with ffi.from_buffer(view, require_writable=True) as cbuf:
-                fd = self._fd if getattr(self.source, "concurrent_reads_safe", True) else \
-                    self.source.fd_here()
-                rc = _kc_read_fd(fd, offset + self._fdeltas[i], cbuf, n, BLOCK, 4096, 0, st)
+                if getattr(self.source, "concurrent_reads_safe", True):
+                    rc = _kc_read_fd(self._fd, offset + self._fdeltas[i], cbuf, n, BLOCK, 4096,
+                                     0, st)
+                else:
+                    rc = self._read_unshared(offset + self._fdeltas[i], cbuf, n, st)
             if rc:
                 _native.check(rc, st, path=self.source.path)
             return

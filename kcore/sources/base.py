@@ -105,8 +105,9 @@ class MemorySource:
     kind = "base"
     # Whether two threads may read self.fd at once. Where not (a live /proc/kcore: 6.1's
     # read_kcore() copies every page through one bounce page per open file, so concurrent
-    # reads of one fd can hand a thread another thread's page), each other thread, and each
-    # slot of the engine's threaded calls, reads through an fd of its own on the same path.
+    # reads of one fd can hand a thread another thread's page), a read borrows an fd no other
+    # read holds (more are opened on the same path as needed, and reused), and each slot of
+    # the engine's threaded calls has one of its own.
     concurrent_reads_safe = True
 
     def __init__(self, spec: str, path: str, fd: int, extents: list[Extent],
@@ -116,20 +117,27 @@ class MemorySource:
         self.fd = fd
         self.vmcoreinfo = vmcoreinfo
         self._set_extents(extents)
-        self._owner = threading.get_ident()
-        self._local = threading.local()
         self._fd_lock = threading.Lock()
+        self._idle_fds: list[int] = [fd]  # fds no read holds now (unsafe sources)
         self._slot_fds: dict[int, int] = {}
-        self._more_fds: list[int] = []
+        self._more_fds: list[int] = []  # every fd opened besides self.fd
 
-    def fd_here(self) -> int:
-        """The fd the calling thread reads the source through (see concurrent_reads_safe)."""
-        if self.concurrent_reads_safe or threading.get_ident() == self._owner:
+    def borrow_fd(self) -> int:
+        """An fd for one read that no other read uses meanwhile; give it back (return_fd)."""
+        if self.concurrent_reads_safe:
             return self.fd
-        fd = getattr(self._local, "fd", None)
-        if fd is None:
-            fd = self._local.fd = self._another_fd()
-        return fd
+        with self._fd_lock:
+            if self._idle_fds:
+                return self._idle_fds.pop()
+        return self._another_fd()
+
+    def return_fd(self, fd: int) -> None:
+        """Give back an fd from borrow_fd()."""
+        if self.concurrent_reads_safe:
+            return
+        with self._fd_lock:
+            if fd == self.fd or fd in self._more_fds:  # not closed meanwhile
+                self._idle_fds.append(fd)
 
     def slot_fd(self, slot: int) -> int:
         """The fd for slot `slot` of a threaded engine call (one job a slot at a time)."""
@@ -145,16 +153,31 @@ class MemorySource:
 
     def _another_fd(self) -> int:
         """One more read-only fd on the source's path, closed with the source."""
-        if self.fd < 0:
-            raise ValueError(f"{self.path}: the source is closed")
         fd = open_readonly(self.path)
-        first, again = os.fstat(self.fd), os.fstat(fd)
-        if (first.st_dev, first.st_ino) != (again.st_dev, again.st_ino):
+        try:
+            first, again = os.fstat(self.fd), os.fstat(fd)
+        except OSError:
+            first = again = None
+        if first is None or (first.st_dev, first.st_ino) != (again.st_dev, again.st_ino):
             os.close(fd)
-            raise SourceError(f"{self.path}: replaced by another file while being read")
+            why = "closed" if first is None else "replaced by another file while being read"
+            raise SourceError(f"{self.path}: {why}")
         with self._fd_lock:
+            if self.fd < 0:  # closed while this one was being opened
+                os.close(fd)
+                raise SourceError(f"{self.path}: closed")
             self._more_fds.append(fd)
         return fd
+
+    def _read_at(self, offset: int, buf: WritableBuffer, strict: bool) -> CopyStats:
+        """readinto_range at a file offset, through an fd no other thread's read is using."""
+        if self.concurrent_reads_safe:
+            return readinto_range(self.fd, offset, buf, strict=strict, path=self.path)
+        fd = self.borrow_fd()
+        try:
+            return readinto_range(fd, offset, buf, strict=strict, path=self.path)
+        finally:
+            self.return_fd(fd)
 
     def _set_extents(self, extents: list[Extent]) -> None:
         self.extents = list(extents)
@@ -174,13 +197,12 @@ class MemorySource:
     def close(self) -> None:
         """Close the file descriptors (idempotent)."""
         with self._fd_lock:
-            more, self._more_fds, self._slot_fds = self._more_fds, [], {}
-        for fd in more:
+            more, self._more_fds, self._slot_fds, self._idle_fds = self._more_fds, [], {}, []
+            fd, self.fd = self.fd, -1
+        for extra in more:
+            os.close(extra)
+        if fd >= 0:
             os.close(fd)
-        self._local = threading.local()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def contains(self, paddr: int, length: int = 1) -> bool:
         """Whether [paddr, paddr + length) lies entirely inside one extent."""
@@ -200,8 +222,7 @@ class MemorySource:
         n = len(buf)
         i = bisect.bisect_right(self._starts, paddr) - 1
         if i >= 0 and paddr + n <= self._ends[i]:  # fast path: one extent
-            return readinto_range(self.fd_here(), self._offsets[i] + paddr - self._starts[i],
-                                  buf, strict=strict, path=self.path)
+            return self._read_at(self._offsets[i] + paddr - self._starts[i], buf, strict)
         return self._readinto_slow(paddr, memoryview(buf).cast("B"), i, strict)
 
     def _readinto_slow(self, paddr: int, view: memoryview, i: int, strict: bool) -> CopyStats:
@@ -221,9 +242,8 @@ class MemorySource:
                 self._hole(view, pos - paddr, start - pos, pos, stats, strict)
                 pos = start
             stop = min(end, self._ends[i])
-            stats += readinto_range(self.fd_here(), self._offsets[i] + pos - start,
-                                    view[pos - paddr:stop - paddr], strict=strict,
-                                    path=self.path)
+            stats += self._read_at(self._offsets[i] + pos - start,
+                                   view[pos - paddr:stop - paddr], strict)
             pos = stop
             i += 1
         return stats

@@ -14,7 +14,6 @@ from kcore.sources.base import (
     WritableBuffer,
     check_extents,
     open_readonly,
-    readinto_range,
 )
 from kcore.sources.elf import PT_LOAD, ElfCore, parse_elf_core, vmcoreinfo_of
 
@@ -88,4 +87,4 @@ class KcoreSource(MemorySource):
 
     def readinto_kcore(self, offset: int, buf: WritableBuffer) -> CopyStats:
         """Fill `buf` from kcore file offset `offset` (faults read as zeros)."""
-        return readinto_range(self.fd_here(), offset, buf, path=self.path)
+        return self._read_at(offset, buf, False)
