@@ -554,6 +554,42 @@ def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
         assert layout.size == len(data) and stats.bytes_read == 300 * PAGE
 
 
+def test_unpacked_elf_headers_fit_with_their_zero_fill_loads(monkeypatch, tmp_path):
+    """Where the packed layout does not apply, runs are merged until the data loads and the
+    zero-fill loads between them fit e_phnum; the bytes stay the memory's."""
+    from types import SimpleNamespace
+
+    import kcore.elfcore
+    from kcore.formats import Request, elf
+    from kcore.sources import open_source
+
+    pages = [bytes(PAGE) if i % 3 else os.urandom(PAGE) for i in range(300)]
+    image = tmp_path / "mem.raw"
+    image.write_bytes(b"".join(pages))
+    kclist = SimpleNamespace(entries=[SimpleNamespace(type="KCORE_RAM", vaddr=0xffff888000000000,
+                                                      paddr=0, size=300 * PAGE)])
+    system = SimpleNamespace(layout=SimpleNamespace(page_size=PAGE, arch="x86_64"),
+                             kclist=kclist)
+    monkeypatch.setattr(kcore.elfcore, "build_notes", lambda *a: b"notes")
+    monkeypatch.setattr(elf, "PACK_CHUNK", 3 * PAGE)  # not a multiple of the granule: unpacked
+    for limit in (7, 30, 150, 1000):
+        monkeypatch.setattr(elf, "MAX_LOADS", limit)
+        with open_source(f"raw:{image}") as src:
+            req = Request(system, src, granule=2 * PAGE)
+            assert elf.frame(req) is None
+            layout = elf.plan(req)
+        head = ELFFile(io.BytesIO(layout.items[0].data))
+        assert head.num_segments() <= limit + 1
+        loads = [seg for seg in head.iter_segments() if seg["p_type"] == "PT_LOAD"]
+        assert sum(seg["p_memsz"] for seg in loads) == 300 * PAGE  # every byte described
+        mem = b"".join(pages)
+        for seg in loads:
+            if seg["p_filesz"] == 0:
+                assert not any(mem[seg["p_paddr"]:seg["p_paddr"] + seg["p_memsz"]])
+        if limit == 1000:
+            assert len(layout.ranges) == 50  # 8 KiB granules: pages 0-3, 6-9...: nothing merged
+
+
 def test_packed_elf_unreadable_pages_are_zeros_or_strict_failure(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

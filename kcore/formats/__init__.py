@@ -224,13 +224,19 @@ def split_runs(req: Request, segments: Sequence[Segment], limit: int) -> tuple[
     per_seg = [nonzero_runs(req.source, s, req.granule, req.strict, stats, req.progress,
                             req.threads)
                for s in segments]
-    total = sum(len(r) for r in per_seg)
-    if total > limit:  # coarsen all runs together to fit the limit
-        flat = [(i, r) for i, runs in enumerate(per_seg) for r in runs]
-        keep = _coarsen_flat(flat, limit)
-        per_seg = [[r for j, r in keep if j == i] for i in range(len(segments))]
+    per_seg = coarsen_runs(per_seg, limit)
     elided = sum(s.size for s in segments) - sum(n for runs in per_seg for _o, n in runs)
     return per_seg, elided, stats
+
+
+def coarsen_runs(per_seg: list[list[tuple[int, int]]], limit: int) -> list[
+        list[tuple[int, int]]]:
+    """Merge runs across the smallest gaps (within a segment) until at most limit remain."""
+    if sum(len(r) for r in per_seg) <= limit:
+        return per_seg
+    flat = [(i, r) for i, runs in enumerate(per_seg) for r in runs]
+    keep = _coarsen_flat(flat, limit)
+    return [[r for j, r in keep if j == i] for i in range(len(per_seg))]
 
 
 def split_segments(req: Request, segments: Sequence[Segment], limit: int) -> tuple[

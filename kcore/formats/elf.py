@@ -23,6 +23,7 @@ from kcore.formats import (
     Layout,
     Request,
     Segment,
+    coarsen_runs,
     kind_of,
     mapped_only,
     mapped_segment,
@@ -102,11 +103,23 @@ def plan(req: Request) -> Layout:
                 return pack(req, fr, null, req.progress, scan=True)[0]
             finally:
                 os.close(null)
-        per_seg, elided, stats = split_runs(req, segs, max_data_loads(segs))
+        per_seg, elided, stats = split_runs(req, segs, MAX_LOADS)
+        while True:  # the zero-fill loads count too: merge runs until all headers fit
+            count = _header_count(segs, per_seg)
+            if count <= MAX_LOADS:
+                break
+            data = sum(map(len, per_seg))
+            floor = sum(1 for r in per_seg if r)  # one run a segment at least
+            fewer = max(floor, data - -(-(count - MAX_LOADS) // 2))  # a merge drops ~2 loads
+            if fewer >= data:
+                raise OutputError(f"too many separate memory ranges ({count}) for one ELF "
+                                  f"file; dump fewer areas or another format (--format lime)")
+            per_seg = coarsen_runs(per_seg, fewer)
+        elided = sum(s.size for s in segs) - sum(n for r in per_seg for _o, n in r)
         runs = [(s, off, n) for s, seg_runs in zip(segs, per_seg, strict=True)
                 for off, n in seg_runs]
     else:
-        if len(segs) > max_data_loads(segs):
+        if len(segs) > MAX_LOADS:
             raise OutputError(f"too many ranges ({len(segs)}) for one ELF file")
         runs = [(s, 0, s.size) for s in segs]
     machine = EM_BY_ARCH.get(getattr(system.layout, "arch", "x86_64"))
@@ -136,8 +149,24 @@ def plan(req: Request) -> Layout:
 
 
 def max_data_loads(segs: list[Segment]) -> int:
-    """PT_LOADs with file bytes that fit: each may bring a zero-fill one, plus one a segment."""
-    return (MAX_LOADS - len(segs)) // 2
+    """PT_LOADs with file bytes that surely fit: in a linear segment each may bring a
+    zero-fill one, and each linear segment one more (mapped segments get none)."""
+    linear = sum(1 for s in segs if s.paddr != ALL_ONES)
+    return (MAX_LOADS - linear) // 2
+
+
+def _header_count(segs: list[Segment], per_seg: list[list[tuple[int, int]]]) -> int:
+    """The PT_LOADs (data and zero-fill) that runs per segment need."""
+    count = 0
+    for seg, runs in zip(segs, per_seg, strict=True):
+        count += len(runs)
+        if seg.paddr != ALL_ONES:
+            cursor = 0
+            for off, n in runs:
+                count += off > cursor
+                cursor = off + n
+            count += cursor < seg.size
+    return count
 
 
 def _load_headers(segs: list[Segment], loads: list[tuple[Segment, int, int, int]],
@@ -234,8 +263,10 @@ def frame(req: Request) -> Frame | None:
     if len(chunks) > max_loads:
         return None  # too many pieces for one run each: split_runs coarsens globally
     notes = build_notes(system, "modern")  # VMCOREINFO whatever --layout: consumers need it
-    # room for the PT_NOTE, the data loads, and a zero-fill load before each and after the last
-    notes_offset = EHDR.size + (1 + 2 * max_loads + len(segs)) * PHDR.size
+    # room for the PT_NOTE, the data loads, and in linear segments a zero-fill load before
+    # each and after the last
+    linear = sum(1 for s in segs if s.paddr != ALL_ONES)
+    notes_offset = EHDR.size + (1 + 2 * max_loads + linear) * PHDR.size
     data_offset = -(-(notes_offset + len(notes)) // page) * page
     return Frame(machine, page, segs, chunks, max_loads, notes, notes_offset, data_offset)
 
