@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 BLOCK = 1 << 20  # one pread/pwrite block (KCORE.md section 6: 1 MiB is the sweet spot)
 CHUNK = 64 << 20  # bytes per C call: Ctrl-C and progress are seen between calls
 PIECE = 4 << 20  # bytes per read when threads feed an in-order writer (fits the caches)
+IN_ORDER_BUFFERS = 32 << 20  # at most this much buffered for an in-order writer (>= 1 MiB a slot)
 MAX_THREADS = 4  # page-cache copies stop scaling before this: memory bandwidth
 
 __all__ = [
@@ -123,7 +124,7 @@ def run_ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int],
     after done() has seen job i. The first exception (in job order) cancels what has not
     started, waits for what has, and propagates; so does Ctrl-C in the calling thread.
     """
-    from concurrent.futures import ThreadPoolExecutor  # only threaded calls pay its import
+    from concurrent.futures import ThreadPoolExecutor, wait  # only threaded calls import it
 
     pending: deque[tuple[int, int, int, Future]] = deque()
     free = list(range(depth - 1, -1, -1))
@@ -140,7 +141,21 @@ def run_ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int],
             p, k, slot, fut = pending.popleft()
             done(p, k, slot, fut.result())
     finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+        # Running jobs end before this returns, even through a second Ctrl-C: the caller may
+        # close the fds they use as soon as it does. (Their futures are waited for: a
+        # Thread.join() cut short by KeyboardInterrupt may then report the thread finished.)
+        again: BaseException | None = None
+        for *_rest, fut in pending:
+            fut.cancel()
+        while True:
+            try:
+                wait([fut for *_rest, fut in pending])
+                ex.shutdown(wait=True)
+                break
+            except KeyboardInterrupt as exc:
+                again = exc
+        if again is not None:
+            raise again
 
 
 def readinto_range(
@@ -249,7 +264,8 @@ def _copy_in_order(src_fds: Callable[[int], int], src_offset: int, dst_fd: int, 
                    dst_path: object, threads: int) -> CopyStats:
     """copy_range to a stream on threads: they read PIECE-sized buffers, written in order."""
     depth = 2 * threads
-    bufs = [_block_buffer(PIECE) for _ in range(depth)]
+    piece = min(PIECE, max(BLOCK, IN_ORDER_BUFFERS // depth // BLOCK * BLOCK))
+    bufs = [_block_buffer(piece) for _ in range(depth)]
     sts = [_native.new_stats() for _ in range(depth)]
     stats = CopyStats()
     written = 0
@@ -279,7 +295,7 @@ def _copy_in_order(src_fds: Callable[[int], int], src_offset: int, dst_fd: int, 
             progress(pending)
             pending = 0
 
-    run_ordered(_chunks(src_offset, length, page_size, PIECE), work, done, threads, depth)
+    run_ordered(_chunks(src_offset, length, page_size, piece), work, done, threads, depth)
     if progress is not None and pending:
         progress(pending)
     return stats

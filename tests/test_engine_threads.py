@@ -169,3 +169,35 @@ def test_threaded_copy_to_dev_full_is_enospc(tmp_path, to_stream):
     finally:
         os.close(s)
         os.close(full)
+
+
+def test_run_ordered_waits_for_running_jobs_through_a_second_interrupt():
+    """Ctrl-C twice: the jobs already running still end before the exception leaves (their
+    caller closes the fds they use right after)."""
+    import signal
+    import time
+
+    class Stop(Exception):
+        pass
+
+    started, ended = [], []
+
+    def work(pos: int, n: int, slot: int) -> int:
+        started.append(pos)
+        time.sleep(0.4)
+        ended.append(pos)
+        return 0
+
+    def on_alarm(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)  # every 0.1 s until cancelled
+        with pytest.raises(KeyboardInterrupt):
+            engine.run_ordered(((k, 1) for k in range(100)), work, lambda *a: None, 2, 3)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert started and sorted(started) == sorted(ended)
+    assert len(started) < 100

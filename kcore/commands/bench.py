@@ -178,8 +178,8 @@ def measure(kcore: str, root: str, limit: int = 0, rounds: int = 1, threads: int
     """Read the RAM segments every way; return the best runs and kcore's speedups over dd."""
     if rounds < 1:
         raise InputError(f"--rounds {rounds}: at least 1")
-    if not 1 <= threads <= 64:
-        raise InputError(f"--threads {threads}: from 1 to 64 (0: one per CPU)")
+    if not 1 <= threads <= 16:
+        raise InputError(f"--threads {threads}: from 1 to 16 (0: one per CPU)")
     extents = ram_extents(kcore, limit)
     dd = gnu_dd()
     total = sum(e.length for e in extents)

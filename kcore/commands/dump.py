@@ -100,8 +100,8 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--no-digest", dest="digest", action="store_false",
                    help="skip the SHA-256 (and OUTPUT.sha256)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="threads reading memory (default 0: one per CPU, at most "
-                        f"{MAX_THREADS}); 1 for a single reader")
+                   help="threads for the zero-run scan and unhashed copies (default 0: one "
+                        f"per CPU, at most {MAX_THREADS}; up to 16); the output is the same")
     return p
 
 
@@ -120,8 +120,8 @@ def _check_args(args: argparse.Namespace) -> None:
     g = args.granule
     if g < 4096 or g > SCAN_CHUNK or g & (g - 1):
         raise InputError(f"--granule {g} must be a power of two from 4096 to {SCAN_CHUNK}")
-    if not 0 <= args.threads <= 64:
-        raise InputError(f"--threads {args.threads} must be from 0 (one per CPU) to 64")
+    if not 0 <= args.threads <= 16:
+        raise InputError(f"--threads {args.threads} must be from 0 (one per CPU) to 16")
 
 
 def plan(req: Request, fmt: str) -> Layout:
