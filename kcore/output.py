@@ -18,8 +18,6 @@ from typing import Any
 
 from kcore.errors import OutputError
 
-NULL_DEV = os.makedev(1, 3)  # /dev/null's device number (Documentation/admin-guide/devices.txt)
-
 FILE_MODE = 0o600
 HASH_CHUNK = 1 << 20  # read-back block of the background hasher
 
@@ -272,9 +270,10 @@ class Output:
             return True
         if self.kind != "device":
             return False
-        st = os.fstat(self.fd)
+        from kcore.engine import discards
+
         # /dev/null discards writes at any offset: threads may write in any order.
-        return stat.S_ISREG(st.st_mode) or (stat.S_ISCHR(st.st_mode) and st.st_rdev == NULL_DEV)
+        return stat.S_ISREG(os.fstat(self.fd).st_mode) or discards(self.fd)
 
     @property
     def sha256_path(self) -> str:
