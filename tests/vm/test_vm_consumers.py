@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from guests import Guest, Pool
 from test_vm_data import segment_offset
 from test_vm_harness import loads
 
-from tests.conftest import volatility_cmd
+from tests.conftest import debug_vmlinux, volatility_cmd
 
 RELEASE_BANNER = b"Linux version "
 
@@ -86,6 +87,25 @@ def test_volatility_finds_the_guest_banner(kaslr_guest: Guest, guest_dump: Guest
                        env=dict(os.environ, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path)))
     release = guest_dump.guest.vm.kernel.release
     assert f"Linux version {release}" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_crash_opens_the_guest_dump(kaslr_guest: Guest, guest_dump: GuestDump) -> None:
+    """crash, with the kernel's debug vmlinux, on the dump of the live KASLR guest (read on
+    its 2 CPUs): the release, the command line the guest booted with, the kernel log."""
+    crash = shutil.which("crash")
+    if crash is None:
+        pytest.skip("crash is not installed (.ci/run installs it)")
+    release = guest_dump.guest.vm.kernel.release
+    vmlinux = debug_vmlinux()
+    if release not in vmlinux.name:
+        pytest.skip(f"the debug vmlinux is {vmlinux.name}, the guest runs {release}")
+    cmdline = (guest_dump.guest.root / "proc/cmdline").read_text().strip()
+    r = subprocess.run([crash, "-s", str(vmlinux), str(guest_dump.path)],
+                       input="sys\np saved_command_line\nlog\nquit\n", capture_output=True,
+                       text=True, timeout=600)
+    assert f"RELEASE: {release}" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f'"{cmdline}"' in r.stdout, r.stdout[-3000:]
+    assert f"Linux version {release}" in r.stdout
 
 
 def test_dump_matches_real_kcore(kaslr_guest: Guest, guest_dump: GuestDump) -> None:
