@@ -103,21 +103,20 @@ def plan(req: Request) -> Layout:
                 return pack(req, fr, null, req.progress, scan=True)[0]
             finally:
                 os.close(null)
-        per_seg, elided, stats = split_runs(req, segs, MAX_LOADS)
+        per_seg, _elided, stats = split_runs(req, segs, MAX_LOADS)
         while True:  # the zero-fill loads count too: merge runs until all headers fit
-            count = _header_count(segs, per_seg)
+            runs = [(s, off, n) for s, seg_runs in zip(segs, per_seg, strict=True)
+                    for off, n in seg_runs]
+            count = len(_load_headers(segs, [(s, off, n, 0) for s, off, n in runs], 0))
             if count <= MAX_LOADS:
                 break
-            data = sum(map(len, per_seg))
             floor = sum(1 for r in per_seg if r)  # one run a segment at least
-            fewer = max(floor, data - -(-(count - MAX_LOADS) // 2))  # a merge drops ~2 loads
-            if fewer >= data:
+            fewer = max(floor, len(runs) - -(-(count - MAX_LOADS) // 2))  # a merge drops ~2
+            if fewer >= len(runs):
                 raise OutputError(f"too many separate memory ranges ({count}) for one ELF "
                                   f"file; dump fewer areas or another format (--format lime)")
             per_seg = coarsen_runs(per_seg, fewer)
-        elided = sum(s.size for s in segs) - sum(n for r in per_seg for _o, n in r)
-        runs = [(s, off, n) for s, seg_runs in zip(segs, per_seg, strict=True)
-                for off, n in seg_runs]
+        elided = sum(s.size for s in segs) - sum(n for _s, _o, n in runs)
     else:
         if len(segs) > MAX_LOADS:
             raise OutputError(f"too many ranges ({len(segs)}) for one ELF file")
@@ -153,20 +152,6 @@ def max_data_loads(segs: list[Segment]) -> int:
     zero-fill one, and each linear segment one more (mapped segments get none)."""
     linear = sum(1 for s in segs if s.paddr != ALL_ONES)
     return (MAX_LOADS - linear) // 2
-
-
-def _header_count(segs: list[Segment], per_seg: list[list[tuple[int, int]]]) -> int:
-    """The PT_LOADs (data and zero-fill) that runs per segment need."""
-    count = 0
-    for seg, runs in zip(segs, per_seg, strict=True):
-        count += len(runs)
-        if seg.paddr != ALL_ONES:
-            cursor = 0
-            for off, n in runs:
-                count += off > cursor
-                cursor = off + n
-            count += cursor < seg.size
-    return count
 
 
 def _load_headers(segs: list[Segment], loads: list[tuple[Segment, int, int, int]],
