@@ -124,26 +124,19 @@ def run_engine(kcore: str, extents: list[Extent]) -> Run:
 def run_engine_threads(kcore: str, extents: list[Extent], threads: int) -> Run:
     """The engine on `threads` threads, each job slot reading through an open file of its own.
 
-    6.1's read_kcore() has one bounce page per open file: threads must not share one.
+    6.1's read_kcore() has one bounce page per open file: threads must not share one
+    (KcoreSource.slot_fd).
     """
-    src = os.open(kcore, os.O_RDONLY)
     dst = os.open(os.devnull, os.O_WRONLY)
-    fds: dict[int, int] = {}
-
-    def slot_fd(slot: int) -> int:
-        if slot not in fds:
-            fds[slot] = os.open(kcore, os.O_RDONLY)
-        return fds[slot]
-
     try:
-        t0 = time.perf_counter()
-        for e in extents:
-            engine.copy_range(src, e.offset, dst, e.offset, e.length, threads=threads,
-                              slot_fd=slot_fd)
-        seconds = time.perf_counter() - t0
+        with KcoreSource.open(kcore) as src:
+            t0 = time.perf_counter()
+            for e in extents:
+                engine.copy_range(src.fd, e.offset, dst, e.offset, e.length, threads=threads,
+                                  slot_fd=src.slot_fd)
+            seconds = time.perf_counter() - t0
     finally:
-        for fd in (src, dst, *fds.values()):
-            os.close(fd)
+        os.close(dst)
     return Run("kcore-engine-threads", f"engine.copy_range(threads={threads}) to /dev/null",
                sum(e.length for e in extents), seconds)
 
