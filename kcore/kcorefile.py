@@ -190,10 +190,8 @@ class KcoreFile(io.RawIOBase):
                 except AttributeError:
                     view, cbuf, st = new_scratch()
                 if n <= _SMALL:  # this thread's scratch buffer, then one small copy
-                    if unshared is None:
-                        rc = kc_read_fd(fd, offset + fdeltas[i], cbuf, n, BLOCK, 4096, 0, st)
-                    else:
-                        rc = unshared(offset + fdeltas[i], cbuf, n, st)
+                    rc = (kc_read_fd(fd, offset + fdeltas[i], cbuf, n, BLOCK, 4096, 0, st)
+                          if unshared is None else unshared(offset + fdeltas[i], cbuf, n, st))
                     if rc:
                         check(rc, st, path=path)
                     return view[:n].tobytes()
@@ -201,10 +199,8 @@ class KcoreFile(io.RawIOBase):
                 # else can see it: CPython's own PyBytes_FromStringAndSize(NULL, n) + read().
                 out = _new_bytes(None, n)
                 with ffi.from_buffer(out) as ptr:
-                    if unshared is None:
-                        rc = kc_read_fd(fd, offset + fdeltas[i], ptr, n, BLOCK, 4096, 0, st)
-                    else:
-                        rc = unshared(offset + fdeltas[i], ptr, n, st)
+                    rc = (kc_read_fd(fd, offset + fdeltas[i], ptr, n, BLOCK, 4096, 0, st)
+                          if unshared is None else unshared(offset + fdeltas[i], ptr, n, st))
                 if rc:
                     check(rc, st, path=path)
                 return out
