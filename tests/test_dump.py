@@ -496,22 +496,31 @@ def test_elf_one_pass_equals_two_passes(name, tmp_path):
         assert loads[-1]["p_offset"] + loads[-1]["p_filesz"] == one.stat().st_size
 
 
-def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
+DIRECT_MAP = 0xffff888000000000
+
+
+def _one_ram_system(size: int, monkeypatch):
+    """A system whose kclist is one RAM range of `size` bytes at physical 0 (notes stubbed)."""
     from types import SimpleNamespace
 
     import kcore.elfcore
+
+    monkeypatch.setattr(kcore.elfcore, "build_notes", lambda *a: b"notes")
+    kclist = SimpleNamespace(entries=[SimpleNamespace(type="KCORE_RAM", vaddr=DIRECT_MAP,
+                                                      paddr=0, size=size)])
+    return SimpleNamespace(layout=SimpleNamespace(page_size=PAGE, arch="x86_64"),
+                           kclist=kclist)
+
+
+def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
+
     from kcore.formats import Request, elf
     from kcore.sources import open_source
 
     pages = [bytes(PAGE) if i % 3 else os.urandom(PAGE) for i in range(300)]
     image = tmp_path / "mem.raw"
     image.write_bytes(b"".join(pages))
-    base = 0xffff888000000000
-    kclist = SimpleNamespace(entries=[SimpleNamespace(type="KCORE_RAM", vaddr=base, paddr=0,
-                                                      size=300 * PAGE)])
-    system = SimpleNamespace(layout=SimpleNamespace(page_size=PAGE, arch="x86_64"),
-                             kclist=kclist)
-    monkeypatch.setattr(kcore.elfcore, "build_notes", lambda *a: b"notes")
+    system = _one_ram_system(300 * PAGE, monkeypatch)
     monkeypatch.setattr(elf, "PACK_CHUNK", 64 * PAGE)
     for limit in (13, 19, 80, 2000):  # program headers: room for 6, 9, 39, 999 data loads
         monkeypatch.setattr(elf, "MAX_LOADS", limit)
@@ -548,7 +557,7 @@ def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
         mem = bytearray(300 * PAGE)
         for r in layout.ranges:
             pa = int(r["paddr"], 16)
-            assert int(r["vaddr"], 16) - pa == base and pa % PAGE == 0
+            assert int(r["vaddr"], 16) - pa == DIRECT_MAP and pa % PAGE == 0
             mem[pa:pa + r["size"]] = data[r["offset"]:r["offset"] + r["size"]]
         assert bytes(mem) == b"".join(pages)  # no data page lost, elided runs are zeros
         assert layout.size == len(data) and stats.bytes_read == 300 * PAGE
@@ -557,20 +566,14 @@ def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
 def test_unpacked_elf_headers_fit_with_their_zero_fill_loads(monkeypatch, tmp_path):
     """Where the packed layout does not apply, runs are merged until the data loads and the
     zero-fill loads between them fit e_phnum; the bytes stay the memory's."""
-    from types import SimpleNamespace
 
-    import kcore.elfcore
     from kcore.formats import Request, elf
     from kcore.sources import open_source
 
     pages = [bytes(PAGE) if i % 3 else os.urandom(PAGE) for i in range(300)]
     image = tmp_path / "mem.raw"
     image.write_bytes(b"".join(pages))
-    kclist = SimpleNamespace(entries=[SimpleNamespace(type="KCORE_RAM", vaddr=0xffff888000000000,
-                                                      paddr=0, size=300 * PAGE)])
-    system = SimpleNamespace(layout=SimpleNamespace(page_size=PAGE, arch="x86_64"),
-                             kclist=kclist)
-    monkeypatch.setattr(kcore.elfcore, "build_notes", lambda *a: b"notes")
+    system = _one_ram_system(300 * PAGE, monkeypatch)
     monkeypatch.setattr(elf, "PACK_CHUNK", 3 * PAGE)  # not a multiple of the granule: unpacked
     for limit in (7, 30, 150, 1000):
         monkeypatch.setattr(elf, "MAX_LOADS", limit)
@@ -591,19 +594,12 @@ def test_unpacked_elf_headers_fit_with_their_zero_fill_loads(monkeypatch, tmp_pa
 
 
 def test_packed_elf_unreadable_pages_are_zeros_or_strict_failure(tmp_path, monkeypatch):
-    from types import SimpleNamespace
 
-    import kcore.elfcore
     from kcore.errors import FaultError
     from kcore.formats import Request, elf
 
     src = _MemSource()
-    base = 0xffff888000000000
-    kclist = SimpleNamespace(entries=[SimpleNamespace(type="KCORE_RAM", vaddr=base, paddr=0,
-                                                      size=3 * PAGE)])
-    system = SimpleNamespace(layout=SimpleNamespace(page_size=PAGE, arch="x86_64"),
-                             kclist=kclist)
-    monkeypatch.setattr(kcore.elfcore, "build_notes", lambda *a: b"notes")
+    system = _one_ram_system(3 * PAGE, monkeypatch)
     out = tmp_path / "core"
     fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
     try:
