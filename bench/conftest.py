@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import re
 import sys
@@ -16,6 +17,17 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "RESULTS.md"
 # The memory-child helper lives with the tests.
 sys.path.insert(0, str(BENCH.parent / "tests"))
+
+
+def load_module(name: str, path: Path):
+    """A helper module by path, under its own name (bench/ and tests/ both have a conftest)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+tests_conftest = load_module("kcore_tests_conftest", BENCH.parent / "tests" / "conftest.py")
 
 _recorded: dict[str, list[str]] = {}
 _notes: dict[str, list[str]] = {}

@@ -6,7 +6,6 @@ Each command runs ROUNDS times, interleaved, and the best time counts (the machi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,20 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import load_module, tests_conftest
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path):
-    """A helper module by path, under its own name (bench/ and tests/ both have a conftest)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_tests = _load("kcore_tests_conftest", REPO / "tests" / "conftest.py")
-_data = _load("kcore_bench_dumpdata", REPO / "bench" / "dumpdata.py")
+_tests = tests_conftest
+_data = load_module("kcore_bench_dumpdata", REPO / "bench" / "dumpdata.py")
 FIXTURE_NAMES, fixture_memory, shared_fixture = (_tests.FIXTURE_NAMES, _tests.fixture_memory,
                                                  _tests.shared_fixture)
 RAM_TOP, make_image, make_root = _data.RAM_TOP, _data.make_image, _data.make_root

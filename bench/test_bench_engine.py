@@ -7,7 +7,6 @@ Every ratio compares two timings taken in the same run on the same page-cached i
 
 from __future__ import annotations
 
-import importlib.util
 import mmap
 import os
 import random
@@ -17,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import best_time, best_times
+from conftest import best_time, best_times, tests_conftest
 from engine_memchild import PAGE, MemChild
 
 from kcore import _pyengine, engine
@@ -29,15 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 RAM_FIXTURE = "linux-6.1.0-56-nokaslr-512M"  # real kernel RAM: where its zero pages lie
 
 
-def _load(name: str, path: Path):
-    """A helper module by path, under its own name (bench/ and tests/ both have a conftest)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_tests_conftest = _load("kcore_tests_conftest", REPO / "tests" / "conftest.py")
+_tests_conftest = tests_conftest
 fixture_memory = _tests_conftest.fixture_memory
 RAM_FIXTURE_HERE = (_tests_conftest.SHARED_FIXTURES / RAM_FIXTURE / "memory").is_dir()
 

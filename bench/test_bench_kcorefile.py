@@ -8,13 +8,13 @@ shared and noisy: each side's best round counts). Results are discarded on both 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import time
 from pathlib import Path
 
 import pytest
+from conftest import tests_conftest
 
 import kcore
 
@@ -24,19 +24,10 @@ PAGE = 4096
 MIB = 1 << 20
 
 
-def _tests_conftest():
-    """tests/conftest.py (fixture_memory), imported under its own name."""
-    spec = importlib.util.spec_from_file_location("kcore_tests_conftest",
-                                                  REPO / "tests" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def setup():
     """(KcoreFile, source fd, RAM entry, its kcore offset) over the raw RAM image."""
-    t = _tests_conftest()
+    t = tests_conftest
     image = t.fixture_memory(NAME)
     root = t.shared_fixture(NAME) / "root"
     kf = kcore.open(str(root), f"raw:{image}")
