@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "read": "read bytes at /proc/kcore file offsets",
     "dump": "dump kernel memory to a file (elf, kcore, lime, raw, padded)",
     "bench": "compare kcore's read speed with the real /proc/kcore",
+    "check": "say whether a dump would work here, how big it would be, and the command",
+    "verify": "check a dump file: structure, digests, ranges, what drgn/crash/Volatility need",
 }
 
 SOURCE_HELP = (

@@ -24,7 +24,7 @@ def vm_pool() -> Iterator[Pool]:
         pool.close()
 
 
-@pytest.fixture(params=list(CONFIGS))
+@pytest.fixture(params=[name for name in CONFIGS if not name.startswith("lockdown-")])
 def guest(request: pytest.FixtureRequest, vm_pool: Pool) -> Guest:
     """Each guest in turn (tests using it run once per config)."""
     return vm_pool.get(request.param)
@@ -33,6 +33,12 @@ def guest(request: pytest.FixtureRequest, vm_pool: Pool) -> Guest:
 @pytest.fixture(params=["nokaslr", "kaslr"])
 def small_guest(request: pytest.FixtureRequest, vm_pool: Pool) -> Guest:
     """The guests under 4 GiB, whose RAM file offset is the physical address."""
+    return vm_pool.get(request.param)
+
+
+@pytest.fixture(params=["lockdown-integrity", "lockdown-confidentiality"])
+def lockdown_guest(request: pytest.FixtureRequest, vm_pool: Pool) -> Guest:
+    """The guests booted with lockdown=integrity and lockdown=confidentiality."""
     return vm_pool.get(request.param)
 
 
@@ -57,7 +63,7 @@ def big_guest(vm_pool: Pool) -> Guest:
 def _guest_of(item: pytest.Item) -> str | None:
     """Which config a test item boots."""
     callspec = getattr(item, "callspec", None)
-    for argname in ("guest", "small_guest"):
+    for argname in ("guest", "small_guest", "lockdown_guest"):
         if callspec is not None and argname in callspec.params:
             return callspec.params[argname]
     for argname, name in (("nokaslr_guest", "nokaslr"), ("kaslr_guest", "kaslr"),

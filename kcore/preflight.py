@@ -1,0 +1,439 @@
+"""`kcore check`'s facts: which live sources work on a system and why the others do not.
+
+Nothing here writes or changes anything: files under the root are read, the live sources are
+opened read-only and one page of RAM is read from each.
+
+What the kernel does (Linux 6.1, security/lockdown, fs/proc/kcore.c, drivers/char/mem.c):
+- `/sys/kernel/security/lockdown` reads like "none [integrity] confidentiality". `integrity`
+  refuses opening /dev/mem (LOCKDOWN_DEV_MEM); `confidentiality` also refuses /proc/kcore
+  (LOCKDOWN_KCORE). Both give EPERM. Lockdown can be raised at run time, never lowered.
+- /proc/kcore also needs CAP_SYS_RAWIO (EPERM otherwise), /dev/mem CAP_SYS_RAWIO and, with
+  CONFIG_STRICT_DEVMEM, reads of System RAM above 1 MiB fail with EPERM (iomem=relaxed lifts
+  it for I/O memory only, not RAM).
+- A container masks /proc/kcore by bind-mounting /dev/null over it: a character device (1:3)
+  where a regular 0400 file of ~128 TiB should be; reads give nothing.
+- kptr_restrict (/proc/sys/kernel/kptr_restrict) 1 hides kallsyms addresses from readers
+  without CAP_SYSLOG, 2 from everybody: they read as zeros.
+- Secure Boot: the EFI variable SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c under
+  /sys/firmware/efi/efivars, 4 attribute bytes then one byte, 1 when enabled. Distribution
+  kernels enter lockdown=integrity by themselves when it is on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kcore.errors import KcoreError
+
+SECURE_BOOT_VAR = "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
+DEFAULT_TEXT_BASE = 0xFFFFFFFF81000000  # _text without KASLR (x86-64)
+KCORE_MIN_SIZE = 1 << 20  # a real /proc/kcore is ~128 TiB; anything this small is not one
+ELF_MAGIC = b"\x7fELF"
+
+
+@dataclass
+class SourceProbe:
+    """One live source: whether it can be read, and why not."""
+
+    name: str
+    path: str
+    works: bool
+    reason: str
+
+
+@dataclass
+class Report:
+    """What `kcore check` found."""
+
+    root: str
+    euid: int
+    source: str = "auto"
+    release: str | None = None
+    arch: str | None = None
+    paging: str | None = None
+    kaslr: str | None = None
+    ram_bytes: int | None = None
+    lockdown: str | None = None
+    secure_boot: str | None = None
+    kptr_restrict: str | None = None
+    kallsyms: str | None = None
+    strict_devmem: str | None = None
+    kcore_masked: str | None = None
+    sources: list[SourceProbe] = field(default_factory=list)
+    verdict: bool = False
+    chosen: str | None = None
+    problem: str | None = None
+    advice: str | None = None
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)
+    output_dir: str | None = None
+    free_bytes: int | None = None
+    command: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+        return asdict(self)
+
+
+def _read(root: Path, rel: str, limit: int = 1 << 22) -> str | None:
+    """A small text file under root, or None when it cannot be read."""
+    try:
+        with open(root / rel, "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def lockdown_mode(root: Path) -> tuple[str | None, str]:
+    """The lockdown mode ("none", "integrity", "confidentiality") or None, and how it was known."""
+    text = _read(root, "sys/kernel/security/lockdown")
+    if text is not None:
+        start, end = text.find("["), text.find("]")
+        if 0 <= start < end:
+            return text[start + 1:end], "from sys/kernel/security/lockdown"
+        return None, f"sys/kernel/security/lockdown reads {text.strip()!r}"
+    cmdline = (_read(root, "proc/cmdline") or "").split()
+    asked = [w.split("=", 1)[1] for w in cmdline if w.startswith("lockdown=")]
+    if not (root / "sys/kernel/security").is_dir() or not os.listdir(root /
+                                                                     "sys/kernel/security"):
+        how = "securityfs is not mounted at sys/kernel/security"
+    else:
+        how = "no lockdown LSM (sys/kernel/security/lockdown is missing)"
+    if asked:
+        return asked[-1], f"from the boot command line (lockdown={asked[-1]}); {how}"
+    return None, how
+
+
+def secure_boot(root: Path) -> str:
+    """Secure Boot state from the EFI variable: enabled, disabled, or why unknown."""
+    if not (root / "sys/firmware/efi").is_dir():
+        return "no (not an EFI boot)"
+    try:
+        data = (root / SECURE_BOOT_VAR).read_bytes()
+    except FileNotFoundError:
+        if not (root / "sys/firmware/efi/efivars").is_dir() or \
+                not os.listdir(root / "sys/firmware/efi/efivars"):
+            return "unknown (efivarfs is not mounted at sys/firmware/efi/efivars)"
+        return "no (no SecureBoot variable)"
+    except OSError as exc:
+        return f"unknown ({exc.strerror})"
+    if len(data) < 5:
+        return "unknown (SecureBoot variable too short)"
+    return "enabled" if data[4] == 1 else "disabled"
+
+
+def _kallsyms_state(root: Path) -> tuple[str, int | None]:
+    """Whether kallsyms gives addresses, and _text's address when it does."""
+    text = _read(root, "proc/kallsyms", limit=1 << 26)
+    if text is None:
+        return "unreadable", None
+    addr = None
+    nonzero = False
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        try:
+            value = int(parts[0], 16)
+        except ValueError:
+            continue
+        nonzero = nonzero or value != 0
+        if parts[2] == "_text" and len(parts) == 3:
+            addr = value
+            break
+    if not nonzero:
+        return "addresses hidden (read as zeros: kptr_restrict, or not root)", None
+    return "addresses visible", addr
+
+
+def _ram_bytes(root: Path) -> int | None:
+    """Bytes of System RAM in proc/iomem (MemTotal when iomem hides addresses)."""
+    from kcore.discover import parse_iomem
+
+    text = _read(root, "proc/iomem")
+    if text is not None:
+        try:
+            ram = parse_iomem(text).system_ram()
+        except KcoreError:
+            ram = []
+        total = sum(n for _start, n in ram) if ram and any(s for s, _ in ram) else 0
+        if total:
+            return total
+    meminfo = _read(root, "proc/meminfo") or ""
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _why_errno(err: int, lockdown: str | None, euid: int, devmem: bool) -> str:
+    if err in (errno.EPERM, errno.EACCES):
+        if lockdown in ("integrity", "confidentiality") and (devmem or
+                                                             lockdown == "confidentiality"):
+            return f"kernel lockdown ({lockdown}) forbids it"
+        if euid != 0:
+            return f"{os.strerror(err)}: run as root"
+        return f"{os.strerror(err)} as root (an LSM, or a container without CAP_SYS_RAWIO?)"
+    if err == errno.ENOENT:
+        return "missing"
+    return os.strerror(err)
+
+
+def kcore_mask(root: Path) -> str | None:
+    """Why proc/kcore is masked or not a real kcore (None when it looks real)."""
+    path = root / "proc/kcore"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISCHR(st.st_mode):
+        dev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        what = " (/dev/null)" if dev == "1:3" else ""
+        return f"a character device {dev}{what} is mounted over it (a container's mask)"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size < KCORE_MIN_SIZE:
+        return f"{st.st_size} bytes long, not ~128 TiB (masked, or a kernel without kcore)"
+    return None
+
+
+def _first_ram_page(src: Any) -> int | None:
+    """The physical address of a page of RAM above 1 MiB in a source (below when none)."""
+    exts = [e for e in src.extents if e.length >= 4096]
+    above = [e for e in exts if e.paddr + e.length >= 0x100000 + 4096]
+    if above:
+        return max(above[0].paddr, 0x100000)
+    return exts[0].paddr if exts else None
+
+
+def probe_kcore(root: Path, lockdown: str | None, euid: int) -> SourceProbe:
+    """Open proc/kcore and read one page of RAM through it."""
+    from kcore.sources import KcoreSource
+
+    path = root / "proc/kcore"
+    if not os.path.lexists(path):
+        return SourceProbe("kcore", str(path), False, "missing (kernel without CONFIG_PROC_KCORE)")
+    mask = kcore_mask(root)
+    if mask is not None:
+        return SourceProbe("kcore", str(path), False, f"masked: {mask}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return SourceProbe("kcore", str(path), False,
+                           _why_errno(exc.errno, lockdown, euid, False))
+    try:
+        head = os.pread(fd, 4, 0)
+    except OSError as exc:
+        return SourceProbe("kcore", str(path), False, f"reading it fails: {exc.strerror}")
+    finally:
+        os.close(fd)
+    if head != ELF_MAGIC:
+        return SourceProbe("kcore", str(path), False,
+                           "masked: reads give no ELF header (a container's mask?)")
+    try:
+        src = KcoreSource.open(str(path))
+    except KcoreError as exc:
+        return SourceProbe("kcore", str(path), False, str(exc))
+    try:
+        paddr = _first_ram_page(src)
+        if paddr is None:
+            return SourceProbe("kcore", str(path), False,
+                               "no RAM segment with a physical address (kernel older than 4.11?)")
+        try:
+            os.pread(src.fd, 4096, next(e.offset + paddr - e.paddr for e in src.extents
+                                          if e.paddr <= paddr < e.paddr + e.length))
+        except OSError as exc:
+            return SourceProbe("kcore", str(path), False,
+                               f"reading RAM at physical {paddr:#x} fails: {exc.strerror}")
+    finally:
+        src.close()
+    return SourceProbe("kcore", str(path), True, "reads RAM")
+
+
+def probe_devmem(root: Path, rel: str, lockdown: str | None, euid: int) -> SourceProbe:
+    """Open dev/crash or dev/mem and read one page of System RAM above 1 MiB."""
+    from kcore.sources import DevmemSource
+
+    path = root / rel
+    name = os.path.basename(rel)
+    if not os.path.lexists(path):
+        what = "the out-of-tree crash driver is not loaded" if name == "crash" else \
+            "kernel without CONFIG_DEVMEM"
+        return SourceProbe(name, str(path), False, f"missing ({what})")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return SourceProbe(name, str(path), False, _why_errno(exc.errno, lockdown, euid, True))
+    os.close(fd)
+    try:
+        src = DevmemSource.open(str(path), str(root))
+    except KcoreError as exc:
+        return SourceProbe(name, str(path), False, str(exc))
+    try:
+        paddr = _first_ram_page(src)
+        if paddr is None:
+            return SourceProbe(name, str(path), False, "no System RAM in proc/iomem")
+        try:
+            os.pread(src.fd, 4096, paddr)
+        except OSError as exc:
+            if exc.errno == errno.EPERM and name == "mem":
+                return SourceProbe(name, str(path), False,
+                                   f"STRICT_DEVMEM forbids reading RAM (physical {paddr:#x})")
+            return SourceProbe(name, str(path), False,
+                               f"reading RAM at physical {paddr:#x} fails: {exc.strerror}")
+    finally:
+        src.close()
+    return SourceProbe(name, str(path), True, "reads RAM")
+
+
+def _paging(root: Path, info: Any) -> str:
+    if info is not None and info.get("NUMBER(pgtable_l5_enabled)") is not None:
+        return "5-level" if info.number("pgtable_l5_enabled") else "4-level"
+    cpuinfo = _read(root, "proc/cpuinfo") or ""
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is not None and " la57" not in flags + " ":
+        return "4-level (the CPU has no la57)"
+    return "unknown (4-level unless the kernel enabled la57)"
+
+
+def _kaslr(root: Path, info: Any, text_addr: int | None) -> str:
+    if info is not None and info.get("KERNELOFFSET") is not None:
+        off = int(info.get("KERNELOFFSET") or "0", 16)
+        return f"on (KERNELOFFSET {off:#x})" if off else "off (KERNELOFFSET 0)"
+    if text_addr is not None:
+        off = text_addr - DEFAULT_TEXT_BASE
+        return f"on (_text {text_addr:#x})" if off else "off (_text at the default address)"
+    if "nokaslr" in (_read(root, "proc/cmdline") or "").split():
+        return "off (nokaslr on the command line)"
+    return "unknown (kallsyms hidden and no VMCOREINFO readable)"
+
+
+def _strict_devmem(root: Path, release: str | None, probes: list[SourceProbe]) -> str:
+    mem = next((p for p in probes if p.name == "mem"), None)
+    if mem is not None and "STRICT_DEVMEM" in mem.reason:
+        return "on (reading RAM through /dev/mem fails with EPERM)"
+    if mem is not None and mem.works:
+        return "off (/dev/mem reads RAM)"
+    config = _read(root, f"boot/config-{release}") if release else None
+    if config is not None:
+        on = "CONFIG_STRICT_DEVMEM=y" in config
+        return ("on" if on else "off") + f" (boot/config-{release})"
+    return "unknown (/dev/mem cannot be probed, no boot/config)"
+
+
+def check(root: str = "/", output_dir: str | None = None, source: str = "auto") -> Report:
+    """Probe a system (read-only) and say whether and how a dump would work."""
+    rootp = Path(root)
+    euid = os.geteuid()
+    rep = Report(root=root, euid=euid, source=source)
+    rep.release = ((_read(rootp, "proc/sys/kernel/osrelease") or "").strip()
+                   or (os.uname().release if root == "/" else None))
+    rep.arch = ((_read(rootp, "proc/sys/kernel/arch") or "").strip()
+                or (os.uname().machine if root == "/" else None))
+    rep.ram_bytes = _ram_bytes(rootp)
+    mode, how = lockdown_mode(rootp)
+    rep.lockdown = f"{mode or 'unknown'} ({how})"
+    rep.secure_boot = secure_boot(rootp)
+    kptr = (_read(rootp, "proc/sys/kernel/kptr_restrict") or "").strip()
+    rep.kptr_restrict = kptr or "unknown"
+    rep.kallsyms, text_addr = _kallsyms_state(rootp)
+    rep.kcore_masked = kcore_mask(rootp) or "no"
+    rep.sources = [probe_kcore(rootp, mode, euid),
+                   probe_devmem(rootp, "dev/crash", mode, euid),
+                   probe_devmem(rootp, "dev/mem", mode, euid)]
+    rep.strict_devmem = _strict_devmem(rootp, rep.release, rep.sources)
+
+    # The verdict: what `kcore dump` itself does (discover over the auto source).
+    system = None
+    try:
+        from kcore.discover import discover
+
+        system = discover(rootp, source)
+    except KcoreError as exc:
+        rep.problem = str(exc)
+    except OSError as exc:
+        rep.problem = f"{exc.strerror or exc}: {exc.filename}"
+    info = None
+    try:
+        if system is not None:
+            info = system.vmcoreinfo
+            rep.verdict = True
+            rep.chosen = getattr(system.source, "path", None)
+            rep.sizes = estimate_sizes(system)
+        rep.paging = _paging(rootp, info)
+        rep.kaslr = _kaslr(rootp, info, text_addr)
+    finally:
+        if system is not None:
+            system.close()
+    rep.output_dir = os.path.abspath(output_dir or os.getcwd())
+    try:
+        rep.free_bytes = shutil.disk_usage(rep.output_dir).free
+    except OSError:
+        rep.free_bytes = None
+    if rep.verdict:
+        rep.command = _command(rep, root, output_dir)
+    else:
+        rep.advice = _advice(rep, mode, euid)
+    return rep
+
+
+def estimate_sizes(system: Any) -> dict[str, dict[str, int]]:
+    """Per format: the output's size without zero elision and the disk space it may take."""
+    from kcore.formats import Request
+
+    out: dict[str, dict[str, int]] = {}
+    from kcore.commands.dump import plan
+
+    for fmt in ("elf", "lime", "raw", "padded", "kcore"):
+        req = Request(system, system.source, elide=False)
+        try:
+            layout = plan(req, fmt)
+        except KcoreError:
+            continue
+        space = layout.size if fmt == "padded" else layout.space_needed  # zeros written
+        out[fmt] = {"size": layout.size, "space": space}
+    return out
+
+
+def _command(rep: Report, root: str, output_dir: str | None) -> str:
+    chosen = next((p for p in rep.sources if p.works), None)
+    words = ["kcore", "dump"] if rep.euid == 0 else ["sudo", "kcore", "dump"]
+    if root != "/":
+        words += ["--root", root]
+    if rep.source != "auto":
+        words += ["--source", rep.source]
+    elif chosen is not None and chosen.name != "kcore":
+        words += ["--source", f"devmem:{chosen.path}"]
+    space = rep.sizes.get("elf", {}).get("space")
+    target = os.path.join(output_dir or ".", "mem.elf")
+    words += ["-o", target]
+    if space is not None and rep.free_bytes is not None and space > rep.free_bytes:
+        words[-1] = "- | zstd -T0 > /elsewhere/mem.elf.zst"
+    return " ".join(words)
+
+
+def _advice(rep: Report, mode: str | None, euid: int) -> str:
+    reasons = " ".join(p.reason for p in rep.sources)
+    if euid != 0 and "run as root" in reasons:
+        return "run kcore check (and the dump) as root: sudo kcore dump -o mem.elf"
+    if mode == "confidentiality":
+        return ("lockdown=confidentiality forbids /proc/kcore and /dev/mem until reboot: dump "
+                "from the hypervisor (kcore dump --source pid:... or a QEMU core), or boot "
+                "without lockdown (Secure Boot off, lockdown=none) or into kdump")
+    if "masked" in rep.kcore_masked or "masked" in reasons:
+        return ("/proc/kcore is masked here (a container): run kcore on the host, or in a "
+                "container started with the host's /proc (--privileged, no mask)")
+    if rep.problem and "kallsyms" in rep.problem:
+        return ("kallsyms addresses are hidden: run as root, or set "
+                "sysctl kernel.kptr_restrict=0 for the dump")
+    if rep.source != "auto":
+        return f"the source cannot be dumped: {rep.problem}"
+    if all("missing" in p.reason for p in rep.sources):
+        return ("this system shows no kernel memory (/proc/kcore, /dev/crash and /dev/mem are "
+                "missing): dump a saved image instead (kcore dump --root DIR --source SPEC)")
+    return f"fix one source above: {rep.problem}"

@@ -1,0 +1,88 @@
+"""`kcore check` in real guests: lockdown modes, a masked /proc/kcore, a normal system.
+
+Each verdict is compared with what `kcore dump` then does in the same guest.
+"""
+
+from __future__ import annotations
+
+import json
+
+from guests import Guest
+
+SECURITYFS = "mount -t securityfs securityfs /sys/kernel/security 2>/dev/null || true\n"
+
+
+def check(guest: Guest, prefix: str = "") -> tuple[int, dict, str]:
+    """Run `kcore check --json` in the guest; its exit status, report and stderr."""
+    r = guest.vm.run(prefix + 'set +e\n"$KCORE_PY" -m kcore check --json --output-dir /tmp\n'
+                     'echo "rc=$?" >&2\n', timeout=300)
+    rc = int(r.stderr.strip().rsplit("rc=", 1)[1])
+    return rc, json.loads(r.stdout), r.stderr
+
+
+def dump_rc(guest: Guest, prefix: str = "") -> tuple[int, str]:
+    """Run `kcore dump -o /dev/null` in the guest; its exit status and stderr."""
+    r = guest.vm.run(prefix + 'set +e\n"$KCORE_PY" -m kcore dump -q --no-digest -o /dev/null\n'
+                     'echo "rc=$?" >&2\n', timeout=600)
+    rc = int(r.stderr.strip().rsplit("rc=", 1)[1])
+    return rc, r.stderr
+
+
+def source(report: dict, name: str) -> dict:
+    """One probed source of a check report."""
+    return next(s for s in report["sources"] if s["name"] == name)
+
+
+def test_check_lockdown(lockdown_guest: Guest) -> None:
+    """lockdown=integrity: /dev/mem refused, /proc/kcore works; confidentiality: both refused."""
+    mode = lockdown_guest.name.removeprefix("lockdown-")
+    # Without securityfs the mode comes from the command line, and says so.
+    rc, rep, _ = check(lockdown_guest)
+    assert rep["lockdown"].startswith(f"{mode} (from the boot command line"), rep["lockdown"]
+    rc, rep, err = check(lockdown_guest, SECURITYFS)
+    assert rep["lockdown"] == f"{mode} (from sys/kernel/security/lockdown)"
+    assert "kernel lockdown" in source(rep, "mem")["reason"]
+    assert not source(rep, "mem")["works"]
+    drc, derr = dump_rc(lockdown_guest, SECURITYFS)
+    if mode == "integrity":
+        assert rc == 0 and rep["verdict"], err
+        assert source(rep, "kcore")["works"]
+        assert rep["chosen"] == "/proc/kcore"
+        assert drc == 0, derr
+    else:
+        assert rc == 2 and not rep["verdict"]
+        assert source(rep, "kcore")["reason"] == "kernel lockdown (confidentiality) forbids it"
+        assert "lockdown=confidentiality" in err.splitlines()[-2]  # the one line of advice
+        assert drc == 2, derr
+        assert "lockdown (confidentiality)" in derr
+
+
+def test_check_normal_then_masked(kaslr_guest: Guest) -> None:
+    """A normal guest: the dump works and fits the estimate; with /dev/null over /proc/kcore
+    (a container's mask) check and dump both fail, and check says why."""
+    rc, rep, err = check(kaslr_guest)
+    assert rc == 0 and rep["verdict"], err
+    assert source(rep, "kcore")["works"]
+    assert "STRICT_DEVMEM" in source(rep, "mem")["reason"]  # Debian: CONFIG_STRICT_DEVMEM=y
+    assert rep["kaslr"].startswith("on"), rep["kaslr"]
+    assert rep["paging"] == "4-level"
+    assert rep["release"] == kaslr_guest.vm.kernel.release
+    assert rep["kcore_masked"] == "no"
+    ram = sum(int(p["p_filesz"]) for p in kaslr_guest.kcore["phdrs"]
+              if p["p_type"] == 1 and p["p_paddr"] != (1 << 64) - 1
+              and p["p_vaddr"] < 0xFFFFFFFF80000000)
+    assert rep["ram_bytes"] >= ram  # iomem's System RAM, of which kcore shows all but a page
+    r = kaslr_guest.vm.run('"$KCORE_PY" -m kcore dump -q --json --format lime -o /dev/null\n',
+                           timeout=600).check()
+    assert json.loads(r.stdout)["bytes"] <= rep["sizes"]["lime"]["size"]
+
+    mask = "mount --bind /dev/null /proc/kcore\ntrap 'umount /proc/kcore' EXIT\n"
+    rc, rep, err = check(kaslr_guest, mask)
+    assert rc == 2 and not rep["verdict"]
+    assert rep["kcore_masked"].startswith("a character device 1:3 (/dev/null)")
+    assert source(rep, "kcore")["reason"].startswith("masked")
+    assert "masked" in err.splitlines()[-2]
+    drc, derr = dump_rc(kaslr_guest, mask)
+    assert drc == 2, derr
+    # Unmounted again: the guest is as before for the tests after this one.
+    assert check(kaslr_guest)[0] == 0
