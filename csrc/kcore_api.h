@@ -101,3 +101,89 @@ int kc_copy_packed(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off,
                    void *buf, size_t buf_len, uint32_t flags,
                    uint64_t *runs_ret, size_t max_runs, size_t *nruns_ret,
                    uint64_t *written_ret, struct kc_stats *stats_ret);
+
+/*
+ * Compressed dumps (csrc/codec.c): the codec libraries are loaded with dlopen
+ * on first use; a missing one makes the calls return -ENOENT.
+ */
+enum kc_codec {
+    KC_CODEC_NONE = 0,
+    KC_CODEC_ZLIB = 1,
+    KC_CODEC_LZO = 2,
+    KC_CODEC_SNAPPY = 3,
+    KC_CODEC_ZSTD = 4
+};
+
+enum { KC_SNAPPY_CHUNK = 65536 };  /* snappy framing: uncompressed bytes a chunk holds */
+
+/* The offset kc_compress_pages gives an all-zero page (kc_rebase_descs replaces it). */
+#define KC_ZERO_PAGE 0xffffffffffffffff
+
+/* makedumpfile's struct page_desc (diskdump_mod.h), little-endian on x86-64: 24 bytes. */
+struct kc_page_desc {
+    uint64_t offset;      /* file offset of the page's data */
+    uint32_t size;        /* bytes stored (the page size when stored raw) */
+    uint32_t flags;       /* DUMP_DH_COMPRESSED_*: the codec, 0 for a raw page */
+    uint64_t page_flags;  /* unused (0) */
+};
+
+/* Load a codec's library: 0, -ENOENT when it is missing, -EINVAL for no such codec. */
+int kc_codec_load(int codec);
+
+/* The DUMP_DH_COMPRESSED_* flag of a codec (0 for none). */
+int kc_codec_flag(int codec);
+
+/* Bytes of dst kc_compress_pages may need per page of page_size bytes. */
+size_t kc_compress_bound(int codec, size_t page_size);
+
+/*
+ * Compress npages pages at src one by one into dst (dst_cap bytes, at least
+ * npages * kc_compress_bound()), packed; descs_ret[i] gets page i's offset in
+ * dst, size and flags. A page that does not shrink is stored raw (flags 0); an
+ * all-zero page stores nothing and gets offset KC_ZERO_PAGE. *written_ret is
+ * the bytes used in dst. level: zstd's or zlib's level (ignored by the others).
+ */
+int kc_compress_pages(int codec, int level, const void *src, size_t npages,
+                      size_t page_size, void *dst, size_t dst_cap,
+                      struct kc_page_desc *descs_ret, uint64_t *written_ret);
+
+/* Turn kc_compress_pages offsets into file offsets: + base, zero pages to zero_offset. */
+void kc_rebase_descs(struct kc_page_desc *descs, size_t n, uint64_t base,
+                     uint64_t zero_offset);
+
+/* Decompress n bytes of one codec's data into dst (dst_len bytes); *out_ret: bytes out. */
+int kc_decompress(int codec, const void *src, size_t n, void *dst, size_t dst_len,
+                  size_t *out_ret);
+
+/*
+ * Decompress npages pages described by descs, whose data lie in data (the file's
+ * bytes [data_base, data_base + data_len)), into dst (npages * page_size bytes).
+ * -ERANGE: a page's data lie outside; -EINVAL: corrupt data or flags; -ENOENT:
+ * a codec missing. *bad_ret: the index of the page that failed.
+ */
+int kc_decompress_pages(const void *data, const struct kc_page_desc *descs, size_t npages,
+                        uint64_t data_base, uint64_t data_len, size_t page_size, void *dst,
+                        size_t *bad_ret);
+
+/* CRC-32C of n bytes, continuing crc (0 to start). */
+uint32_t kc_crc32c(uint32_t crc, const void *data, size_t n);
+
+/* Bytes of dst kc_snappy_frame may need for n bytes. */
+size_t kc_snappy_frame_bound(size_t n);
+
+/*
+ * snappy's framing format without the stream identifier: n bytes at src as
+ * chunks of at most KC_SNAPPY_CHUNK bytes, each compressed (type 0x00) or, when
+ * that does not shrink it, stored (0x01), with its masked CRC-32C.
+ */
+int kc_snappy_frame(const void *src, size_t n, void *dst, size_t dst_cap,
+                    uint64_t *written_ret);
+
+/*
+ * Decode a framed snappy stream (identifier and skippable chunks allowed) of n
+ * bytes into dst. -ERANGE: a chunk runs past n; -EINVAL: corrupt chunk;
+ * -EBADMSG: CRC mismatch; -ENOSPC: dst too small. *consumed_ret: the offset of
+ * the chunk that failed (or n).
+ */
+int kc_snappy_unframe(const void *src, size_t n, void *dst, size_t dst_cap,
+                      uint64_t *written_ret, uint64_t *consumed_ret);

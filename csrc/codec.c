@@ -1,0 +1,513 @@
+/*
+ * Page compression for compressed dumps: the codec libraries (zstd, lzo, snappy,
+ * zlib) are loaded at run time with dlopen, so building kcore needs none of
+ * their -dev packages and a missing one is reported, not a build failure.
+ *
+ * kc_compress_pages() fills makedumpfile's page descriptors for a batch of
+ * pages (diskdump_mod.h: struct page_desc); kc_snappy_frame() writes snappy's
+ * framing format (chunks of at most 64 KiB, masked CRC-32C), as AVML stores
+ * each memory range. Both run without the GIL (cffi) and touch no shared state
+ * but the library handles, which are resolved once under a mutex.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kcore_api.h"
+
+/* diskdump_mod.h: DUMP_DH_COMPRESSED_* (a page descriptor's flags, the header's status). */
+enum {
+    KC_DH_ZLIB = 0x1,
+    KC_DH_LZO = 0x2,
+    KC_DH_SNAPPY = 0x4,
+    KC_DH_ZSTD = 0x20
+};
+
+/* lzo1x_1_compress's work memory (LZO1X_1_MEM_COMPRESS is 16384 dictionary pointers). */
+enum { KC_LZO_WORK = 16384 * sizeof(void *) };
+
+typedef size_t (*zstd_compress_fn)(void *, size_t, const void *, size_t, int);
+typedef size_t (*zstd_decompress_fn)(void *, size_t, const void *, size_t);
+typedef unsigned (*zstd_iserror_fn)(size_t);
+typedef int (*lzo_compress_fn)(const unsigned char *, unsigned long, unsigned char *,
+                               unsigned long *, void *);
+typedef int (*lzo_decompress_fn)(const unsigned char *, unsigned long, unsigned char *,
+                                 unsigned long *, void *);
+typedef int (*snappy_compress_fn)(const char *, size_t, char *, size_t *);
+typedef int (*snappy_uncompress_fn)(const char *, size_t, char *, size_t *);
+typedef size_t (*snappy_maxlen_fn)(size_t);
+typedef int (*zlib_compress2_fn)(unsigned char *, unsigned long *, const unsigned char *,
+                                 unsigned long, int);
+typedef int (*zlib_uncompress_fn)(unsigned char *, unsigned long *, const unsigned char *,
+                                  unsigned long);
+
+struct kc_lib {
+    const char *soname;
+    int loaded;          /* 1 loaded, -1 missing, 0 not tried */
+    void *fn[3];         /* compress, decompress, a helper (zstd: isError) */
+    const char *names[3];
+};
+
+static pthread_mutex_t kc_lib_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct kc_lib kc_libs[] = {
+    [KC_CODEC_NONE] = {NULL, 1, {NULL, NULL, NULL}, {NULL, NULL, NULL}},
+    [KC_CODEC_ZLIB] = {"libz.so.1", 0, {NULL, NULL, NULL}, {"compress2", "uncompress", NULL}},
+    [KC_CODEC_LZO] = {"liblzo2.so.2", 0, {NULL, NULL, NULL},
+                      {"lzo1x_1_compress", "lzo1x_decompress_safe", NULL}},
+    [KC_CODEC_SNAPPY] = {"libsnappy.so.1", 0, {NULL, NULL, NULL},
+                         {"snappy_compress", "snappy_uncompress",
+                          "snappy_max_compressed_length"}},
+    [KC_CODEC_ZSTD] = {"libzstd.so.1", 0, {NULL, NULL, NULL},
+                       {"ZSTD_compress", "ZSTD_decompress", "ZSTD_isError"}},
+};
+
+static int kc_codec_ok(int codec)
+{
+    return codec >= KC_CODEC_NONE && codec <= KC_CODEC_ZSTD;
+}
+
+int kc_codec_load(int codec)
+{
+    struct kc_lib *lib;
+    void *h;
+    int i, rc = 0;
+
+    if (!kc_codec_ok(codec))
+        return -EINVAL;
+    lib = &kc_libs[codec];
+    pthread_mutex_lock(&kc_lib_lock);
+    if (lib->loaded == 0) {
+        h = dlopen(lib->soname, RTLD_NOW | RTLD_LOCAL);
+        lib->loaded = h ? 1 : -1;
+        for (i = 0; h && i < 3; i++) {
+            if (!lib->names[i])
+                continue;
+            lib->fn[i] = dlsym(h, lib->names[i]);
+            if (!lib->fn[i])
+                lib->loaded = -1;
+        }
+    }
+    if (lib->loaded < 0)
+        rc = -ENOENT;
+    pthread_mutex_unlock(&kc_lib_lock);
+    return rc;
+}
+
+int kc_codec_flag(int codec)
+{
+    static const int flags[] = {
+        [KC_CODEC_NONE] = 0, [KC_CODEC_ZLIB] = KC_DH_ZLIB, [KC_CODEC_LZO] = KC_DH_LZO,
+        [KC_CODEC_SNAPPY] = KC_DH_SNAPPY, [KC_CODEC_ZSTD] = KC_DH_ZSTD,
+    };
+    return kc_codec_ok(codec) ? flags[codec] : -EINVAL;
+}
+
+/*
+ * Compress n bytes into dst, which has room for kc_compress_bound(n) bytes
+ * (lzo and snappy write their worst case whatever they are told). Returns the
+ * compressed size, or -errno.
+ */
+static long kc_compress_one(int codec, int level, const void *src, size_t n, void *dst,
+                            size_t cap, void *work)
+{
+    struct kc_lib *lib = &kc_libs[codec];
+
+    switch (codec) {
+    case KC_CODEC_ZSTD: {
+        size_t r = ((zstd_compress_fn)lib->fn[0])(dst, cap, src, n, level);
+
+        return ((zstd_iserror_fn)lib->fn[2])(r) ? -EIO : (long)r;
+    }
+    case KC_CODEC_LZO: {
+        unsigned long out = cap;
+
+        if (((lzo_compress_fn)lib->fn[0])(src, n, dst, &out, work) != 0)
+            return -EIO;
+        return (long)out;
+    }
+    case KC_CODEC_SNAPPY: {
+        size_t out = cap;
+
+        if (((snappy_compress_fn)lib->fn[0])(src, n, dst, &out) != 0)
+            return -EIO;
+        return (long)out;
+    }
+    case KC_CODEC_ZLIB: {
+        unsigned long out = cap;
+
+        if (((zlib_compress2_fn)lib->fn[0])(dst, &out, src, n, level) != 0)
+            return -EIO;
+        return (long)out;
+    }
+    default:
+        return -EINVAL;
+    }
+}
+
+size_t kc_compress_bound(int codec, size_t n)
+{
+    /* room for any codec's worst case on n bytes (lzo: n + n/16 + 67; snappy: 32 + n + n/6) */
+    (void)codec;
+    return n + n / 6 + 128;
+}
+
+int kc_compress_pages(int codec, int level, const void *src, size_t npages,
+                      size_t page_size, void *dst, size_t dst_cap,
+                      struct kc_page_desc *descs_ret, uint64_t *written_ret)
+{
+    const unsigned char *s = src;
+    unsigned char *d = dst;
+    uint64_t pos = 0;
+    void *work = NULL;
+    uint32_t flag;
+    size_t i;
+    int rc;
+
+    *written_ret = 0;
+    if (!kc_codec_ok(codec) || page_size < 512 || (page_size & (page_size - 1)))
+        return -EINVAL;
+    rc = kc_codec_load(codec);
+    if (rc)
+        return rc;
+    flag = (uint32_t)kc_codec_flag(codec);
+    if (codec == KC_CODEC_LZO) {
+        work = malloc(KC_LZO_WORK);
+        if (!work)
+            return -ENOMEM;
+    }
+    for (i = 0; i < npages; i++, s += page_size) {
+        struct kc_page_desc *pd = &descs_ret[i];
+        long n = 0;
+
+        pd->page_flags = 0;
+        if (kc_is_zero(s, page_size)) {
+            pd->offset = KC_ZERO_PAGE;
+            pd->size = (uint32_t)page_size;
+            pd->flags = 0;
+            continue;
+        }
+        if (dst_cap - pos < kc_compress_bound(codec, page_size)) {
+            free(work);
+            return -ENOSPC;
+        }
+        if (codec != KC_CODEC_NONE) {
+            /* a page is stored compressed only when that makes it smaller */
+            n = kc_compress_one(codec, level, s, page_size, d + pos,
+                                kc_compress_bound(codec, page_size), work);
+            if (n < 0) {
+                free(work);
+                return (int)n;
+            }
+        }
+        pd->offset = pos;
+        if (n > 0 && (size_t)n < page_size) {
+            pd->size = (uint32_t)n;
+            pd->flags = flag;
+        } else {
+            memcpy(d + pos, s, page_size);
+            pd->size = (uint32_t)page_size;
+            pd->flags = 0;
+        }
+        pos += pd->size;
+    }
+    free(work);
+    *written_ret = pos;
+    return 0;
+}
+
+void kc_rebase_descs(struct kc_page_desc *descs, size_t n, uint64_t base, uint64_t zero_offset)
+{
+    size_t i;
+
+    for (i = 0; i < n; i++)
+        descs[i].offset = descs[i].offset == KC_ZERO_PAGE ? zero_offset : descs[i].offset + base;
+}
+
+int kc_decompress(int codec, const void *src, size_t n, void *dst, size_t dst_len,
+                  size_t *out_ret)
+{
+    struct kc_lib *lib;
+    int rc;
+
+    *out_ret = 0;
+    rc = kc_codec_load(codec);
+    if (rc)
+        return rc;
+    lib = &kc_libs[codec];
+    switch (codec) {
+    case KC_CODEC_NONE:
+        if (n > dst_len)
+            return -EINVAL;
+        memcpy(dst, src, n);
+        *out_ret = n;
+        return 0;
+    case KC_CODEC_ZSTD: {
+        size_t r = ((zstd_decompress_fn)lib->fn[1])(dst, dst_len, src, n);
+
+        if (((zstd_iserror_fn)lib->fn[2])(r))
+            return -EINVAL;
+        *out_ret = r;
+        return 0;
+    }
+    case KC_CODEC_LZO: {
+        unsigned long out = dst_len;
+
+        if (((lzo_decompress_fn)lib->fn[1])(src, n, dst, &out, NULL) != 0)
+            return -EINVAL;
+        *out_ret = out;
+        return 0;
+    }
+    case KC_CODEC_SNAPPY: {
+        size_t out = dst_len;
+
+        if (((snappy_uncompress_fn)lib->fn[1])(src, n, dst, &out) != 0)
+            return -EINVAL;
+        *out_ret = out;
+        return 0;
+    }
+    case KC_CODEC_ZLIB: {
+        unsigned long out = dst_len;
+
+        if (((zlib_uncompress_fn)lib->fn[1])(dst, &out, src, n) != 0)
+            return -EINVAL;
+        *out_ret = out;
+        return 0;
+    }
+    default:
+        return -EINVAL;
+    }
+}
+
+int kc_decompress_pages(const void *data, const struct kc_page_desc *descs, size_t npages,
+                        uint64_t data_base, uint64_t data_len, size_t page_size, void *dst,
+                        size_t *bad_ret)
+{
+    const unsigned char *base = data;
+    unsigned char *out = dst;
+    size_t i, got;
+    int codec, rc;
+
+    *bad_ret = 0;
+    for (i = 0; i < npages; i++, out += page_size) {
+        const struct kc_page_desc *pd = &descs[i];
+
+        *bad_ret = i;
+        if (pd->offset < data_base || pd->size > data_len ||
+            pd->offset - data_base > data_len - pd->size)
+            return -ERANGE;
+        switch (pd->flags & (KC_DH_ZLIB | KC_DH_LZO | KC_DH_SNAPPY | KC_DH_ZSTD)) {
+        case 0:
+            codec = KC_CODEC_NONE;
+            if (pd->size != page_size)
+                return -EINVAL;
+            break;
+        case KC_DH_ZLIB:
+            codec = KC_CODEC_ZLIB;
+            break;
+        case KC_DH_LZO:
+            codec = KC_CODEC_LZO;
+            break;
+        case KC_DH_SNAPPY:
+            codec = KC_CODEC_SNAPPY;
+            break;
+        case KC_DH_ZSTD:
+            codec = KC_CODEC_ZSTD;
+            break;
+        default:
+            return -EINVAL;
+        }
+        rc = kc_decompress(codec, base + (pd->offset - data_base), pd->size, out, page_size,
+                           &got);
+        if (rc == -ENOENT)
+            return rc;
+        if (rc || got != page_size)
+            return -EINVAL;
+    }
+    return 0;
+}
+
+/* CRC-32C (Castagnoli), reflected, as snappy's framing format checksums each chunk. */
+static uint32_t kc_crc_table[8][256];
+static pthread_once_t kc_crc_once = PTHREAD_ONCE_INIT;
+
+static void kc_crc_init(void)
+{
+    uint32_t c;
+    int i, j;
+
+    for (i = 0; i < 256; i++) {
+        c = (uint32_t)i;
+        for (j = 0; j < 8; j++)
+            c = (c >> 1) ^ (c & 1 ? 0x82f63b78u : 0);
+        kc_crc_table[0][i] = c;
+    }
+    for (i = 0; i < 256; i++)
+        for (j = 1; j < 8; j++)
+            kc_crc_table[j][i] = (kc_crc_table[j - 1][i] >> 8) ^
+                                 kc_crc_table[0][kc_crc_table[j - 1][i] & 0xff];
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) static uint32_t kc_crc32c_hw(uint32_t crc, const unsigned char *p,
+                                                               size_t n)
+{
+    uint64_t c = crc;
+
+    for (; n >= 8; n -= 8, p += 8) {
+        uint64_t v;
+
+        memcpy(&v, p, 8);
+        c = __builtin_ia32_crc32di(c, v);
+    }
+    crc = (uint32_t)c;
+    for (; n; n--, p++)
+        crc = __builtin_ia32_crc32qi(crc, *p);
+    return crc;
+}
+#endif
+
+uint32_t kc_crc32c(uint32_t crc, const void *data, size_t n)
+{
+    const unsigned char *p = data;
+
+    crc = ~crc;
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("sse4.2"))
+        return ~kc_crc32c_hw(crc, p, n);
+#endif
+    pthread_once(&kc_crc_once, kc_crc_init);
+    for (; n >= 8; n -= 8, p += 8) {
+        uint32_t lo = crc ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                             (uint32_t)p[3] << 24);
+
+        crc = kc_crc_table[7][lo & 0xff] ^ kc_crc_table[6][(lo >> 8) & 0xff] ^
+              kc_crc_table[5][(lo >> 16) & 0xff] ^ kc_crc_table[4][lo >> 24] ^
+              kc_crc_table[3][p[4]] ^ kc_crc_table[2][p[5]] ^ kc_crc_table[1][p[6]] ^
+              kc_crc_table[0][p[7]];
+    }
+    for (; n; n--, p++)
+        crc = (crc >> 8) ^ kc_crc_table[0][(crc ^ *p) & 0xff];
+    return ~crc;
+}
+
+/* framing_format.txt: the CRC stored in a chunk is masked (rotated, plus a constant). */
+static uint32_t kc_masked_crc(const void *p, size_t n)
+{
+    uint32_t c = kc_crc32c(0, p, n);
+
+    return ((c >> 15) | (c << 17)) + 0xa282ead8u;
+}
+
+static void kc_put_le32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+size_t kc_snappy_frame_bound(size_t n)
+{
+    size_t chunks = n / KC_SNAPPY_CHUNK + 1;
+
+    return n + chunks * (8 + 32 + KC_SNAPPY_CHUNK / 6);
+}
+
+int kc_snappy_frame(const void *src, size_t n, void *dst, size_t dst_cap, uint64_t *written_ret)
+{
+    const unsigned char *s = src;
+    unsigned char *d = dst;
+    size_t pos = 0, out = 0;
+    int rc;
+
+    *written_ret = 0;
+    rc = kc_codec_load(KC_CODEC_SNAPPY);
+    if (rc)
+        return rc;
+    if (dst_cap < kc_snappy_frame_bound(n))
+        return -ENOSPC;
+    while (pos < n) {
+        size_t len = n - pos < KC_SNAPPY_CHUNK ? n - pos : KC_SNAPPY_CHUNK;
+        size_t clen = dst_cap - out - 8;
+        unsigned char *chunk = d + out;
+        uint32_t crc = kc_masked_crc(s + pos, len);
+
+        rc = ((snappy_compress_fn)kc_libs[KC_CODEC_SNAPPY].fn[0])(
+            (const char *)s + pos, len, (char *)chunk + 8, &clen);
+        if (rc != 0)
+            return -EIO;
+        if (clen < len) {  /* chunk type 0x00: compressed data */
+            kc_put_le32(chunk, (uint32_t)(clen + 4) << 8 | 0x00);
+        } else {           /* chunk type 0x01: uncompressed data */
+            memcpy(chunk + 8, s + pos, len);
+            clen = len;
+            kc_put_le32(chunk, (uint32_t)(clen + 4) << 8 | 0x01);
+        }
+        kc_put_le32(chunk + 4, crc);
+        out += 8 + clen;
+        pos += len;
+    }
+    *written_ret = out;
+    return 0;
+}
+
+int kc_snappy_unframe(const void *src, size_t n, void *dst, size_t dst_cap,
+                      uint64_t *written_ret, uint64_t *consumed_ret)
+{
+    const unsigned char *s = src;
+    unsigned char *d = dst;
+    size_t pos = 0, out = 0;
+    int rc;
+
+    *written_ret = 0;
+    *consumed_ret = 0;
+    rc = kc_codec_load(KC_CODEC_SNAPPY);
+    if (rc)
+        return rc;
+    while (pos + 4 <= n) {
+        unsigned type = s[pos];
+        size_t len = (size_t)s[pos + 1] | (size_t)s[pos + 2] << 8 | (size_t)s[pos + 3] << 16;
+        const unsigned char *body = s + pos + 4;
+        size_t got;
+
+        *consumed_ret = pos;
+        if (len > n - pos - 4)
+            return -ERANGE;
+        if (type == 0x00 || type == 0x01) {
+            uint32_t want;
+
+            if (len < 4)
+                return -EINVAL;
+            want = (uint32_t)body[0] | (uint32_t)body[1] << 8 | (uint32_t)body[2] << 16 |
+                   (uint32_t)body[3] << 24;
+            got = dst_cap - out;
+            if (type == 0x00) {
+                if (((snappy_uncompress_fn)kc_libs[KC_CODEC_SNAPPY].fn[1])(
+                        (const char *)body + 4, len - 4, (char *)d + out, &got) != 0)
+                    return -EINVAL;
+            } else {
+                if (len - 4 > got)
+                    return -ENOSPC;
+                got = len - 4;
+                memcpy(d + out, body + 4, got);
+            }
+            if (kc_masked_crc(d + out, got) != want)
+                return -EBADMSG;
+            out += got;
+        } else if (type >= 0x02 && type <= 0x7f) {
+            return -EINVAL;  /* reserved unskippable chunk */
+        }
+        /* 0xff stream identifier, 0x80-0xfe skippable: nothing to keep */
+        pos += 4 + len;
+    }
+    *consumed_ret = pos;
+    if (pos != n)
+        return -ERANGE;
+    *written_ret = out;
+    return 0;
+}

@@ -1,0 +1,208 @@
+"""makedumpfile's kdump-compressed format (diskdump_mod.h): headers, bitmaps, page descriptors.
+
+A file of block_size (= page size) blocks: block 0 the disk_dump_header; from block 1 the
+kdump_sub_header, the ELF notes right after it (VMCOREINFO among them), sub_hdr_size blocks in
+all; then bitmap_blocks blocks of two bitmaps of equal size (1: the pages that exist, 2: the
+pages dumped); then one page_desc per dumped page in PFN order; then the pages' data.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+KDUMP_SIGNATURE = b"KDUMP   "
+DISKDUMP_SIGNATURE = b"DISKDUMP"
+HEADER_VERSION = 6  # the sub header's 64-bit start_pfn_64/end_pfn_64/max_mapnr_64 fields
+# struct disk_dump_header on 64-bit: signature, header_version, new_utsname (6 x 65 bytes),
+# 6 bytes of alignment, struct timeval (2 x 8), status, block_size, sub_hdr_size, bitmap_blocks,
+# max_mapnr, total_ram_blocks, device_blocks, written_blocks, current_cpu, nr_cpus.
+HEADER = struct.Struct("<8si65s65s65s65s65s65s6xqqIiiIIIIIIi")
+# struct kdump_sub_header on 64-bit.
+SUB_HEADER = struct.Struct("<QiiQQQQQQQQQQQ")
+PAGE_DESC = struct.Struct("<QIIQ")  # offset, size, flags, page_flags
+# DUMP_DH_COMPRESSED_*: the header's status and a page descriptor's flags.
+DH_ZLIB, DH_LZO, DH_SNAPPY, DH_INCOMPLETE, DH_EXCLUDED_VMEMMAP, DH_ZSTD = (
+    0x1, 0x2, 0x4, 0x8, 0x10, 0x20)
+DH_CODECS = DH_ZLIB | DH_LZO | DH_SNAPPY | DH_ZSTD
+
+assert HEADER.size == 464 and SUB_HEADER.size == 104 and PAGE_DESC.size == 24
+
+
+@dataclass
+class DiskDumpHeader:
+    """struct disk_dump_header (the fields kdump-compressed files use)."""
+
+    block_size: int
+    sub_hdr_size: int
+    bitmap_blocks: int
+    max_mapnr: int
+    status: int = 0
+    nr_cpus: int = 1
+    utsname: tuple[bytes, bytes, bytes, bytes, bytes, bytes] = (b"Linux", b"", b"", b"",
+                                                                b"x86_64", b"")
+    timestamp: tuple[int, int] = (0, 0)
+    header_version: int = HEADER_VERSION
+    signature: bytes = KDUMP_SIGNATURE
+
+    def pack(self) -> bytes:
+        """The header's bytes (max_mapnr clipped to 32 bits, as makedumpfile does)."""
+        return HEADER.pack(self.signature, self.header_version, *self.utsname,
+                           *self.timestamp, self.status, self.block_size, self.sub_hdr_size,
+                           self.bitmap_blocks, min(self.max_mapnr, 0xFFFFFFFF), 0, 0, 0, 0,
+                           self.nr_cpus)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> DiskDumpHeader:
+        """Parse the first HEADER.size bytes of a file."""
+        (sig, version, *rest) = HEADER.unpack_from(data)
+        uts = tuple(rest[:6])
+        sec, usec, status, block, sub, bitmap, mapnr, _ram, _dev, _written, _cpu, cpus = rest[6:]
+        return cls(block, sub, bitmap, mapnr, status, cpus, uts, (sec, usec),  # type: ignore[arg-type]
+                   version, sig)
+
+
+@dataclass
+class SubHeader:
+    """struct kdump_sub_header (header_version 6)."""
+
+    phys_base: int = 0
+    dump_level: int = 0
+    offset_vmcoreinfo: int = 0
+    size_vmcoreinfo: int = 0
+    offset_note: int = 0
+    size_note: int = 0
+    max_mapnr: int = 0
+    split: int = 0
+    start_pfn: int = 0
+    end_pfn: int = 0
+
+    def pack(self) -> bytes:
+        """The sub header's bytes (no split: start and end PFNs 0)."""
+        return SUB_HEADER.pack(self.phys_base, self.dump_level, self.split, self.start_pfn,
+                               self.end_pfn, self.offset_vmcoreinfo, self.size_vmcoreinfo,
+                               self.offset_note, self.size_note, 0, 0, self.start_pfn,
+                               self.end_pfn, self.max_mapnr)
+
+    @classmethod
+    def unpack(cls, data: bytes, version: int) -> SubHeader:
+        """Parse a sub header; fields newer than version read as 0."""
+        (phys_base, level, split, start, end, off_vi, size_vi, off_note, size_note, _oe, _se,
+         start64, end64, mapnr64) = SUB_HEADER.unpack_from(data)
+        sub = cls(phys_base, level if version >= 1 else 0)
+        if version >= 3:
+            sub.offset_vmcoreinfo, sub.size_vmcoreinfo = off_vi, size_vi
+        if version >= 4:
+            sub.offset_note, sub.size_note = off_note, size_note
+        sub.split = split if version >= 2 else 0
+        sub.start_pfn, sub.end_pfn = (start64, end64) if version >= 6 else (start, end)
+        sub.max_mapnr = mapnr64 if version >= 6 else 0
+        return sub
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where each part of a kdump-compressed file starts, for a block size and sizes."""
+
+    block_size: int
+    sub_hdr_size: int  # blocks
+    bitmap_blocks: int  # blocks, both bitmaps
+    dumped_pages: int
+
+    @classmethod
+    def of(cls, block_size: int, max_mapnr: int, notes_len: int, dumped_pages: int) -> Geometry:
+        """The geometry of a file whose sub header carries notes_len bytes of notes."""
+        sub = -(-(SUB_HEADER.size + notes_len) // block_size)
+        half = max(1, -(-max_mapnr // (8 * block_size)))
+        return cls(block_size, sub, 2 * half, dumped_pages)
+
+    @property
+    def notes_offset(self) -> int:
+        """File offset of the ELF notes (right after the sub header)."""
+        return self.block_size + SUB_HEADER.size
+
+    @property
+    def bitmap_offset(self) -> int:
+        """File offset of the first bitmap."""
+        return (1 + self.sub_hdr_size) * self.block_size
+
+    @property
+    def bitmap_len(self) -> int:
+        """Bytes of each of the two bitmaps."""
+        return self.bitmap_blocks * self.block_size // 2
+
+    @property
+    def desc_offset(self) -> int:
+        """File offset of the first page descriptor."""
+        return self.bitmap_offset + self.bitmap_blocks * self.block_size
+
+    @property
+    def data_offset(self) -> int:
+        """File offset where page data starts (the shared zero page first)."""
+        return self.desc_offset + self.dumped_pages * PAGE_DESC.size
+
+
+def bitmap_of(runs: list[tuple[int, int]], nbytes: int) -> bytearray:
+    """A bitmap of nbytes with the bits of (first PFN, count) runs set (bit i: byte i/8, LSB)."""
+    bm = bytearray(nbytes)
+    for first, count in runs:
+        pfn, end = first, first + count
+        while pfn < end and pfn % 8:
+            bm[pfn // 8] |= 1 << (pfn % 8)
+            pfn += 1
+        full_end = end // 8 * 8
+        if pfn < full_end:
+            bm[pfn // 8:full_end // 8] = b"\xff" * ((full_end - pfn) // 8)
+            pfn = full_end
+        while pfn < end:
+            bm[pfn // 8] |= 1 << (pfn % 8)
+            pfn += 1
+    return bm
+
+
+def runs_of(bitmap: bytes, limit: int) -> list[tuple[int, int]]:
+    """The (first PFN, count) runs of set bits among the first limit bits of a bitmap."""
+    runs: list[tuple[int, int]] = []
+
+    def add(pfn: int, count: int) -> None:
+        if runs and runs[-1][0] + runs[-1][1] == pfn:
+            runs[-1] = (runs[-1][0], runs[-1][1] + count)
+        else:
+            runs.append((pfn, count))
+
+    view = bytes(bitmap[:-(-limit // 8)])
+    for m in re.finditer(rb"[^\x00]+", view):
+        lo, hi = m.span()
+        if view.count(b"\xff", lo, hi) == hi - lo:
+            add(lo * 8, (hi - lo) * 8)
+            continue
+        for i in range(lo, hi):
+            byte = view[i]
+            if byte == 0xFF:
+                add(i * 8, 8)
+                continue
+            for bit in range(8):
+                if byte >> bit & 1:
+                    add(i * 8 + bit, 1)
+    if runs and runs[-1][0] + runs[-1][1] > limit:  # bits past limit are not pages
+        first, _n = runs[-1]
+        runs[-1] = (first, limit - first)
+        if runs[-1][1] <= 0:
+            runs.pop()
+    return runs
+
+
+def vmcoreinfo_span(notes: bytes) -> tuple[int, int]:
+    """(offset in notes, size) of the VMCOREINFO note's desc; (0, 0) if there is none."""
+    pos = 0
+    while pos + 12 <= len(notes):
+        namesz, descsz, _ntype = struct.unpack_from("<III", notes, pos)
+        name_at = pos + 12
+        desc_at = name_at + (namesz + 3) // 4 * 4
+        if notes[name_at:name_at + namesz].rstrip(b"\0") == b"VMCOREINFO":
+            return desc_at, descsz
+        if namesz == 0 and descsz == 0:
+            break
+        pos = desc_at + (descsz + 3) // 4 * 4
+    return 0, 0
