@@ -7,7 +7,8 @@ from pathlib import Path
 from cffi import FFI
 
 CSRC = Path(__file__).resolve().parent
-SOURCES = ["copy.c", "memguard.c", "codec.c"]
+
+SOURCES = ["copy.c", "memguard.c", "codec.c", "pageclass.c"]
 # The core must build warning-free; cffi's generated wrapper gets the same flags.
 CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror"]
 

@@ -187,3 +187,90 @@ int kc_snappy_frame(const void *src, size_t n, void *dst, size_t dst_cap,
  */
 int kc_snappy_unframe(const void *src, size_t n, void *dst, size_t dst_cap,
                       uint64_t *written_ret, uint64_t *consumed_ret);
+
+/*
+ * Page classes: makedumpfile's dump-level bits (-d), which pages to leave out.
+ * csrc/pageclass.c applies makedumpfile's rules (__exclude_unnecessary_pages)
+ * to the kernel's own struct pages.
+ */
+enum kc_dump_level {
+    KC_DL_ZERO = 1,       /* pages of zeros (found by the zero-run scan, not here) */
+    KC_DL_CACHE = 2,      /* page cache without private data */
+    KC_DL_CACHE_PRI = 4,  /* page cache with private data */
+    KC_DL_USER = 8,       /* user data: anonymous pages, hugetlbfs pages */
+    KC_DL_FREE = 16       /* free pages (buddy allocator) */
+};
+
+/* Which of the optional kernel numbers in struct kc_page_rules are known. */
+enum kc_rule_known {
+    KC_KNOW_BUDDY_MAPCOUNT = 1,       /* NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE) */
+    KC_KNOW_OFFLINE_MAPCOUNT = 2,     /* NUMBER(PAGE_OFFLINE_MAPCOUNT_VALUE) */
+    KC_KNOW_SLAB_MAPCOUNT = 4,        /* NUMBER(PAGE_SLAB_MAPCOUNT_VALUE), 6.10+ */
+    KC_KNOW_HUGETLB_MAPCOUNT = 8,     /* NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE), 6.9+ */
+    KC_KNOW_UNACCEPTED_MAPCOUNT = 16, /* NUMBER(PAGE_UNACCEPTED_MAPCOUNT_VALUE) */
+    KC_KNOW_HUGETLB_DTOR = 32         /* NUMBER(HUGETLB_PAGE_DTOR) */
+};
+
+/*
+ * The layout of struct page and the page-flag numbers, from VMCOREINFO.
+ * Offsets and bit numbers are -1 where the kernel does not have them.
+ */
+struct kc_page_rules {
+    uint32_t dump_level;      /* enum kc_dump_level bits */
+    uint32_t known;           /* enum kc_rule_known bits */
+    uint32_t struct_size;     /* SIZE(page) */
+    int32_t off_flags;        /* OFFSET(page.flags) */
+    int32_t off_mapping;      /* OFFSET(page.mapping) */
+    int32_t off_mapcount;     /* OFFSET(page._mapcount) (page_type shares it) */
+    int32_t off_private;      /* OFFSET(page.private) */
+    int32_t off_compound_head;/* OFFSET(page.compound_head) */
+    int32_t off_order;        /* compound order, in the first tail page; -1: none */
+    int32_t off_dtor;         /* compound destructor, in the first tail page; -1: none */
+    uint32_t order_width;     /* bytes of the order: 1 (>= 4.16) or 2 */
+    uint32_t dtor_width;      /* bytes of the destructor: 1 (>= 4.16), 2 (>= 4.4) or 8 */
+    int32_t pg_lru, pg_private, pg_swapcache, pg_swapbacked, pg_slab, pg_hwpoison;
+    int32_t pg_buddy;         /* NUMBER(PG_buddy): kernels before 2.6.38 only */
+    int32_t pg_hugetlb;       /* NUMBER(PG_hugetlb): 6.6 to 6.8 */
+    uint64_t head_mask;       /* NUMBER(PG_head_mask) */
+    int64_t buddy_mapcount, offline_mapcount, slab_mapcount, hugetlb_mapcount;
+    int64_t unaccepted_mapcount;
+    uint64_t hugetlb_dtor;
+    uint32_t free_area_length; /* LENGTH(zone.free_area) (MAX_ORDER + 1); 0: unknown */
+};
+
+/* Pages left out, per class, by the kc_classify_pages calls that share one. */
+struct kc_page_counts {
+    uint64_t free;           /* buddy pages (and unaccepted ones) */
+    uint64_t cache;          /* page cache without private data */
+    uint64_t cache_private;  /* page cache with private data */
+    uint64_t user;           /* anonymous and hugetlbfs pages */
+    uint64_t hwpoison;       /* pages with a hardware memory error */
+    uint64_t offline;        /* logically offline pages (balloons, hot-unplug) */
+    uint64_t examined;       /* struct pages looked at */
+    uint64_t bad_order;      /* buddy pages with an order past the free areas: kept */
+};
+
+/*
+ * Classify the nstructs struct pages at structs, those of pfns pfn, pfn+1...,
+ * and clear the bit of each page to leave out in bitmap (bit n of byte n/8
+ * stands for pfn n; bitmap_pfns bits). A page whose bit is already clear is
+ * not looked at (not in the dump). A free block or a compound page covers
+ * several pages: all their bits are cleared, and *skip_until_pfn is raised
+ * past them (pages below it are not looked at: pass the same variable to the
+ * next call). A compound head whose first tail is not in this call (or that
+ * ends a 512-page group, as in makedumpfile) counts as order 0.
+ * Counts are added to *counts. Returns 0, or -EINVAL for bad rules.
+ */
+int kc_classify_pages(const struct kc_page_rules *rules, const void *structs,
+                      size_t nstructs, uint64_t pfn, uint8_t *bitmap,
+                      uint64_t bitmap_pfns, uint64_t *skip_until_pfn,
+                      struct kc_page_counts *counts);
+
+/*
+ * The runs of set bits of bitmap in [start, end) (pfns), as (first pfn, count)
+ * pairs in runs_ret, at most max_runs; *next_ret is where to go on from (end
+ * when all were found). *set_ret is the number of set bits up to *next_ret.
+ */
+int kc_bitmap_runs(const uint8_t *bitmap, uint64_t start, uint64_t end,
+                   uint64_t *runs_ret, size_t max_runs, size_t *nruns_ret,
+                   uint64_t *next_ret, uint64_t *set_ret);
