@@ -33,3 +33,23 @@ def test_c_engine_under_asan_and_ubsan(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all passed" in run.stdout
     assert "runtime error" not in run.stderr  # UBSan reports
+
+
+def test_page_classifier_under_asan_and_ubsan(tmp_path):
+    """csrc/tests/test_pageclass.c: makedumpfile's rules on 6.1-shaped struct pages."""
+    cc = shutil.which(os.environ.get("CC", "gcc"))
+    if cc is None:
+        pytest.skip("no C compiler (gcc) to build the sanitizer tests")
+    exe = tmp_path / "test_pageclass"
+    build = subprocess.run(
+        [cc, "-std=gnu11", "-g", "-O1", *SANITIZE, *WARN, f"-I{CSRC}",
+         str(CSRC / "pageclass.c"), str(CSRC / "tests" / "test_pageclass.c"), "-o", str(exe)],
+        capture_output=True, text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:halt_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "all passed" in run.stdout
+    assert "runtime error" not in run.stderr
