@@ -284,6 +284,7 @@ class PageClasses:
     counts: dict[str, int] = field(default_factory=dict)  # pages left out per class
     unreadable_mem_map: int = 0  # pages kept because their struct page could not be read
     no_mem_map: int = 0  # pages kept because their section has no mem_map
+    gap_kept: int = 0  # excluded pages kept to bound the number of ranges (kept_source)
     seconds: float = 0.0
     classified: bool = True  # False: the level needed no mem_map walk
 
@@ -468,3 +469,46 @@ def _classify_around(rules: Any, buf: bytearray, n: int, start: int, bm: Any, ma
                 1 for pfn in range(start + i, start + j)
                 if pfn < max_pfn and result.bitmap[pfn >> 3] >> (pfn & 7) & 1)
         i = j
+
+
+MAX_KEPT_RUNS = 1 << 14  # kept runs a view holds at most (the smallest gaps are kept beyond)
+
+
+def kept_source(source: Any, classes: PageClasses, max_runs: int = MAX_KEPT_RUNS) -> Any:
+    """A view of a memory source that holds only the kept pages (its extents cut to them).
+
+    Every format lays out what a source holds and treats the rest as zeros (holes, zero-fill
+    loads, split ranges): this is where the dump level enters a plan. Past max_runs runs the
+    smallest excluded gaps are kept (as makedumpfile -E keeps gaps under 256 pages), so the
+    view stays small; classes.gap_kept counts those pages.
+    """
+    import copy
+
+    from kcore.sources.base import Extent
+
+    page = classes.page_size
+    runs: list[tuple[int, int, int]] = []  # (paddr, length, extent index)
+    for k, e in enumerate(source.extents):
+        runs.extend((a, n, k) for a, n in classes.runs(e.paddr, e.length))
+    if len(runs) > max_runs:
+        gaps = sorted((runs[i + 1][0] - runs[i][0] - runs[i][1], i)
+                      for i in range(len(runs) - 1) if runs[i][2] == runs[i + 1][2])
+        close = {i for _n, i in gaps[:len(runs) - max_runs]}
+        merged: list[tuple[int, int, int]] = []
+        for i, (a, n, k) in enumerate(runs):
+            if i - 1 in close:
+                pa, pn, pk = merged[-1]
+                gap = a - pa - pn
+                classes.gap_kept += gap // page
+                _set_bits(classes.bitmap, (pa + pn) // page,
+                          min((pa + pn + gap) // page, classes.max_pfn))
+                merged[-1] = (pa, a + n - pa, pk)
+            else:
+                merged.append((a, n, k))
+        runs = merged
+    extents = [Extent(a, n, source.extents[k].offset + a - source.extents[k].paddr)
+               for a, n, k in runs]
+    view = copy.copy(source)
+    view._set_extents(extents)
+    view.close = lambda: None  # the fds belong to the source
+    return view

@@ -1,0 +1,102 @@
+"""`kcore dump -d N` and `--estimate`: classify pages once, then dump only the kept ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kcore.pageclass import (
+    CLASSES,
+    DL_ZERO,
+    PageClasses,
+    classify,
+    kept_source,
+)
+
+RAM_KINDS = ("RAM",)
+
+
+def ram_ranges(system: Any) -> list[tuple[int, int]]:
+    """The physical (paddr, length) System RAM ranges of the kclist (what every format dumps)."""
+    out = []
+    for e in system.kclist.entries:
+        name = getattr(e.type, "name", str(e.type)).upper()
+        if name in RAM_KINDS:
+            out.append((e.paddr, e.size))
+    return sorted(out)
+
+
+@dataclass
+class Filtered:
+    """A dump level applied to a system: the classes, and the source view holding kept pages."""
+
+    level: int
+    classes: PageClasses
+    source: Any  # the view (kcore.pageclass.kept_source)
+    ram: list[tuple[int, int]]  # the (paddr, length) RAM ranges classified
+
+    def held_pages(self) -> int:
+        """RAM pages the view holds (kept by the mem_map classes), before zero elision."""
+        page = self.classes.page_size
+        return sum(e.length for e in self.source.extents) // page
+
+    def counts(self, zero: int | None = None) -> dict[str, int]:
+        """Pages left out per class (zero: pages of zeros left out, when known)."""
+        out = {k: v for k, v in self.classes.counts.items() if k != "zero"}
+        out["zero"] = zero if zero is not None else 0
+        return {k: out.get(k, 0) for k in CLASSES}
+
+    def report(self, zero: int | None, kept: int | None) -> dict[str, Any]:
+        """The dump_level part of a summary or manifest."""
+        c = self.classes
+        return {
+            "level": self.level,
+            "pages_excluded": self.counts(zero),
+            "pages_kept": kept,
+            "pages_in_ram": sum(n for _a, n in self.ram) // c.page_size,
+            "pages_unreadable_mem_map": c.unreadable_mem_map,
+            "pages_without_mem_map": c.no_mem_map,
+            "pages_kept_to_bound_ranges": c.gap_kept,
+            "classify_seconds": round(c.seconds, 3),
+        }
+
+
+def apply(system: Any, source: Any, level: int) -> Filtered:
+    """Classify the system's RAM pages for a level; the source view holding the kept ones."""
+    ram = ram_ranges(system)
+    classes = classify(system, level, ram)
+    # the view holds RAM pages only: no format dumps the others (reserved areas, ROMs)
+    view = kept_source(source, classes)
+    return Filtered(level, classes, view, ram)
+
+
+def zero_pages(filtered: Filtered, threads: int = 1) -> int:
+    """Pages of zeros among the kept ones (a page-granular scan, as the dump's)."""
+    from kcore import engine
+
+    src = filtered.source
+    page = filtered.classes.page_size
+    nonzero = 0
+    for e in src.extents:
+        runs, _st = engine.data_runs(src.fd, e.offset, e.length, granule=page, threads=threads,
+                                     slot_fd=getattr(src, "slot_fd", None))
+        nonzero += _page_span(runs, e.offset, e.offset + e.length, page)
+    return filtered.held_pages() - nonzero
+
+
+def _page_span(runs: list[tuple[int, int]], lo: int, hi: int, page: int) -> int:
+    """Pages of [lo, hi) the runs touch (runs aligned to file offsets; pages to lo)."""
+    total = 0
+    last = lo
+    for off, n in runs:
+        a = max(lo, lo + (off - lo) // page * page, last)
+        b = min(hi, lo + -(-(off + n - lo) // page) * page)
+        if b > a:
+            total += (b - a) // page
+            last = b
+    return total
+
+
+def wants_zero_elision(level: int) -> bool:
+    """Whether a level leaves out pages of zeros (bit 1)."""
+    return bool(level & DL_ZERO)
