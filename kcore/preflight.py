@@ -271,7 +271,7 @@ def probe_devmem(root: Path, rel: str, lockdown: str | None, euid: int) -> Sourc
         return SourceProbe(name, str(path), False, _why_errno(exc.errno, lockdown, euid, True))
     os.close(fd)
     try:
-        src = DevmemSource.open(str(path), str(root))
+        src = DevmemSource.open(str(path), root=str(root))
     except KcoreError as exc:
         return SourceProbe(name, str(path), False, str(exc))
     try:
@@ -384,19 +384,18 @@ def check(root: str = "/", output_dir: str | None = None, source: str = "auto") 
 
 def estimate_sizes(system: Any) -> dict[str, dict[str, int]]:
     """Per format: the output's size without zero elision and the disk space it may take."""
-    from kcore.formats import Request
+    from kcore.formats import FORMATS
+    from kcore.formats.plan import Request
 
     out: dict[str, dict[str, int]] = {}
-    from kcore.commands.dump import plan
-
-    for fmt in ("elf", "lime", "raw", "padded", "kcore"):
+    for fmt in FORMATS.values():
         req = Request(system, system.source, elide=False)
         try:
-            layout = plan(req, fmt)
+            plan = fmt.plan(req)
         except KcoreError:
             continue
-        space = layout.size if fmt == "padded" else layout.space_needed  # zeros written
-        out[fmt] = {"size": layout.size, "space": space}
+        space = plan.space_needed if fmt.sparse else plan.size  # dense: zeros written
+        out[fmt.name] = {"size": plan.size, "space": space}
     return out
 
 

@@ -366,20 +366,23 @@ class _MemSource:
 
 def test_unreadable_pages_are_zeros_or_strict_failure(tmp_path):
     from kcore.errors import FaultError
-    from kcore.formats import Copy, Layout, Segment, nonzero_runs, write_layout
+    from kcore.formats.plan import Copy, Plan
+    from kcore.formats.segments import Segment
+    from kcore.formats.write import write_plan
+    from kcore.formats.zeroruns import nonzero_runs
     from kcore.output import open_output
 
     src = _MemSource()
-    layout = Layout([Copy(0, src.addr, 3 * PAGE)], 3 * PAGE)
+    layout = Plan([Copy(0, src.addr, 3 * PAGE)], 3 * PAGE)
     with open_output(str(tmp_path / "lax.raw")) as out:
-        stats = write_layout(out, src, layout, sparse=True, strict=False)
+        stats = write_plan(out, src, layout, sparse=True, strict=False)
         out.commit(layout.size)
     assert stats.pages_zero_filled == 1
     data = (tmp_path / "lax.raw").read_bytes()
     assert data == b"\x11" * PAGE + bytes(PAGE) + b"\x11" * PAGE
     with pytest.raises(FaultError):
         with open_output(str(tmp_path / "strict.raw")) as out:
-            write_layout(out, src, layout, sparse=True, strict=True)
+            write_plan(out, src, layout, sparse=True, strict=True)
     assert os.listdir(tmp_path) == ["lax.raw"]  # nothing of the failed dump
     from kcore.engine import CopyStats
 
@@ -415,7 +418,9 @@ def test_vmalloc_and_modules_match_kcorefile(tmp_path):
 
 
 def test_zero_runs_coarsen_to_the_phdr_limit(tmp_path):
-    from kcore.formats import Request, Segment, split_segments
+    from kcore.formats.plan import Request
+    from kcore.formats.segments import Segment
+    from kcore.formats.zeroruns import split_segments
     from kcore.sources import open_source
 
     pages = [bytes(PAGE) if i % 3 else os.urandom(PAGE) for i in range(300)]
@@ -514,7 +519,8 @@ def _one_ram_system(size: int, monkeypatch):
 
 def test_packed_runs_coarsen_to_the_reserved_headers(tmp_path, monkeypatch):
 
-    from kcore.formats import Request, elf
+    from kcore.formats import elf
+    from kcore.formats.plan import Request
     from kcore.sources import open_source
 
     pages = [bytes(PAGE) if i % 3 else os.urandom(PAGE) for i in range(300)]
@@ -567,7 +573,8 @@ def test_unpacked_elf_headers_fit_with_their_zero_fill_loads(monkeypatch, tmp_pa
     """Where the packed layout does not apply, runs are merged until the data loads and the
     zero-fill loads between them fit e_phnum; the bytes stay the memory's."""
 
-    from kcore.formats import Request, elf
+    from kcore.formats import elf
+    from kcore.formats.plan import Request
     from kcore.sources import open_source
 
     pages = [bytes(PAGE) if i % 3 else os.urandom(PAGE) for i in range(300)]
@@ -596,7 +603,8 @@ def test_unpacked_elf_headers_fit_with_their_zero_fill_loads(monkeypatch, tmp_pa
 def test_packed_elf_unreadable_pages_are_zeros_or_strict_failure(tmp_path, monkeypatch):
 
     from kcore.errors import FaultError
-    from kcore.formats import Request, elf
+    from kcore.formats import elf
+    from kcore.formats.plan import Request
 
     src = _MemSource()
     system = _one_ram_system(3 * PAGE, monkeypatch)

@@ -136,24 +136,25 @@ def test_char_device_is_written_in_place():
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_inline_digest_hashes_what_write_layout_wrote(tmp_path, sparse):
-    from kcore.formats import Blob, Copy, Layout, Zeros, write_layout
+def test_inline_digest_hashes_what_write_plan_wrote(tmp_path, sparse):
+    from kcore.formats.plan import Blob, Copy, Plan, Zeros
+    from kcore.formats.write import write_plan
 
     src = tmp_path / "src.bin"
     data = os.urandom(3 << 20) + bytes(5 << 20) + os.urandom(12345)
     src.write_bytes(data)
-    layout = Layout([Blob(0, b"head" * 1000), Copy(4000, 4096 * 5 + 7, len(data) - 4096 * 5 - 7),
+    layout = Plan([Blob(0, b"head" * 1000), Copy(4000, 4096 * 5 + 7, len(data) - 4096 * 5 - 7),
                      Zeros(4000 + len(data) - 4096 * 5 - 7, 3 << 20)],
                     4000 + len(data) - 4096 * 5 - 7 + (3 << 20))
     assert layout.contiguous
-    assert not Layout([Blob(0, b"x"), Zeros(2, 3)], 5).contiguous  # the read-back hasher then
+    assert not Plan([Blob(0, b"x"), Zeros(2, 3)], 5).contiguous  # the read-back hasher then
     path = tmp_path / "out.bin"
     fd = os.open(src, os.O_RDONLY)
     try:
         with open_output(str(path)) as out:
             out.start_digest(inline=True)
             assert out.hasher is not None and out.hasher.inline
-            write_layout(out, type("S", (), {"fd": fd})(), layout, sparse=sparse, strict=False)
+            write_plan(out, type("S", (), {"fd": fd})(), layout, sparse=sparse, strict=False)
             out.commit(layout.size)
     finally:
         os.close(fd)

@@ -16,43 +16,15 @@ from kcore import __version__
 from kcore.cli import add_system_args, int_arg
 from kcore.engine import MAX_THREADS, default_threads
 from kcore.errors import InputError, SourceError
-from kcore.formats import (
-    DEFAULT_GRANULE,
-    FORMATS,
-    SCAN_CHUNK,
-    STREAMABLE,
-    Layout,
-    Request,
-    write_layout,
-)
+from kcore.formats import FORMATS, Format, names
+from kcore.formats.plan import DEFAULT_GRANULE, SCAN_CHUNK, Plan, Request
+from kcore.formats.write import write_plan
 from kcore.output import Output, human, open_output
 
-# With the digest on, the one pass writes the header last, so the SHA-256 (in file order)
-# cannot start before the copy ends; the two passes let it trail the copy instead.
-PACK_WITH_DIGEST = False
-# The SHA-256 hashes the writer's own buffers in a thread (no read-back of the output).
-INLINE_DIGEST = True
-
-EXTENSIONS = {"elf": "elf", "kcore": "kcore", "lime": "lime", "raw": "raw", "padded": "img"}
-
-DESCRIPTION = """\
+DESCRIPTION_TEMPLATE = """\
 Dump kernel memory in a format analysis tools open, at the speed of the hardware.
 
-formats:
-  elf     (default) a compact ELF core: PT_NOTE (NT_PRSTATUS, NT_PRPSINFO, NT_TASKSTRUCT,
-          VMCOREINFO) then packed PT_LOADs for RAM and kernel text with real p_vaddr and
-          p_paddr, in kdump's style. Opens in drgn, crash, gdb, makedumpfile and
-          Volatility 3. Zero runs are left out of the file; PT_LOADs without file bytes
-          (p_filesz 0) stand for them and read as zeros. --vmalloc/--modules add those
-          areas' mapped pages (System RAM only), --no-text leaves the kernel text out.
-  kcore   the exact /proc/kcore image as a sparse file of the real size (~128 TiB apparent
-          on x86-64; needs tmpfs, xfs or btrfs: ext4 stops at 16 TiB). No digest.
-  lime    LiME (Volatility's LimeLayer, LiME's lime format): per RAM range a 32-byte
-          header then the bytes; zero runs left out.
-  raw     a physical image, file offset = physical address; holes for gaps and zero pages
-          (read it back with --source raw:PATH).
-  padded  the same layout with zeros written densely (LiME's padded format).
-
+{formats}
 sources (--source): auto (the live system: /proc/kcore, then /dev/crash, then /dev/mem),
   raw:PATH, padded:PATH, lime:PATH, elf:PATH (e.g. QEMU dump-guest-memory), kcore:PATH,
   devmem:PATH, pid:PID:START-END@PHYS. --root DIR reads proc/ and sys/ files under DIR
@@ -63,6 +35,9 @@ output: created 0600 under a temporary name and renamed into place when complete
   Ctrl-C the partial file is removed. Beside it: OUTPUT.sha256 (sha256sum -c) and
   OUTPUT.json (a manifest). -o - writes elf or lime to stdout.
 """
+
+DESCRIPTION = DESCRIPTION_TEMPLATE.format(formats="formats:\n" + "".join(
+    f"  {f.name:<7} " + f.help.replace("\n", "\n" + " " * 10) + "\n" for f in FORMATS.values()))
 
 EPILOG = """\
 examples:
@@ -79,7 +54,8 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_system_args(p)
-    p.add_argument("--format", choices=FORMATS, default="elf", help="output format (default elf)")
+    p.add_argument("--format", choices=list(FORMATS), default="elf",
+                   help="output format (default elf)")
     p.add_argument("-o", "--output", metavar="OUTPUT",
                    help="output file, or - for stdout (elf, lime); default kcore-TIME.EXT")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -105,38 +81,23 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     return p
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    fmt = args.format
-    if args.output == "-" and fmt not in STREAMABLE:
-        raise InputError(f"--format {fmt} cannot go to stdout (it needs seeking); "
-                         f"use elf or lime, or -o FILE")
+def _check_args(args: argparse.Namespace, fmt: Format) -> None:
+    if args.output == "-" and not fmt.streamable:
+        raise InputError(f"--format {fmt.name} cannot go to stdout (it needs seeking); "
+                         f"use {' or '.join(names(lambda f: f.streamable))}, or -o FILE")
     if args.output == "-" and args.json:
         raise InputError("--json prints to stdout, which the dump already uses; drop one")
+    segment_formats = " or ".join(names(lambda f: f.segment_options))
     for opt in ("vmalloc", "modules"):
-        if getattr(args, opt) and fmt != "elf":
-            raise InputError(f"--{opt} applies to --format elf only")
-    if not args.text and fmt != "elf":
-        raise InputError("--no-text applies to --format elf only")
+        if getattr(args, opt) and not fmt.segment_options:
+            raise InputError(f"--{opt} applies to --format {segment_formats} only")
+    if not args.text and not fmt.segment_options:
+        raise InputError(f"--no-text applies to --format {segment_formats} only")
     g = args.granule
     if g < 4096 or g > SCAN_CHUNK or g & (g - 1):
         raise InputError(f"--granule {g} must be a power of two from 4096 to {SCAN_CHUNK}")
     if not 0 <= args.threads <= 16:
         raise InputError(f"--threads {args.threads} must be from 0 (one per CPU) to 16")
-
-
-def plan(req: Request, fmt: str) -> Layout:
-    """The layout of one dump in a format."""
-    if fmt == "elf":
-        from kcore.formats import elf
-        return elf.plan(req)
-    if fmt == "lime":
-        from kcore.formats import lime
-        return lime.plan(req)
-    if fmt in ("raw", "padded"):
-        from kcore.formats import raw
-        return raw.plan(req, padded=fmt == "padded")
-    from kcore.formats import kcore as kcore_format
-    return kcore_format.plan(req)
 
 
 @contextlib.contextmanager
@@ -179,9 +140,9 @@ def _progress_bar(total: int | None, quiet: bool, desc: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Dump memory; print a summary; return the exit status."""
-    _check_args(args)
-    fmt = args.format
-    path = args.output or time.strftime(f"kcore-%Y%m%d-%H%M%S.{EXTENSIONS[fmt]}")
+    fmt = FORMATS[args.format]
+    _check_args(args, fmt)
+    path = args.output or time.strftime(f"kcore-%Y%m%d-%H%M%S.{fmt.extension}")
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     with _sigterm_interrupts():
@@ -192,52 +153,52 @@ def run(args: argparse.Namespace) -> int:
             system.close()
 
 
-def _dump(args: argparse.Namespace, system: Any, fmt: str, path: str, started: datetime,
+def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started: datetime,
           t0: float) -> int:
     """Plan, write and land one dump of a discovered system."""
     source = system.source
     req = Request(system, source, text=args.text, vmalloc=args.vmalloc,
-                  modules=args.modules, elide=args.elide and fmt in STREAMABLE,
+                  modules=args.modules, elide=args.elide and fmt.elides,
                   granule=args.granule, strict=args.strict, flavour=args.layout,
                   threads=args.threads or default_threads())
-    want_digest = args.digest and fmt != "kcore"
+    want_digest = args.digest and fmt.digest
     with open_output(path, force=args.force, digest=want_digest) as out:
-        if fmt == "kcore" and not out.seekable:
-            raise InputError(f"--format kcore needs a seekable file, not {path}")
-        done = _write_one_pass(args, req, out, fmt, want_digest)
+        if fmt.needs_seek and not out.seekable:
+            raise InputError(f"--format {fmt.name} needs a seekable file, not {path}")
+        done = None if want_digest else _write_one_pass(args, req, out, fmt)
         if done is not None:
-            layout, stats = done
+            plan, stats = done
         else:
-            layout, stats = _write_two_pass(args, req, out, fmt)
+            plan, stats = _write_two_pass(args, req, out, fmt)
         hashing = out.hasher
-        bar = _progress_bar(layout.size, args.quiet or hashing is None, "sha256")
+        bar = _progress_bar(plan.size, args.quiet or hashing is None, "sha256")
         if bar is not None:
             bar.update(hashing.done)
         try:
-            out.finish(layout.size, bar.update if bar is not None else None)
+            out.finish(plan.size, bar.update if bar is not None else None)
         finally:
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - t0
-        summary = _summary(args, out, system, layout, stats, seconds, started)
-        out.commit(layout.size, summary["manifest"] if out.kind == "file" else None)
+        summary = _summary(args, out, system, plan, stats, seconds, started)
+        out.commit(plan.size, summary["manifest"] if out.kind == "file" else None)
     if args.json:
         print(json.dumps(summary["result"], indent=2))
     elif not args.quiet:
-        _print_human(summary["result"], layout)
+        _print_human(summary["result"], plan)
     return 0
 
 
-def _write_one_pass(args: argparse.Namespace, req: Request, out: Output, fmt: str,
-                    want_digest: bool) -> tuple[Layout, Any] | None:
-    """The elf format's single pass (scan and copy at once); None where it does not apply."""
-    if fmt != "elf" or (want_digest and not PACK_WITH_DIGEST):
-        return None
-    from kcore.formats import elf
+def _write_one_pass(args: argparse.Namespace, req: Request, out: Output,
+                    fmt: Format) -> tuple[Plan, Any] | None:
+    """The format's single pass (scan and copy at once); None where it does not apply.
 
-    if not elf.can_pack(req, out):
+    Only without a digest: the one pass writes the header last, so a SHA-256 (in file order)
+    could not start before the copy ends, while the two passes let it trail the copy.
+    """
+    if fmt.one_pass is None:
         return None
-    bar = _progress_bar(None, args.quiet, f"dump {fmt}")
+    bar = _progress_bar(None, args.quiet, f"dump {fmt.name}")
 
     def sized(total: int) -> None:
         if bar is not None:
@@ -245,7 +206,7 @@ def _write_one_pass(args: argparse.Namespace, req: Request, out: Output, fmt: st
             bar.refresh()
 
     try:
-        done = elf.write_packed(req, out, bar.update if bar is not None else None, sized)
+        done = fmt.one_pass(req, out, bar.update if bar is not None else None, sized)
     finally:
         if bar is not None:
             bar.close()
@@ -256,47 +217,50 @@ def _write_one_pass(args: argparse.Namespace, req: Request, out: Output, fmt: st
 
 
 def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
-                    fmt: str) -> tuple[Layout, Any]:
-    """Plan the layout (a zero-run scan first where elision applies), then write it."""
+                    fmt: Format) -> tuple[Plan, Any]:
+    """Plan the dump (a zero-run scan first where elision applies), then write it.
+
+    A contiguous plan is hashed from the writer's own buffers (no read-back of the output).
+    """
     bar = _progress_bar(None, args.quiet or not req.elide, "scan for zero runs")
     req.progress = bar.update if bar is not None else None
     try:
-        layout = plan(req, fmt)
+        plan = fmt.plan(req)
     finally:
         if bar is not None:
             bar.close()
-    out.check_space(layout.space_needed, estimate=layout.estimate)
-    out.start_digest(inline=INLINE_DIGEST and layout.contiguous)
-    bar = _progress_bar(layout.copy_bytes, args.quiet, f"dump {fmt}")
+    out.check_space(plan.space_needed, estimate=plan.estimate)
+    out.start_digest(inline=plan.contiguous)
+    bar = _progress_bar(plan.copy_bytes, args.quiet, f"dump {fmt.name}")
     try:
-        stats = write_layout(out, req.source, layout, sparse=fmt != "padded",
-                             strict=args.strict, threads=req.threads,
-                             progress=bar.update if bar is not None else None)
+        stats = write_plan(out, req.source, plan, sparse=fmt.sparse,
+                           strict=args.strict, threads=req.threads,
+                           progress=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
-    return layout, stats
+    return plan, stats
 
 
-def _summary(args: argparse.Namespace, out: Output, system: Any, layout: Layout, stats: Any,
+def _summary(args: argparse.Namespace, out: Output, system: Any, plan: Plan, stats: Any,
              seconds: float, started: datetime) -> dict[str, Any]:
     page = system.layout.page_size
-    scan = layout.scan_stats
+    scan = plan.scan_stats
     unreadable = (scan.pages_zero_filled if scan is not None else stats.pages_zero_filled)
-    memory = layout.copy_bytes + layout.elided
+    memory = plan.copy_bytes + plan.elided
     result = {
         "output": out.path,
         "format": args.format,
-        "bytes": layout.size,
-        "bytes_copied": layout.copy_bytes,
+        "bytes": plan.size,
+        "bytes_copied": plan.copy_bytes,
         "pages_read": stats.bytes_read // page,
         "pages_zero_filled": unreadable,
-        "bytes_elided": layout.elided,
+        "bytes_elided": plan.elided,
         "pages_sparse": getattr(stats, "pages_sparse", 0),
         "seconds": round(seconds, 3),
         "gb_per_s": round(memory / seconds / 1e9, 3) if seconds > 0 else None,
         "sha256": out.sha256,
-        "warnings": layout.warnings,
+        "warnings": plan.warnings,
     }
     manifest = {
         "tool": f"kcore {__version__}",
@@ -307,12 +271,12 @@ def _summary(args: argparse.Namespace, out: Output, system: Any, layout: Layout,
         "kernel_release": getattr(system, "osrelease", None),
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "size": layout.size,
-        "ranges": layout.ranges,
-        "bytes_elided": layout.elided,
+        "size": plan.size,
+        "ranges": plan.ranges,
+        "bytes_elided": plan.elided,
         "pages_zero_filled": unreadable,
         "first_unreadable": _first_error(stats, scan),
-        "warnings": layout.warnings,
+        "warnings": plan.warnings,
     }
     return {"result": result, "manifest": manifest}
 
@@ -324,12 +288,12 @@ def _first_error(*stats: Any) -> str | None:
     return None
 
 
-def _print_human(r: dict[str, Any], layout: Layout) -> None:
+def _print_human(r: dict[str, Any], plan: Plan) -> None:
     lines = [f"kcore: wrote {r['output']} ({r['format']}, {human(r['bytes'])}) "
              f"in {r['seconds']:.2f} s, {r['gb_per_s'] or 0:.2f} GB/s of memory"]
     if r["bytes_elided"]:
         lines.append(f"  zero elision saved {human(r['bytes_elided'])} "
-                     f"({len(layout.ranges)} ranges)")
+                     f"({len(plan.ranges)} ranges)")
     if r["pages_zero_filled"]:
         lines.append(f"  {r['pages_zero_filled']} unreadable pages dumped as zeros")
     if r["sha256"]:

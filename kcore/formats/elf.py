@@ -15,22 +15,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kcore.errors import FaultError, OutputError
-from kcore.formats import (
+from kcore.formats import Format
+from kcore.formats.pages import mapped_segment
+from kcore.formats.plan import Blob, Copy, Item, Plan, Request
+from kcore.formats.segments import (
     ALL_ONES,
-    Blob,
-    Copy,
-    Item,
-    Layout,
-    Request,
     Segment,
-    coarsen_runs,
     kind_of,
     mapped_only,
-    mapped_segment,
     segment_items,
     source_pieces,
-    split_runs,
 )
+from kcore.formats.write import write_all
+from kcore.formats.zeroruns import coarsen_runs, split_runs
 
 if TYPE_CHECKING:
     from kcore.output import Output
@@ -87,7 +84,7 @@ def segments(req: Request) -> list[Segment]:
     return out
 
 
-def plan(req: Request) -> Layout:
+def plan(req: Request) -> Plan:
     """Lay out the compact ELF core for a request."""
     from kcore.elfcore import build_notes
 
@@ -97,7 +94,7 @@ def plan(req: Request) -> Layout:
     elided, stats = 0, None
     if req.elide:
         fr = frame(req)
-        if fr is not None:  # the packed layout, scanned by packing into /dev/null
+        if fr is not None:  # the packed plan, scanned by packing into /dev/null
             null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             try:
                 return pack(req, fr, null, req.progress, scan=True)[0]
@@ -144,7 +141,7 @@ def plan(req: Request) -> Layout:
                        "size": n, "offset": dst})
     head += bytes(notes_offset - len(head)) + notes
     head += bytes(data_offset - len(head))
-    return Layout([Blob(0, head), *items], data_offset + at, ranges, elided, stats)
+    return Plan([Blob(0, head), *items], data_offset + at, ranges, elided, stats)
 
 
 def max_data_loads(segs: list[Segment]) -> int:
@@ -258,11 +255,11 @@ def frame(req: Request) -> Frame | None:
 
 def pack(req: Request, fr: Frame, dst_fd: int,
          progress: Callable[[int], None] | None = None, *, scan: bool = False) -> tuple[
-        Layout, Any]:
+        Plan, Any]:
     """Copy each chunk's non-zero granules packed to dst_fd after the header; lay the core out.
 
     With dst_fd on /dev/null (scan) this is the zero-run scan of the two-pass path: both give
-    the same layout. The runs of each chunk are budgeted in proportion to its size (a chunk
+    the same plan. The runs of each chunk are budgeted in proportion to its size (a chunk
     that needs more is redone with a coarser granule), so the loads fit the reserved headers.
     A scan runs the chunks on req.threads threads first, at the chunk's finest granule.
     """
@@ -312,7 +309,7 @@ def pack(req: Request, fr: Frame, dst_fd: int,
                "paddr": hex(s.paddr + o) if s.paddr != ALL_ONES else hex(s.paddr),
                "size": n, "offset": d} for s, o, n, d in loads]
     elided = sum(s.size for s in fr.segs) - (pos - fr.data_offset)
-    return Layout([Blob(0, blob), *items], pos, ranges, elided, stats), stats
+    return Plan([Blob(0, blob), *items], pos, ranges, elided, stats), stats
 
 
 def _scan_chunks(req: Request, fr: Frame, null_fd: int,
@@ -377,40 +374,41 @@ def _pack_chunk(req: Request, seg: Segment, dst_fd: int, pos: int, off: int, src
                              f"as zeros", address=exc.address) from None
 
 
-def can_pack(req: Request, out: Output) -> bool:
-    """Whether the one-pass packed writer applies (a seekable output, zero elision on)."""
-    return req.elide and out.seekable
-
-
 def write_packed(req: Request, out: Output, progress: Callable[[int], None] | None = None,
-                 sized: Callable[[int], None] | None = None) -> tuple[Layout, Any] | None:
+                 sized: Callable[[int], None] | None = None) -> tuple[Plan, Any] | None:
     """Write the compact ELF core in one pass over the source; None where it cannot apply.
 
     The header region (ELF header, the program headers the chunks could need, notes) stays
     a hole while each chunk's non-zero granules are copied packed after it; the headers are
     written last, from the runs the copies kept. progress(n) after each chunk; sized(total)
-    once the bytes to read are known.
+    once the bytes to read are known. It applies to a seekable output with zero elision on.
     """
+    if not (req.elide and out.seekable):
+        return None
     fr = frame(req)
     if fr is None:
         return None
     out.check_space(fr.data_offset + fr.total, estimate=True)
     if sized is not None:
         sized(fr.total)
-    layout, stats = pack(req, fr, out.fd, progress)
-    layout.scan_stats = None
-    out.set_size(layout.size)
-    head = layout.items[0]
+    done, stats = pack(req, fr, out.fd, progress)
+    done.scan_stats = None
+    out.set_size(done.size)
+    head = done.items[0]
     assert isinstance(head, Blob)
     phnum = EHDR.unpack_from(head.data)[10]
-    _pwrite_all(out.fd, head.data[:EHDR.size + phnum * PHDR.size], 0)
-    _pwrite_all(out.fd, fr.notes, fr.notes_offset)
-    return layout, stats
+    write_all(out.fd, head.data[:EHDR.size + phnum * PHDR.size], 0)
+    write_all(out.fd, fr.notes, fr.notes_offset)
+    return done, stats
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+FORMAT = Format(
+    "elf", "elf", plan, streamable=True, elides=True, segment_options=True,
+    one_pass=write_packed,
+    help=("(default) a compact ELF core: PT_NOTE (NT_PRSTATUS, NT_PRPSINFO, NT_TASKSTRUCT,\n"
+          "VMCOREINFO) then packed PT_LOADs for RAM and kernel text with real p_vaddr and\n"
+          "p_paddr, in kdump's style. Opens in drgn, crash, gdb, makedumpfile and\n"
+          "Volatility 3. Zero runs are left out of the file; PT_LOADs without file bytes\n"
+          "(p_filesz 0) stand for them and read as zeros. --vmalloc/--modules add those\n"
+          "areas' mapped pages (System RAM only), --no-text leaves the kernel text out.")
+)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from kcore.formats import Blob, Copy, Item, Layout, Request, entry_segment, segment_items
+from kcore.formats import Format
+from kcore.formats.pages import entry_segment
+from kcore.formats.plan import Blob, Copy, Item, Plan, Request
+from kcore.formats.segments import segment_items
 
 
-def plan(req: Request) -> Layout:
+def plan(req: Request) -> Plan:
     """Lay out header + every PT_LOAD's bytes at its kcore offset; holes everywhere else."""
     from kcore.elfcore import build_header
 
@@ -24,9 +27,16 @@ def plan(req: Request) -> Layout:
         items.extend(i for i in segment_items(req.source, seg, p_offset) if isinstance(i, Copy))
         ranges.append({"kind": seg.kind, "vaddr": hex(entry.vaddr), "size": entry.size,
                        "offset": p_offset})
-    layout = Layout(items, header.file_size, ranges, estimate=True)
+    out = Plan(items, header.file_size, ranges, estimate=True)
     if missing:
-        layout.warnings.append(
+        out.warnings.append(
             f"{len(missing)} virtual areas left as holes (no page-table walker): "
             + ", ".join(f"{e.kind} at {e.vaddr:#x}" for e in missing))
-    return layout
+    return out
+
+
+FORMAT = Format(
+    "kcore", "kcore", plan, digest=False, needs_seek=True,
+    help=("the exact /proc/kcore image as a sparse file of the real size (~128 TiB apparent\n"
+          "on x86-64; needs tmpfs, xfs or btrfs: ext4 stops at 16 TiB). No digest.")
+)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from kcore.formats import Blob, Item, Layout, Request, ram_segments, segment_items, split_segments
+from kcore.formats import Format
+from kcore.formats.plan import Blob, Item, Plan, Request
+from kcore.formats.segments import ram_segments, segment_items
+from kcore.formats.zeroruns import split_segments
 
 LIME_MAGIC = 0x4C694D45  # "EMiL" little-endian
 LIME_VERSION = 1
@@ -18,7 +21,7 @@ def range_header(start: int, length: int) -> bytes:
     return HEADER.pack(LIME_MAGIC, LIME_VERSION, start, start + length - 1, bytes(8))
 
 
-def plan(req: Request) -> Layout:
+def plan(req: Request) -> Plan:
     """Lay out a LiME image of the RAM ranges (zero runs left out when eliding)."""
     segs = ram_segments(req.system)
     elided, stats = 0, None
@@ -33,4 +36,11 @@ def plan(req: Request) -> Layout:
         items.extend(segment_items(req.source, s, pos))
         ranges.append({"kind": s.kind, "paddr": hex(s.paddr), "size": s.size, "offset": pos})
         pos += s.size
-    return Layout(items, pos, ranges, elided, stats)
+    return Plan(items, pos, ranges, elided, stats)
+
+
+FORMAT = Format(
+    "lime", "lime", plan, streamable=True, elides=True,
+    help=("LiME (Volatility's LimeLayer, LiME's lime format): per RAM range a 32-byte\n"
+          "header then the bytes; zero runs left out.")
+)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from kcore.errors import OutputError
-from kcore.formats import Item, Layout, Request, Zeros, ram_segments, segment_items
+from kcore.formats import Format
+from kcore.formats.plan import Item, Plan, Request, Zeros
+from kcore.formats.segments import ram_segments, segment_items
 
 
-def plan(req: Request, *, padded: bool = False) -> Layout:
+def plan(req: Request, *, padded: bool = False) -> Plan:
     """Lay out a raw (sparse) or padded (dense) physical image of the RAM ranges."""
     segs = sorted(ram_segments(req.system), key=lambda s: s.paddr)
     if not segs:
@@ -20,4 +24,15 @@ def plan(req: Request, *, padded: bool = False) -> Layout:
         pos = s.paddr + s.size
     ranges = [{"kind": s.kind, "paddr": hex(s.paddr), "size": s.size, "offset": s.paddr}
               for s in segs]
-    return Layout(items, pos, ranges, estimate=not padded)
+    return Plan(items, pos, ranges, estimate=not padded)
+
+
+RAW = Format(
+    "raw", "raw", plan,
+    help=("a physical image, file offset = physical address; holes for gaps and zero pages\n"
+          "(read it back with --source raw:PATH).")
+)
+PADDED = Format(
+    "padded", "img", partial(plan, padded=True), sparse=False,
+    help=("the same layout with zeros written densely (LiME's padded format).")
+)

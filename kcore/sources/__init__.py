@@ -1,4 +1,11 @@
-"""Memory sources: where kernel memory is read (raw, padded, lime, elf, kcore, devmem, pid)."""
+"""Memory sources: where kernel memory is read (raw, padded, lime, elf, kcore, devmem, pid).
+
+Each kind of source is a MemorySource subclass in its own module: `kind` (the KIND: prefix
+of --source KIND:PATH), `open(path, spec, root)`, and `detect(probe)` which recognises its
+own magic when --source names a bare PATH. Adding a source: write `kcore/sources/NAME.py`
+with such a class (open it with `base.opened(path)`, which closes the fd if opening fails)
+and add the class to SOURCES below, where the order is the order of detection.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +14,18 @@ import os
 import stat
 
 from kcore.errors import InputError, SourceError
-from kcore.sources.base import PAGE_SIZE, Extent, MemorySource, open_readonly
+from kcore.sources.base import (
+    PAGE_SIZE,
+    PROBE_BYTES,
+    Extent,
+    MemorySource,
+    Probe,
+    open_readonly,
+)
 from kcore.sources.devmem import DevmemSource
-from kcore.sources.elf import ELF_MAGIC, ElfSource, parse_elf_core
-from kcore.sources.kcore import KcoreSource, looks_like_kcore
-from kcore.sources.lime import AVML_MAGIC, LIME_MAGIC, LimeSource
+from kcore.sources.elf import ElfSource
+from kcore.sources.kcore import KcoreSource
+from kcore.sources.lime import LimeSource
 from kcore.sources.padded import PaddedSource
 from kcore.sources.pid import PidSource
 from kcore.sources.raw import RawSource
@@ -26,11 +40,22 @@ __all__ = [
     "PaddedSource",
     "PidSource",
     "RawSource",
+    "SOURCES",
     "detect",
     "open_source",
 ]
 
-KINDS = ("raw", "padded", "lime", "elf", "kcore", "devmem", "pid")
+# Every kind of source, in the order detect() asks them (raw, which takes any file, last).
+SOURCES: tuple[type[MemorySource], ...] = (
+    DevmemSource,
+    KcoreSource,
+    ElfSource,
+    LimeSource,
+    PidSource,
+    PaddedSource,
+    RawSource,
+)
+BY_KIND: dict[str, type[MemorySource]] = {cls.kind: cls for cls in SOURCES}
 # `auto`: the live system's sources, in the order they are tried (root-relative).
 AUTO_ORDER = ("proc/kcore", "dev/crash", "dev/mem")
 
@@ -40,42 +65,36 @@ def open_source(spec: str, root: str = "/") -> MemorySource:
     if spec == "auto":
         return open_auto(root)
     kind, sep, rest = spec.partition(":")
-    if sep and kind in KINDS:
-        if not rest:
-            raise SourceError(f"{spec}: missing path after {kind}:")
-        if kind == "pid":
-            return PidSource.open(rest, root, spec)
-        if kind == "devmem":
-            return DevmemSource.open(rest, root, spec)
-        cls = {"raw": RawSource, "padded": PaddedSource, "lime": LimeSource,
-               "elf": ElfSource, "kcore": KcoreSource}[kind]
-        return cls.open(rest, spec)
-    return detect(spec, root)
+    cls = BY_KIND.get(kind) if sep else None
+    if cls is None:
+        return detect(spec, root)
+    if not rest:
+        raise SourceError(f"{spec}: missing path after {kind}:")
+    return cls.open(rest, spec, root)
 
 
 def detect(path: str, root: str = "/") -> MemorySource:
-    """Open `path` as the source its contents say it is: kcore, ELF core, LiME, or raw."""
+    """Open `path` as the first source in SOURCES whose detect() recognises its contents."""
     fd = open_readonly(path)
     try:
         st = os.fstat(fd)
+        head = b""
+        if not stat.S_ISCHR(st.st_mode):  # a device's offset 0 is not read to guess
+            try:
+                head = os.pread(fd, PROBE_BYTES, 0)
+            except OSError as exc:
+                raise SourceError(f"{path}: cannot read at offset 0x0: "
+                                  f"{os.strerror(exc.errno)}") from None
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0 or not head:
+                raise SourceError(f"{path}: empty file at offset 0x0 (no memory to read)")
+        probe = Probe(path, fd, st, head)
+        for cls in SOURCES:
+            if cls.detect(probe):
+                return cls.open(path, path, root)
         if stat.S_ISCHR(st.st_mode):
-            if os.path.basename(os.path.realpath(path)) in ("mem", "crash"):
-                return DevmemSource.open(path, root, path)
             raise SourceError(f"{path}: a character device that is not /dev/mem or /dev/crash")
-        try:
-            head = os.pread(fd, 8, 0)
-        except OSError as exc:
-            raise SourceError(f"{path}: cannot read at offset 0x0: {os.strerror(exc.errno)}") \
-                from None
-        if stat.S_ISREG(st.st_mode) and st.st_size == 0 or not head:
-            raise SourceError(f"{path}: empty file at offset 0x0 (no memory to read)")
-        if head[:4] == ELF_MAGIC:
-            kcore = looks_like_kcore(parse_elf_core(fd, path))
-            return (KcoreSource if kcore else ElfSource).open(path, path)
-        magic = int.from_bytes(head[:4], "little")
-        if magic in (LIME_MAGIC, AVML_MAGIC):
-            return LimeSource.open(path, path)
-        return RawSource.open(path, path)
+        raise SourceError(f"{path}: no kind of memory source recognises it; name one "
+                          f"(KIND:PATH)")
     finally:
         os.close(fd)
 
@@ -132,7 +151,7 @@ def open_auto(root: str = "/") -> MemorySource:
         devmem = rel.startswith("dev/")
         try:
             if devmem:
-                src: MemorySource = DevmemSource.open(path, root, "auto")
+                src: MemorySource = DevmemSource.open(path, "auto", root)
                 try:
                     _probe_devmem(src)
                 except BaseException:

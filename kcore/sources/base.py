@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import os
 import stat
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from kcore.engine import CopyStats, readinto_range
@@ -46,6 +49,30 @@ def open_readonly(path: str) -> int:
         raise SourceError(f"{path}: {what} (memory is read at offsets 0x0 and on)")
     os.set_blocking(fd, True)
     return fd
+
+
+@contextlib.contextmanager
+def opened(path: str) -> Iterator[int]:
+    """open_readonly(path) for a source's open(): the fd is closed if the body raises."""
+    fd = open_readonly(path)
+    try:
+        yield fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What detection looks at: the path, its open fd, its stat, its first bytes."""
+
+    path: str
+    fd: int
+    st: os.stat_result
+    head: bytes  # the first PROBE_BYTES bytes (none for a character device: not read)
+
+
+PROBE_BYTES = 64
 
 
 def _with_errno(exc: SourceError, err: int | None) -> SourceError:
@@ -100,7 +127,11 @@ def check_extents(extents: list[Extent], path: str, error: type[SourceError]) ->
 
 
 class MemorySource:
-    """Physical memory in a file: reads at physical addresses, zeros outside the extents."""
+    """Physical memory in a file: reads at physical addresses, zeros outside the extents.
+
+    A subclass is a kind of source: `kind` is its SPEC prefix (KIND:PATH), `open()` opens
+    one, and `detect()` says whether a file given as a bare PATH is one (see kcore.sources).
+    """
 
     kind = "base"
     # Whether two threads may read self.fd at once. Where not (a live /proc/kcore: 6.1's
@@ -121,6 +152,16 @@ class MemorySource:
         self._idle_fds: list[int] = [fd]  # fds no read holds now (unsafe sources)
         self._slot_fds: dict[int, int] = {}
         self._more_fds: list[int] = []  # every fd opened besides self.fd
+
+    @classmethod
+    def open(cls, path: str, spec: str | None = None, root: str = "/") -> MemorySource:
+        """Open a source of this kind read-only: path is what follows KIND: in the spec."""
+        raise NotImplementedError
+
+    @classmethod
+    def detect(cls, probe: Probe) -> bool:
+        """Whether a bare PATH is a source of this kind (its magic); False: never detected."""
+        return False
 
     def borrow_fd(self) -> int:
         """An fd for one read that no other read uses meanwhile; give it back (return_fd)."""

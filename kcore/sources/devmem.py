@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 from kcore.errors import InputError, SourceError
-from kcore.sources.base import Extent, MemorySource, check_extents, open_readonly
+from kcore.sources.base import Extent, MemorySource, Probe, check_extents, opened
 
 _IOMEM_LINE = re.compile(r"^([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
 
@@ -40,10 +41,17 @@ class DevmemSource(MemorySource):
     concurrent_reads_safe = False
 
     @classmethod
-    def open(cls, path: str, root: str = "/", spec: str | None = None) -> DevmemSource:
+    def open(cls, path: str, spec: str | None = None, root: str = "/") -> DevmemSource:
         """Open a physical-memory device read-only; extents are root's System RAM."""
         extents = system_ram(root)
         if not extents:
             raise SourceError(f"{path}: no System RAM in {os.path.join(root, 'proc/iomem')}")
-        fd = open_readonly(path)
-        return cls(spec or f"devmem:{path}", path, fd, check_extents(extents, path, SourceError))
+        with opened(path) as fd:
+            return cls(spec or f"devmem:{path}", path, fd,
+                       check_extents(extents, path, SourceError))
+
+    @classmethod
+    def detect(cls, probe: Probe) -> bool:
+        """A character device named mem or crash (after symlinks)."""
+        return stat.S_ISCHR(probe.st.st_mode) and os.path.basename(
+            os.path.realpath(probe.path)) in ("mem", "crash")

@@ -12,9 +12,10 @@ from kcore.sources.base import (
     ALL_ONES,
     Extent,
     MemorySource,
+    Probe,
     check_extents,
     file_size,
-    open_readonly,
+    opened,
     pread_exact,
 )
 
@@ -189,10 +190,9 @@ class ElfSource(MemorySource):
     kind = "elf"
 
     @classmethod
-    def open(cls, path: str, spec: str | None = None) -> ElfSource:
+    def open(cls, path: str, spec: str | None = None, root: str = "/") -> ElfSource:
         """Open and index an ELF core read-only; extents keyed by p_paddr."""
-        fd = open_readonly(path)
-        try:
+        with opened(path) as fd:
             core = parse_elf_core(fd, path)
             loads = [ph for ph in core.phdrs
                      if ph.p_type == PT_LOAD and ph.p_filesz and ph.p_paddr != ALL_ONES]
@@ -204,6 +204,8 @@ class ElfSource(MemorySource):
                       check_extents(extents, path, ElfFormatError), vmcoreinfo_of(core))
             src.core = core
             return src
-        except BaseException:
-            os.close(fd)
-            raise
+
+    @classmethod
+    def detect(cls, probe: Probe) -> bool:
+        """The ELF magic (a /proc/kcore among ELF cores is KcoreSource's, tried first)."""
+        return probe.head[:4] == ELF_MAGIC

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 from kcore.errors import ElfFormatError
@@ -11,11 +10,12 @@ from kcore.sources.base import (
     CopyStats,
     Extent,
     MemorySource,
+    Probe,
     WritableBuffer,
     check_extents,
-    open_readonly,
+    opened,
 )
-from kcore.sources.elf import PT_LOAD, ElfCore, parse_elf_core, vmcoreinfo_of
+from kcore.sources.elf import ELF_MAGIC, PT_LOAD, ElfCore, parse_elf_core, vmcoreinfo_of
 
 KERNEL_HALF = 0xFFFF800000000000  # lowest canonical kernel address with 4-level paging
 KERNEL_HALF_LA57 = 0xFF00000000000000
@@ -52,16 +52,18 @@ class KcoreSource(MemorySource):
     concurrent_reads_safe = False  # one bounce page per open /proc/kcore (see MemorySource)
 
     @classmethod
-    def open(cls, path: str, spec: str | None = None) -> KcoreSource:
+    def open(cls, path: str, spec: str | None = None, root: str = "/") -> KcoreSource:
         """Open and index a kcore file read-only."""
-        fd = open_readonly(path)
-        try:
+        with opened(path) as fd:
             src = cls(spec or f"kcore:{path}", path, fd, [])
             src.reload_segments()
             return src
-        except BaseException:
-            os.close(fd)
-            raise
+
+    @classmethod
+    def detect(cls, probe: Probe) -> bool:
+        """An ELF core whose PT_LOADs sit where /proc/kcore puts them (looks_like_kcore)."""
+        return probe.head[:4] == ELF_MAGIC and looks_like_kcore(
+            parse_elf_core(probe.fd, probe.path))
 
     def reload_segments(self) -> None:
         """Re-read the program headers (a live kcore rebuilds them after memory hotplug)."""

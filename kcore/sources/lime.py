@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import struct
 
 from kcore.errors import LimeFormatError, SourceError
 from kcore.sources.base import (
     Extent,
     MemorySource,
+    Probe,
     check_extents,
     file_size,
-    open_readonly,
+    opened,
     pread_exact,
 )
 
@@ -66,11 +66,12 @@ class LimeSource(MemorySource):
     kind = "lime"
 
     @classmethod
-    def open(cls, path: str, spec: str | None = None) -> LimeSource:
+    def open(cls, path: str, spec: str | None = None, root: str = "/") -> LimeSource:
         """Open and index a LiME image read-only."""
-        fd = open_readonly(path)
-        try:
+        with opened(path) as fd:
             return cls(spec or f"lime:{path}", path, fd, parse_lime(fd, path))
-        except BaseException:
-            os.close(fd)
-            raise
+
+    @classmethod
+    def detect(cls, probe: Probe) -> bool:
+        """LiME's magic (or AVML's, which open() then refuses with the reason)."""
+        return int.from_bytes(probe.head[:4], "little") in (LIME_MAGIC, AVML_MAGIC)

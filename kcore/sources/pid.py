@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from kcore.errors import SourceError
-from kcore.sources.base import Extent, MemorySource, check_extents, open_readonly
+from kcore.sources.base import Extent, MemorySource, check_extents, opened
 
 _NUM = r"(?:0[xX][0-9a-fA-F]+|[0-9a-fA-F]+)"
 _RANGE = re.compile(rf"^({_NUM})-({_NUM})@({_NUM})$")
@@ -39,7 +39,7 @@ class PidSource(MemorySource):
     kind = "pid"
 
     @classmethod
-    def open(cls, body: str, root: str = "/", spec: str | None = None) -> PidSource:
+    def open(cls, body: str, spec: str | None = None, root: str = "/") -> PidSource:
         """Open /proc/PID/mem read-only for the ranges in `body`.
 
         The process is one of this host (e.g. the VM's), while `root` describes the kernel whose
@@ -48,5 +48,5 @@ class PidSource(MemorySource):
         pid, extents = parse_pid_spec(body)
         path = f"/proc/{pid}/mem"
         extents = check_extents(extents, path, SourceError)
-        fd = open_readonly(path)
-        return cls(spec or f"pid:{body}", path, fd, extents)
+        with opened(path) as fd:
+            return cls(spec or f"pid:{body}", path, fd, extents)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import stat
 
 from kcore.errors import SourceError
-from kcore.sources.base import Extent, MemorySource, file_size, open_readonly
+from kcore.sources.base import Extent, MemorySource, Probe, file_size, opened
 
 
 class RawSource(MemorySource):
@@ -14,14 +14,15 @@ class RawSource(MemorySource):
     kind = "raw"
 
     @classmethod
-    def open(cls, path: str, spec: str | None = None) -> RawSource:
+    def open(cls, path: str, spec: str | None = None, root: str = "/") -> RawSource:
         """Open a raw image read-only; its one extent covers the whole file."""
-        fd = open_readonly(path)
-        try:
+        with opened(path) as fd:
             size = file_size(fd)
             if size <= 0:
                 raise SourceError(f"{path}: empty file at offset 0x0 (no memory to read)")
             return cls(spec or f"{cls.kind}:{path}", path, fd, [Extent(0, size, 0)])
-        except BaseException:
-            os.close(fd)
-            raise
+
+    @classmethod
+    def detect(cls, probe: Probe) -> bool:
+        """Any regular file or block device (tried last: no magic to check)."""
+        return stat.S_ISREG(probe.st.st_mode) or stat.S_ISBLK(probe.st.st_mode)

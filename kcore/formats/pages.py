@@ -1,0 +1,38 @@
+"""Virtual areas (vmalloc, modules, vmemmap) as segments, through the kernel's page tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kcore.formats.plan import Request
+from kcore.formats.segments import ALL_ONES, Segment, kind_of
+from kcore.vmem import clip_runs, walker_for
+
+
+def entry_segment(req: Request, entry: Any) -> Segment | None:
+    """The Segment of one kclist entry (None when its pages cannot be found)."""
+    kind = kind_of(entry, req.system.layout)
+    if kind in ("ram", "text"):
+        return Segment.linear(kind, entry.vaddr, entry.paddr, entry.size)
+    return mapped_segment(req, kind, entry.vaddr, entry.size)
+
+
+def mapped_segment(req: Request, kind: str, vaddr: int, size: int) -> Segment | None:
+    """A virtual area's mapped pages in System RAM (vread() reads ioremaps as holes).
+
+    None without a page-table walker (no PGD address).
+    """
+    walker = walker_for(req.system, req.source)
+    if walker is None:
+        return None
+    ram = sorted((e.paddr, e.paddr + e.size) for e in req.system.kclist.entries
+                 if kind_of(e, req.system.layout) == "ram")
+    pieces: list[tuple[int, int, int]] = []
+    for va, pa, n in clip_runs(walker.runs(vaddr, size), [lo for lo, _ in ram],
+                               [hi for _, hi in ram]):
+        off = va - vaddr
+        if pieces and pieces[-1][0] + pieces[-1][2] == off and pieces[-1][1] + pieces[-1][2] == pa:
+            pieces[-1] = (pieces[-1][0], pieces[-1][1], pieces[-1][2] + n)
+        else:
+            pieces.append((off, pa, n))
+    return Segment(kind, vaddr, ALL_ONES, size, tuple(pieces))

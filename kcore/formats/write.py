@@ -1,0 +1,124 @@
+"""Writing a Plan: pwrite and holes to a seekable output, or every byte in order to a stream."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from kcore.formats.plan import SCAN_CHUNK, Blob, Copy, Plan
+
+if TYPE_CHECKING:
+    from kcore.output import Output
+
+PAGE_SIZE = 4096
+ZERO_BLOCK = 1 << 20
+
+
+def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bool,
+               progress: Callable[[int], None] | None = None, threads: int = 1) -> Any:
+    """Write a plan's items to out (pwrite + holes if seekable, else in order)."""
+    from kcore import engine
+
+    stats = engine.CopyStats()
+    seekable = out.seekable
+    if seekable:
+        out.set_size(plan.size)
+    if seekable and getattr(out.hasher, "inline", False):
+        return _write_hashing(out, source, plan, sparse=sparse, strict=strict,
+                              progress=progress)
+    zero = bytes(ZERO_BLOCK)
+    pos = 0
+    for item in plan.items:
+        if not seekable and item.dst != pos:
+            raise AssertionError(f"plan not sequential at {item.dst:#x} (at {pos:#x})")
+        if isinstance(item, Blob):
+            write_all(out.fd, item.data, item.dst if seekable else None)
+            pos = item.dst + len(item.data)
+        elif isinstance(item, Copy):
+            base = item.dst
+            done = 0
+
+            def tick(n: int, base: int = base) -> None:
+                nonlocal done
+                done += n
+                out.written(base + done)
+                if progress is not None:
+                    progress(n)
+
+            stats += engine.copy_range(
+                source.fd, item.src, out.fd, item.dst if seekable else None, item.length,
+                sparse=sparse and seekable, strict=strict, progress=tick, threads=threads,
+                slot_fd=getattr(source, "slot_fd", None),
+            )
+            pos = item.dst + item.length
+        else:
+            if not seekable or not sparse:
+                left = item.length
+                at = item.dst
+                while left:
+                    n = min(left, ZERO_BLOCK)
+                    write_all(out.fd, zero[:n], at if seekable else None)
+                    at += n
+                    left -= n
+            pos = item.dst + item.length
+        out.written(pos)
+    if not seekable and pos != plan.size:
+        raise AssertionError(f"plan ends at {pos:#x}, expected {plan.size:#x}")
+    return stats
+
+
+def _write_hashing(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bool,
+                   progress: Callable[[int], None] | None = None) -> Any:
+    """write_plan to a seekable output whose hasher takes the written buffers, in order."""
+    from kcore import engine
+
+    hasher = out.hasher
+    assert hasher is not None
+    stats = engine.CopyStats()
+    zero = bytes(ZERO_BLOCK)
+    block = hasher.size
+    page = PAGE_SIZE
+    pending = 0
+    for item in plan.items:
+        if isinstance(item, Blob):
+            write_all(out.fd, item.data, item.dst)
+            hasher.submit(item.data)
+        elif isinstance(item, Copy):
+            pos, end, at = item.src, item.src + item.length, item.dst
+            while pos < end:
+                # blocks end on page boundaries of the source (as the engine's do)
+                n = min(end - pos, block - pos % page) if end - pos > block else end - pos
+                buf = hasher.buffer()
+                stats += engine.copy_through(source.fd, pos, out.fd, at, memoryview(buf)[:n],
+                                             sparse=sparse, strict=strict)
+                hasher.submit(buf, n)
+                pos += n
+                at += n
+                pending += n
+                if progress is not None and pending >= SCAN_CHUNK // 4:
+                    progress(pending)
+                    pending = 0
+        else:
+            left = item.length
+            at = item.dst
+            while left:
+                n = min(left, ZERO_BLOCK)
+                if not sparse:
+                    write_all(out.fd, zero[:n], at)
+                hasher.submit(zero, n)
+                at += n
+                left -= n
+    if progress is not None and pending:
+        progress(pending)
+    return stats
+
+
+def write_all(fd: int, data: bytes, offset: int | None) -> None:
+    """Write all of data at offset (pwrite), or at the fd's position when offset is None."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset) if offset is not None else os.write(fd, view)
+        view = view[n:]
+        if offset is not None:
+            offset += n
