@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import qemu_vm
-from guests import CONFIGS, FILE_ORDER, Guest, Pool
+from guests import ARM64_CONFIGS, CONFIGS, FILE_ORDER, Guest, Pool
 
 
 @pytest.fixture(scope="session")
@@ -60,10 +60,19 @@ def big_guest(vm_pool: Pool) -> Guest:
     return vm_pool.get("big")
 
 
+@pytest.fixture(params=list(ARM64_CONFIGS))
+def arm64_guest(request: pytest.FixtureRequest, vm_pool: Pool) -> Guest:
+    """Each arm64 guest in turn (skipped where qemu-system-aarch64 is missing)."""
+    reason = qemu_vm.unavailable_reason("arm64")
+    if reason:
+        pytest.skip(f"QEMU cannot run arm64 guests here: {reason}")
+    return vm_pool.get(request.param)
+
+
 def _guest_of(item: pytest.Item) -> str | None:
     """Which config a test item boots."""
     callspec = getattr(item, "callspec", None)
-    for argname in ("guest", "small_guest", "lockdown_guest"):
+    for argname in ("guest", "small_guest", "lockdown_guest", "arm64_guest"):
         if callspec is not None and argname in callspec.params:
             return callspec.params[argname]
     for argname, name in (("nokaslr_guest", "nokaslr"), ("kaslr_guest", "kaslr"),
@@ -82,7 +91,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group vm tests by guest (one boot each), then by FILE_ORDER within a group."""
-    order = list(CONFIGS)
+    order = [*CONFIGS, *ARM64_CONFIGS]
     slots = [i for i, item in enumerate(items) if _guest_of(item) is not None]
     chosen = [items[i] for i in slots]
 

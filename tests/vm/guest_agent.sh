@@ -1,12 +1,13 @@
 #!/bin/sh
 # The guest's command loop (runs as PID 1 inside the host-root chroot): for each number N the
-# host writes to /dev/ttyS1, run SHARE/cmd/N.sh; write N.out, N.err and, last, N.rc
+# host writes to /dev/ttyS1 (or the device in $2), run SHARE/cmd/N.sh; write N.out, N.err and, last, N.rc
 # (atomically) for the host to collect. Blocking on the serial port keeps an idle guest idle.
 S=$1
+CTL=${2:-/dev/ttyS1}
 cd /tmp || exit 1
 export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/tmp LANG=C.UTF-8
-stty -F /dev/ttyS1 raw -echo
-exec 3< /dev/ttyS1
+[ "$CTL" != /dev/ttyS1 ] || stty -F "$CTL" raw -echo
+exec 3< "$CTL"
 echo "KV: agent ready uptime=$(cut -d' ' -f1 /proc/uptime)" > /dev/console
 echo ready > "$S/ready"
 while read -r n <&3; do
@@ -16,4 +17,4 @@ while read -r n <&3; do
     echo $? > "$S/cmd/$n.rc.tmp"
     mv "$S/cmd/$n.rc.tmp" "$S/cmd/$n.rc"
 done
-echo "KV: agent: /dev/ttyS1 closed" > /dev/console
+echo "KV: agent: $CTL closed" > /dev/console

@@ -2,6 +2,7 @@
 # PID 1 of the vm-test guest: load the 9p modules, mount the host's / read-only as the root
 # (with the guest's own /proc, /sys, /dev and /tmp over it), mount the writable share at the
 # same path as on the host (khshare= on the kernel command line), then run its agent.sh there.
+# With khroot=initramfs (a guest of another architecture) it stays in the initramfs instead.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -16,6 +17,23 @@ i=0
 while [ $i -lt 100 ] && ! grep -qs share /sys/bus/virtio/drivers/9pnet_virtio/virtio*/mount_tag; do
     sleep 0.05; i=$((i+1))
 done
+if grep -qw khroot=initramfs /proc/cmdline; then
+    # A guest of another architecture: busybox in the initramfs is its userland; only the
+    # share is mounted, and the host's "run N" comes over the virtio port named kcorectl.
+    mkdir -p "$SHARE" /tmp
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 share "$SHARE" \
+        || echo "KV: mount share failed"
+    CTL=
+    i=0
+    while [ -z "$CTL" ] && [ $i -lt 100 ]; do
+        for d in /sys/class/virtio-ports/*; do
+            [ "$(cat "$d/name" 2>/dev/null)" = kcorectl ] && CTL=/dev/${d##*/}
+        done
+        [ -n "$CTL" ] && [ -e "$CTL" ] || { CTL=; sleep 0.05; i=$((i+1)); }
+    done
+    echo "KV: mounts done uptime=$(cut -d' ' -f1 /proc/uptime) ctl=$CTL"
+    exec /bin/sh "$SHARE/agent.sh" "$SHARE" "$CTL"
+fi
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro hostroot /newroot \
     || echo "KV: mount hostroot failed"
 mount --move /proc /newroot/proc

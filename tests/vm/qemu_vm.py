@@ -38,14 +38,49 @@ GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "qemu_fw_cfg")
 BOOT_TIMEOUT = float(os.environ.get("KCORE_VM_BOOT_TIMEOUT", "180"))
 
 
+@dataclass(frozen=True)
+class GuestArch:
+    """What differs between guest architectures: QEMU, Debian packages, console, RAM base."""
+
+    name: str
+    deb_arch: str
+    qemu: str
+    pinned: str  # linux-image package tried first (KCORE_VM_KERNEL overrides it)
+    meta: str  # the meta package whose Depends names the current kernel
+    console: str
+    ram_base: int  # guest physical address of the RAM file's first byte
+    modules: tuple[str, ...]
+    host_root: bool  # the guest runs the host's binaries (same arch): / over 9p
+
+
+ARCHES = {
+    "x86_64": GuestArch("x86_64", "amd64", QEMU, PINNED_PACKAGE, "linux-image-amd64", "ttyS0",
+                        0, GUEST_MODULES, True),
+    # arm64: QEMU's virt machine, RAM from 1 GiB; the guest runs Debian's arm64 busybox from
+    # its initramfs (the host's binaries are x86), the share over 9p and the host's "run N"
+    # over a virtio serial port (virt has one UART).
+    "arm64": GuestArch("arm64", "arm64", os.environ.get("KCORE_VM_QEMU_ARM64",
+                                                        "qemu-system-aarch64"),
+                       "linux-image-6.1.0-56-arm64", "linux-image-arm64", "ttyAMA0", 0x40000000,
+                       ("virtio_pci", "9pnet_virtio", "9p", "qemu_fw_cfg", "virtio_console"),
+                       False),
+}
+# The arm64 kernels of the tests: Debian 12's 6.1 and the 6.12 of bookworm-backports.
+ARM64_KERNELS = {"6.1": "linux-image-6.1.0-56-arm64", "6.12": "linux-image-6.12-arm64"}
+
+
 class VmError(RuntimeError):
     """The guest did not boot, a command timed out, or QEMU went away."""
 
 
-def unavailable_reason() -> str | None:
-    """Why QEMU cannot run on this machine (None when it can)."""
-    if shutil.which(QEMU) is None:
-        return f"{QEMU} is not installed (apt-get install qemu-system-x86)"
+def unavailable_reason(arch: str = "x86_64") -> str | None:
+    """Why QEMU cannot run `arch` guests on this machine (None when it can)."""
+    qemu = ARCHES[arch].qemu
+    if shutil.which(qemu) is None:
+        pkg = "qemu-system-x86" if arch == "x86_64" else "qemu-system-arm"
+        return f"{qemu} is not installed (apt-get install {pkg})"
+    if arch != "x86_64" and not (CACHE / "kernels").is_dir() and shutil.which("apt-get") is None:
+        return f"no cached kernel and no apt-get to download linux-image-*-{arch}"
     if not SHM.is_dir() or not os.access(SHM, os.W_OK):
         return "/dev/shm is missing or not writable (guest RAM is a file there)"
     if shutil.which("busybox") is None:
@@ -71,11 +106,17 @@ class Kernel:
     package: str
     release: str
     root: Path
+    arch: str = "x86_64"
 
     @property
     def vmlinuz(self) -> Path:
         """The bzImage QEMU boots."""
         return self.root / "boot" / f"vmlinuz-{self.release}"
+
+    @property
+    def system_map(self) -> Path:
+        """The package's System.map (every symbol, data too)."""
+        return self.root / "boot" / f"System.map-{self.release}"
 
     @property
     def modules(self) -> Path:
@@ -92,49 +133,143 @@ class Kernel:
         return m.group(1) if m else None
 
 
-def _apt_package() -> str:
-    """The kernel package: KCORE_VM_KERNEL, the pinned one, or what linux-image-amd64 wants."""
-    if os.environ.get("KCORE_VM_KERNEL"):
-        return os.environ["KCORE_VM_KERNEL"]
-    policy = subprocess.run(["apt-cache", "policy", PINNED_PACKAGE], capture_output=True, text=True)
-    if "Candidate:" in policy.stdout and "Candidate: (none)" not in policy.stdout:
-        return PINNED_PACKAGE
-    deps = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True,
-                          text=True).stdout
-    m = re.search(r"Depends: (linux-image-\d\S*-amd64)", deps)
-    if not m:
-        raise VmError("cannot find a linux-image-*-amd64 package (apt-get update?)")
-    return m.group(1)
+def _codename() -> str:
+    """The host's Debian release (its arm64 packages are fetched from the same one)."""
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return "bookworm"
+    m = re.search(r"^VERSION_CODENAME=(\w+)", text, re.M)
+    return m.group(1) if m else "bookworm"
 
 
-def fetch_kernel() -> Kernel:
-    """Download (apt-get download) and unpack the kernel package once into the cache."""
+def _foreign_apt(arch: GuestArch) -> list[str]:
+    """apt options for `arch` packages: own sources, lists and cache; the host's are untouched.
+
+    The lists live in the cache (updated once a day); the sources are Debian's release,
+    -updates, -security and -backports (6.12 for 12/bookworm) of the host's release.
+    """
+    base = CACHE / f"apt-{arch.deb_arch}"
+    code = _codename()
+    opts = [f"-oAPT::Architecture={arch.deb_arch}", f"-oAPT::Architectures={arch.deb_arch}",
+            f"-oDir::Etc::SourceList={base / 'sources.list'}", "-oDir::Etc::SourceParts=-",
+            f"-oDir::State::Lists={base / 'lists'}", f"-oDir::State::Status={base / 'status'}",
+            f"-oDir::Cache={base / 'cache'}", "-oAPT::Sandbox::User=root"]
+    lists = base / "lists"
+    stamp = base / "updated"
+    if stamp.exists() and time.time() - stamp.stat().st_mtime < 86400:
+        return opts
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    (base / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    (base / "status").touch()
+    key = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    sources = os.environ.get("KCORE_VM_APT_SOURCES") or "".join(
+        f"deb [arch={arch.deb_arch} signed-by={key}] {url} {suite} main\n"
+        for url, suite in (("http://deb.debian.org/debian", code),
+                           ("http://deb.debian.org/debian", f"{code}-updates"),
+                           ("http://deb.debian.org/debian-security", f"{code}-security"),
+                           ("http://deb.debian.org/debian", f"{code}-backports")))
+    (base / "sources.list").write_text(sources)
+    r = subprocess.run(["apt-get", *opts, "-qq", "update"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise VmError(f"apt-get update ({arch.deb_arch} lists) failed:\n{r.stderr[-2000:]}")
+    stamp.touch()
+    return opts
+
+
+def _apt_options(arch: GuestArch) -> list[str]:
+    """apt options for packages of `arch` (none for the host's own)."""
+    return [] if arch.host_root else _foreign_apt(arch)
+
+
+def _candidate(package: str, opts: list[str]) -> bool:
+    """True if apt has a version of `package` to download."""
+    policy = subprocess.run(["apt-cache", *opts, "policy", package], capture_output=True,
+                            text=True)
+    return "Candidate:" in policy.stdout and "Candidate: (none)" not in policy.stdout
+
+
+def _apt_package(arch: GuestArch, wanted: str | None = None) -> str:
+    """The kernel package: `wanted` or the pinned one if apt has it, else what the arch's
+    linux-image meta package depends on; a meta package (linux-image-6.12-arm64) is resolved
+    to the kernel it depends on."""
+    opts = _apt_options(arch)
+    for name in (wanted or arch.pinned, arch.meta):
+        if not _candidate(name, opts):
+            continue
+        deps = subprocess.run(["apt-cache", *opts, "depends", name], capture_output=True,
+                              text=True).stdout
+        m = re.search(rf"Depends: (linux-image-\d\S*-{arch.deb_arch})$", deps, re.M)
+        return m.group(1) if m else name
+    raise VmError(f"cannot find a linux-image-*-{arch.deb_arch} package (apt-get update?)")
+
+
+def _download(package: str, arch: GuestArch, debs: Path) -> Path:
+    """The cached .deb of `package`, fetched with apt-get download if missing."""
+    debs.mkdir(parents=True, exist_ok=True)
+    name = package.split(":")[0]
+    found = sorted(debs.glob(f"{name}_*_{arch.deb_arch}.deb")) or sorted(
+        debs.glob(f"{name}_*_all.deb"))
+    if not found:
+        r = subprocess.run(["apt-get", *_apt_options(arch), "download", package], cwd=debs,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise VmError(f"apt-get download {package} failed:\n{r.stderr[-2000:]}")
+        found = sorted(debs.glob(f"{name}_*_{arch.deb_arch}.deb"))
+    if not found:
+        raise VmError(f"apt-get download {package} left no .deb in {debs}")
+    return found[-1]
+
+
+def _unpack(deb: Path, root: Path) -> None:
+    """dpkg-deb -x the package into root (atomically: a half-unpacked tree is never seen)."""
+    tmp = Path(tempfile.mkdtemp(prefix="unpack-", dir=CACHE))
+    try:
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
+        shutil.rmtree(root, ignore_errors=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch_kernel(arch: str = "x86_64", package: str | None = None) -> Kernel:
+    """Download (apt-get download) and unpack the kernel package once into the cache.
+
+    x86_64: KCORE_VM_KERNEL, else the pinned package (remembered in the cache).  Other
+    architectures: `package` (a linux-image package or meta package such as
+    linux-image-6.12-arm64), else the arch's pinned one.
+    """
+    a = ARCHES[arch]
     with _locked(CACHE / "kernel.lock"):
-        pin = CACHE / "kernel-package"
-        package = os.environ.get("KCORE_VM_KERNEL") or (pin.read_text().strip()
-                                                        if pin.exists() else _apt_package())
-        if not os.environ.get("KCORE_VM_KERNEL"):
+        if a.host_root:
+            pin = CACHE / "kernel-package"
+            package = os.environ.get("KCORE_VM_KERNEL") or (pin.read_text().strip()
+                                                            if pin.exists() else _apt_package(a))
+            if not os.environ.get("KCORE_VM_KERNEL"):
+                pin.write_text(package + "\n")
+        else:
+            pin = CACHE / f"kernel-package-{a.deb_arch}-{package or a.pinned}"
+            package = pin.read_text().strip() if pin.exists() else _apt_package(a, package)
             pin.write_text(package + "\n")
         release = package.removeprefix("linux-image-")
         root = CACHE / "kernels" / release
         if not (root / "boot" / f"vmlinuz-{release}").exists():
-            debs = CACHE / "debs"
-            debs.mkdir(parents=True, exist_ok=True)
-            if not list(debs.glob(f"{package}_*.deb")):
-                r = subprocess.run(["apt-get", "download", package], cwd=debs,
-                                   capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise VmError(f"apt-get download {package} failed:\n{r.stderr[-2000:]}")
-            deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
-            tmp = Path(tempfile.mkdtemp(prefix="unpack-", dir=CACHE))
-            try:
-                subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
-                shutil.rmtree(root, ignore_errors=True)
-                root.parent.mkdir(parents=True, exist_ok=True)
-                tmp.rename(root)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return Kernel(package, release, root)
+            _unpack(_download(package, a, CACHE / "debs"), root)
+        return Kernel(package, release, root, arch)
+
+
+def fetch_busybox(arch: str) -> Path:
+    """The static busybox for `arch` guests: the host's for x86_64, else Debian's
+    busybox-static of that architecture, downloaded and unpacked once into the cache."""
+    a = ARCHES[arch]
+    if a.host_root:
+        return Path(shutil.which("busybox") or "/bin/busybox").resolve()
+    root = CACHE / f"busybox-{a.deb_arch}"
+    with _locked(CACHE / "kernel.lock"):
+        if not (root / "bin" / "busybox").exists():
+            _unpack(_download("busybox-static", a, CACHE / "debs"), root)
+    return root / "bin" / "busybox"
 
 
 def _module_bytes(path: Path) -> bytes:
@@ -201,19 +336,27 @@ def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
 
 
 def build_initramfs(kernel: Kernel) -> Path:
-    """The guest initramfs (busybox, /init, 9p modules), cached per kernel and init script."""
+    """The guest initramfs (busybox, /init, 9p modules), cached per kernel and init script.
+
+    A guest of another architecture than the host's also gets the agent and the tmp
+    directory: it stays in its initramfs (busybox only) and mounts just the share.
+    """
+    arch = ARCHES[kernel.arch]
     init = (HERE / "guest_init.sh").read_bytes()
-    busybox = Path(shutil.which("busybox") or "/bin/busybox").resolve()
-    digest = hashlib.sha256(init + (HERE / "qemu_vm.py").read_bytes() + busybox.read_bytes())
+    agent = (HERE / "guest_agent.sh").read_bytes()
+    busybox = fetch_busybox(kernel.arch)
+    digest = hashlib.sha256(init + agent + (HERE / "qemu_vm.py").read_bytes()
+                            + busybox.read_bytes())
     key = f"{kernel.release}-{digest.hexdigest()[:12]}"
     out = CACHE / "initramfs" / f"{key}.cpio.gz"
     if out.exists():
         return out
-    mods = module_load_order(kernel, GUEST_MODULES)
+    mods = module_load_order(kernel, arch.modules)
     entries: list[tuple[str, int, bytes]] = [
-        (d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "newroot", "modules")
+        (d, 0o040755, b"") for d in ("bin", "dev", "proc", "sys", "newroot", "modules", "tmp")
     ]
-    entries += [("bin/busybox", 0o100755, busybox.read_bytes()), ("init", 0o100755, init)]
+    entries += [("bin/busybox", 0o100755, busybox.read_bytes()), ("init", 0o100755, init),
+                ("bin/agent.sh", 0o100755, agent)]
     entries += [(f"modules/{name}.ko", 0o100644, data) for name, data in mods]
     order = "".join(f"{name}\n" for name, _ in mods).encode()
     entries.append(("modules/order", 0o100644, order))
@@ -301,6 +444,10 @@ class VmConfig:
     maxmem_mib: int = 0
     smp: int = 1
     extra_append: str = ""
+    arch: str = "x86_64"
+    kernel: str | None = None  # another kernel package (meta packages resolved), else pinned
+    numa_nodes: int = 0  # >1: RAM split evenly over that many NUMA nodes (one file each)
+    cpu: str = ""  # -cpu model (default: the arch's)
 
 
 def _set_pdeathsig() -> None:
@@ -356,12 +503,26 @@ class Vm:
         self.ram_path = SHM / (self.workdir.name + ".ram")
 
     @property
+    def arch(self) -> GuestArch:
+        """The guest's architecture record."""
+        return ARCHES[self.config.arch]
+
+    @property
+    def ram_files(self) -> list[Path]:
+        """The guest RAM files in physical order (one per NUMA node, else one)."""
+        n = self.config.numa_nodes
+        return [self.ram_path] if n <= 1 else [self.ram_path.with_suffix(f".ram{i}")
+                                               for i in range(n)]
+
+    @property
     def serial_log(self) -> Path:
         """The guest's console output."""
         return self.workdir / "serial.log"
 
     def qemu_argv(self) -> list[str]:
         """The QEMU command line."""
+        if self.config.arch == "arm64":
+            return self._qemu_argv_arm64()
         c = self.config
         mem = f"{c.mem_mib}M"
         if c.hotplug_slots:
@@ -389,9 +550,45 @@ class Vm:
             "-virtfs", f"local,path={self.share},mount_tag=share,security_model=none",
         ]
 
+    def _qemu_argv_arm64(self) -> list[str]:
+        """The QEMU command line of an arm64 guest: virt, TCG, -cpu max, busybox initramfs."""
+        c = self.config
+        append = f"console=ttyAMA0 panic=-1 loglevel=4 khshare={self.share} khroot=initramfs"
+        append += "" if c.kaslr else " nokaslr"
+        append += f" {c.extra_append}" if c.extra_append else ""
+        mem: list[str] = []
+        if c.numa_nodes > 1:
+            size = c.mem_mib // c.numa_nodes
+            for i, path in enumerate(self.ram_files):
+                mem += ["-object", f"memory-backend-file,id=ram{i},size={size}M,mem-path={path},"
+                                   "share=on", "-numa", f"node,nodeid={i},memdev=ram{i}"]
+            mem += ["-machine", "virt"]
+        else:
+            mem += ["-object", f"memory-backend-file,id=ram0,size={c.mem_mib}M,"
+                               f"mem-path={self.ram_path},share=on",
+                    "-machine", "virt,memory-backend=ram0"]
+        return [
+            self.arch.qemu, "-accel", "tcg", "-cpu", c.cpu or "max,pauth-impdef=on",
+            "-smp", str(c.smp), "-m", f"{c.mem_mib}M", *mem,
+            "-device", "vmcoreinfo",
+            "-display", "none", "-nic", "none", "-monitor", "none",
+            "-serial", f"file:{self.serial_log}", "-no-reboot",
+            # a virtio serial port: the host says "run N" there (virt has one UART)
+            "-device", "virtio-serial-pci",
+            "-chardev", f"socket,id=ctl,path={self.workdir / 'ctl.sock'},server=on,wait=off",
+            "-device", "virtserialport,chardev=ctl,name=kcorectl",
+            "-qmp", f"unix:{self.workdir / 'qmp.sock'},server=on,wait=off",
+            "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initramfs),
+            "-append", append,
+            "-virtfs", f"local,path={self.share},mount_tag=share,security_model=none",
+        ]
+
     def start(self) -> None:
         """Boot the guest and wait until its command agent is ready."""
         (self.share / "agent.sh").write_text((HERE / "guest_agent.sh").read_text())
+        if not self.arch.host_root:  # the guest sees only the share: its busybox scripts too
+            for script in ("guest_capture.sh", "guest_read.sh"):
+                shutil.copy(HERE / script, self.share / script)
         t0 = time.monotonic()
         with open(self.workdir / "qemu.log", "wb") as log:
             self.proc = subprocess.Popen(
@@ -429,7 +626,7 @@ class Vm:
         n = self._next
         self._next += 1
         d = self.share / "cmd"
-        env = {**guest_env(), **(env or {})}
+        env = {**guest_env(self.config.arch), **(env or {})}
         exports = "".join(f"export {k}='{v}'\n" for k, v in env.items())
         (d / f"{n}.timeout").write_text(f"{int(timeout)}\n")
         tmp = d / f"{n}.sh.tmp"
@@ -491,6 +688,10 @@ class Vm:
         Below 4 GiB that is the RAM file itself; above, QEMU's pc machine puts the rest of
         the RAM file at 4 GiB, so the image is a sparse copy of the file's data regions.
         """
+        if self.arch.ram_base or len(self.ram_files) > 1:
+            with self._based_image() as image:
+                yield image
+            return
         low = ram_below_4g(self.config.mem_mib)
         if low == self.config.mem_mib << 20:
             yield self.ram_path
@@ -512,6 +713,23 @@ class Vm:
                         pos += os.copy_file_range(src.fileno(), dst.fileno(), stop - pos, pos,
                                                   phys)
                 dst.truncate((1 << 32) + size - low)
+            yield image
+        finally:
+            image.unlink(missing_ok=True)
+
+    @contextmanager
+    def _based_image(self) -> Iterator[Path]:
+        """The RAM files back to back from the arch's RAM base, as a sparse physical image."""
+        image = SHM / (self.workdir.name + ".phys")
+        try:
+            with open(image, "wb") as dst:
+                at = self.arch.ram_base
+                for path in self.ram_files:
+                    with open(path, "rb") as src:
+                        size = os.fstat(src.fileno()).st_size
+                        _copy_data(src.fileno(), dst.fileno(), size, at)
+                    at += size
+                dst.truncate(at)
             yield image
         finally:
             image.unlink(missing_ok=True)
@@ -557,15 +775,32 @@ class Vm:
                     pass
                 self.proc.wait()
         finally:
-            self.ram_path.unlink(missing_ok=True)
+            for path in self.ram_files:
+                path.unlink(missing_ok=True)
             if os.environ.get("KCORE_VM_KEEP"):
                 print(f"kept {self.workdir}", file=sys.stderr)
             else:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def guest_env() -> dict[str, str]:
-    """The environment of guest commands: this checkout's kcore with the host's Python."""
+def _copy_data(src: int, dst: int, size: int, at: int) -> None:
+    """Copy src's data regions (holes skipped) to dst at offset `at` onwards."""
+    pos = 0
+    while pos < size:
+        try:
+            pos = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        end = os.lseek(src, pos, os.SEEK_HOLE)
+        while pos < end:
+            pos += os.copy_file_range(src, dst, end - pos, pos, at + pos)
+
+
+def guest_env(arch: str = "x86_64") -> dict[str, str]:
+    """The environment of guest commands: this checkout's kcore with the host's Python
+    (a foreign-arch guest has busybox only)."""
+    if not ARCHES[arch].host_root:
+        return {"PATH": "/bin", "HOME": "/tmp", "LANG": "C"}
     return {
         "KCORE_PY": sys.executable,
         "PYTHONPATH": str(REPO),
@@ -578,7 +813,7 @@ def guest_env() -> dict[str, str]:
 
 def boot(config: VmConfig) -> Vm:
     """Fetch the kernel, build the initramfs and boot one guest (closed again on failure)."""
-    kernel = fetch_kernel()
+    kernel = fetch_kernel(config.arch, config.kernel)
     vm = Vm(config, kernel, build_initramfs(kernel))
     try:
         vm.start()
