@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "bench": "compare kcore's read speed with the real /proc/kcore",
     "check": "say whether a dump would work here, how big it would be, and the command",
     "verify": "check a dump file: structure, digests, ranges, what drgn/crash/Volatility need",
+    "drgn": "run drgn's shell (or a script) on the kernel, its memory read through kcore",
 }
 
 SOURCE_HELP = (

@@ -1,0 +1,124 @@
+"""drgn on any kcore source: a drgn.Program whose memory is read through kcore, no dump between.
+
+The Program sees what drgn sees when it opens the kernel's own /proc/kcore: one virtual
+segment per kcore PT_LOAD (kernel text, vmalloc and modules areas, the direct map of each
+System RAM range, vmemmap), one physical segment per System RAM range, and the kernel's
+VMCOREINFO (KASLR offset, page-table root, page size) given to
+`Program.set_linux_kernel_custom()`, which also sets up drgn's own page-table walks for
+addresses outside the segments. Every read goes through `KcoreFile.pread()`, so RAM comes
+from the C engine in one call. Addresses outside the kclist (and physical addresses outside
+System RAM) raise drgn.FaultError; inside it, what /proc/kcore gives: zeros for unmapped
+vmalloc pages and for pages the source lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from kcore.errors import KcoreError
+from kcore.integrations import require
+from kcore.kclist import KcoreType
+
+if TYPE_CHECKING:
+    import drgn as _drgn
+
+    from kcore.kcorefile import KcoreFile
+
+log = logging.getLogger("kcore.drgn")
+# Sources whose memory changes while drgn reads it: the Program is flagged IS_LIVE.
+LIVE_KINDS = frozenset({"kcore", "devmem", "pid"})
+
+
+def _drgn() -> Any:
+    return require("drgn", "drgn")
+
+
+def is_live(kfile: KcoreFile) -> bool:
+    """Whether the kcore file reads a running kernel (/proc/kcore, /dev/mem, a VM's process)."""
+    return getattr(kfile.source, "kind", "") in LIVE_KINDS
+
+
+def _reader(kfile: KcoreFile, base: int, fault: Any) -> Callable[[int, int, int, bool], bytes]:
+    """drgn's read_fn for a segment that starts at kcore file offset `base`."""
+    pread = kfile.pread
+
+    def read(address: int, count: int, offset: int, physical: bool) -> bytes:
+        try:
+            return pread(count, base + offset)
+        except KcoreError as exc:
+            raise fault(f"kcore: {exc}", address) from None
+
+    return read
+
+
+def attach(prog: _drgn.Program, kfile: KcoreFile, *, live: bool | None = None) -> None:
+    """Give `prog` (made with an x86-64 platform, no target yet) the kernel in `kfile`."""
+    drgn = _drgn()
+    loads = [(entry, offset) for entry, offset in kfile.header.loads if entry.size > 0]
+    # Physical segments first: set_linux_kernel_custom() reads the page tables through them.
+    for entry, offset in loads:
+        if entry.type == KcoreType.RAM:
+            prog.add_memory_segment(entry.paddr, entry.size,
+                                    _reader(kfile, offset, drgn.FaultError), True)
+    prog.set_linux_kernel_custom(kfile.system.vmcoreinfo.data,
+                                 is_live(kfile) if live is None else live)
+    # Then the virtual ones, which take precedence over drgn's page-table walk where they are.
+    for entry, offset in loads:
+        prog.add_memory_segment(entry.vaddr, entry.size,
+                                _reader(kfile, offset, drgn.FaultError), False)
+
+
+def load_debug_info(prog: _drgn.Program, symbols: Sequence[str] = (), *,
+                    default: bool = True) -> str | None:
+    """Load vmlinux (and module) debug info: the given files, then drgn's usual places.
+
+    Returns None when the kernel's own debug info is loaded, else why not (one line).
+    """
+    drgn = _drgn()
+    try:
+        prog.load_debug_info(list(symbols), default=default, main=True)
+    except drgn.MissingDebugInfoError as exc:
+        try:
+            main = prog.main_module()
+            missing = main.wants_debug_file() or main.wants_loaded_file()
+        except LookupError:
+            missing = True
+        if missing:
+            return str(exc).splitlines()[0]
+        log.info("%s", exc)
+    return None
+
+
+def program(root: str = "/", source: Any = "auto", *, symbols: Iterable[str] = (),
+            default_symbols: bool = True, debug_info: bool = True,
+            layout: str = "modern") -> _drgn.Program:
+    """A drgn.Program for the kernel at `root`, its memory read from `source` through kcore.
+
+    `symbols` are vmlinux or module files with debug info to try first; with
+    `default_symbols` drgn also looks where it usually does (/usr/lib/debug, /boot,
+    /lib/modules). Missing debug info is logged (logger "kcore.drgn"), not an error: the
+    Program still reads memory. `debug_info=False` loads none.
+    """
+    drgn = _drgn()
+    import kcore
+
+    kfile = kcore.open(root, source, layout)
+    try:
+        platform = drgn.Platform(drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT
+                                 | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
+        prog = drgn.Program(platform)
+        attach(prog, kfile)
+    except BaseException:
+        kfile.close()
+        raise
+    if debug_info:
+        why = load_debug_info(prog, list(symbols), default=default_symbols)
+        if why is not None:
+            log.warning("no debug info for the kernel %s: %s (install its -dbg package or "
+                        "pass its vmlinux)", kfile.system.osrelease or "", why)
+    return prog
+
+
+__all__ = ["LIVE_KINDS", "attach", "is_live", "load_debug_info", "program"]
