@@ -11,6 +11,9 @@ setup(
     cffi_modules=["csrc/build_ffi.py:ffibuilder"],
     install_requires=["cffi>=1.15", "pyelftools>=0.29", "tqdm>=4.60"],
     extras_require={
+        # kcore inside other tools (kcore.integrations): drgn programs, a Volatility 3 layer.
+        "drgn": ["drgn"],
+        "volatility": ["volatility3"],
         # drgn and volatility3: the consumers whose opening of kcore's dumps the tests check.
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff", "zstandard",
                  "drgn", "volatility3"],
