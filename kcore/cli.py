@@ -38,16 +38,16 @@ def int_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal or 0x hex)") from None
 
 
-def add_system_args(parser: argparse.ArgumentParser, *, layout: bool = True) -> None:
+def add_system_args(parser: argparse.ArgumentParser, *, flavour: bool = True) -> None:
     """Add --root, --source and (optionally) --layout, shared by every subcommand."""
     parser.add_argument(
         "--root", default="/", metavar="DIR",
         help="system root where proc/ and sys/ files are read (default: /)",
     )
     parser.add_argument("--source", default="auto", metavar="SPEC", help=SOURCE_HELP)
-    if layout:
+    if flavour:
         parser.add_argument(
-            "--layout", choices=("modern", "2.6"), default="modern",
+            "--layout", dest="flavour", choices=("modern", "2.6"), default="modern",
             help="header flavour: modern (Linux >= 4.19, default) or 2.6 (the seed's)",
         )
 

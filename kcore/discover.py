@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kcore.errors import InputError
-from kcore.kclist import KcoreEntry, KcoreList, KcoreType, RamRange, ram_ranges_from_resources
-from kcore.layout import (
+from kcore.addrmap import (
     ALL_ONES,
     X86_64_KERNEL_IMAGE_SIZE,
     X86_64_START_KERNEL_MAP,
-    Layout,
-    x86_64_layout,
+    AddressMap,
+    x86_64_map,
 )
+from kcore.errors import InputError
+from kcore.kclist import KcoreEntry, KcoreList, KcoreType, RamRange, ram_ranges_from_resources
 from kcore.vmcoreinfo import (
     MAX_VMCOREINFO_BYTES,
     NOTE_HEADER,
@@ -159,7 +159,7 @@ class System:
 
     root: Path
     source: MemorySource
-    layout: Layout
+    addrmap: AddressMap
     vmcoreinfo: VmcoreInfo
     cmdline: str
     osrelease: str
@@ -171,15 +171,15 @@ class System:
 
     def pa(self, vaddr: int) -> int:
         """__pa() of a direct-map address."""
-        return self.layout.pa(vaddr)
+        return self.addrmap.pa(vaddr)
 
     def va(self, paddr: int) -> int:
         """__va() of a physical address."""
-        return self.layout.va(paddr)
+        return self.addrmap.va(paddr)
 
     def pa_symbol(self, vaddr: int) -> int:
         """__pa_symbol() of a kernel-image address."""
-        return self.layout.pa_symbol(vaddr)
+        return self.addrmap.pa_symbol(vaddr)
 
     def close(self) -> None:
         """Close the memory source."""
@@ -288,9 +288,9 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
     image_size = info.number("KERNEL_IMAGE_SIZE") or X86_64_KERNEL_IMAGE_SIZE
     struct_page = info.size("page") or 64
     init_top_pgt = info.symbol("init_top_pgt")
-    base = x86_64_layout(text_start=syms["_text"], text_end=syms["_end"],
-                         pgtable_levels=levels, phys_base=phys_base,
-                         kernel_image_size=image_size, struct_page_size=struct_page)
+    base = x86_64_map(text_start=syms["_text"], text_end=syms["_end"],
+                      pgtable_levels=levels, phys_base=phys_base,
+                      kernel_image_size=image_size, struct_page_size=struct_page)
     if syms["_text"] < X86_64_START_KERNEL_MAP:
         raise InputError(f"kallsyms _text {syms['_text']:#x} is not a kernel-image address")
 
@@ -307,7 +307,7 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
         if value is not None and value < 0xFF00000000000000:
             raise InputError(f"kernel variable {name} reads {value:#x}, not a kernel address: "
                              "the memory source does not match this root")
-    layout = x86_64_layout(
+    amap = x86_64_map(
         text_start=syms["_text"], text_end=syms["_end"], pgtable_levels=levels,
         page_offset=page_offset, vmalloc_start=vmalloc_start, vmemmap_start=vmemmap_start,
         phys_base=phys_base, kernel_image_size=image_size, struct_page_size=struct_page,
@@ -316,7 +316,7 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
     if "arch_task_struct_size" not in syms:
         raise InputError(f"{root / 'proc/kallsyms'}: no arch_task_struct_size symbol")
     task_size = int.from_bytes(
-        reader.read(layout.pa_symbol(syms["arch_task_struct_size"]), 4,
+        reader.read(amap.pa_symbol(syms["arch_task_struct_size"]), 4,
                     "kernel variable arch_task_struct_size"), "little")
     if task_size not in TASK_STRUCT_SANE:
         raise InputError(f"arch_task_struct_size reads {task_size}: the memory source does "
@@ -325,12 +325,12 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
     def ram_source() -> list[RamRange]:
         text = _read_text(root, "proc/iomem")
         return ram_ranges_from_resources(parse_iomem(text, str(iomem_path)).system_ram(),
-                                         layout.page_size,
-                                         online_memory_end_pfn(root, layout.page_size))
+                                         amap.page_size,
+                                         online_memory_end_pfn(root, amap.page_size))
 
-    kclist = KcoreList(layout, ram_source, flavour=flavour,
+    kclist = KcoreList(amap, ram_source, flavour=flavour,
                        hotplug_state=lambda: online_memory_blocks(root))
-    return System(root=root, source=src, layout=layout, vmcoreinfo=info, cmdline=cmdline,
+    return System(root=root, source=src, addrmap=amap, vmcoreinfo=info, cmdline=cmdline,
                   osrelease=osrelease or info.osrelease or "", task_struct_size=task_size,
                   kclist=kclist, symbols=syms, flavour=flavour)
 
@@ -351,9 +351,9 @@ def _check_source_size(src: MemorySource, iomem: Iomem) -> None:
 class SegmentKcoreList:
     """The kclist of a real /proc/kcore: its own program headers, re-read on refresh()."""
 
-    def __init__(self, load: Any, layout: Layout) -> None:
+    def __init__(self, load: Any, amap: AddressMap) -> None:
         self._load = load
-        self.layout = layout
+        self.addrmap = amap
         self.need_update = False
         self.generation = 0
         self._entries: list[KcoreEntry] = []
@@ -379,15 +379,15 @@ class SegmentKcoreList:
         return changed
 
 
-def classify_segment(vaddr: int, paddr: int, layout: Layout) -> tuple[KcoreType, str]:
+def classify_segment(vaddr: int, paddr: int, amap: AddressMap) -> tuple[KcoreType, str]:
     """The kclist type of a real kcore PT_LOAD, from its addresses."""
     if paddr != ALL_ONES:
         if vaddr >= X86_64_START_KERNEL_MAP:
             return KcoreType.TEXT, ""
         return KcoreType.RAM, ""
-    if vaddr == layout.vmalloc_start:
+    if vaddr == amap.vmalloc_start:
         return KcoreType.VMALLOC, "vmalloc area"
-    if vaddr == layout.modules_start:
+    if vaddr == amap.modules_start:
         return KcoreType.VMALLOC, "modules area"
     return KcoreType.VMEMMAP, ""
 
@@ -431,7 +431,7 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
     levels = 5 if info.number("pgtable_l5_enabled") else 4
     phys_base = info.number("phys_base") or 0
     page_offset = (ram[0].vaddr - ram[0].paddr) if ram else None
-    layout = x86_64_layout(
+    amap = x86_64_map(
         text_start=text.vaddr if text else 0, text_end=text.vaddr + text.size if text else 0,
         pgtable_levels=levels, page_offset=page_offset,
         vmalloc_start=vmalloc[0].vaddr if vmalloc else None,
@@ -443,7 +443,7 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
     )
     pgd = info.symbol("init_top_pgt")
     if pgd is not None:
-        layout = layout.with_(pgd_paddr=layout.pa_symbol(pgd))
+        amap = amap.with_(pgd_paddr=amap.pa_symbol(pgd))
 
     opened = [False]
 
@@ -456,15 +456,15 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
         opened[0] = True
         out = []
         for s in src.segments:
-            t, label = classify_segment(s.vaddr, s.paddr, layout)
+            t, label = classify_segment(s.vaddr, s.paddr, amap)
             out.append(KcoreEntry(s.vaddr, s.size, t, paddr=s.paddr, label=label))
         return out
 
     osrelease = (_read_text(root, "proc/sys/kernel/osrelease", required=False) or "").strip()
-    return System(root=root, source=src, layout=layout, vmcoreinfo=info, cmdline=cmdline,
+    return System(root=root, source=src, addrmap=amap, vmcoreinfo=info, cmdline=cmdline,
                   osrelease=osrelease or info.osrelease or "",
                   task_struct_size=len(task) if task else 0,
-                  kclist=SegmentKcoreList(load, layout), task_struct=task, flavour=flavour)
+                  kclist=SegmentKcoreList(load, amap), task_struct=task, flavour=flavour)
 
 
 __all__ = ["System", "discover", "parse_iomem", "parse_kallsyms"]

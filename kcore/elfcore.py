@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from elftools.construct import Container
 from elftools.elf.structs import ELFStructs
 
+from kcore.addrmap import ALL_ONES, AddressMap
 from kcore.kclist import KcoreEntry, KcoreType
-from kcore.layout import ALL_ONES, Layout
 
 if TYPE_CHECKING:
     from kcore.discover import System
@@ -135,19 +135,19 @@ def phdr_paddr(entry: KcoreEntry, flavour: str) -> int:
 
 
 def build_header_from(
-    entries: Sequence[KcoreEntry], layout: Layout, inputs: NoteInputs, flavour: str = "modern"
+    entries: Sequence[KcoreEntry], amap: AddressMap, inputs: NoteInputs, flavour: str = "modern"
 ) -> KcoreHeader:
     """elf_kcore_store_hdr() / read_kcore()'s header: the first data_offset bytes of kcore."""
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown header flavour {flavour!r} (modern or 2.6)")
-    machine, _, _ = ARCH_ELF[layout.arch]
+    machine, _, _ = ARCH_ELF[amap.arch]
     nphdr = 1 + len(entries)
     notes = build_notes_from(inputs, flavour)
     nlen = notes_len(inputs, flavour)
     if flavour == "modern":
-        data_offset = _page_align(EHDR_SIZE + nphdr * PHDR_SIZE + nlen, layout.page_size)
+        data_offset = _page_align(EHDR_SIZE + nphdr * PHDR_SIZE + nlen, amap.page_size)
     else:  # the seed's elf_buflen, with room for (nphdr + 2) program headers
-        data_offset = _page_align(EHDR_SIZE + (nphdr + 2) * PHDR_SIZE + nlen, layout.page_size)
+        data_offset = _page_align(EHDR_SIZE + (nphdr + 2) * PHDR_SIZE + nlen, amap.page_size)
     ehdr = STRUCTS.Elf_Ehdr.build(Container(
         e_ident=Container(
             EI_MAG=[0x7F, ord("E"), ord("L"), ord("F")], EI_CLASS="ELFCLASS64",
@@ -166,13 +166,13 @@ def build_header_from(
     loads = []
     size = 0
     for e in entries:
-        p_offset = layout.kc_vaddr_to_offset(e.vaddr, flavour) + data_offset
+        p_offset = amap.kc_vaddr_to_offset(e.vaddr, flavour) + data_offset
         loads.append((e, p_offset))
-        size = max(size, layout.kc_vaddr_to_offset(e.vaddr + e.size, flavour))
+        size = max(size, amap.kc_vaddr_to_offset(e.vaddr + e.size, flavour))
         phdrs.append(STRUCTS.Elf_Phdr.build(Container(
             p_type="PT_LOAD", p_flags=PF_RWX, p_offset=p_offset, p_vaddr=e.vaddr,
             p_paddr=phdr_paddr(e, flavour), p_filesz=e.size, p_memsz=e.size,
-            p_align=layout.page_size,
+            p_align=amap.page_size,
         )))
     buf = bytearray(data_offset)
     head = ehdr + b"".join(phdrs) + notes
@@ -183,7 +183,7 @@ def build_header_from(
 
 def note_inputs(system: System, task_struct: bytes | None = None) -> NoteInputs:
     """The note inputs of a discovered system."""
-    return NoteInputs(system.layout.arch, system.cmdline, system.vmcoreinfo.data,
+    return NoteInputs(system.addrmap.arch, system.cmdline, system.vmcoreinfo.data,
                       system.task_struct_size, task_struct or system.task_struct)
 
 
@@ -194,4 +194,4 @@ def build_notes(system: System, flavour: str = "modern") -> bytes:
 
 def build_header(system: System, flavour: str = "modern") -> KcoreHeader:
     """The header region /proc/kcore would start with, for a discovered system."""
-    return build_header_from(system.kclist.entries, system.layout, note_inputs(system), flavour)
+    return build_header_from(system.kclist.entries, system.addrmap, note_inputs(system), flavour)

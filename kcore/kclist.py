@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from kcore.layout import ALL_ONES, ULONG_MAX, Layout
+from kcore.addrmap import ALL_ONES, ULONG_MAX, AddressMap
 
 
 class KcoreType(enum.IntEnum):
@@ -67,15 +67,15 @@ def ram_ranges_from_resources(
 
 
 def _vmemmap_entry(
-    ram: KcoreEntry, head: Sequence[KcoreEntry], layout: Layout
+    ram: KcoreEntry, head: Sequence[KcoreEntry], amap: AddressMap
 ) -> KcoreEntry | None:
     """get_sparsemem_vmemmap_info(): the struct page range of a RAM entry, trimmed for overlap."""
-    page_mask = ~(layout.page_size - 1) & ULONG_MAX
-    pfn = layout.pa(ram.vaddr) >> layout.page_shift
-    nr_pages = ram.size >> layout.page_shift
-    start = layout.pfn_to_page(pfn) & page_mask
-    end = (layout.pfn_to_page(pfn + nr_pages) - 1) & ULONG_MAX
-    end = (end + layout.page_size - 1) & page_mask  # PAGE_ALIGN
+    page_mask = ~(amap.page_size - 1) & ULONG_MAX
+    pfn = amap.pa(ram.vaddr) >> amap.page_shift
+    nr_pages = ram.size >> amap.page_shift
+    start = amap.pfn_to_page(pfn) & page_mask
+    end = (amap.pfn_to_page(pfn + nr_pages) - 1) & ULONG_MAX
+    end = (end + amap.page_size - 1) & page_mask  # PAGE_ALIGN
     # "overlap check (because we have to align page)": the kernel's own rule, kept as is,
     # including that an overlapping range is cut back to the earlier entry's start.
     for tmp in head:
@@ -89,63 +89,63 @@ def _vmemmap_entry(
 
 
 def ram_entries(
-    ranges: Iterable[RamRange], layout: Layout, flavour: str = "modern", vmemmap: bool = True
+    ranges: Iterable[RamRange], amap: AddressMap, flavour: str = "modern", vmemmap: bool = True
 ) -> list[KcoreEntry]:
     """kcore_ram_list(): RAM entries (each followed by its VMEMMAP entry) by kclist_add_private."""
     head: list[KcoreEntry] = []
-    direct_map_base = layout.va(layout.phys_offset)  # __va(0) / PAGE_OFFSET
+    direct_map_base = amap.va(amap.phys_offset)  # __va(0) / PAGE_OFFSET
     for r in ranges:
-        phys = r.pfn << layout.page_shift
-        addr = layout.va(phys)
-        size = r.nr_pages << layout.page_shift
+        phys = r.pfn << amap.page_shift
+        addr = amap.va(phys)
+        size = r.nr_pages << amap.page_shift
         if flavour == "2.6":
             # "Sanity check: Can happen in 32bit arch...maybe"
             if addr < direct_map_base:
                 continue
         else:
             # virt_addr_valid(): inside the direct map and below MAX_PHYSMEM_BITS.
-            if addr < direct_map_base or (phys >> layout.max_physmem_bits):
+            if addr < direct_map_base or (phys >> amap.max_physmem_bits):
                 continue
         # "cut not-mapped area. ....from ppc-32 code."
         if ULONG_MAX - addr < size:
             size = ULONG_MAX - addr
         if flavour == "2.6":
             # "cut when vmalloc() area is higher than direct-map area"
-            if layout.vmalloc_start > direct_map_base:
-                if addr > layout.vmalloc_start:
+            if amap.vmalloc_start > direct_map_base:
+                if addr > amap.vmalloc_start:
                     continue
-                if layout.vmalloc_start - addr < size:
-                    size = layout.vmalloc_start - addr
-        elif layout.vmalloc_start > addr and layout.vmalloc_start - addr < size:
-            size = layout.vmalloc_start - addr
-        ent = KcoreEntry(addr, size, KcoreType.RAM, paddr=layout.pa(addr))
+                if amap.vmalloc_start - addr < size:
+                    size = amap.vmalloc_start - addr
+        elif amap.vmalloc_start > addr and amap.vmalloc_start - addr < size:
+            size = amap.vmalloc_start - addr
+        ent = KcoreEntry(addr, size, KcoreType.RAM, paddr=amap.pa(addr))
         head.append(ent)
         if vmemmap:
-            vmm = _vmemmap_entry(ent, head, layout)
+            vmm = _vmemmap_entry(ent, head, amap)
             if vmm is not None:
                 head.append(vmm)
     return head
 
 
-def highmem_ram_entries(max_low_pfn: int, layout: Layout) -> list[KcoreEntry]:
+def highmem_ram_entries(max_low_pfn: int, amap: AddressMap) -> list[KcoreEntry]:
     """The CONFIG_HIGHMEM kcore_update_ram(): one RAM entry [__va(0), max_low_pfn pages)."""
-    addr = layout.va(layout.phys_offset)
-    return [KcoreEntry(addr, max_low_pfn << layout.page_shift, KcoreType.RAM,
-                       paddr=layout.pa(addr))]
+    addr = amap.va(amap.phys_offset)
+    return [KcoreEntry(addr, max_low_pfn << amap.page_shift, KcoreType.RAM,
+                       paddr=amap.pa(addr))]
 
 
-def static_entries(layout: Layout) -> list[KcoreEntry]:
+def static_entries(amap: AddressMap) -> list[KcoreEntry]:
     """proc_kcore_init(): the text, vmalloc and modules entries, in the kernel's order."""
     out = []
-    if layout.text_end > layout.text_start:  # proc_kcore_text_init()
-        out.append(KcoreEntry(layout.text_start, layout.text_end - layout.text_start,
-                              KcoreType.TEXT, paddr=layout.pa_symbol(layout.text_start)))
-    out.append(KcoreEntry(layout.vmalloc_start, layout.vmalloc_size, KcoreType.VMALLOC,
+    if amap.text_end > amap.text_start:  # proc_kcore_text_init()
+        out.append(KcoreEntry(amap.text_start, amap.text_end - amap.text_start,
+                              KcoreType.TEXT, paddr=amap.pa_symbol(amap.text_start)))
+    out.append(KcoreEntry(amap.vmalloc_start, amap.vmalloc_size, KcoreType.VMALLOC,
                           label="vmalloc area"))
     # add_modules_range(): only where the modules area is not inside the vmalloc area.
-    if (layout.modules_size and layout.modules_start != layout.vmalloc_start
-            and layout.modules_start + layout.modules_size != layout.vmalloc_end):
-        out.append(KcoreEntry(layout.modules_start, layout.modules_size, KcoreType.VMALLOC,
+    if (amap.modules_size and amap.modules_start != amap.vmalloc_start
+            and amap.modules_start + amap.modules_size != amap.vmalloc_end):
+        out.append(KcoreEntry(amap.modules_start, amap.modules_size, KcoreType.VMALLOC,
                               label="modules area"))
     return out
 
@@ -155,20 +155,20 @@ class KcoreList:
 
     def __init__(
         self,
-        layout: Layout,
+        amap: AddressMap,
         ram_source: Callable[[], list[RamRange]],
         *,
         flavour: str = "modern",
         hotplug_state: Callable[[], object] | None = None,
         highmem_max_low_pfn: int | None = None,
     ) -> None:
-        self.layout = layout
+        self.addrmap = amap
         self.flavour = flavour
         self._ram_source = ram_source
         self._hotplug_state = hotplug_state
         self._max_low_pfn = highmem_max_low_pfn
         self._lock = threading.RLock()
-        self._static = static_entries(layout)
+        self._static = static_entries(amap)
         self._entries: list[KcoreEntry] = list(self._static)
         self._hotplug_seen: object = None
         self.need_update = True  # "static int kcore_need_update = 1;"
@@ -203,9 +203,9 @@ class KcoreList:
             if not self.need_update:
                 return False
             if self._max_low_pfn is not None:
-                ram = highmem_ram_entries(self._max_low_pfn, self.layout)
+                ram = highmem_ram_entries(self._max_low_pfn, self.addrmap)
             else:
-                ram = ram_entries(self._ram_source(), self.layout, self.flavour)
+                ram = ram_entries(self._ram_source(), self.addrmap, self.flavour)
             # __kcore_update_ram(): replace every RAM/VMEMMAP entry with the new list.
             kept = [e for e in self._entries if e.type not in (KcoreType.RAM, KcoreType.VMEMMAP)]
             self._entries = kept + ram

@@ -49,7 +49,7 @@ class KcoreFile(io.RawIOBase):
 
     Like Linux >= 4.19 (layout "modern" on x86-64) there is no EOF at size(): past it reads
     give zeros, and from data_offset on the data repeats every 2^47 (2^56) bytes; read(-1)
-    stops at size(). The "2.6" layout ends at size(), as the seed did. Holes, unmapped
+    stops at size(). The "2.6" amap ends at size(), as the seed did. Holes, unmapped
     pages and vmalloc pages outside System RAM (ioremap) read as zeros.
     """
 
@@ -65,12 +65,12 @@ class KcoreFile(io.RawIOBase):
         self.header: KcoreHeader = build_header(system, flavour or system.flavour)
         self.name = f"kcore:{self.source.spec}"
         self._size = self.header.file_size
-        layout = system.layout
-        if (flavour or system.flavour) == "modern" and layout.arch == "x86_64":
+        amap = system.addrmap
+        if (flavour or system.flavour) == "modern" and amap.arch == "x86_64":
             # No EOF since 4.19: read_kcore() maps any offset through kc_offset_to_vaddr()
             # = o | ~__VIRTUAL_MASK, so past data_offset the bytes repeat every 2^47 (2^56)
             # bytes, up to the largest loff_t a read may reach.
-            self._alias_mask: int | None = (1 << layout.virtual_mask_shift) - 1
+            self._alias_mask: int | None = (1 << amap.virtual_mask_shift) - 1
             self._end = LOFF_MAX
         else:  # the seed: "if (buflen == 0 || *fpos >= size) return 0"
             self._alias_mask = None
@@ -416,13 +416,13 @@ def _closed_pread(length: int, offset: int) -> bytes:
     raise ValueError("read of a closed KcoreFile")
 
 
-def open_kcore(root: str = "/", source: Any = "auto", layout: str = "modern") -> KcoreFile:
+def open_kcore(root: str = "/", source: Any = "auto", flavour: str = "modern") -> KcoreFile:
     """Discover the system at root with source, and open its /proc/kcore as a file."""
     from kcore.discover import discover
 
-    system = discover(root, source, flavour=layout)
+    system = discover(root, source, flavour=flavour)
     try:
-        return KcoreFile(system, flavour=layout, owns_system=isinstance(source, str))
+        return KcoreFile(system, flavour=flavour, owns_system=isinstance(source, str))
     except BaseException:
         if isinstance(source, str):
             system.close()

@@ -176,10 +176,10 @@ class Translator:
         """(vaddr, paddr, length) mapped runs of [vaddr, vaddr+length)."""
         if self.walker is not None:
             return self.walker.runs(vaddr, length)
-        layout = self.system.layout
-        start = getattr(layout, "page_offset", None)
-        if start is not None and start <= vaddr < start + (1 << layout.max_physmem_bits):
-            return [(vaddr, vaddr - start + layout.phys_offset, length)]
+        amap = self.system.addrmap
+        start = getattr(amap, "page_offset", None)
+        if start is not None and start <= vaddr < start + (1 << amap.max_physmem_bits):
+            return [(vaddr, vaddr - start + amap.phys_offset, length)]
         return []
 
     def u64s(self, vaddr: int, count: int) -> list[int] | None:
@@ -210,7 +210,7 @@ def mem_map_sections(system: Any, max_pfn: int) -> list[Section]:
     mem_section = info.symbol("mem_section")
     sec_size = info.size("mem_section")
     map_off = int(info.values.get("OFFSET(mem_section.section_mem_map)", "0"))
-    page_size = system.layout.page_size
+    page_size = system.addrmap.page_size
     struct_page = info.size("page") or 64
     section_bits = info.number("SECTION_SIZE_BITS") or X86_64_SECTION_SIZE_BITS
     l5 = 1 if info.number("pgtable_l5_enabled") else 0
@@ -352,7 +352,7 @@ def classify(system: Any, level: int, ranges: Iterable[tuple[int, int]],
     if missing:
         raise InputError(f"dump level {level} needs VMCOREINFO {', '.join(missing)}, which "
                          f"this kernel does not give (use a level without those classes)")
-    page = system.layout.page_size
+    page = system.addrmap.page_size
     spans = sorted((pa // page, -(-(pa + n) // page)) for pa, n in ranges if n > 0)
     max_pfn = max((hi for _lo, hi in spans), default=0)
     bitmap = bytearray(-(-max_pfn // 8))
@@ -422,7 +422,7 @@ def _read_structs(system: Any, tr: Translator, vaddr: int, view: memoryview,
                   struct_size: int) -> list[tuple[int, int]]:
     """Read struct pages at vaddr into view; return the (offset, length) parts unreadable."""
     source = system.source
-    page = system.layout.page_size
+    page = system.addrmap.page_size
     bad: list[tuple[int, int]] = []
     pos = 0
     for va, pa, n in tr.runs(vaddr, len(view)):

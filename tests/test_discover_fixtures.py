@@ -84,10 +84,10 @@ def test_kaslr_bases_read_from_memory_match_the_kernels(name):
     system = discover(fx / "root", source_spec(name))
     try:
         real = expected(name)["values_read_through_kcore"]
-        assert system.layout.page_offset == int(real["page_offset_base"], 16)
-        assert system.layout.vmalloc_start == int(real["vmalloc_base"], 16)
-        assert system.layout.vmemmap_start == int(real["vmemmap_base"], 16)
-        assert system.layout.phys_base == int(real["phys_base"], 16)
+        assert system.addrmap.page_offset == int(real["page_offset_base"], 16)
+        assert system.addrmap.vmalloc_start == int(real["vmalloc_base"], 16)
+        assert system.addrmap.vmemmap_start == int(real["vmemmap_base"], 16)
+        assert system.addrmap.phys_base == int(real["phys_base"], 16)
         assert system.task_struct_size == expected(name)["notes"][2]["descsz"]
         assert system.vmcoreinfo.data.decode() == expected(name)["notes"][3]["text"]
     finally:

@@ -513,7 +513,7 @@ def _one_ram_system(size: int, monkeypatch):
     monkeypatch.setattr(kcore.elfcore, "build_notes", lambda *a: b"notes")
     kclist = SimpleNamespace(entries=[SimpleNamespace(type="KCORE_RAM", vaddr=DIRECT_MAP,
                                                       paddr=0, size=size)])
-    return SimpleNamespace(layout=SimpleNamespace(page_size=PAGE, arch="x86_64"),
+    return SimpleNamespace(addrmap=SimpleNamespace(page_size=PAGE, arch="x86_64"),
                            kclist=kclist)
 
 

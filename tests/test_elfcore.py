@@ -30,7 +30,7 @@ def test_seed_flavour_header_follows_the_seed_formulas():
     system = discover(fx / "root", f"raw:{fixture_memory(name)}", flavour="2.6")
     try:
         hdr = build_header(system, "2.6")
-        page_offset = system.layout.page_offset
+        page_offset = system.addrmap.page_offset
     finally:
         system.close()
     elf = ELFFile(io.BytesIO(hdr.data))

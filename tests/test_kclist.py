@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kcore.addrmap import arm64_map, x86_64_map
 from kcore.discover import online_memory_blocks, online_memory_end_pfn, parse_iomem
 from kcore.kclist import (
     KcoreList,
@@ -13,10 +14,9 @@ from kcore.kclist import (
     ram_entries,
     ram_ranges_from_resources,
 )
-from kcore.layout import arm64_layout, x86_64_layout
 
 TEXT = dict(text_start=0xFFFFFFFF81000000, text_end=0xFFFFFFFF84430000)
-L4 = x86_64_layout(**TEXT)
+L4 = x86_64_map(**TEXT)
 
 
 def pairs(entries):
@@ -39,7 +39,7 @@ def test_ram_above_4g_gets_direct_map_and_vmemmap_addresses():
 
 
 def test_5_level_defaults():
-    l5 = x86_64_layout(pgtable_levels=5, **TEXT)
+    l5 = x86_64_map(pgtable_levels=5, **TEXT)
     ents = ram_entries([RamRange(0x100, 0x100)], l5)
     assert pairs(ents) == [
         (KcoreType.RAM, 0xFF11000000100000, 0x100000),
@@ -110,7 +110,7 @@ def test_static_entries_order_and_paddr():
 
 
 def test_arm64_layout_as_data():
-    lay = arm64_layout(text_start=0xFFFF800008000000, text_end=0xFFFF80000A000000,
+    lay = arm64_map(text_start=0xFFFF800008000000, text_end=0xFFFF80000A000000,
                        phys_offset=0x40000000, kimage_voffset=0xFFFF7FFFC8000000)
     assert lay.page_offset == 0xFFFF000000000000
     assert lay.modules_start == 0xFFFF800000000000 and lay.modules_size == 128 << 20

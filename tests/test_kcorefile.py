@@ -402,10 +402,10 @@ def test_vm_ram_seen_through_a_process_pid_source() -> None:
 
 
 def test_seed_layout_reads_at_its_own_offsets(kf) -> None:
-    """layout="2.6": offsets are vaddr - PAGE_OFFSET + elf_buflen; the bytes are the same."""
+    """flavour="2.6": offsets are vaddr - PAGE_OFFSET + elf_buflen; the bytes are the same."""
     name, f = kf
     m = meta(name)
-    with kcore.open(str(shared_fixture(name) / "root"), source_spec(name), layout="2.6") as old:
+    with kcore.open(str(shared_fixture(name) / "root"), source_spec(name), flavour="2.6") as old:
         assert old.header.data_offset != f.header.data_offset or old.header.loads != \
             f.header.loads
         for r in m["reads"][:2]:
@@ -447,7 +447,7 @@ def test_without_page_tables_text_uses_pa_symbol_and_vmalloc_reads_zeros() -> No
     name = NOKASLR
     system = discover(shared_fixture(name) / "root", source_spec(name))
     try:
-        system.layout = system.layout.with_(pgd_paddr=None)
+        system.addrmap = system.addrmap.with_(pgd_paddr=None)
         f = KcoreFile(system)
         assert f.walker is None
         r = next(r for r in meta(name)["reads"] if r["file"] == "kcore-text-2M.bin")

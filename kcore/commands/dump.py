@@ -121,7 +121,7 @@ def _open_system(args: argparse.Namespace) -> Any:
     from kcore.discover import discover
 
     try:
-        return discover(args.root, args.source, flavour=args.layout)
+        return discover(args.root, args.source, flavour=args.flavour)
     except SourceError as exc:
         if args.source != "auto":
             raise
@@ -159,7 +159,7 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     source = system.source
     req = Request(system, source, text=args.text, vmalloc=args.vmalloc,
                   modules=args.modules, elide=args.elide and fmt.elides,
-                  granule=args.granule, strict=args.strict, flavour=args.layout,
+                  granule=args.granule, strict=args.strict, flavour=args.flavour,
                   threads=args.threads or default_threads())
     want_digest = args.digest and fmt.digest
     with open_output(path, force=args.force, digest=want_digest) as out:
@@ -244,7 +244,7 @@ def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
 
 def _summary(args: argparse.Namespace, out: Output, system: Any, plan: Plan, stats: Any,
              seconds: float, started: datetime) -> dict[str, Any]:
-    page = system.layout.page_size
+    page = system.addrmap.page_size
     scan = plan.scan_stats
     unreadable = (scan.pages_zero_filled if scan is not None else stats.pages_zero_filled)
     memory = plan.copy_bytes + plan.elided

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.offset < 0 or args.length < 0:
         raise InputError("--offset and --length must not be negative")
-    kf = open_kcore(args.root, args.source, args.layout)
+    kf = open_kcore(args.root, args.source, args.flavour)
     try:
         if args.output == "-":
             sys.stdout.flush()

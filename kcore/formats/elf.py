@@ -68,7 +68,7 @@ def segments(req: Request) -> list[Segment]:
     system = req.system
     out: list[Segment] = []
     for e in system.kclist.entries:
-        kind = kind_of(e, system.layout)
+        kind = kind_of(e, system.addrmap)
         if kind == "text" and req.text:
             out.append(Segment.linear("text", e.vaddr, e.paddr, e.size))
         elif kind in ("vmalloc", "modules") and getattr(req, kind):
@@ -89,7 +89,7 @@ def plan(req: Request) -> Plan:
     from kcore.elfcore import build_notes
 
     system = req.system
-    page = system.layout.page_size
+    page = system.addrmap.page_size
     segs = segments(req)
     elided, stats = 0, None
     if req.elide:
@@ -118,9 +118,9 @@ def plan(req: Request) -> Plan:
         if len(segs) > MAX_LOADS:
             raise OutputError(f"too many ranges ({len(segs)}) for one ELF file")
         runs = [(s, 0, s.size) for s in segs]
-    machine = EM_BY_ARCH.get(getattr(system.layout, "arch", "x86_64"))
+    machine = EM_BY_ARCH.get(getattr(system.addrmap, "arch", "x86_64"))
     if machine is None:
-        raise OutputError(f"no ELF machine number for architecture {system.layout.arch}")
+        raise OutputError(f"no ELF machine number for architecture {system.addrmap.arch}")
     notes = build_notes(system, "modern")  # VMCOREINFO whatever --layout: consumers need it
     loads: list[tuple[Segment, int, int, int]] = []
     at = 0
@@ -232,11 +232,11 @@ def frame(req: Request) -> Frame | None:
     from kcore.elfcore import build_notes
 
     system = req.system
-    page = system.layout.page_size
+    page = system.addrmap.page_size
     segs = segments(req)
-    machine = EM_BY_ARCH.get(getattr(system.layout, "arch", "x86_64"))
+    machine = EM_BY_ARCH.get(getattr(system.addrmap, "arch", "x86_64"))
     if machine is None:
-        raise OutputError(f"no ELF machine number for architecture {system.layout.arch}")
+        raise OutputError(f"no ELF machine number for architecture {system.addrmap.arch}")
     if PACK_CHUNK % req.granule:
         return None
     chunks = _chunks(req, segs)
@@ -322,7 +322,7 @@ def _scan_chunks(req: Request, fr: Frame, null_fd: int,
     """
     from kcore import engine
 
-    page = req.system.layout.page_size
+    page = req.system.addrmap.page_size
     granule = req.granule
 
     slot_fd = getattr(req.source, "slot_fd", None)
@@ -357,7 +357,7 @@ def _pack_chunk(req: Request, seg: Segment, dst_fd: int, pos: int, off: int, src
             runs, st, _written = engine.copy_packed(
                 req.source.fd, src, dst_fd, pos, n, granule=granule,
                 phase=(src - off) % granule, max_runs=budget, sparse=True, strict=req.strict,
-                page_size=req.system.layout.page_size)
+                page_size=req.system.addrmap.page_size)
             return runs, st
         except engine.TooManyRuns as exc:
             # coarsen by the factor the part seen so far says is needed (at least 2), up

@@ -11,7 +11,7 @@ from kcore.vmem import clip_runs, walker_for
 
 def entry_segment(req: Request, entry: Any) -> Segment | None:
     """The Segment of one kclist entry (None when its pages cannot be found)."""
-    kind = kind_of(entry, req.system.layout)
+    kind = kind_of(entry, req.system.addrmap)
     if kind in ("ram", "text"):
         return Segment.linear(kind, entry.vaddr, entry.paddr, entry.size)
     return mapped_segment(req, kind, entry.vaddr, entry.size)
@@ -26,7 +26,7 @@ def mapped_segment(req: Request, kind: str, vaddr: int, size: int) -> Segment | 
     if walker is None:
         return None
     ram = sorted((e.paddr, e.paddr + e.size) for e in req.system.kclist.entries
-                 if kind_of(e, req.system.layout) == "ram")
+                 if kind_of(e, req.system.addrmap) == "ram")
     pieces: list[tuple[int, int, int]] = []
     for va, pa, n in clip_runs(walker.runs(vaddr, size), [lo for lo, _ in ram],
                                [hi for _, hi in ram]):

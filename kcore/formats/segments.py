@@ -38,12 +38,12 @@ class Segment:
         return Segment(self.kind, self.vaddr + offset, paddr, length, tuple(pieces))
 
 
-def kind_of(entry: Any, layout: Any) -> str:
+def kind_of(entry: Any, amap: Any) -> str:
     """text, ram, vmalloc, modules or vmemmap for a kclist entry."""
     name = getattr(entry.type, "name", str(entry.type)).upper()
     if name.endswith("VMALLOC"):
-        start = getattr(layout, "modules_start", None)
-        size = getattr(layout, "modules_size", 0)
+        start = getattr(amap, "modules_start", None)
+        size = getattr(amap, "modules_size", 0)
         if start is not None and start <= entry.vaddr < start + size:
             return "modules"
         return "vmalloc"
@@ -53,7 +53,7 @@ def kind_of(entry: Any, layout: Any) -> str:
 def ram_segments(system: Any) -> list[Segment]:
     """The RAM entries of the kclist, as physically linear segments."""
     return [Segment.linear("ram", e.vaddr, e.paddr, e.size)
-            for e in system.kclist.entries if kind_of(e, system.layout) == "ram"]
+            for e in system.kclist.entries if kind_of(e, system.addrmap) == "ram"]
 
 
 def mapped_only(seg: Segment) -> list[Segment]:

@@ -37,7 +37,7 @@ ARM64_STRUCT_PAGE_MAX_SHIFT = 6
 
 
 @dataclass(frozen=True)
-class Layout:
+class AddressMap:
     """The kernel's virtual address map for one boot, with the translations kcore needs."""
 
     arch: str
@@ -97,12 +97,12 @@ class Layout:
         """Whether an address lies in the direct map (below the vmalloc area)."""
         return self.page_offset <= vaddr < self.vmalloc_start
 
-    def with_(self, **changes) -> Layout:
+    def with_(self, **changes) -> AddressMap:
         """A copy with some fields changed."""
         return replace(self, **changes)
 
 
-def x86_64_layout(
+def x86_64_map(
     *,
     text_start: int,
     text_end: int,
@@ -114,14 +114,14 @@ def x86_64_layout(
     kernel_image_size: int = X86_64_KERNEL_IMAGE_SIZE,
     struct_page_size: int = 64,
     pgd_paddr: int | None = None,
-) -> Layout:
+) -> AddressMap:
     """The x86-64 layout; None bases take the non-KASLR defaults of the paging mode."""
     if pgtable_levels not in (4, 5):
         raise ValueError(f"x86-64 has 4- or 5-level paging, not {pgtable_levels}")
     d = X86_64_L4 if pgtable_levels == 4 else X86_64_L5
     vstart = d["vmalloc_start"] if vmalloc_start is None else vmalloc_start
     modules_start = X86_64_START_KERNEL_MAP + kernel_image_size  # MODULES_VADDR
-    return Layout(
+    return AddressMap(
         arch="x86_64",
         page_offset=d["page_offset"] if page_offset is None else page_offset,
         vmalloc_start=vstart,
@@ -141,7 +141,7 @@ def x86_64_layout(
     )
 
 
-def arm64_layout(
+def arm64_map(
     *,
     text_start: int,
     text_end: int,
@@ -150,7 +150,7 @@ def arm64_layout(
     va_bits: int = ARM64_VA_BITS,
     struct_page_size: int = 64,
     page_size: int = 4096,
-) -> Layout:
+) -> AddressMap:
     """The arm64 layout (Linux 6.1 memory.h) for a VA_BITS-bit kernel."""
     page_offset = (-(1 << va_bits)) & ULONG_MAX
     page_end = (-(1 << (va_bits - 1))) & ULONG_MAX  # _PAGE_END(VA_BITS_MIN)
@@ -161,7 +161,7 @@ def arm64_layout(
     vmemmap_start = (-(vmemmap_size + (2 << 20))) & ULONG_MAX  # -(VMEMMAP_SIZE + SZ_2M)
     vmalloc_start = modules_end
     vmalloc_end = vmemmap_start - (256 << 20)  # VMEMMAP_START - SZ_256M
-    return Layout(
+    return AddressMap(
         arch="aarch64",
         page_offset=page_offset,
         vmalloc_start=vmalloc_start,
