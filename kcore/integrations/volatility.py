@@ -1,0 +1,238 @@
+"""Volatility 3 on any kcore source: a physical-memory layer read through kcore, and its stacker.
+
+Volatility loads it from a plugin folder: `vol -p "$(python3 -m kcore.integrations.volatility)"
+-f IMAGE PLUGIN`. The folder's one module imports KcoreLayer and KcoreStacker from here;
+Volatility's LayerStacker finds the stacker among StackerLayerInterface's subclasses and runs
+it first (stack_order 5, before its own format stackers at 10): on a local file that kcore
+opens (ELF cores such as QEMU's or kcore's dumps, LiME, a saved /proc/kcore, kdump's
+formats, raw RAM) it stacks a KcoreLayer, whose physical memory is the source's, read by the
+C engine. Volatility's own stackers (Intel paging, then the OS) stack on top as usual.
+
+Files Volatility knows better are left to it: AVML, QEMU's savevm state, Windows crash dumps
+and hibernation files, VMware state, Xen cores (kcore refuses or would take them as raw RAM).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import sys
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kcore.errors import KcoreError
+from kcore.integrations import require
+
+require("volatility3", "volatility", "volatility3")
+
+from volatility3.framework import constants, exceptions, interfaces  # noqa: E402
+from volatility3.framework.configuration import requirements  # noqa: E402
+from volatility3.framework.layers import physical  # noqa: E402
+
+PLUGIN_DIR = Path(__file__).resolve().parent / "volplugin"
+# First bytes of images kcore would open as raw RAM, but Volatility reads as what they are.
+_VOLATILITY_MAGICS = (
+    b"QEVM",  # QEMU savevm state
+    b"PAGEDUMP", b"PAGEDU64",  # Windows crash dumps
+    b"hibr", b"HIBR", b"wake", b"WAKE", b"RSTR", b"rstr",  # Windows hibernation files
+    bytes.fromhex("d0bed2be"), bytes.fromhex("d1bad1ba"),  # VMware .vmss/.vmsn
+    bytes.fromhex("d2bed2be"), bytes.fromhex("d3bed3be"),
+)
+
+
+def plugin_dir() -> str:
+    """The folder to pass to `vol -p`: its module makes Volatility load kcore's layer."""
+    return str(PLUGIN_DIR)
+
+
+def local_path(location: str) -> str | None:
+    """The local file a Volatility location (file:///...) names, or None for other URLs."""
+    url = urllib.parse.urlparse(location)
+    if url.scheme != "file" or url.netloc not in ("", "localhost"):
+        return None
+    return urllib.request.url2pathname(url.path)
+
+
+def valid_ranges(source: Any) -> list[tuple[int, int]]:
+    """The physical [start, end) ranges a source describes, merged and sorted.
+
+    An ELF core's PT_LOADs count with their whole p_memsz (the part past p_filesz reads as
+    zeros: kcore's dumps leave zero runs out that way); other sources give their extents.
+    """
+    spans: list[tuple[int, int]] = []
+    core = getattr(source, "core", None)
+    if core is not None and hasattr(core, "phdrs"):
+        spans = [(ph.p_paddr, ph.p_paddr + ph.p_memsz) for ph in core.phdrs
+                 if ph.p_type == 1 and ph.p_memsz and ph.p_paddr != (1 << 64) - 1]
+    spans += [(e.paddr, e.paddr + e.length) for e in source.extents]
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+class KcoreLayer(interfaces.layers.DataLayerInterface):
+    """Physical memory of a kcore memory source (config "source": a kcore source spec)."""
+
+    def __init__(self, context: interfaces.context.ContextInterface, config_path: str,
+                 name: str, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(context=context, config_path=config_path, name=name,
+                         metadata=metadata)
+        self._spec: str = self.config["source"]
+        self._source_: Any = None
+        source = self._source  # open now: a bad source fails here, not at the first read
+        self._ranges = valid_ranges(source)
+        if not self._ranges:
+            raise exceptions.LayerException(name, f"{self._spec}: no physical memory in it")
+        self._starts = [lo for lo, _ in self._ranges]
+        self._ends = [hi for _, hi in self._ranges]
+
+    @property
+    def _source(self) -> Any:
+        """The kcore source, opened on first use (and again after unpickling)."""
+        if self._source_ is None:
+            from kcore.sources import open_source
+
+            try:
+                self._source_ = open_source(self._spec)
+            except KcoreError as exc:
+                raise exceptions.LayerException(self.name, str(exc)) from None
+        return self._source_
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the open file descriptors (Volatility's multiprocessing scans)."""
+        state = dict(self.__dict__)
+        state["_source_"] = None
+        return state
+
+    @property
+    def source_spec(self) -> str:
+        """The kcore source spec this layer reads."""
+        return self._spec
+
+    @property
+    def maximum_address(self) -> int:
+        """The last physical address the source holds."""
+        return self._ends[-1] - 1
+
+    @property
+    def minimum_address(self) -> int:
+        """The first physical address the source holds."""
+        return self._starts[0]
+
+    def _first_invalid(self, offset: int, length: int) -> int | None:
+        """The first address of [offset, offset + length) outside the source, or None."""
+        pos, end = offset, offset + length
+        i = bisect.bisect_right(self._starts, pos) - 1
+        while pos < end:
+            if i < 0 or pos >= self._ends[i]:
+                return pos
+            pos = self._ends[i]
+            i += 1
+            if pos < end and (i >= len(self._starts) or self._starts[i] != pos):
+                return pos
+        return None
+
+    def is_valid(self, offset: int, length: int = 1) -> bool:
+        """Whether every address of [offset, offset + length) is in the source."""
+        if length <= 0:
+            raise ValueError("Length must be positive")
+        return self._first_invalid(offset, length) is None
+
+    def read(self, offset: int, length: int, pad: bool = False) -> bytes:
+        """The bytes at physical `offset` (zeros for holes with pad, else an exception)."""
+        if length <= 0:
+            return b""
+        bad = self._first_invalid(offset, length)
+        if bad is not None and not pad:
+            raise exceptions.InvalidAddressException(
+                self.name, bad, f"physical address {bad:#x} is not in {self._spec}")
+        try:
+            data, _stats = self._source.read_phys(offset, length)  # zeros in the holes
+        except KcoreError as exc:
+            raise exceptions.InvalidAddressException(self.name, offset, str(exc)) from None
+        return data
+
+    def write(self, offset: int, data: bytes) -> None:
+        """kcore's sources are read-only."""
+        raise exceptions.LayerException(self.name, "kcore sources are read-only")
+
+    def destroy(self) -> None:
+        """Close the source."""
+        if self._source_ is not None:
+            self._source_.close()
+            self._source_ = None
+
+    def scan(self, context: interfaces.context.ContextInterface,
+             scanner: interfaces.layers.ScannerInterface,
+             progress_callback: constants.ProgressCallback = None,
+             sections: Iterable[tuple[int, int]] | None = None) -> Iterable[Any]:
+        """Scan the source's ranges (not the holes between them) unless told otherwise."""
+        if sections is None:
+            sections = [(lo, hi - lo) for lo, hi in self._ranges]
+        return super().scan(context, scanner, progress_callback, sections)
+
+    @classmethod
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        """The kcore source spec, and the layer it was stacked on (kept for the stack)."""
+        return [
+            requirements.StringRequirement(name="source", optional=False,
+                                           description="kcore memory source spec"),
+            requirements.TranslationLayerRequirement(name="base_layer", optional=True),
+        ]
+
+    @property
+    def dependencies(self) -> list[str]:
+        """The layer this one was stacked on, if any."""
+        base = self.config.get("base_layer")
+        return [base] if base else []
+
+
+class KcoreStacker(interfaces.automagic.StackerLayerInterface):
+    """Stack a KcoreLayer on a local file that kcore can read as physical memory."""
+
+    stack_order = 5  # before Volatility's format stackers (10): kcore reads those formats too
+
+    @classmethod
+    def stack(cls, context: interfaces.context.ContextInterface, layer_name: str,
+              progress_callback: constants.ProgressCallback = None
+              ) -> interfaces.layers.DataLayerInterface | None:
+        """A KcoreLayer over layer_name's file, or None when kcore does not read it."""
+        layer = context.layers[layer_name]
+        if not isinstance(layer, physical.FileLayer):
+            return None
+        path = local_path(layer.location)
+        if path is None or not os.path.isfile(path):
+            return None
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+        except OSError:
+            return None
+        if head.startswith(_VOLATILITY_MAGICS):
+            return None
+        from kcore.sources import open_source
+
+        try:
+            with open_source(path) as src:
+                spec = f"{src.kind}:{path}"
+        except KcoreError:
+            return None  # not a format kcore reads (or a damaged one): Volatility decides
+        name = context.layers.free_layer_name("KcoreLayer")
+        context.config[interfaces.configuration.path_join(name, "source")] = spec
+        context.config[interfaces.configuration.path_join(name, "base_layer")] = layer_name
+        return KcoreLayer(context, name, name)
+
+
+if __name__ == "__main__":
+    print(plugin_dir())
+    sys.exit(0)
+
+__all__ = ["PLUGIN_DIR", "KcoreLayer", "KcoreStacker", "local_path", "plugin_dir",
+           "valid_ranges"]

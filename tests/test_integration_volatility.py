@@ -1,0 +1,127 @@
+"""Volatility 3 reading the fixtures through kcore's layer (kcore.integrations.volatility),
+loaded the way Volatility loads plugins (`vol -p DIR`), no patching of Volatility.
+
+linux.pslist is not run: it needs an ISF of the kernel, made by dwarf2json, which no Debian or
+PyPI package provides (it is a Go program; building it means fetching its source, which CI
+does not do), so the symbol-free banners.Banners and direct layer reads are what is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from conftest import FIXTURE_NAMES, REPO, fixture_memory, shared_fixture, volatility_cmd
+from test_dump import dump, expected, expected_bytes
+
+pytestmark = pytest.mark.consumers
+pytest.importorskip("volatility3", reason="volatility3 is not installed (pip install "
+                    "'kcore[volatility]')")
+NOKASLR, KASLR = FIXTURE_NAMES
+STACKED = "Stacked KcoreLayer using KcoreStacker"
+
+
+def banner_paddr(name: str) -> int:
+    """linux_banner's physical address: kallsyms, through the real kcore's TEXT segment."""
+    for line in (shared_fixture(name) / "root/proc/kallsyms").open():
+        addr, _t, sym = line.split()[:3]
+        if sym == "linux_banner":
+            text = next(p for p in expected(name)["phdrs"] if p["type"] == "PT_LOAD")
+            return int(addr, 16) - text["p_vaddr"] + text["p_paddr"]
+    raise AssertionError("no linux_banner in kallsyms")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, tuple[str, str]]:
+    """Image kind -> (fixture name, path): a LiME dump, a raw RAM file, QEMU's ELF core."""
+    folder = tmp_path_factory.mktemp("vol")
+    dump(NOKASLR, folder / "mem.lime", "--format", "lime")
+    return {"lime": (NOKASLR, str(folder / "mem.lime")),
+            "raw": (NOKASLR, str(fixture_memory(NOKASLR))),
+            "qemu-elf": (KASLR, str(fixture_memory(KASLR)))}
+
+
+def vol(tmp_path, image: str, *args: str) -> subprocess.CompletedProcess:
+    """`vol -p <kcore's plugin folder> -f image ARGS` with this checkout's kcore."""
+    from kcore.integrations.volatility import plugin_dir
+
+    env = dict(os.environ, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([*volatility_cmd(), "--cache-path", str(tmp_path), "-p", plugin_dir(),
+                           "-f", image, *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+@pytest.mark.parametrize("kind", ["lime", "raw", "qemu-elf"])
+def test_banners_through_kcores_layer(images, kind, tmp_path):
+    """banners.Banners finds linux_banner at its physical address, read by kcore's layer."""
+    name, image = images[kind]
+    r = vol(tmp_path, image, "-vvvv", "banners.Banners")
+    assert STACKED in r.stderr, r.stderr[-3000:]
+    assert f"{banner_paddr(name):#x}\tLinux version 6.1.0-56-amd64" in r.stdout, \
+        r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def stacked(image: str):
+    """Volatility's context with kcore's stacker run on a FileLayer of image: (context, layer)."""
+    from volatility3.framework import contexts
+    from volatility3.framework.layers import physical
+
+    from kcore.integrations.volatility import KcoreLayer, KcoreStacker
+
+    ctx = contexts.Context()
+    ctx.config["base.location"] = "file://" + image
+    ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
+    layer = KcoreStacker.stack(ctx, "base")
+    assert isinstance(layer, KcoreLayer)
+    ctx.add_layer(layer)
+    return ctx, layer
+
+
+@pytest.mark.parametrize("kind", ["lime", "raw", "qemu-elf"])
+def test_layer_reads_as_the_real_kcore(images, kind):
+    """The layer's physical bytes: the first RAM range as the real /proc/kcore read it;
+    holes are InvalidAddressException, or zeros with pad, as Volatility's layers do."""
+    from volatility3.framework import exceptions
+
+    name, image = images[kind]
+    _ctx, layer = stacked(image)
+    assert layer.source_spec.split(":")[0] == {"lime": "lime", "raw": "raw",
+                                               "qemu-elf": "elf"}[kind]
+    # kcore's LiME dumps leave zero runs out: there those are holes, read as zeros with pad
+    pad = kind == "lime"
+    real = expected_bytes(name, "kcore-ram0.bin")  # phys 0x1000, read through the real kcore
+    assert layer.read(0x1000, len(real), pad=pad) == real
+    assert layer.is_valid(0x1000, len(real)) is not pad
+    text = next(p for p in expected(name)["phdrs"] if p["type"] == "PT_LOAD")
+    assert layer.read(text["p_paddr"], 2 << 20, pad=pad) == \
+        expected_bytes(name, "kcore-text-2M.bin")
+    if kind == "raw":  # a raw file holds the holes too (as zeros)
+        return
+    # where the source's memory stops: after the first RAM range in the LiME dump (the VGA
+    # hole), after the 512 MiB of RAM in QEMU's core (it holds 0-0xa0000 and the VGA hole)
+    edge = 0x9F000 if kind == "lime" else 0x20000000
+    assert not layer.is_valid(edge, 16)
+    with pytest.raises(exceptions.InvalidAddressException):
+        layer.read(edge - 0x1000, 0x2000)
+    padded = layer.read(edge - 0x1000, 0x2000, pad=True)
+    assert padded[0x1000:] == bytes(0x1000)
+    if kind == "lime":
+        assert padded[:0x1000] == real[-0x1000:]
+
+
+def test_stacker_leaves_other_files_to_volatility(tmp_path):
+    """A file kcore does not read as memory (QEMU savevm state, an empty file) is not claimed."""
+    from volatility3.framework import contexts
+    from volatility3.framework.layers import physical
+
+    from kcore.integrations.volatility import KcoreStacker
+
+    for body in (b"QEVM\0\0\0\3" + bytes(4096), b""):
+        path = tmp_path / "image"
+        path.write_bytes(body)
+        ctx = contexts.Context()
+        ctx.config["base.location"] = path.as_uri()
+        ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
+        assert KcoreStacker.stack(ctx, "base") is None
