@@ -163,10 +163,9 @@ class KcoreFile(io.RawIOBase):
 
     def _make_pread(self) -> Any:
         """Build pread() as a closure over this file's tables (the 4 KiB random-read path)."""
-        size, fd, path = self._end, self._fd, self.source.path
-        # a source whose fd two reads must not share at once (devmem here) lends one per read
-        unshared = None if getattr(self.source, "concurrent_reads_safe", True) else \
-            self._read_unshared
+        size, path = self._end, self.source.path
+        # Every read holds the source's fd (borrow_fd): a close() meanwhile waits for it.
+        borrow, give_back = self.source.borrow_fd, self.source.return_fd
         fstarts, fends, fdeltas = self._fstarts, self._fends, self._fdeltas
         fast_max = self._fast_max
         tls, new_scratch, fill = self._tls, self._new_scratch, self._fill
@@ -189,18 +188,22 @@ class KcoreFile(io.RawIOBase):
                     view, cbuf, st = tls.scratch
                 except AttributeError:
                     view, cbuf, st = new_scratch()
-                if n <= _SMALL:  # this thread's scratch buffer, then one small copy
-                    rc = (kc_read_fd(fd, offset + fdeltas[i], cbuf, n, BLOCK, 4096, 0, st)
-                          if unshared is None else unshared(offset + fdeltas[i], cbuf, n, st))
+                fd = borrow()
+                try:
+                    if n <= _SMALL:  # this thread's scratch buffer, then one small copy
+                        rc = kc_read_fd(fd, offset + fdeltas[i], cbuf, n, BLOCK, 4096, 0, st)
+                    else:
+                        # Large reads fill a new, uninitialised bytes object in place before
+                        # anything else can see it: PyBytes_FromStringAndSize(NULL, n) + read().
+                        out = _new_bytes(None, n)
+                        with ffi.from_buffer(out) as ptr:
+                            rc = kc_read_fd(fd, offset + fdeltas[i], ptr, n, BLOCK, 4096, 0, st)
+                finally:
+                    give_back(fd)
+                if n <= _SMALL:
                     if rc:
                         check(rc, st, path=path)
                     return view[:n].tobytes()
-                # Large reads fill a new, uninitialised bytes object in place before anything
-                # else can see it: CPython's own PyBytes_FromStringAndSize(NULL, n) + read().
-                out = _new_bytes(None, n)
-                with ffi.from_buffer(out) as ptr:
-                    rc = (kc_read_fd(fd, offset + fdeltas[i], ptr, n, BLOCK, 4096, 0, st)
-                          if unshared is None else unshared(offset + fdeltas[i], ptr, n, st))
                 if rc:
                     check(rc, st, path=path)
                 return out
@@ -240,8 +243,8 @@ class KcoreFile(io.RawIOBase):
         self.seek = seek  # type: ignore[method-assign]
         return pread
 
-    def _read_unshared(self, offset: int, ptr: Any, n: int, st: Any) -> int:
-        """kc_read_fd through an fd the source lends to this read alone."""
+    def _read_held(self, offset: int, ptr: Any, n: int, st: Any) -> int:
+        """kc_read_fd through an fd the source lends to this read (close() waits for it)."""
         fd = self.source.borrow_fd()
         try:
             return _kc_read_fd(fd, offset, ptr, n, BLOCK, 4096, 0, st)
@@ -263,11 +266,7 @@ class KcoreFile(io.RawIOBase):
         if i >= 0 and offset + n <= self._fends[i] and n <= self._fast_max:  # see pread
             st = _native.new_stats()
             with ffi.from_buffer(view, require_writable=True) as cbuf:
-                if getattr(self.source, "concurrent_reads_safe", True):
-                    rc = _kc_read_fd(self._fd, offset + self._fdeltas[i], cbuf, n, BLOCK, 4096,
-                                     0, st)
-                else:
-                    rc = self._read_unshared(offset + self._fdeltas[i], cbuf, n, st)
+                rc = self._read_held(offset + self._fdeltas[i], cbuf, n, st)
             if rc:
                 _native.check(rc, st, path=self.source.path)
             return

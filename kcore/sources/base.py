@@ -148,7 +148,10 @@ class MemorySource:
         self.fd = fd
         self.vmcoreinfo = vmcoreinfo
         self._set_extents(extents)
-        self._fd_lock = threading.Lock()
+        # Reads in flight hold their fd (borrow_fd/return_fd); close() waits for them, so a
+        # read never goes on with a descriptor number that a new open may have reused.
+        self._fd_lock = threading.Condition()
+        self._busy = 0
         self._idle_fds: list[int] = [fd]  # fds no read holds now (unsafe sources)
         self._slot_fds: dict[int, int] = {}
         self._more_fds: list[int] = []  # every fd opened besides self.fd
@@ -164,21 +167,34 @@ class MemorySource:
         return False
 
     def borrow_fd(self) -> int:
-        """An fd for one read that no other read uses meanwhile; give it back (return_fd)."""
-        if self.concurrent_reads_safe:
-            return self.fd
+        """An fd for one read, held until return_fd(): close() waits for it.
+
+        On a source whose fd two reads may not share, no other read uses it meanwhile.
+        Raises SourceError once the source is closed.
+        """
         with self._fd_lock:
+            if self.fd < 0:
+                raise SourceError(f"{self.path}: closed")
+            self._busy += 1
+            if self.concurrent_reads_safe:
+                return self.fd
             if self._idle_fds:
                 return self._idle_fds.pop()
-        return self._another_fd()
+        try:
+            return self._another_fd()
+        except BaseException:
+            self.return_fd(-1)
+            raise
 
     def return_fd(self, fd: int) -> None:
         """Give back an fd from borrow_fd()."""
-        if self.concurrent_reads_safe:
-            return
         with self._fd_lock:
-            if fd == self.fd or fd in self._more_fds:  # not closed meanwhile
+            if not self.concurrent_reads_safe and fd >= 0 and (
+                    fd == self.fd or fd in self._more_fds):  # not being closed
                 self._idle_fds.append(fd)
+            self._busy -= 1
+            if self._busy == 0:
+                self._fd_lock.notify_all()
 
     def slot_fd(self, slot: int) -> int:
         """The fd for slot `slot` of a threaded engine call (one job a slot at a time)."""
@@ -211,9 +227,7 @@ class MemorySource:
         return fd
 
     def _read_at(self, offset: int, buf: WritableBuffer, strict: bool) -> CopyStats:
-        """readinto_range at a file offset, through an fd no other thread's read is using."""
-        if self.concurrent_reads_safe:
-            return readinto_range(self.fd, offset, buf, strict=strict, path=self.path)
+        """readinto_range at a file offset, holding a borrowed fd (see borrow_fd)."""
         fd = self.borrow_fd()
         try:
             return readinto_range(fd, offset, buf, strict=strict, path=self.path)
@@ -236,10 +250,12 @@ class MemorySource:
         self.close()
 
     def close(self) -> None:
-        """Close the file descriptors (idempotent)."""
+        """Close the file descriptors once the reads in flight are done (idempotent)."""
         with self._fd_lock:
+            fd, self.fd = self.fd, -1  # new reads fail from here on
+            while self._busy:
+                self._fd_lock.wait()
             more, self._more_fds, self._slot_fds, self._idle_fds = self._more_fds, [], {}, []
-            fd, self.fd = self.fd, -1
         for extra in more:
             os.close(extra)
         if fd >= 0:
