@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str,
         "optional extra: pip install 'kcore[drgn]'.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_system_args(p, layout=False)
+    add_system_args(p, flavour=False)
     p.add_argument("-s", "--symbols", action="append", default=[], metavar="PATH",
                    help="a vmlinux or module file with debug info to load (repeatable)")
     p.add_argument("--no-default-symbols", action="store_true",

@@ -92,8 +92,7 @@ def load_debug_info(prog: _drgn.Program, symbols: Sequence[str] = (), *,
 
 
 def program(root: str = "/", source: Any = "auto", *, symbols: Iterable[str] = (),
-            default_symbols: bool = True, debug_info: bool = True,
-            layout: str = "modern") -> _drgn.Program:
+            default_symbols: bool = True, debug_info: bool = True) -> _drgn.Program:
     """A drgn.Program for the kernel at `root`, its memory read from `source` through kcore.
 
     `symbols` are vmlinux or module files with debug info to try first; with
@@ -104,7 +103,7 @@ def program(root: str = "/", source: Any = "auto", *, symbols: Iterable[str] = (
     drgn = _drgn()
     import kcore
 
-    kfile = kcore.open(root, source, layout)
+    kfile = kcore.open(root, source)
     try:
         platform = drgn.Platform(drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT
                                  | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
