@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 
 ULONG_MAX = (1 << 64) - 1
 ALL_ONES = ULONG_MAX  # p_paddr of segments with no physical address (vmalloc, modules, vmemmap)
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT  # x86-64's page (and arm64's 4K granule): the unit of reads
 
 TiB = 1 << 40
 

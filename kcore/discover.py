@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,11 +13,21 @@ from kcore.addrmap import (
     AddressMap,
     x86_64_map,
 )
+from kcore.elf import (
+    CORE_NAME,
+    NHDR,
+    NT_PRPSINFO,
+    NT_TASKSTRUCT,
+    align4,
+    find_note,
+    prpsinfo_psargs,
+)
 from kcore.errors import InputError
+from kcore.iomem import Iomem, parse_iomem
+from kcore.kallsyms import parse_kallsyms
 from kcore.kclist import KcoreEntry, KcoreList, KcoreType, RamRange, ram_ranges_from_resources
 from kcore.vmcoreinfo import (
     MAX_VMCOREINFO_BYTES,
-    NOTE_HEADER,
     VmcoreInfo,
     parse_note,
     parse_sysfs_vmcoreinfo,
@@ -28,72 +36,7 @@ from kcore.vmcoreinfo import (
 if TYPE_CHECKING:
     from kcore.sources.base import MemorySource
 
-# The kernel variables discovery reads from memory (their addresses come from kallsyms).
-KALLSYMS_WANTED = frozenset({
-    "_text", "_stext", "_end", "page_offset_base", "vmalloc_base", "vmemmap_base",
-    "phys_base", "arch_task_struct_size", "init_top_pgt", "linux_banner",
-})
-_IOMEM_LINE = re.compile(r"^( *)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
 TASK_STRUCT_SANE = range(1024, 1 << 17)
-
-
-@dataclass
-class Iomem:
-    """Parsed /proc/iomem: top-level resources as (start, end inclusive, name)."""
-
-    top: list[tuple[int, int, str]]
-
-    def system_ram(self) -> list[tuple[int, int]]:
-        """Top-level "System RAM" resources (what walk_system_ram_range() visits)."""
-        return [(s, e) for s, e, name in self.top if name.startswith("System RAM")]
-
-
-def parse_iomem(text: str, where: str = "proc/iomem") -> Iomem:
-    """Parse /proc/iomem; raise InputError naming the first malformed line."""
-    top = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        m = _IOMEM_LINE.match(line)
-        if not m:
-            raise InputError(f"{where}:{n}: malformed line {line.strip()[:60]!r}")
-        start, end = int(m.group(2), 16), int(m.group(3), 16)
-        if end < start:
-            raise InputError(f"{where}:{n}: range end {end:#x} is below its start {start:#x}")
-        if not m.group(1):
-            top.append((start, end, m.group(4).strip()))
-    ram = [(s, e) for s, e, name in top if name.startswith("System RAM")]
-    if not ram:
-        raise InputError(f"{where}: no top-level 'System RAM' line")
-    if all(s == 0 and e == 0 for s, e in ram):
-        raise InputError(f"{where}: addresses read as zero (hidden from non-root): run as root")
-    return Iomem(top)
-
-
-def parse_kallsyms(text: str, wanted: Iterable[str] = KALLSYMS_WANTED,
-                   where: str = "proc/kallsyms") -> dict[str, int]:
-    """The addresses of the wanted core-kernel symbols (no [module] column) in kallsyms text."""
-    found: dict[str, int] = {}
-    # ~100k lines, and only a few names matter: find each "ADDR T NAME\n" line directly.
-    for name in set(wanted):
-        at = text.find(f" {name}\n")
-        while at >= 0:
-            start = text.rfind("\n", 0, at) + 1
-            addr, _, kind = text[start:at].partition(" ")
-            if len(kind) == 1:  # "ADDR T": a core-kernel symbol, not part of a longer name
-                try:
-                    found[name] = int(addr, 16)
-                except ValueError:
-                    raise InputError(f"{where}: bad address {addr[:20]!r} of {name}") from None
-                break
-            at = text.find(f" {name}\n", at + 1)
-    if "_text" not in found:
-        raise InputError(f"{where}: no _text symbol (is this a kallsyms file?)")
-    if found["_text"] == 0:
-        raise InputError(f"{where}: addresses read as zero (kptr_restrict): run as root")
-    if "_end" not in found:
-        raise InputError(f"{where}: no _end symbol")
-    return found
 
 
 def _read_text(root: Path, rel: str, *, required: bool = True) -> str | None:
@@ -254,8 +197,8 @@ def _load_vmcoreinfo(root: Path, reader: _Reader) -> VmcoreInfo:
     # shorter: read its header first, then exactly the note.
     paddr, _size = parse_sysfs_vmcoreinfo(text, where)
     what = f"the VMCOREINFO note ({where})"
-    namesz, descsz, _ = NOTE_HEADER.unpack(reader.read(paddr, NOTE_HEADER.size, what))
-    total = NOTE_HEADER.size + ((namesz + 3) & ~3) + descsz
+    namesz, descsz, _ = NHDR.unpack(reader.read(paddr, NHDR.size, what))
+    total = NHDR.size + align4(namesz) + descsz
     if namesz > 64 or descsz > MAX_VMCOREINFO_BYTES:
         raise InputError(f"{what}: no VMCOREINFO note at physical {paddr:#x} "
                          f"(namesz {namesz}, descsz {descsz}): root and source do not match")
@@ -394,32 +337,10 @@ def classify_segment(vaddr: int, paddr: int, amap: AddressMap) -> tuple[KcoreTyp
 
 def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
     """A real /proc/kcore as source: its own headers and notes are the truth."""
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
-    from kcore.errors import ElfFormatError
-
-    try:
-        with open(src.path, "rb") as f:
-            elf = ELFFile(f)
-            notes = []
-            for seg in elf.iter_segments():
-                if seg.header.p_type == "PT_NOTE":
-                    notes.extend(seg.iter_notes())
-    except (ELFError, OSError, ValueError) as exc:
-        raise ElfFormatError(f"{src.path}: cannot read its ELF notes: {exc}") from None
-    cmdline, vmci, task = "", None, None
-    for n in notes:
-        desc = n["n_descdata"] if "n_descdata" in n else b""
-        if n["n_name"] == "CORE" and n["n_type"] in ("NT_PRPSINFO", 3):
-            raw = n.get("n_descdata", b"")
-            cmdline = raw[56:136].split(b"\0")[0].decode("utf-8", "surrogateescape")
-        elif n["n_name"] == "CORE" and n["n_type"] in ("NT_TASKSTRUCT", 4):
-            task = bytes(desc)
-        elif n["n_name"] == "VMCOREINFO":
-            vmci = bytes(desc)
-    if vmci is None:
-        vmci = src.vmcoreinfo
+    psinfo = find_note(src.core, CORE_NAME, NT_PRPSINFO)
+    cmdline = prpsinfo_psargs(psinfo).decode("utf-8", "surrogateescape") if psinfo else ""
+    task = find_note(src.core, CORE_NAME, NT_TASKSTRUCT)
+    vmci = src.vmcoreinfo  # the source's VMCOREINFO note
     if not vmci:
         raise InputError(f"{src.path}: no VMCOREINFO note (kernel older than 4.19?)")
     info = VmcoreInfo.parse(vmci)
@@ -467,4 +388,4 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
                   kclist=SegmentKcoreList(load, amap), task_struct=task, flavour=flavour)
 
 
-__all__ = ["System", "discover", "parse_iomem", "parse_kallsyms"]
+__all__ = ["System", "discover"]

@@ -153,7 +153,7 @@ def _kallsyms_state(root: Path) -> tuple[str, int | None]:
 
 def _ram_bytes(root: Path) -> int | None:
     """Bytes of System RAM in proc/iomem (MemTotal when iomem hides addresses)."""
-    from kcore.discover import parse_iomem
+    from kcore.iomem import parse_iomem
 
     text = _read(root, "proc/iomem")
     if text is not None:

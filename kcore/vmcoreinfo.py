@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass
 
+from kcore.elf import NHDR, VMCOREINFO_NAME, align4
 from kcore.errors import InputError
 
-VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
-NOTE_HEADER = struct.Struct("<III")  # Elf64_Nhdr: n_namesz, n_descsz, n_type
 MAX_VMCOREINFO_BYTES = 1 << 16  # VMCOREINFO_BYTES is one page; anything far larger is garbage
 
 _KEY = re.compile(r"^(?:(SYMBOL|SIZE|OFFSET|LENGTH|NUMBER)\((.+)\)|([A-Z_-]+))$")
@@ -77,13 +75,13 @@ def parse_sysfs_vmcoreinfo(text: str, where: str) -> tuple[int, int]:
 
 def parse_note(buf: bytes, where: str) -> bytes:
     """Extract the VMCOREINFO descriptor from the note kept at paddr_vmcoreinfo_note."""
-    if len(buf) < NOTE_HEADER.size:
+    if len(buf) < NHDR.size:
         raise InputError(f"{where}: VMCOREINFO note truncated")
-    namesz, descsz, _ntype = NOTE_HEADER.unpack_from(buf)
-    name_end = NOTE_HEADER.size + namesz
-    desc_start = NOTE_HEADER.size + ((namesz + 3) & ~3)
-    name = buf[NOTE_HEADER.size:name_end].rstrip(b"\0")
-    if name != VMCOREINFO_NOTE_NAME:
+    namesz, descsz, _ntype = NHDR.unpack_from(buf)
+    name_end = NHDR.size + namesz
+    desc_start = NHDR.size + align4(namesz)
+    name = buf[NHDR.size:name_end].rstrip(b"\0")
+    if name != VMCOREINFO_NAME:
         raise InputError(
             f"{where}: no VMCOREINFO note there (name {name[:16]!r}, namesz {namesz}); "
             "the memory source does not match this system root"

@@ -9,8 +9,8 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+from kcore.addrmap import PAGE_SHIFT, PAGE_SIZE
+
 ENTRIES = 512
 _PRESENT = 1 << 0  # _PAGE_PRESENT
 _PSE = 1 << 7  # _PAGE_PSE: a 1 GiB (PUD) or 2 MiB (PMD) leaf
@@ -19,7 +19,6 @@ ADDR_MASK = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
 _SWAP = sys.byteorder != "little"  # page tables are little-endian x86-64 data
 # Page-table pages kept; a full walk of a 512 MiB machine touches a few hundred.
 CACHE_PAGES = 4096
-START_KERNEL_MAP = 0xFFFFFFFF80000000
 
 Run = tuple[int, int, int]  # (vaddr, paddr, length): a physically contiguous mapped run
 _ZERO_CHUNK = 1 << 20
@@ -32,11 +31,6 @@ def zero_fill(view: memoryview) -> None:
     for at in range(0, n, _ZERO_CHUNK):
         k = min(_ZERO_CHUNK, n - at)
         view[at:at + k] = _ZEROS[:k]
-
-
-def pa_symbol(vaddr: int, phys_base: int) -> int:
-    """__pa_symbol(): phys = vaddr - __START_KERNEL_map + phys_base."""
-    return (vaddr - START_KERNEL_MAP + phys_base) & ((1 << 64) - 1)
 
 
 class PageWalker:
@@ -202,8 +196,3 @@ def walker_for(system: Any, source: Any = None) -> PageWalker | None:
     system._page_walker = (source, walker)
     return walker
 
-
-def mapped_runs(system: Any, source: Any, vaddr: int, size: int) -> list[Run]:
-    """The mapped (vaddr, paddr, length) runs of a kernel virtual range of a system."""
-    walker = walker_for(system, source)
-    return walker.runs(vaddr, size) if walker is not None else []

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kcore.addrmap import arm64_map, x86_64_map
-from kcore.discover import online_memory_blocks, online_memory_end_pfn, parse_iomem
+from kcore.discover import online_memory_blocks, online_memory_end_pfn
+from kcore.iomem import parse_iomem
 from kcore.kclist import (
     KcoreList,
     KcoreType,
@@ -199,7 +200,7 @@ def test_sysfs_vmcoreinfo_is_two_hex_numbers():
 
 
 def test_kallsyms_takes_core_kernel_symbols_only():
-    from kcore.discover import parse_kallsyms
+    from kcore.kallsyms import parse_kallsyms
 
     text = ("ffffffff81000000 T _stext\n"
             "ffffffffc0001000 t _text\t[fake_mod]\n"  # a module's symbol of the same name
@@ -214,8 +215,8 @@ def test_kallsyms_takes_core_kernel_symbols_only():
 def test_kallsyms_hidden_by_kptr_restrict_says_run_as_root():
     import pytest
 
-    from kcore.discover import parse_kallsyms
     from kcore.errors import InputError
+    from kcore.kallsyms import parse_kallsyms
 
     with pytest.raises(InputError, match="run as root"):
         parse_kallsyms("0000000000000000 T _text\n0000000000000000 B _end\n")

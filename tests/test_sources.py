@@ -16,9 +16,9 @@ from conftest import fixture_memory, shared_fixture
 from elftools.construct import Container
 from elftools.elf.structs import ELFStructs
 
+from kcore.addrmap import ALL_ONES
 from kcore.errors import ElfFormatError, LimeFormatError, SourceError
 from kcore.sources import open_source
-from kcore.sources.base import ALL_ONES
 
 KASLR = "linux-6.1.0-56-kaslr-512M"
 NOKASLR = "linux-6.1.0-56-nokaslr-512M"

@@ -8,9 +8,10 @@ import struct
 import pytest
 from conftest import fixture_memory, shared_fixture
 
+from kcore.addrmap import PAGE_SIZE, x86_64_map
 from kcore.sources import open_source
 from kcore.vmcoreinfo import VmcoreInfo
-from kcore.vmem import PAGE_SIZE, PageWalker, pa_symbol
+from kcore.vmem import PageWalker
 
 CAPTURES = {"linux-6.1.0-56-kaslr-512M": "elf", "linux-6.1.0-56-nokaslr-512M": "raw"}
 
@@ -33,7 +34,8 @@ def capture(request):
     name = request.param
     src = open_source(f"{CAPTURES[name]}:{fixture_memory(name)}")
     info = _vmcoreinfo(name, src)
-    pgd = pa_symbol(info.symbol("init_top_pgt"), info.number("phys_base"))
+    kernel = x86_64_map(text_start=0, text_end=0, phys_base=info.number("phys_base"))
+    pgd = kernel.pa_symbol(info.symbol("init_top_pgt"))  # __pa_symbol()
     levels = 5 if info.number("pgtable_l5_enabled") else 4
     walker = PageWalker.for_source(src, pgd, levels, sme_mask=info.number("sme_mask") or 0)
     meta = json.loads((shared_fixture(name) / "expected/kcore.json").read_text())

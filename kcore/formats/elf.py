@@ -9,17 +9,17 @@ kdump's vmcores: crash takes the file for a kdump (and finds KASLR from VMCOREIN
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kcore.addrmap import ALL_ONES
+from kcore.elf import EHDR, EM_BY_ARCH, PF_RWX, PHDR, PN_XNUM, PT_LOAD, PT_NOTE, ehdr, phdr
 from kcore.errors import FaultError, OutputError
 from kcore.formats import Format
 from kcore.formats.pages import mapped_segment
 from kcore.formats.plan import Blob, Copy, Item, Plan, Request
 from kcore.formats.segments import (
-    ALL_ONES,
     Segment,
     kind_of,
     mapped_only,
@@ -32,35 +32,8 @@ from kcore.formats.zeroruns import coarsen_runs, split_runs
 if TYPE_CHECKING:
     from kcore.output import Output
 
-# ELF constants (include/uapi/linux/elf.h)
-ELFCLASS64, ELFDATA2LSB, EV_CURRENT, ELFOSABI_NONE = 2, 1, 1, 0
-ET_CORE = 4
-EM_BY_ARCH = {"x86_64": 62, "aarch64": 183, "arm64": 183, "riscv64": 243, "s390x": 22}
-PT_LOAD, PT_NOTE = 1, 4
-PF_X, PF_W, PF_R = 1, 2, 4
-PN_XNUM = 0xFFFF
 MAX_LOADS = PN_XNUM - 2  # e_phnum stays below PN_XNUM: one PT_NOTE plus the loads
 PACK_CHUNK = 64 << 20  # bytes of source per packed-copy call (progress, Ctrl-C between)
-
-# Elf64_Ehdr and Elf64_Phdr, field by field (little-endian)
-EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # e_ident e_type e_machine e_version e_entry
-#                                            e_phoff e_shoff e_flags e_ehsize e_phentsize
-#                                            e_phnum e_shentsize e_shnum e_shstrndx
-PHDR = struct.Struct("<IIQQQQQQ")  # p_type p_flags p_offset p_vaddr p_paddr p_filesz p_memsz
-#                                    p_align
-E_IDENT = b"\x7fELF" + bytes([ELFCLASS64, ELFDATA2LSB, EV_CURRENT, ELFOSABI_NONE]) + bytes(8)
-
-
-def ehdr(machine: int, phnum: int) -> bytes:
-    """An ET_CORE ELF header whose program headers follow it."""
-    return EHDR.pack(E_IDENT, ET_CORE, machine, EV_CURRENT, 0, EHDR.size, 0, 0, EHDR.size,
-                     PHDR.size, phnum, 0, 0, 0)
-
-
-def phdr(p_type: int, p_flags: int, p_offset: int, p_vaddr: int, p_paddr: int, p_filesz: int,
-         p_memsz: int, p_align: int) -> bytes:
-    """One program header."""
-    return PHDR.pack(p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align)
 
 
 def segments(req: Request) -> list[Segment]:
@@ -82,6 +55,14 @@ def segments(req: Request) -> list[Segment]:
     if not out:
         raise OutputError("nothing to dump: the kclist has no RAM ranges")
     return out
+
+
+def machine_of(system: Any) -> int:
+    """The e_machine of a system's architecture."""
+    machine = EM_BY_ARCH.get(system.addrmap.arch)
+    if machine is None:
+        raise OutputError(f"no ELF machine number for architecture {system.addrmap.arch}")
+    return machine
 
 
 def plan(req: Request) -> Plan:
@@ -118,9 +99,7 @@ def plan(req: Request) -> Plan:
         if len(segs) > MAX_LOADS:
             raise OutputError(f"too many ranges ({len(segs)}) for one ELF file")
         runs = [(s, 0, s.size) for s in segs]
-    machine = EM_BY_ARCH.get(getattr(system.addrmap, "arch", "x86_64"))
-    if machine is None:
-        raise OutputError(f"no ELF machine number for architecture {system.addrmap.arch}")
+    machine = machine_of(system)
     notes = build_notes(system, "modern")  # VMCOREINFO whatever --layout: consumers need it
     loads: list[tuple[Segment, int, int, int]] = []
     at = 0
@@ -167,14 +146,14 @@ def _load_headers(segs: list[Segment], loads: list[tuple[Segment, int, int, int]
         cursor = 0
 
         def zero(off: int, n: int, at: int, seg: Segment = seg) -> bytes:
-            return phdr(PT_LOAD, PF_R | PF_W | PF_X, at, seg.vaddr + off, seg.paddr + off, 0, n,
+            return phdr(PT_LOAD, PF_RWX, at, seg.vaddr + off, seg.paddr + off, 0, n,
                         0)
 
         for off, n, dst in by_seg.get(id(seg), []):
             if linear and off > cursor:
                 out.append(zero(cursor, off - cursor, dst))
             paddr = seg.paddr + off if linear else ALL_ONES
-            out.append(phdr(PT_LOAD, PF_R | PF_W | PF_X, dst, seg.vaddr + off, paddr, n, n, 0))
+            out.append(phdr(PT_LOAD, PF_RWX, dst, seg.vaddr + off, paddr, n, n, 0))
             cursor = off + n
             file_end = max(file_end, dst + n)
         if linear and cursor < seg.size:
@@ -234,9 +213,7 @@ def frame(req: Request) -> Frame | None:
     system = req.system
     page = system.addrmap.page_size
     segs = segments(req)
-    machine = EM_BY_ARCH.get(getattr(system.addrmap, "arch", "x86_64"))
-    if machine is None:
-        raise OutputError(f"no ELF machine number for architecture {system.addrmap.arch}")
+    machine = machine_of(system)
     if PACK_CHUNK % req.granule:
         return None
     chunks = _chunks(req, segs)

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from kcore.formats import Format
 from kcore.formats.plan import Blob, Item, Plan, Request
 from kcore.formats.segments import ram_segments, segment_items
 from kcore.formats.zeroruns import split_segments
-
-LIME_MAGIC = 0x4C694D45  # "EMiL" little-endian
-LIME_VERSION = 1
-HEADER = struct.Struct("<IIQQ8s")  # magic, version, s_addr, e_addr (inclusive), reserved[8]
-MAX_RANGES = 1 << 20
-
-
-def range_header(start: int, length: int) -> bytes:
-    """The LiME header of the physical range [start, start+length)."""
-    return HEADER.pack(LIME_MAGIC, LIME_VERSION, start, start + length - 1, bytes(8))
+from kcore.lime import HEADER, MAX_RANGES, pack_header
 
 
 def plan(req: Request) -> Plan:
@@ -31,7 +21,7 @@ def plan(req: Request) -> Plan:
     ranges: list[dict[str, Any]] = []
     pos = 0
     for s in segs:
-        items.append(Blob(pos, range_header(s.paddr, s.size)))
+        items.append(Blob(pos, pack_header(s.paddr, s.size)))
         pos += HEADER.size
         items.extend(segment_items(req.source, s, pos))
         ranges.append({"kind": s.kind, "paddr": hex(s.paddr), "size": s.size, "offset": pos})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from kcore.addrmap import ALL_ONES
 from kcore.formats.plan import Request
-from kcore.formats.segments import ALL_ONES, Segment, kind_of
+from kcore.formats.segments import Segment, kind_of
 from kcore.vmem import clip_runs, walker_for
 
 

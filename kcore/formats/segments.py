@@ -6,9 +6,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
+from kcore.addrmap import ALL_ONES
 from kcore.formats.plan import Copy, Item, Zeros
-
-ALL_ONES = (1 << 64) - 1
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,12 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kcore.addrmap import PAGE_SIZE
 from kcore.formats.plan import SCAN_CHUNK, Blob, Copy, Plan
 
 if TYPE_CHECKING:
     from kcore.output import Output
 
-PAGE_SIZE = 4096
 ZERO_BLOCK = 1 << 20
 
 

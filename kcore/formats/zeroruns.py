@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kcore.addrmap import PAGE_SIZE
 from kcore.errors import FaultError, OutputError
 from kcore.formats.plan import Request
 from kcore.formats.segments import Segment, source_pieces
-
-PAGE_SIZE = 4096
 
 
 def _scan(source: Any, offset: int, length: int, granule: int, stats: Any,

@@ -13,9 +13,9 @@ import errno
 import os
 import stat
 
+from kcore.addrmap import PAGE_SIZE
 from kcore.errors import InputError, SourceError
 from kcore.sources.base import (
-    PAGE_SIZE,
     PROBE_BYTES,
     Extent,
     MemorySource,

@@ -12,13 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from kcore.addrmap import PAGE_SIZE
 from kcore.engine import CopyStats, readinto_range
 from kcore.errors import SourceError
 from kcore.vmem import zero_fill
 
 WritableBuffer = Any  # bytearray, memoryview, mmap...: anything with a writable buffer
-PAGE_SIZE = 4096
-ALL_ONES = (1 << 64) - 1
 # Largest physical address any x86-64 kernel can use (MAX_PHYSMEM_BITS = 52).
 MAX_PHYS = 1 << 52
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
 import stat
 
 from kcore.errors import InputError, SourceError
+from kcore.iomem import parse_iomem
 from kcore.sources.base import Extent, MemorySource, Probe, check_extents, opened
-
-_IOMEM_LINE = re.compile(r"^([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
 
 
 def system_ram(root: str) -> list[Extent]:
@@ -17,19 +15,11 @@ def system_ram(root: str) -> list[Extent]:
     path = os.path.join(root, "proc/iomem")
     try:
         with open(path, encoding="ascii", errors="replace") as f:
-            lines = f.read().splitlines()
+            text = f.read()
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from None
-    out = []
-    for line in lines:
-        m = _IOMEM_LINE.match(line)  # no leading blanks: top-level resources only
-        if m and m.group(3).strip() == "System RAM":
-            start, end = int(m.group(1), 16), int(m.group(2), 16)
-            if end >= start:
-                out.append(Extent(start, end - start + 1, start))
-    if out and all(e.paddr == 0 for e in out):
-        raise InputError(f"{path}: addresses are all zero (read it as root)")
-    return out
+    return [Extent(start, end - start + 1, start)
+            for start, end in parse_iomem(text, path).system_ram()]
 
 
 class DevmemSource(MemorySource):
@@ -44,8 +34,6 @@ class DevmemSource(MemorySource):
     def open(cls, path: str, spec: str | None = None, root: str = "/") -> DevmemSource:
         """Open a physical-memory device read-only; extents are root's System RAM."""
         extents = system_ram(root)
-        if not extents:
-            raise SourceError(f"{path}: no System RAM in {os.path.join(root, 'proc/iomem')}")
         with opened(path) as fd:
             return cls(spec or f"devmem:{path}", path, fd,
                        check_extents(extents, path, SourceError))

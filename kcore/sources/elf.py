@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import bisect
 import os
-import struct
-from typing import NamedTuple
 
+from kcore.addrmap import ALL_ONES
+from kcore.elf import (
+    EHDR,
+    ELF_MAGIC,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    ET_CORE,
+    PHDR,
+    PN_XNUM,
+    PT_LOAD,
+    PT_NOTE,
+    SH_INFO_AT,
+    SHDR_INFO,
+    ElfCore,
+    Phdr,
+    parse_notes,
+    vmcoreinfo_of,
+)
 from kcore.errors import ElfFormatError, SourceError
 from kcore.sources.base import (
-    ALL_ONES,
     Extent,
     MemorySource,
     Probe,
@@ -19,45 +34,10 @@ from kcore.sources.base import (
     pread_exact,
 )
 
-ELF_MAGIC = b"\x7fELF"
-ELFCLASS64 = 2
-ELFDATA2LSB = 1
-ET_CORE = 4
-PT_LOAD = 1
-PT_NOTE = 4
-PN_XNUM = 0xFFFF
-EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
-PHDR = struct.Struct("<IIQQQQQQ")
-NHDR = struct.Struct("<III")
-SHDR_INFO = struct.Struct("<I")  # Elf64_Shdr.sh_info, at byte 44 of section header 0
 # Caps that bound a hostile file's cost (kdump cores of huge machines stay far below them).
 MAX_PHNUM = 1 << 20
 MAX_NOTES_SIZE = 64 << 20
 MAX_ALIAS_BYTES = 4 << 30  # overlapping (aliased) PT_LOAD bytes compared when opening
-
-
-class Phdr(NamedTuple):
-    """One ELF64 program header, and where it sits in the file."""
-
-    p_type: int
-    p_flags: int
-    p_offset: int
-    p_vaddr: int
-    p_paddr: int
-    p_filesz: int
-    p_memsz: int
-    p_align: int
-    at: int  # file offset of this program header
-
-
-class ElfCore(NamedTuple):
-    """The parts of an ELF core a memory source needs."""
-
-    e_machine: int
-    phoff: int
-    phdrs: list[Phdr]
-    notes: list[tuple[bytes, int, bytes]]  # (name, type, desc)
-    size: int
 
 
 def parse_elf_core(fd: int, path: str, *, size: int | None = None) -> ElfCore:
@@ -87,7 +67,7 @@ def parse_elf_core(fd: int, path: str, *, size: int | None = None) -> ElfCore:
         raise ElfFormatError(f"{path}: e_type {e_type} at offset 0x10 is not ET_CORE")
     phnum = e_phnum
     if phnum == PN_XNUM:  # the real count is in section header 0's sh_info (kdump, >65534 phdrs)
-        (phnum,) = SHDR_INFO.unpack(need(e_shoff + 44, 4, "section header 0"))
+        (phnum,) = SHDR_INFO.unpack(need(e_shoff + SH_INFO_AT, 4, "section header 0"))
     if phnum and e_phentsize != PHDR.size:
         raise ElfFormatError(f"{path}: e_phentsize {e_phentsize} at offset 0x36 is not "
                              f"{PHDR.size}")
@@ -110,33 +90,6 @@ def parse_elf_core(fd: int, path: str, *, size: int | None = None) -> ElfCore:
             notes += parse_notes(need(ph.p_offset, ph.p_filesz, "PT_NOTE data"),
                                  ph.p_offset, path)
     return ElfCore(e_machine, e_phoff, phdrs, notes, size)
-
-
-def parse_notes(data: bytes, base: int, path: str) -> list[tuple[bytes, int, bytes]]:
-    """Split PT_NOTE contents into (name, type, desc) with 4-byte alignment, checking bounds."""
-    out = []
-    pos = 0
-    while pos + NHDR.size <= len(data):
-        namesz, descsz, ntype = NHDR.unpack_from(data, pos)
-        name_at = pos + NHDR.size
-        desc_at = name_at + (namesz + 3) // 4 * 4
-        end = desc_at + (descsz + 3) // 4 * 4
-        if desc_at + descsz > len(data):
-            raise ElfFormatError(f"{path}: truncated note at offset {base + pos:#x}")
-        name = data[name_at:name_at + namesz].rstrip(b"\0")
-        out.append((name, ntype, data[desc_at:desc_at + descsz]))
-        if namesz == 0 and descsz == 0 and ntype == 0:
-            break  # zero padding after the last note
-        pos = end
-    return out
-
-
-def vmcoreinfo_of(core: ElfCore) -> bytes | None:
-    """The desc of the VMCOREINFO note, if the core has one."""
-    for name, _ntype, desc in core.notes:
-        if name == b"VMCOREINFO":
-            return desc
-    return None
 
 
 def resolve_aliases(fd: int, path: str, loads: list[Phdr]) -> list[Extent]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from kcore.addrmap import ALL_ONES, X86_64_START_KERNEL_MAP
+from kcore.elf import ELF_MAGIC, PT_LOAD, ElfCore, vmcoreinfo_of
 from kcore.errors import ElfFormatError
 from kcore.sources.base import (
-    ALL_ONES,
     CopyStats,
     Extent,
     MemorySource,
@@ -15,11 +16,10 @@ from kcore.sources.base import (
     check_extents,
     opened,
 )
-from kcore.sources.elf import ELF_MAGIC, PT_LOAD, ElfCore, parse_elf_core, vmcoreinfo_of
+from kcore.sources.elf import parse_elf_core
 
 KERNEL_HALF = 0xFFFF800000000000  # lowest canonical kernel address with 4-level paging
 KERNEL_HALF_LA57 = 0xFF00000000000000
-START_KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map: text and modules live above it
 # kc_vaddr_to_offset on x86-64: v & __VIRTUAL_MASK (47 bits, 56 with 5-level paging).
 VIRTUAL_MASKS = ((1 << 47) - 1, (1 << 56) - 1)
 
@@ -73,7 +73,7 @@ class KcoreSource(MemorySource):
         # KCORE_RAM: direct-map segments with p_paddr = __pa(addr); TEXT (above
         # __START_KERNEL_map) would alias RAM, and vmalloc/vmemmap have all-ones.
         extents = [Extent(s.paddr, s.size, s.offset) for s in segments
-                   if s.paddr != ALL_ONES and s.vaddr < START_KERNEL_MAP and s.size]
+                   if s.paddr != ALL_ONES and s.vaddr < X86_64_START_KERNEL_MAP and s.size]
         if all(s.paddr == 0 for s in segments):
             extents = []  # before Linux 4.11 p_paddr was 0: no physical view
         self._set_extents(check_extents(extents, self.path, ElfFormatError))

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import struct
-
 from kcore.errors import LimeFormatError, SourceError
+from kcore.lime import AVML_MAGIC, HEADER, LIME_MAGIC, LIME_VERSION, MAX_RANGES, unpack_header
 from kcore.sources.base import (
     Extent,
     MemorySource,
@@ -14,13 +13,6 @@ from kcore.sources.base import (
     opened,
     pread_exact,
 )
-
-LIME_MAGIC = 0x4C694D45
-LIME_VERSION = 1
-AVML_MAGIC = 0x4C4D5641
-HEADER = struct.Struct("<IIQQ8s")  # magic, version, s_addr, e_addr (inclusive), reserved
-# More ranges than any real machine has (iomem System RAM lines); bounds a hostile file's cost.
-MAX_RANGES = 1 << 20
 
 
 def parse_lime(fd: int, path: str) -> list[Extent]:
@@ -37,7 +29,7 @@ def parse_lime(fd: int, path: str) -> list[Extent]:
             raw = pread_exact(fd, pos, HEADER.size, path, "LiME range header")
         except SourceError as exc:
             raise LimeFormatError(str(exc)) from None
-        magic, version, s_addr, e_addr, _ = HEADER.unpack(raw)
+        magic, version, s_addr, e_addr = unpack_header(raw)
         if magic == AVML_MAGIC:
             raise LimeFormatError(
                 f"{path}: AVML-compressed image (magic {magic:#x}, version {version}) at offset "

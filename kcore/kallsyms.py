@@ -1,0 +1,42 @@
+"""/proc/kallsyms: "ADDR TYPE NAME [module]" lines; kcore reads a few core-kernel symbols.
+
+Addresses are hex; with kptr_restrict (or without CAP_SYSLOG) every address reads as 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kcore.errors import InputError
+
+# The kernel variables discovery reads from memory (their addresses come from kallsyms).
+KALLSYMS_WANTED = frozenset({
+    "_text", "_stext", "_end", "page_offset_base", "vmalloc_base", "vmemmap_base",
+    "phys_base", "arch_task_struct_size", "init_top_pgt", "linux_banner",
+})
+
+
+def parse_kallsyms(text: str, wanted: Iterable[str] = KALLSYMS_WANTED,
+                   where: str = "proc/kallsyms") -> dict[str, int]:
+    """The addresses of the wanted core-kernel symbols (no [module] column) in kallsyms text."""
+    found: dict[str, int] = {}
+    # ~100k lines, and only a few names matter: find each "ADDR T NAME\n" line directly.
+    for name in set(wanted):
+        at = text.find(f" {name}\n")
+        while at >= 0:
+            start = text.rfind("\n", 0, at) + 1
+            addr, _, kind = text[start:at].partition(" ")
+            if len(kind) == 1:  # "ADDR T": a core-kernel symbol, not part of a longer name
+                try:
+                    found[name] = int(addr, 16)
+                except ValueError:
+                    raise InputError(f"{where}: bad address {addr[:20]!r} of {name}") from None
+                break
+            at = text.find(f" {name}\n", at + 1)
+    if "_text" not in found:
+        raise InputError(f"{where}: no _text symbol (is this a kallsyms file?)")
+    if found["_text"] == 0:
+        raise InputError(f"{where}: addresses read as zero (kptr_restrict): run as root")
+    if "_end" not in found:
+        raise InputError(f"{where}: no _end symbol")
+    return found
