@@ -54,7 +54,7 @@ def _reader(kfile: KcoreFile, base: int, fault: Any) -> Callable[[int, int, int,
 
 
 def attach(prog: _drgn.Program, kfile: KcoreFile, *, live: bool | None = None) -> None:
-    """Give `prog` (made with an x86-64 platform, no target yet) the kernel in `kfile`."""
+    """Give `prog` (made with the kernel's platform, no target yet) the kernel in `kfile`."""
     drgn = _drgn()
     loads = [(entry, offset) for entry, offset in kfile.header.loads if entry.size > 0]
     # Physical segments first: set_linux_kernel_custom() reads the page tables through them.
@@ -105,7 +105,11 @@ def program(root: str = "/", source: Any = "auto", *, symbols: Iterable[str] = (
 
     kfile = kcore.open(root, source)
     try:
-        platform = drgn.Platform(drgn.Architecture.X86_64, drgn.PlatformFlags.IS_64_BIT
+        arch = getattr(kfile.system, "addrmap", None)
+        arch = getattr(arch, "arch", "x86_64")
+        platform = drgn.Platform(drgn.Architecture.AARCH64 if arch == "aarch64"
+                                 else drgn.Architecture.X86_64,
+                                 drgn.PlatformFlags.IS_64_BIT
                                  | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
         prog = drgn.Program(platform)
         attach(prog, kfile)
