@@ -13,6 +13,8 @@ from elftools.elf.elffile import ELFFile
 
 PAGE = 4096
 PFN_EXCLUDED = 256  # makedumpfile.h: -E writes excluded runs shorter than this
+LIME = struct.Struct("<IIQQ8s")  # LiME's range header: magic, version, start, end (inclusive)
+LIME_MAGIC = 0x4C694D45
 
 
 def _set(bm: bytearray, lo: int, hi: int) -> None:
