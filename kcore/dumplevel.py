@@ -100,3 +100,14 @@ def _page_span(runs: list[tuple[int, int]], lo: int, hi: int, page: int) -> int:
 def wants_zero_elision(level: int) -> bool:
     """Whether a level leaves out pages of zeros (bit 1)."""
     return bool(level & DL_ZERO)
+
+
+def header_bytes(filtered: Filtered, fmt: str) -> int:
+    """Room the format's headers take around the kept pages (an estimate's upper bound)."""
+    runs = len(filtered.source.extents)
+    page = filtered.classes.page_size
+    if fmt == "elf":  # ELF header, a data and a zero-fill PT_LOAD a run, notes (< 16 KiB)
+        return -(-(64 + 56 * (2 * runs + 3) + (16 << 10)) // page) * page
+    if fmt == "lime":
+        return 32 * runs
+    return 0

@@ -87,17 +87,8 @@ def test_mem_map_classes_equal_makedumpfile_bitmap(dense, level, tmp_path):
     assert count == 0, f"{name} -d {level}: {count} pages differ, first pfns {first}"
     excluded = summary["dump_level"]["pages_excluded"]
     assert excluded["zero"] == 0
-    assert summary["dump_level"]["pages_kept"] == pagesets.pages(held) - _text_pages(mine)
-
-
-def _text_pages(path: Path) -> int:
-    """Pages of the kernel-text PT_LOAD's file bytes (the same frames as RAM pages)."""
-    from elftools.elf.elffile import ELFFile
-
-    with open(path, "rb") as f:
-        return sum(s["p_filesz"] for s in ELFFile(f).iter_segments()
-                   if s["p_type"] == "PT_LOAD" and s["p_vaddr"] >= 0xFFFFFFFF80000000
-                   ) // pagesets.PAGE
+    # the text PT_LOAD's frames are RAM frames: the set counts them once
+    assert summary["dump_level"]["pages_kept"] == pagesets.pages(held)
 
 
 def test_estimate_equals_the_dump_that_follows(dense, tmp_path):
@@ -113,7 +104,8 @@ def test_estimate_equals_the_dump_that_follows(dense, tmp_path):
     assert estimate["dump_level"]["pages_kept"] == done["pages_kept"]
     # and the file holds exactly those pages
     assert pagesets.pages(pagesets.elf_held(out, npfn)) == done["pages_kept"]
-    assert estimate["bytes"] >= summary["bytes"] - 2 * pagesets.PAGE
+    # bytes: the pages plus the headers' room (the one-pass writer reserves more of it)
+    assert abs(estimate["bytes"] - summary["bytes"]) < (2 << 20)
 
 
 def test_formats_leave_out_the_same_pages(dense, tmp_path):
@@ -174,12 +166,17 @@ def test_vmcoreinfo_without_the_fields_a_level_needs(tmp_path):
     r = run_kcore("dump", "--root", str(root), "--source", source_spec(name), "--no-digest",
                   "-q", "-o", str(core))
     assert r.returncode == 0, r.stderr.decode()
-    blob = bytearray(core.read_bytes()[:1 << 16])
-    for key in (b"NUMBER(PG_lru)=", b"NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)="):
-        at = blob.find(key)
-        assert at > 0
-        blob[at:at + 1] = b"X"  # the same length: the note stays well-formed
+    from elftools.elf.elffile import ELFFile
+
     with open(core, "r+b") as f:
+        note = next(ELFFile(f).iter_segments("PT_NOTE"))
+        f.seek(note["p_offset"])
+        blob = bytearray(f.read(note["p_filesz"]))
+        for key in (b"NUMBER(PG_lru)=", b"NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)="):
+            at = blob.find(key)
+            assert at > 0
+            blob[at:at + 1] = b"X"  # the same length: the note stays well-formed
+        f.seek(note["p_offset"])
         f.write(blob)
     bare = tmp_path / "root"
     shutil.copytree(root, bare)
@@ -232,7 +229,9 @@ def test_unreadable_mem_map_page_keeps_its_pages():
         system.close()
     assert again.unreadable_mem_map == 64
     assert all(again.bitmap[(pfn + i) >> 3] >> ((pfn + i) & 7) & 1 for i in range(64))
-    assert again.counts["free"] == whole.counts["free"] - 64
+    # a free block whose head was there is kept whole (its other pages are not marked)
+    assert again.counts["free"] <= whole.counts["free"] - 64
+    assert all(a | w == a for a, w in zip(again.bitmap, whole.bitmap, strict=True))
 
 
 def test_kcore_format_ignores_the_level(tmp_path):
@@ -260,11 +259,16 @@ def test_bad_levels_are_refused():
 
 
 def test_makedumpfile_reads_the_filtered_elf(dense, tmp_path):
-    """makedumpfile re-filters kcore's -d 31 core (it takes it for a kdump ELF vmcore)."""
+    """makedumpfile re-filters kcore's -d 31 core (it takes it for a kdump ELF vmcore).
+
+    --non-mmap: makedumpfile 1.7.2 sizes its mmap windows by p_memsz (offset_to_pt_load_end,
+    max_file_offset), and on this core, whose zero-fill loads reach past the end of the file,
+    its mmap path dies of SIGBUS in readmem(); read() works.
+    """
     need_makedumpfile()
     _name, root, core, _npfn = dense
     mine = tmp_path / "k31.elf"
     kcore_dump(root, core, mine, "-d", "31")
     out = tmp_path / "again.kdump"
-    pagesets.makedumpfile(["-d", "31"], mine, out)
+    pagesets.makedumpfile(["--non-mmap", "-d", "31"], mine, out)
     assert out.read_bytes()[:8] == b"KDUMP   "

@@ -46,7 +46,15 @@ examples:
   kcore dump --root capture/root --source elf:vmcore.elf --format lime -o mem.lime
   kcore dump --source devmem:/dev/crash -o mem.elf   when lockdown forbids /proc/kcore
   drgn -c mem.elf; vol -f mem.lime banners.Banners; gdb -c mem.elf
+  sudo kcore dump -d 31 -o small.elf                 kernel pages only, as makedumpfile -d 31
+  sudo kcore dump --estimate -d 31                   what -d 31 leaves out, writing nothing
 """
+
+LEVEL_HELP = (
+    "leave out pages as makedumpfile -d N does (0-31, a sum of: 1 zero pages, 2 page cache "
+    "without private data, 4 page cache with private data, 8 user data, 16 free pages); "
+    "the kernel's own mem_map says which page is which. Every format but kcore (excluded "
+    "pages: absent from elf and lime, holes in raw, zeros in padded)")
 
 
 def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -75,10 +83,23 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
                    help="elf, lime: smallest zero run left out (default 64 KiB; a power of 2)")
     p.add_argument("--no-digest", dest="digest", action="store_false",
                    help="skip the SHA-256 (and OUTPUT.sha256)")
+    p.add_argument("-d", "--dump-level", type=_level_arg, metavar="N", help=LEVEL_HELP)
+    p.add_argument("--estimate", action="store_true",
+                   help="write nothing: print the pages -d N (default 31) leaves out per class "
+                        "and the output size it gives")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="threads for the zero-run scan and unhashed copies (default 0: one "
                         f"per CPU, at most {MAX_THREADS}; up to 16); the output is the same")
     return p
+
+
+def _level_arg(text: str) -> int:
+    from kcore.pageclass import parse_level
+
+    try:
+        return parse_level(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _check_args(args: argparse.Namespace, fmt: Format) -> None:
@@ -148,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
     with _sigterm_interrupts():
         system = _open_system(args)
         try:
+            if args.estimate:
+                return _estimate(args, system, fmt)
             return _dump(args, system, fmt, path, started, t0)
         finally:
             system.close()
@@ -161,6 +184,7 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
                   modules=args.modules, elide=args.elide and fmt.elides,
                   granule=args.granule, strict=args.strict, flavour=args.flavour,
                   threads=args.threads or default_threads())
+    filtered = _apply_level(args, req, fmt)
     want_digest = args.digest and fmt.digest
     with open_output(path, force=args.force, digest=want_digest) as out:
         if fmt.needs_seek and not out.seekable:
@@ -180,12 +204,79 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
             if bar is not None:
                 bar.close()
         seconds = time.perf_counter() - t0
+        if args.dump_level is not None and not fmt.dump_levels:
+            plan.warnings.append(f"--dump-level does not apply to --format {fmt.name} (an "
+                                 f"exact image keeps every page): ignored")
         summary = _summary(args, out, system, plan, stats, seconds, started)
+        if filtered is not None:
+            summary["result"]["dump_level"] = summary["manifest"]["dump_level"] = (
+                _level_report(filtered, plan, fmt))
         out.commit(plan.size, summary["manifest"] if out.kind == "file" else None)
     if args.json:
         print(json.dumps(summary["result"], indent=2))
     elif not args.quiet:
         _print_human(summary["result"], plan)
+    return 0
+
+
+def _apply_level(args: argparse.Namespace, req: Request, fmt: Format) -> Any:
+    """The one point where -d enters a plan: the request reads a view of its source that
+    holds only the kept pages, so every format lays the rest out as it does holes (absent,
+    zero-fill loads, split ranges). Zero pages go page by page with bit 1, or stay without it.
+    """
+    if args.dump_level is None or not fmt.dump_levels:
+        return None
+    from kcore import dumplevel
+
+    filtered = dumplevel.apply(req.system, req.source, args.dump_level)
+    req.source = filtered.source
+    req.elide = fmt.elides
+    req.granule = req.system.addrmap.page_size if dumplevel.wants_zero_elision(
+        args.dump_level) else 0
+    return filtered
+
+
+def _level_report(filtered: Any, plan: Plan, fmt: Format) -> dict[str, Any]:
+    """Pages left out per class, for the summary and the manifest."""
+    page = filtered.classes.page_size
+    held = filtered.held_pages()
+    if fmt.elides:
+        kept = sum(r["size"] for r in plan.ranges if r.get("kind") == "ram") // page
+        zero = max(0, held - kept)
+    else:
+        kept, zero = held, 0
+    return filtered.report(zero, kept)
+
+
+def _estimate(args: argparse.Namespace, system: Any, fmt: Format) -> int:
+    """--estimate: classify and count, write nothing; the figures the dump would give."""
+    from kcore import dumplevel
+
+    if not fmt.dump_levels:
+        raise InputError(f"--estimate: --format {fmt.name} keeps every page (an exact image)")
+    level = 31 if args.dump_level is None else args.dump_level
+    filtered = dumplevel.apply(system, system.source, level)
+    zero = 0
+    if fmt.elides and dumplevel.wants_zero_elision(level):
+        zero = dumplevel.zero_pages(filtered, args.threads or default_threads())
+    kept = filtered.held_pages() - zero
+    page = filtered.classes.page_size
+    report = filtered.report(zero, kept)
+    result = {"format": fmt.name, "estimate": True,
+              "bytes": kept * page + dumplevel.header_bytes(filtered, fmt.name),
+              "dump_level": report}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    total = report["pages_in_ram"]
+    lines = [f"kcore: -d {level} --format {fmt.name} would keep {kept} of {total} RAM pages "
+             f"(~{human(result['bytes'])})"]
+    for name, n in report["pages_excluded"].items():
+        lines.append(f"  {name:<14} {n:>12} pages left out ({human(n * page)})")
+    if report["pages_unreadable_mem_map"]:
+        lines.append(f"  {report['pages_unreadable_mem_map']} pages kept: their struct page "
+                     f"could not be read")
+    print("\n".join(lines))
     return 0
 
 
@@ -298,6 +389,11 @@ def _print_human(r: dict[str, Any], plan: Plan) -> None:
         lines.append(f"  {r['pages_zero_filled']} unreadable pages dumped as zeros")
     if r["sha256"]:
         lines.append(f"  sha256 {r['sha256']} (also in {r['output']}.sha256)")
+    level = r.get("dump_level")
+    if level is not None:
+        out = ", ".join(f"{k} {v}" for k, v in level["pages_excluded"].items() if v)
+        lines.append(f"  dump level {level['level']}: {level['pages_kept']} pages kept; "
+                     f"left out: {out or 'none'}")
     for w in r["warnings"]:
         lines.append(f"  warning: {w}")
     print("\n".join(lines), file=sys.stderr)

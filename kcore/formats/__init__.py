@@ -43,6 +43,7 @@ class Format:
     digest: bool = True  # a SHA-256 of the output is made (False: too large to hash)
     needs_seek: bool = False  # refuses an output that cannot seek (even a named FIFO)
     one_pass: OnePass | None = None  # scan and copy at once, when no digest is made
+    dump_levels: bool = True  # -d applies (False: an exact image, which keeps every page)
     help: str = ""  # its paragraph in `kcore dump --help` (lines of at most 82 characters)
 
 

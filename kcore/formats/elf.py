@@ -214,8 +214,8 @@ def frame(req: Request) -> Frame | None:
     page = system.addrmap.page_size
     segs = segments(req)
     machine = machine_of(system)
-    if PACK_CHUNK % req.granule:
-        return None
+    if not req.granule or PACK_CHUNK % req.granule:
+        return None  # granule 0: no zero scan (the two-pass plan keeps what the source holds)
     chunks = _chunks(req, segs)
     bound = sum(n // req.granule // 2 + 2 for _i, _o, _s, n in chunks)
     max_loads = min(max_data_loads(segs), bound)

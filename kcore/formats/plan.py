@@ -82,7 +82,7 @@ class Request:
     vmalloc: bool = False
     modules: bool = False
     elide: bool = True
-    granule: int = DEFAULT_GRANULE
+    granule: int = DEFAULT_GRANULE  # 0: no zero scan (keep every byte the source holds)
     strict: bool = False
     flavour: str = "modern"
     progress: Callable[[int], None] | None = None  # bytes scanned for zero runs

@@ -27,11 +27,20 @@ def _scan(source: Any, offset: int, length: int, granule: int, stats: Any,
 def nonzero_runs(source: Any, seg: Segment, granule: int, strict: bool, stats: Any,
                  progress: Callable[[int], None] | None = None,
                  threads: int = 1) -> list[tuple[int, int]]:
-    """The (offset, length) runs of seg that hold non-zero bytes, granule-aligned, merged."""
+    """The (offset, length) runs of seg that hold non-zero bytes, granule-aligned, merged.
+
+    Granule 0: no zero scan, every byte the source holds is kept (a dump level without its
+    zero bit leaves out only the pages the source view does not hold).
+    """
     runs: list[tuple[int, int]] = []
     for off, pa, n in seg.phys:
         for poff, plen, src in source_pieces(source, pa, n):
             if src is None:
+                continue
+            if not granule:
+                _merge(runs, off + poff, off + poff + plen)
+                if progress is not None:
+                    progress(plen)
                 continue
             found, st = _scan(source, src, plen, granule, stats, progress, threads)
             if strict and st.first_error_offset is not None:
@@ -47,11 +56,16 @@ def nonzero_runs(source: Any, seg: Segment, granule: int, strict: bool, stats: A
                 # unaligned offsets: widen each run to whole pages of the segment.
                 start = max(lo_limit, (base + r_off) // PAGE_SIZE * PAGE_SIZE)
                 end = min(hi_limit, -(-(base + r_off + r_len) // PAGE_SIZE) * PAGE_SIZE)
-                if runs and runs[-1][0] + runs[-1][1] >= start:
-                    runs[-1] = (runs[-1][0], max(runs[-1][0] + runs[-1][1], end) - runs[-1][0])
-                else:
-                    runs.append((start, end - start))
+                _merge(runs, start, end)
     return runs
+
+
+def _merge(runs: list[tuple[int, int]], start: int, end: int) -> None:
+    """Append [start, end) to sorted runs, merged with the last one where they touch."""
+    if runs and runs[-1][0] + runs[-1][1] >= start:
+        runs[-1] = (runs[-1][0], max(runs[-1][0] + runs[-1][1], end) - runs[-1][0])
+    else:
+        runs.append((start, end - start))
 
 
 def split_runs(req: Request, segments: Sequence[Segment], limit: int) -> tuple[
