@@ -37,7 +37,14 @@ def programs(tmp_path_factory):
     theirs = drgn.Program()
     theirs.set_core_dump(str(elf))
     theirs.load_debug_info([vmlinux])
-    return ours, theirs
+    # as a live source is read: no page cache, every read through KcoreFile.pread
+    import kcore
+    from kcore.integrations.drgn import attach, load_debug_info
+
+    uncached = drgn.Program(drgn.Platform(drgn.Architecture.X86_64))
+    attach(uncached, kcore.open(str(root), f"raw:{image}"), live=True)
+    load_debug_info(uncached, [vmlinux], default=False)
+    return ours, theirs, uncached
 
 
 def picks(prog) -> list[tuple[int, str]]:
@@ -65,26 +72,25 @@ def read_fields(prog, pairs: list[tuple[int, str]]) -> list[int]:
 
 def test_drgn_task_fields_through_kcore_vs_elf_dump(benchmark, programs, record, note):
     """Random task_struct fields: drgn through kcore >= 0.5x the rate of drgn on the dump."""
-    ours, theirs = programs
+    ours, theirs, uncached = programs
     pairs = picks(ours)
     assert pairs == picks(theirs)  # the same tasks and fields on both sides
     assert read_fields(ours, pairs) == read_fields(theirs, pairs)
     benchmark.pedantic(read_fields, args=(ours, pairs), rounds=3, warmup_rounds=1)
     batch = 1000
-    t_ours = t_theirs = float("inf")
+    best = [float("inf")] * 3
     for lo in list(range(0, FIELDS, batch)) * 3:
-        for prog, side in ((ours, 0), (theirs, 1)):
+        for side, prog in enumerate((ours, theirs, uncached)):
             t = time.perf_counter()
             read_fields(prog, pairs[lo:lo + batch])
-            dt = (time.perf_counter() - t) * FIELDS / batch
-            if side == 0:
-                t_ours = min(t_ours, dt)
-            else:
-                t_theirs = min(t_theirs, dt)
+            best[side] = min(best[side], (time.perf_counter() - t) * FIELDS / batch)
+    t_ours, t_theirs, t_uncached = best
     ratio = t_theirs / t_ours
     record("drgn: 10,000 random task_struct fields through kcore (raw source) vs drgn on "
            "kcore's ELF dump", f"{FIELDS / t_ours:,.0f}/s vs {FIELDS / t_theirs:,.0f}/s = "
            f"{ratio:.2f}x", ">= 0.5x", ratio >= 0.5)
-    note("drgn through kcore: one Python read callback per segment read, served by "
-         "KcoreFile.pread's fast path (one C call); drgn on the dump reads the file itself.")
+    note("drgn through kcore: one Python read callback per read; for sources that do not "
+         "change, a page cache in the callback, whose misses are one KcoreFile.pread (the C "
+         "engine's fast path); drgn on the dump reads the file itself. Uncached, as live "
+         f"sources are read: {FIELDS / t_uncached:,.0f}/s = {t_theirs / t_uncached:.2f}x.")
     assert ratio >= 0.5

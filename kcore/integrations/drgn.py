@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("kcore.drgn")
 # Sources whose memory changes while drgn reads it: the Program is flagged IS_LIVE.
 LIVE_KINDS = frozenset({"kcore", "devmem", "pid"})
+# Pages of a non-live source kept after a read (kcore's segments are page-aligned in the file).
+CACHE_PAGES = 8192  # 32 MiB
+_PAGE = 4096
+_PAGE_MASK = _PAGE - 1
 
 
 def _drgn() -> Any:
@@ -40,8 +44,13 @@ def is_live(kfile: KcoreFile) -> bool:
     return getattr(kfile.source, "kind", "") in LIVE_KINDS
 
 
-def _reader(kfile: KcoreFile, base: int, fault: Any) -> Callable[[int, int, int, bool], bytes]:
-    """drgn's read_fn for a segment that starts at kcore file offset `base`."""
+def _reader(kfile: KcoreFile, base: int, fault: Any,
+            cache: dict[int, bytes] | None) -> Callable[[int, int, int, bool], bytes]:
+    """drgn's read_fn for a segment that starts at kcore file offset `base`.
+
+    With a cache (sources that do not change: files), reads within one page are served from
+    that page, read once through KcoreFile.pread; drgn reads a structure field by field.
+    """
     pread = kfile.pread
 
     def read(address: int, count: int, offset: int, physical: bool) -> bytes:
@@ -50,24 +59,44 @@ def _reader(kfile: KcoreFile, base: int, fault: Any) -> Callable[[int, int, int,
         except KcoreError as exc:
             raise fault(f"kcore: {exc}", address) from None
 
-    return read
+    if cache is None:
+        return read
+
+    def read_cached(address: int, count: int, offset: int, physical: bool) -> bytes:
+        pos = base + offset
+        at = pos & _PAGE_MASK
+        if at + count > _PAGE:  # crosses a page: straight through
+            return read(address, count, offset, physical)
+        page = pos - at
+        data = cache.get(page)
+        if data is None:
+            if len(cache) >= CACHE_PAGES:
+                cache.clear()
+            data = cache[page] = read(address - at, _PAGE, offset - at, physical)
+        return data[at:at + count]
+
+    return read_cached
 
 
 def attach(prog: _drgn.Program, kfile: KcoreFile, *, live: bool | None = None) -> None:
-    """Give `prog` (made with the kernel's platform, no target yet) the kernel in `kfile`."""
+    """Give `prog` (made with the kernel's platform, no target yet) the kernel in `kfile`.
+
+    Live kernels are read afresh each time; other sources through a page cache.
+    """
     drgn = _drgn()
+    live = is_live(kfile) if live is None else live
+    cache: dict[int, bytes] | None = None if live else {}
     loads = [(entry, offset) for entry, offset in kfile.header.loads if entry.size > 0]
     # Physical segments first: set_linux_kernel_custom() reads the page tables through them.
     for entry, offset in loads:
         if entry.type == KcoreType.RAM:
             prog.add_memory_segment(entry.paddr, entry.size,
-                                    _reader(kfile, offset, drgn.FaultError), True)
-    prog.set_linux_kernel_custom(kfile.system.vmcoreinfo.data,
-                                 is_live(kfile) if live is None else live)
+                                    _reader(kfile, offset, drgn.FaultError, cache), True)
+    prog.set_linux_kernel_custom(kfile.system.vmcoreinfo.data, live)
     # Then the virtual ones, which take precedence over drgn's page-table walk where they are.
     for entry, offset in loads:
         prog.add_memory_segment(entry.vaddr, entry.size,
-                                _reader(kfile, offset, drgn.FaultError), False)
+                                _reader(kfile, offset, drgn.FaultError, cache), False)
 
 
 def load_debug_info(prog: _drgn.Program, symbols: Sequence[str] = (), *,
