@@ -19,7 +19,8 @@ import pytest
 from conftest import best_time, best_times, tests_conftest
 from engine_memchild import PAGE, MemChild
 
-from kcore import _pyengine, engine
+from kcore import engine
+from tests import pyengine
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -319,7 +320,7 @@ def test_one_percent_unreadable_vs_python_oracle(benchmark, dense_src, null_fd, 
         py_stats = []
         t_stats = []
         oracle, ours, no_holes, threaded = best_times([
-            lambda: py_stats.append(_pyengine.copy_range(child.fd, addr, null_fd, None, GIB)),
+            lambda: py_stats.append(pyengine.copy_range(child.fd, addr, null_fd, None, GIB)),
             lambda: engine.copy_range(child.fd, addr, null_fd, None, GIB),
             lambda: engine.copy_range(child.fd, whole, null_fd, None, GIB),
             lambda: t_stats.append(engine.copy_range(child.fd, addr, null_fd, None, GIB,

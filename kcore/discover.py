@@ -112,18 +112,6 @@ class System:
     task_struct: bytes | None = None  # known only when the source is a real kcore
     flavour: str = "modern"
 
-    def pa(self, vaddr: int) -> int:
-        """__pa() of a direct-map address."""
-        return self.addrmap.pa(vaddr)
-
-    def va(self, paddr: int) -> int:
-        """__va() of a physical address."""
-        return self.addrmap.va(paddr)
-
-    def pa_symbol(self, vaddr: int) -> int:
-        """__pa_symbol() of a kernel-image address."""
-        return self.addrmap.pa_symbol(vaddr)
-
     def close(self) -> None:
         """Close the memory source."""
         self.source.close()
@@ -298,7 +286,6 @@ class SegmentKcoreList:
         self._load = load
         self.addrmap = amap
         self.need_update = False
-        self.generation = 0
         self._entries: list[KcoreEntry] = []
         self.refresh()
 
@@ -317,8 +304,6 @@ class SegmentKcoreList:
         changed = new != self._entries
         self._entries = new
         self.need_update = False
-        if changed:
-            self.generation += 1
         return changed
 
 

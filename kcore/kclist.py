@@ -172,7 +172,6 @@ class KcoreList:
         self._entries: list[KcoreEntry] = list(self._static)
         self._hotplug_seen: object = None
         self.need_update = True  # "static int kcore_need_update = 1;"
-        self.generation = 0
         self.refresh()
 
     @property
@@ -211,5 +210,4 @@ class KcoreList:
             self._entries = kept + ram
             self._hotplug_seen = state
             self.need_update = False
-            self.generation += 1
             return True

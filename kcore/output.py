@@ -19,7 +19,7 @@ from typing import Any
 from kcore.errors import OutputError
 
 FILE_MODE = 0o600
-HASH_CHUNK = 1 << 20  # read-back block of the background hasher
+HASH_CHUNK = 1 << 20  # bytes of one hasher buffer
 
 
 def human(n: int) -> str:
@@ -93,96 +93,12 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _join_hasher(hasher: BackgroundHasher | BufferHasher,
-                 progress: Callable[[int], None] | None) -> None:
-    """Wait for a hasher's thread, reporting bytes hashed; re-raise what the thread hit."""
-    seen = hasher._done
-    while hasher._thread.is_alive():
-        hasher._thread.join(0.2)
-        if progress is not None:
-            now = hasher._done
-            progress(now - seen)
-            seen = now
-    if hasher._error is not None:
-        raise hasher._error
-
-
-class BackgroundHasher:
-    """SHA-256 of an output file, computed by a thread reading back what is already written."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._hash = hashlib.sha256()
-        self._done = 0
-        self._mark = 0
-        self._final: int | None = None
-        self._cond = threading.Condition()
-        self._error: BaseException | None = None
-        self._cancel = False
-        self._thread = threading.Thread(target=self._run, name="kcore-sha256", daemon=True)
-        self._thread.start()
-
-    def advance(self, position: int) -> None:
-        """Say that every byte before position is written (holes read back as zeros)."""
-        with self._cond:
-            if position > self._mark:
-                self._mark = position
-                self._cond.notify()
-
-    @property
-    def done(self) -> int:
-        """Bytes hashed so far."""
-        return self._done
-
-    def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str:
-        """Wait for the hash of the first size bytes; return it as hex."""
-        with self._cond:
-            self._mark = max(self._mark, size)
-            self._final = size
-            self._cond.notify()
-        _join_hasher(self, progress)
-        return self._hash.hexdigest()
-
-    def cancel(self) -> None:
-        """Stop the thread without a result."""
-        with self._cond:
-            self._cancel = True
-            self._cond.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        buf = bytearray(HASH_CHUNK)
-        view = memoryview(buf)
-        try:
-            while True:
-                with self._cond:
-                    while not self._cancel and self._done >= self._mark and self._final is None:
-                        self._cond.wait()
-                    if self._cancel:
-                        return
-                    mark = self._mark
-                    if self._final is not None and self._done >= self._final:
-                        return
-                while self._done < mark and not self._cancel:
-                    want = min(HASH_CHUNK, mark - self._done)
-                    got = os.preadv(self._fd, [view[:want]], self._done)
-                    if got < want:
-                        # Past the current end of file: an unwritten tail hole reads as zeros.
-                        view[got:want] = bytes(want - got)
-                    self._hash.update(view[:want])
-                    self._done += want
-        except BaseException as exc:  # reported by finish()
-            self._error = exc
-
-
 class BufferHasher:
     """SHA-256 of an output fed in file order from the writer's own buffers, in a thread.
 
     The writer takes a buffer (buffer()), fills and writes it, then submit()s it; the
     thread hashes it and hands it back. No read-back of the file.
     """
-
-    inline = True
 
     def __init__(self, nbuf: int = 8, size: int = HASH_CHUNK) -> None:
         self._hash = hashlib.sha256()
@@ -212,9 +128,6 @@ class BufferHasher:
         """Hash the first n bytes of data next (a buffer() buffer is returned after)."""
         self._full.put((data, len(data) if n is None else n))
 
-    def advance(self, position: int) -> None:
-        """Unused here: the writer submits what it writes."""
-
     @property
     def done(self) -> int:
         """Bytes hashed so far."""
@@ -223,7 +136,15 @@ class BufferHasher:
     def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str:
         """Wait for the hash of everything submitted (size bytes); return it as hex."""
         self._full.put(None)
-        _join_hasher(self, progress)
+        seen = self._done
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+            if progress is not None:
+                now = self._done
+                progress(now - seen)
+                seen = now
+        if self._error is not None:
+            raise self._error
         if self._done != size:
             raise AssertionError(f"hashed {self._done} bytes of a {size}-byte output")
         return self._hash.hexdigest()
@@ -256,7 +177,7 @@ class Output:
     force: bool = False
     digest: bool = True
     tmp_path: str | None = None
-    hasher: BackgroundHasher | BufferHasher | None = None
+    hasher: BufferHasher | None = None
     sha256: str | None = None
     sidecars: list[str] = field(default_factory=list)
     _closed: bool = False
@@ -315,18 +236,11 @@ class Output:
                 ) from None
             raise
 
-    def start_digest(self, *, inline: bool = False) -> None:
-        """Start hashing the output as it is written (file outputs only).
-
-        inline: the writer feeds its own buffers (BufferHasher), else the file is read back.
-        """
+    def start_digest(self) -> None:
+        """Start hashing the output (file outputs only): the writer submits every byte, in
+        file order, to self.hasher."""
         if self.digest and self.kind == "file" and self.hasher is None:
-            self.hasher = BufferHasher() if inline else BackgroundHasher(self.fd)
-
-    def written(self, position: int) -> None:
-        """Report that the output is complete up to position (feeds the hasher)."""
-        if self.hasher is not None:
-            self.hasher.advance(position)
+            self.hasher = BufferHasher()
 
     def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str | None:
         """Wait for the digest of the first size bytes and flush the file; return the digest."""

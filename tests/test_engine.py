@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from kcore import _pyengine, engine
+from kcore import engine
 from kcore.errors import FaultError
+from tests import pyengine
 
 PAGE = 4096
 
@@ -16,7 +17,7 @@ PAGE = 4096
 @pytest.fixture(params=["c", "py"])
 def eng(request):
     """The C engine and its pure-Python oracle: every test here holds for both."""
-    return engine if request.param == "c" else _pyengine
+    return engine if request.param == "c" else pyengine
 
 
 def _file(path, data: bytes) -> int:

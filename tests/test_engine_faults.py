@@ -15,8 +15,9 @@ import time
 import pytest
 from engine_memchild import PAGE, MemChild, expected_memory
 
-from kcore import _pyengine, engine
+from kcore import engine
 from kcore.errors import FaultError
+from tests import pyengine
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_proc_pid_mem_holes_are_zeros_and_counted(tmp_path, child):
         assert st.pages_zero_filled == len(holes)
         assert st.bytes_read == (npages - len(holes)) * PAGE
         assert st.first_error_offset == addr and st.first_errno == errno.EIO
-        assert (got, st) == _pyengine.read_range(child.fd, addr, npages * PAGE)
+        assert (got, st) == pyengine.read_range(child.fd, addr, npages * PAGE)
     finally:
         child.unmap(addr, npages)
 
@@ -100,7 +101,7 @@ def test_proc_pid_mem_prot_none_pages_read_as_data(tmp_path, child):
             got, st = engine.read_range(child.fd, start, length)
             assert got == mem[first * PAGE:]
             assert st.pages_zero_filled == 1 and st.first_error_offset == addr + 200 * PAGE
-            assert (got, st) == _pyengine.read_range(child.fd, start, length)
+            assert (got, st) == pyengine.read_range(child.fd, start, length)
     finally:
         child.unmap(addr, npages)
 
@@ -130,7 +131,7 @@ def test_data_runs_on_proc_pid_mem(tmp_path, child):
         assert runs == want
         zero_pages = npages - sum(n for _, n in want) // PAGE
         assert st.pages_sparse == zero_pages and st.pages_zero_filled == len(holes)
-        assert (runs, st) == _pyengine.data_runs(child.fd, addr, npages * PAGE)
+        assert (runs, st) == pyengine.data_runs(child.fd, addr, npages * PAGE)
         # 64 KiB granules: a granule is data if any of its pages is.
         big, _ = engine.data_runs(child.fd, addr, npages * PAGE, granule=16 * PAGE)
         for start, n in big:
@@ -165,7 +166,7 @@ def _holes_and_data(path) -> tuple[list[tuple[int, int]], int]:
         os.close(fd)
 
 
-@pytest.mark.parametrize("eng", [engine, _pyengine], ids=["c", "py"])
+@pytest.mark.parametrize("eng", [engine, pyengine], ids=["c", "py"])
 def test_sparse_copy_of_proc_pid_mem(tmp_path, child, eng):
     npages = 520
     path, data, holes = _layout(tmp_path, npages, seed=5, zero_frac=0.4)

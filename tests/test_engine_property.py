@@ -11,7 +11,8 @@ from engine_memchild import PAGE, MemChild, expected_memory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kcore import _pyengine, engine
+from kcore import engine
+from tests import pyengine
 
 KINDS = st.sampled_from(["data", "zero", "hole", "noaccess"])
 
@@ -64,13 +65,13 @@ def test_c_engine_equals_oracle_on_proc_pid_mem(child, layout):
     try:
         truth = expected_memory(data, holes)[start:start + length]
         got = engine.read_range(child.fd, addr + start, length)
-        assert got == _pyengine.read_range(child.fd, addr + start, length)
+        assert got == pyengine.read_range(child.fd, addr + start, length)
         assert got[0] == truth
         runs = engine.data_runs(child.fd, addr + start, length, granule=granule)
-        assert runs == _pyengine.data_runs(child.fd, addr + start, length, granule=granule)
+        assert runs == pyengine.data_runs(child.fd, addr + start, length, granule=granule)
         for sparse in (False, True):
             outs = []
-            for eng in (engine, _pyengine):
+            for eng in (engine, pyengine):
                 with tempfile.TemporaryFile(dir="/dev/shm") as f:
                     stats = eng.copy_range(child.fd, addr + start, f.fileno(), 0, length,
                                            sparse=sparse)
@@ -97,7 +98,7 @@ def test_c_engine_equals_oracle_past_end_of_file(size, start, length, block):
             got = engine.read_range(f.fileno(), start, length)
         finally:
             engine.BLOCK = saved
-        assert got == _pyengine.read_range(f.fileno(), start, length)
+        assert got == pyengine.read_range(f.fileno(), start, length)
         f.seek(0)
         data = f.read()
         assert got[0] == (data[start:start + length]).ljust(length, b"\0")
@@ -121,7 +122,7 @@ def test_copy_packed_equals_oracle(child, layout, phase_pages, odd, max_runs, ds
     try:
         truth = expected_memory(data, holes)
         results = []
-        for eng in (engine, _pyengine):
+        for eng in (engine, pyengine):
             with tempfile.TemporaryFile(dir="/dev/shm") as f:
                 f.write(b"\xee" * stale)  # stale data under the output: must not show
                 f.flush()

@@ -14,8 +14,9 @@ import threading
 import pytest
 from engine_memchild import PAGE, MemChild, expected_memory
 
-from kcore import _pyengine, engine
+from kcore import engine
 from kcore.errors import FaultError
+from tests import pyengine
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_threaded_copy_to_a_file_equals_memory_and_oracle(tmp_path, child, spars
         assert sum(seen) == npages * PAGE and len(seen) > 20
         oracle_dst = os.open(tmp_path / "oracle", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            ref = _pyengine.copy_range(child.fd, addr, oracle_dst, PAGE, npages * PAGE,
+            ref = pyengine.copy_range(child.fd, addr, oracle_dst, PAGE, npages * PAGE,
                                        sparse=sparse)
         finally:
             os.close(oracle_dst)
@@ -147,7 +148,7 @@ def test_threaded_data_runs_equal_the_oracle(tmp_path, child):
             seen: list[int] = []
             runs, st = engine.data_runs(child.fd, addr, npages * PAGE, granule=granule,
                                         threads=2, progress=seen.append)
-            ref_runs, ref = _pyengine.data_runs(child.fd, addr, npages * PAGE, granule=granule)
+            ref_runs, ref = pyengine.data_runs(child.fd, addr, npages * PAGE, granule=granule)
             assert runs == ref_runs and st == ref
             assert sum(seen) == npages * PAGE
     finally:
@@ -211,7 +212,7 @@ def test_threaded_copy_to_dev_null_counts_as_the_oracle(tmp_path, child):
     try:
         assert engine.discards(null)
         st = engine.copy_range(child.fd, addr, null, None, npages * PAGE, threads=3)
-        assert st == _pyengine.copy_range(child.fd, addr, null, None, npages * PAGE)
+        assert st == pyengine.copy_range(child.fd, addr, null, None, npages * PAGE)
         assert st.pages_zero_filled == len(holes) and st.bytes_written == npages * PAGE
     finally:
         os.close(null)

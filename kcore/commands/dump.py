@@ -301,9 +301,6 @@ def _write_one_pass(args: argparse.Namespace, req: Request, out: Output,
     finally:
         if bar is not None:
             bar.close()
-    if done is not None:
-        out.start_digest()  # the header is written last: the digest reads the file back after
-        out.written(done[0].size)
     return done
 
 
@@ -311,7 +308,7 @@ def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
                     fmt: Format) -> tuple[Plan, Any]:
     """Plan the dump (a zero-run scan first where elision applies), then write it.
 
-    A contiguous plan is hashed from the writer's own buffers (no read-back of the output).
+    A digest needs a contiguous plan: it is hashed from the writer's own buffers, in order.
     """
     bar = _progress_bar(None, args.quiet or not req.elide, "scan for zero runs")
     req.progress = bar.update if bar is not None else None
@@ -321,7 +318,8 @@ def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
         if bar is not None:
             bar.close()
     out.check_space(plan.space_needed, estimate=plan.estimate)
-    out.start_digest(inline=plan.contiguous)
+    if plan.contiguous:  # hashed from the writer's buffers, in file order
+        out.start_digest()
     bar = _progress_bar(plan.copy_bytes, args.quiet, f"dump {fmt.name}")
     try:
         stats = write_plan(out, req.source, plan, sparse=fmt.sparse,

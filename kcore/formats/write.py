@@ -24,7 +24,7 @@ def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bo
     seekable = out.seekable
     if seekable:
         out.set_size(plan.size)
-    if seekable and getattr(out.hasher, "inline", False):
+    if seekable and out.hasher is not None:
         return _write_hashing(out, source, plan, sparse=sparse, strict=strict,
                               progress=progress)
     zero = bytes(ZERO_BLOCK)
@@ -36,19 +36,9 @@ def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bo
             write_all(out.fd, item.data, item.dst if seekable else None)
             pos = item.dst + len(item.data)
         elif isinstance(item, Copy):
-            base = item.dst
-            done = 0
-
-            def tick(n: int, base: int = base) -> None:
-                nonlocal done
-                done += n
-                out.written(base + done)
-                if progress is not None:
-                    progress(n)
-
             stats += engine.copy_range(
                 source.fd, item.src, out.fd, item.dst if seekable else None, item.length,
-                sparse=sparse and seekable, strict=strict, progress=tick, threads=threads,
+                sparse=sparse and seekable, strict=strict, progress=progress, threads=threads,
                 slot_fd=getattr(source, "slot_fd", None),
             )
             pos = item.dst + item.length
@@ -62,7 +52,6 @@ def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bo
                     at += n
                     left -= n
             pos = item.dst + item.length
-        out.written(pos)
     if not seekable and pos != plan.size:
         raise AssertionError(f"plan ends at {pos:#x}, expected {plan.size:#x}")
     return stats
