@@ -136,3 +136,34 @@ def test_kcore_drgn_without_drgn_says_how_to_install():
     assert r.returncode == 1, r.stderr
     assert r.stderr == ("kcore: error: drgn is not installed: pip install 'kcore[drgn]' "
                         "(or pip install drgn)\n")
+
+
+def test_kcore_drgn_interactive_shell(vmlinux, tmp_path):
+    """On a terminal, `kcore drgn` is drgn's interactive shell with `prog` set."""
+    import os
+    import pty
+    import select
+    import time
+
+    name = FIXTURE_NAMES[0]
+    primary, secondary = pty.openpty()
+    env = dict(os.environ, HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path),
+               PYTHONPATH=str(REPO), TERM="dumb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kcore", "drgn", "--root", str(shared_fixture(name) / "root"),
+         "--source", source_spec(name), "-s", str(vmlinux), "--no-default-symbols", "-q"],
+        stdin=secondary, stdout=secondary, stderr=secondary, env=env, close_fds=True)
+    os.close(secondary)
+    os.write(primary, b"print('comm:', prog['init_task'].comm.string_().decode())\nexit()\n")
+    out = b""
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if select.select([primary], [], [], 0.5)[0]:
+            try:
+                out += os.read(primary, 65536)
+            except OSError:
+                break
+    proc.wait(timeout=30)
+    os.close(primary)
+    assert b"comm: swapper/0" in out, out[-2000:]
+    assert b">>> " in out  # drgn's prompt

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import FIXTURE_NAMES, REPO, fixture_memory, shared_fixture, volatility_cmd
@@ -34,10 +35,13 @@ def banner_paddr(name: str) -> int:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, tuple[str, str]]:
-    """Image kind -> (fixture name, path): a LiME dump, a raw RAM file, QEMU's ELF core."""
+    """Image kind -> (fixture name, path): a LiME dump, kcore's ELF dump (zero runs as
+    PT_LOADs without file bytes), a raw RAM file, QEMU's ELF core."""
     folder = tmp_path_factory.mktemp("vol")
     dump(NOKASLR, folder / "mem.lime", "--format", "lime")
+    dump(NOKASLR, folder / "mem.elf")
     return {"lime": (NOKASLR, str(folder / "mem.lime")),
+            "kcore-elf": (NOKASLR, str(folder / "mem.elf")),
             "raw": (NOKASLR, str(fixture_memory(NOKASLR))),
             "qemu-elf": (KASLR, str(fixture_memory(KASLR)))}
 
@@ -79,7 +83,7 @@ def stacked(image: str):
     return ctx, layer
 
 
-@pytest.mark.parametrize("kind", ["lime", "raw", "qemu-elf"])
+@pytest.mark.parametrize("kind", ["lime", "kcore-elf", "raw", "qemu-elf"])
 def test_layer_reads_as_the_real_kcore(images, kind):
     """The layer's physical bytes: the first RAM range as the real /proc/kcore read it;
     holes are InvalidAddressException, or zeros with pad, as Volatility's layers do."""
@@ -87,7 +91,7 @@ def test_layer_reads_as_the_real_kcore(images, kind):
 
     name, image = images[kind]
     _ctx, layer = stacked(image)
-    assert layer.source_spec.split(":")[0] == {"lime": "lime", "raw": "raw",
+    assert layer.source_spec.split(":")[0] == {"lime": "lime", "raw": "raw", "kcore-elf": "elf",
                                                "qemu-elf": "elf"}[kind]
     # kcore's LiME dumps leave zero runs out: there those are holes, read as zeros with pad
     pad = kind == "lime"
@@ -101,7 +105,7 @@ def test_layer_reads_as_the_real_kcore(images, kind):
         return
     # where the source's memory stops: after the first RAM range in the LiME dump (the VGA
     # hole), after the 512 MiB of RAM in QEMU's core (it holds 0-0xa0000 and the VGA hole)
-    edge = 0x9F000 if kind == "lime" else 0x20000000
+    edge = 0x20000000 if kind == "qemu-elf" else 0x9F000
     assert not layer.is_valid(edge, 16)
     with pytest.raises(exceptions.InvalidAddressException):
         layer.read(edge - 0x1000, 0x2000)
@@ -125,3 +129,22 @@ def test_stacker_leaves_other_files_to_volatility(tmp_path):
         ctx.config["base.location"] = path.as_uri()
         ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
         assert KcoreStacker.stack(ctx, "base") is None
+
+
+def test_plugin_folder_and_missing_volatility():
+    """`python -m kcore.integrations.volatility` names the folder for `vol -p`; without
+    volatility3, importing the layer says which extra to install."""
+    from kcore.integrations.volatility import PLUGIN_DIR
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "kcore.integrations.volatility"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout == f"{PLUGIN_DIR}\n", r.stderr
+    assert (PLUGIN_DIR / "kcore_layer.py").is_file()
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['volatility3'] = None\n"
+                        "from kcore.integrations import volatility"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        "kcore.integrations.MissingDependencyError: volatility3 is not installed: "
+        "pip install 'kcore[volatility]' (or pip install volatility3)")
