@@ -195,9 +195,15 @@ def _load_vmcoreinfo(root: Path, reader: _Reader) -> VmcoreInfo:
 
 
 def _discover(root: Path, src: MemorySource, flavour: str) -> System:
-    arch = (_read_text(root, "proc/sys/kernel/arch", required=False) or "x86_64").strip()
-    if arch != "x86_64":
-        raise InputError(f"{root}: architecture {arch!r}: only x86_64 systems can be discovered")
+    """The System of a root and a memory source, by its architecture's builder (kcore.arch)."""
+    from kcore import arch
+
+    name = (_read_text(root, "proc/sys/kernel/arch", required=False) or "x86_64").strip()
+    return arch.get(name, str(root / "proc/sys/kernel/arch")).discover(root, src, flavour)
+
+
+def _discover_x86_64(root: Path, src: MemorySource, flavour: str) -> System:
+    """x86-64: the address map from kallsyms, VMCOREINFO and kernel variables in memory."""
     iomem_path = root / "proc/iomem"
     iomem = parse_iomem(_read_text(root, "proc/iomem"), str(iomem_path))
     syms = parse_kallsyms(_read_text(root, "proc/kallsyms") or "",

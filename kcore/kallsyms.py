@@ -17,8 +17,13 @@ KALLSYMS_WANTED = frozenset({
 
 
 def parse_kallsyms(text: str, wanted: Iterable[str] = KALLSYMS_WANTED,
-                   where: str = "proc/kallsyms") -> dict[str, int]:
-    """The addresses of the wanted core-kernel symbols (no [module] column) in kallsyms text."""
+                   where: str = "proc/kallsyms",
+                   required: tuple[str, ...] = ("_text", "_end")) -> dict[str, int]:
+    """The addresses of the wanted core-kernel symbols (no [module] column) in kallsyms text.
+
+    `required` must all be there, the first one non-zero (kptr_restrict hides addresses):
+    arm64's 6.1 kallsyms has text symbols only (no _text, no _end), so it asks for _stext.
+    """
     found: dict[str, int] = {}
     # ~100k lines, and only a few names matter: find each "ADDR T NAME\n" line directly.
     for name in set(wanted):
@@ -33,10 +38,12 @@ def parse_kallsyms(text: str, wanted: Iterable[str] = KALLSYMS_WANTED,
                     raise InputError(f"{where}: bad address {addr[:20]!r} of {name}") from None
                 break
             at = text.find(f" {name}\n", at + 1)
-    if "_text" not in found:
-        raise InputError(f"{where}: no _text symbol (is this a kallsyms file?)")
-    if found["_text"] == 0:
+    first = required[0]
+    if first not in found:
+        raise InputError(f"{where}: no {first} symbol (is this a kallsyms file?)")
+    if found[first] == 0:
         raise InputError(f"{where}: addresses read as zero (kptr_restrict): run as root")
-    if "_end" not in found:
-        raise InputError(f"{where}: no _end symbol")
+    for name in required[1:]:
+        if name not in found:
+            raise InputError(f"{where}: no {name} symbol")
     return found

@@ -183,16 +183,16 @@ def clip_runs(runs: list[Run], starts: list[int], ends: list[int]) -> list[Run]:
 
 def walker_for(system: Any, source: Any = None) -> PageWalker | None:
     """The page walker of a discovered system (cached on it), or None without a PGD."""
+    from kcore import arch
+
     source = source if source is not None else system.source
     amap = system.addrmap
-    if amap.pgd_paddr is None or getattr(amap, "arch", "x86_64") != "x86_64":
+    if amap.pgd_paddr is None:
         return None
     cached = getattr(system, "_page_walker", None)
     if cached is not None and cached[0] is source:
         return cached[1]
-    info = getattr(system, "vmcoreinfo", None)
-    sme = (info.number("sme_mask") if info is not None else 0) or 0
-    walker = PageWalker.for_source(source, amap.pgd_paddr, amap.pgtable_levels, sme_mask=sme)
+    walker = arch.get(getattr(amap, "arch", "x86_64")).walker(system, source)
     system._page_walker = (source, walker)
     return walker
 

@@ -1,0 +1,99 @@
+"""Architectures kcore knows: one record each (ELF machine, note sizes, address map, page walk).
+
+Everything that differs between kernel architectures is reached through `ARCHES` (keyed by
+the kernel's own name, as /proc/sys/kernel/arch and VMCOREINFO's machine give it) or
+`by_machine()` (an ELF core's e_machine); an architecture missing here is refused with one
+line (InputError, exit 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kcore.elf import EM_BY_ARCH, PRPSINFO, PRSTATUS_SIZE
+from kcore.errors import InputError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from kcore.discover import System
+    from kcore.sources.base import MemorySource
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture's facts and builders."""
+
+    name: str  # the kernel's name: x86_64, aarch64
+    e_machine: int  # ELF e_machine of its cores
+    prstatus_size: int  # sizeof(struct elf_prstatus): kcore's NT_PRSTATUS descriptor
+    prpsinfo_size: int  # sizeof(struct elf_prpsinfo)
+    # discover(root, source, flavour) -> System: the address map from a system root + memory
+    discover: Callable[[Path, MemorySource, str], System]
+    # walker(system, source) -> a page walker of the kernel's page tables, or None
+    walker: Callable[[Any, Any], Any]
+
+
+def _x86_discover(root: Path, src: MemorySource, flavour: str) -> System:
+    from kcore.discover import _discover_x86_64
+
+    return _discover_x86_64(root, src, flavour)
+
+
+def _x86_walker(system: Any, source: Any) -> Any:
+    from kcore.vmem import PageWalker
+
+    amap = system.addrmap
+    if amap.pgd_paddr is None:
+        return None
+    info = getattr(system, "vmcoreinfo", None)
+    sme = (info.number("sme_mask") if info is not None else 0) or 0
+    return PageWalker.for_source(source, amap.pgd_paddr, amap.pgtable_levels, sme_mask=sme)
+
+
+def _arm64_discover(root: Path, src: MemorySource, flavour: str) -> System:
+    from kcore.arch.arm64 import discover
+
+    return discover(root, src, flavour)
+
+
+def _arm64_walker(system: Any, source: Any) -> Any:
+    from kcore.arch.arm64 import walker
+
+    return walker(system, source)
+
+
+def _arch(name: str, discover: Callable, walker: Callable) -> Arch:
+    """A record whose ELF numbers come from the wire module (kcore.elf)."""
+    return Arch(name, EM_BY_ARCH[name], PRSTATUS_SIZE[name], PRPSINFO.size, discover, walker)
+
+
+# arm64's struct elf_prstatus (34 registers: x0-x30, sp, pc, pstate) is 392 bytes, as the
+# real /proc/kcore of Debian's 6.1 and 6.12 arm64 kernels shows.
+ARCHES: dict[str, Arch] = {
+    "x86_64": _arch("x86_64", _x86_discover, _x86_walker),
+    "aarch64": _arch("aarch64", _arm64_discover, _arm64_walker),
+}
+ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
+
+
+def get(name: str, where: str = "") -> Arch:
+    """The record of an architecture by the kernel's name; InputError if kcore lacks it."""
+    arch = ARCHES.get(ALIASES.get(name, name))
+    if arch is None:
+        known = ", ".join(ARCHES)
+        raise InputError(f"{where + ': ' if where else ''}architecture {name!r} is not one "
+                         f"kcore knows ({known})")
+    return arch
+
+
+def by_machine(e_machine: int, where: str = "") -> Arch:
+    """The record of an ELF machine number; InputError if kcore lacks it."""
+    for arch in ARCHES.values():
+        if arch.e_machine == e_machine:
+            return arch
+    known = ", ".join(f"{a.name} ({a.e_machine})" for a in ARCHES.values())
+    raise InputError(f"{where + ': ' if where else ''}ELF machine {e_machine} is not an "
+                     f"architecture kcore knows ({known})")
