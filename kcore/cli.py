@@ -82,10 +82,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the kcore command line; return the process exit status."""
+    from kcore.output import guard_std_streams
+
+    guard_std_streams()
     words = sys.argv[1:] if argv is None else list(argv)
     chosen = next((w for w in words if not w.startswith("-")), "")
     parser = build_parser(chosen if chosen in COMMANDS else "")
     args = parser.parse_args(words)
+    args.standalone = argv is None  # the kcore process itself, not a call from Python
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2

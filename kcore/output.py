@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import secrets
 import signal
 import stat
@@ -32,63 +33,168 @@ def human(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _create_exclusive(directory: str, name: str) -> int:
-    """Create directory/name read-write with O_EXCL|O_NOFOLLOW, mode 0600; return its fd."""
+NAME_MAX = 255  # the longest file name Linux filesystems take
+SIDECARS = (".sha256", ".json")
+_TMP = re.compile(r"^\.(?P<name>.*)\.kcore-(?P<pid>[0-9]+)-[0-9a-f]{12}\.tmp$")
+
+
+def _create_exclusive(dir_fd: int, name: str) -> int:
+    """Create name in the directory dir_fd read-write, O_EXCL|O_NOFOLLOW, 0600; return its fd."""
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    return os.open(os.path.join(directory, name), flags, FILE_MODE)
+    return os.open(name, flags, FILE_MODE, dir_fd=dir_fd)
 
 
-def _temp_file(directory: str, final_name: str) -> tuple[int, str]:
-    """Create a fresh 0600 file with a random name beside the final one; return (fd, path)."""
-    for _ in range(100):
-        name = f".{final_name}.kcore-{secrets.token_hex(6)}.tmp"
+def _open_unnamed(dir_fd: int) -> int | None:
+    """An unnamed 0600 file in the directory (O_TMPFILE), or None where that is not possible.
+
+    It has no name until linked in at the end (through /proc/self/fd), so a kill leaves
+    nothing behind.
+    """
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, FILE_MODE, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        return None  # EOPNOTSUPP, EISDIR, EINVAL: the filesystem (or kernel) lacks O_TMPFILE
+
+
+def _tmp_name(final_name: str) -> str:
+    """A fresh temporary name beside final_name, cut to NAME_MAX: .NAME.kcore-PID-RANDOM.tmp."""
+    tail = f".kcore-{os.getpid()}-{secrets.token_hex(6)}.tmp"
+    return "." + final_name[:NAME_MAX - 1 - len(tail)] + tail
+
+
+def clean_stale_temps(dir_fd: int, final_name: str) -> list[str]:
+    """Remove the temporary files of earlier dumps to final_name whose process is gone."""
+    removed = []
+    try:
+        names = os.listdir(dir_fd)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP.match(name)
+        if m is None or not (m["name"] == final_name or (
+                len(name) == NAME_MAX and final_name.startswith(m["name"]))):
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid():
+            continue
         try:
-            fd = _create_exclusive(directory, name)
+            os.kill(pid, 0)
+            continue  # alive (or another user's): its dump may still be running
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _temp_file(dir_fd: int, final_name: str) -> tuple[int, str | None]:
+    """A fresh 0600 file for final_name: unnamed (O_TMPFILE) where possible; (fd, temp name)."""
+    fd = _open_unnamed(dir_fd)
+    if fd is not None:
+        os.fchmod(fd, FILE_MODE)
+        return fd, None
+    for _ in range(100):
+        name = _tmp_name(final_name)
+        try:
+            fd = _create_exclusive(dir_fd, name)
         except FileExistsError:
             continue
         os.fchmod(fd, FILE_MODE)  # the umask may only have narrowed it; be exact
-        return fd, os.path.join(directory, name)
-    raise OutputError(f"cannot create a temporary file in {directory}")
+        return fd, name
+    raise OutputError(f"cannot create a temporary file for {final_name}")
 
 
-def _land(tmp: str, final: str, force: bool) -> None:
-    """Move a complete temporary file to its final name (replace only with force)."""
-    if force:
-        os.replace(tmp, final)  # rename(2) replaces a symlink itself, never its target
-        return
+def _land(fd: int, tmp: str | None, dir_fd: int, final: str, force: bool, shown: str) -> None:
+    """Give a complete file its final name in dir_fd (replace only with force).
+
+    fd is the open file; tmp its temporary name, or None for an unnamed (O_TMPFILE) one.
+    """
+    if tmp is None:  # link the unnamed file in: under its final name, or a temp to rename
+        target = _tmp_name(final) if force else final
+        try:
+            os.link(f"/proc/self/fd/{fd}", target, dst_dir_fd=dir_fd, follow_symlinks=True)
+        except FileExistsError:
+            raise OutputError(f"{shown} appeared while dumping; not replaced (use --force)"
+                              ) from None
+        if not force:
+            return
+        tmp = target
     try:
-        os.link(tmp, final)  # atomic "create if absent": fails with EEXIST, never follows
-    except FileExistsError:
-        raise OutputError(f"{final} appeared while dumping; not replaced (use --force)") from None
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-            raise
-        # A filesystem without hard links (vfat...): check, then rename.
-        if os.path.lexists(final):
-            raise OutputError(
-                f"{final} appeared while dumping; not replaced (use --force)"
-            ) from None
-        os.replace(tmp, final)
-        return
-    os.unlink(tmp)
-
-
-def write_small(path: str, data: bytes, force: bool) -> None:
-    """Write a small file safely: temp name, 0600, then into place (replace only with force)."""
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = _temp_file(directory, name)
-    try:
-        with os.fdopen(fd, "wb", closefd=True) as f:
-            f.write(data)
-        _land(tmp, path, force)
+        if force:
+            # rename(2) replaces a symlink itself, never its target
+            os.replace(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        try:
+            os.link(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            raise OutputError(f"{shown} appeared while dumping; not replaced (use --force)"
+                              ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            # A filesystem without hard links (vfat...): check, then rename.
+            try:
+                os.stat(final, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.replace(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                return
+            raise OutputError(f"{shown} appeared while dumping; not replaced (use --force)"
+                              ) from None
+        os.unlink(tmp, dir_fd=dir_fd)
     except BaseException:
-        _unlink_quietly(tmp)
+        _unlink_quietly(tmp, dir_fd)
         raise
 
 
-def _unlink_quietly(path: str) -> None:
+def _open_dir(directory: str) -> int:
+    """An fd of the output directory: every later step works in it, whatever its path becomes."""
     try:
-        os.unlink(path)
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise OutputError(f"directory {directory} does not exist") from None
+    except NotADirectoryError:
+        raise OutputError(f"{directory} is not a directory") from None
+    except PermissionError:
+        raise OutputError(f"cannot open {directory}: permission denied") from None
+
+
+def write_small(path: str, data: bytes, force: bool, dir_fd: int | None = None) -> None:
+    """Write a small file safely: temp name, 0600, then into place (replace only with force).
+
+    With dir_fd, path's last part is created in that directory.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    own = dir_fd is None
+    dfd = _open_dir(directory) if dir_fd is None else dir_fd
+    try:
+        fd, tmp = _temp_file(dfd, name)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+            _land(fd, tmp, dfd, name, force, path)
+        except BaseException:
+            if tmp is not None:
+                _unlink_quietly(tmp, dfd)
+            raise
+        finally:
+            os.close(fd)
+    finally:
+        if own:
+            os.close(dfd)
+
+
+def _unlink_quietly(path: str, dir_fd: int | None = None) -> None:
+    try:
+        os.unlink(path, dir_fd=dir_fd)
     except OSError:
         pass
 
@@ -176,13 +282,16 @@ class Output:
     kind: str  # "file" (temp + rename), "stdout", or "device" (an existing char device/FIFO)
     force: bool = False
     digest: bool = True
-    tmp_path: str | None = None
+    tmp_path: str | None = None  # the temporary name, where the file has one (no O_TMPFILE)
     hasher: BufferHasher | None = None
     sha256: str | None = None
     sidecars: list[str] = field(default_factory=list)
+    with_sidecars: bool = True  # OUTPUT.sha256 and OUTPUT.json beside a file (not `kcore read`)
     _closed: bool = False
     _directory: str = ""
     _name: str = ""
+    _dir_fd: int = -1
+    _open: bool = False  # the file exists (named or not) and is not landed or dropped yet
 
     @property
     def seekable(self) -> bool:
@@ -251,30 +360,48 @@ class Output:
             os.fsync(self.fd)
         return self.sha256
 
-    def commit(self, size: int, manifest: dict[str, Any] | None = None) -> None:
-        """Finish, move into place, then write OUTPUT.sha256 and OUTPUT.json."""
+    def commit(self, size: int, manifest: dict[str, Any] | None = None,
+               landed: Callable[[], object] | None = None) -> None:
+        """Finish, move into place, then write OUTPUT.sha256 and OUTPUT.json.
+
+        Ctrl-C/SIGTERM are held meanwhile: the output is in place with its sidecars, or not
+        at all. landed() is called once it is, before they are let through again.
+        """
         self.finish(size)
-        if self.kind != "file":
-            self._close()
-            return
-        assert self.tmp_path is not None
-        self._close()
-        _land(self.tmp_path, self.path, self.force)
+        held = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            if self.kind == "file":
+                self._commit_file(manifest)
+            else:
+                self._close()
+            if landed is not None:
+                landed()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _commit_file(self, manifest: dict[str, Any] | None) -> None:
+        """commit() of a file: land it under its final name, then its sidecars."""
+        tmp = self.tmp_path
+        _land(self.fd, tmp, self._dir_fd, self._name, self.force, self.path)
+        self._open = False
         self.tmp_path = None
+        self._close()
         sidecars = []
-        if self.sha256 is not None:
+        if self.sha256 is not None and self.with_sidecars:
             line = f"{self.sha256}  {os.path.basename(self.path)}\n"
             sidecars.append((self.sha256_path, line.encode()))
-        if manifest is not None:
+        if manifest is not None and self.with_sidecars:
             text = json.dumps(dict(manifest, sha256=self.sha256), indent=2) + "\n"
             sidecars.append((self.manifest_path, text.encode()))
         for path, data in sidecars:
             try:
-                write_small(path, data, self.force)
+                write_small(path, data, self.force, self._dir_fd)
             except OSError as exc:
                 raise OutputError(f"{self.path} is complete, but {path} could not be written: "
                                   f"{exc.strerror or exc}") from None
             self.sidecars.append(path)
+        self._close_dir()
 
     def abort(self) -> None:
         """Drop an unfinished output: nothing is left under the final name."""
@@ -282,9 +409,11 @@ class Output:
             self.hasher.cancel()
             self.hasher = None
         self._close()
-        if self.tmp_path is not None:
-            _unlink_quietly(self.tmp_path)
-            self.tmp_path = None
+        if self.tmp_path is not None and self._open:
+            _unlink_quietly(self.tmp_path, self._dir_fd)  # where it is, whatever the path
+        self.tmp_path = None
+        self._open = False
+        self._close_dir()
 
     def _close(self) -> None:
         if not self._closed:
@@ -292,15 +421,23 @@ class Output:
             if self.kind != "stdout" and self.fd >= 0:
                 os.close(self.fd)
 
+    def _close_dir(self) -> None:
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
     def __enter__(self) -> Output:
-        if self.kind == "file" and self.tmp_path is None and self.fd < 0:
+        if self.kind == "file" and not self._open and self.fd < 0:
             # Ctrl-C/SIGTERM are held while the temp file is made and recorded, so an
             # interrupt can never strand it: it arrives inside the with block, or before.
             held = {signal.SIGINT, signal.SIGTERM}
             old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
             try:
                 try:
-                    self.fd, self.tmp_path = _temp_file(self._directory, self._name)
+                    self._dir_fd = _open_dir(self._directory)
+                    clean_stale_temps(self._dir_fd, self._name)
+                    self.fd, tmp = _temp_file(self._dir_fd, self._name)
+                    self.tmp_path, self._open = tmp, True
                 except PermissionError:
                     raise OutputError(
                         f"cannot create files in {self._directory}: permission denied"
@@ -313,28 +450,70 @@ class Output:
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc_type is not None or self.tmp_path is not None:
+        if exc_type is not None or self._open:
             self.abort()
+        if self.kind == "file":
+            removed = "; the partial dump was removed"
+        else:
+            removed = f"; what {self.path} received is incomplete"
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise OutputError(
-                f"no space left while writing {self.path}; the partial dump was removed"
-            ) from exc
+            raise OutputError(f"no space left while writing {self.path}{removed}") from exc
         if isinstance(exc, OSError) and exc.errno == errno.EDQUOT:
-            raise OutputError(
-                f"disk quota exceeded while writing {self.path}; the partial dump was removed"
-            ) from exc
+            raise OutputError(f"disk quota exceeded while writing {self.path}{removed}") from exc
 
 
-def open_output(path: str, *, force: bool = False, digest: bool = True) -> Output:
+def stdout_fd() -> int:
+    """The fd of standard output, or an OutputError when it is closed."""
+    stream = sys.stdout
+    try:
+        if _STDOUT_CLOSED:
+            raise ValueError
+        stream.flush()
+        return stream.fileno()
+    except (ValueError, OSError, AttributeError):
+        raise OutputError("standard output is closed; give an output file (-o FILE)") from None
+
+
+_STDOUT_CLOSED = False  # set by guard_std_streams(): fd 1 was closed at start (now /dev/null)
+
+
+def guard_std_streams() -> None:
+    """Put /dev/null on closed fds 0-2, so no file opened later takes their number.
+
+    A closed stderr then swallows messages (never into stdout, which may carry a dump);
+    a closed stdout is remembered, and writing a dump or bytes there is an error.
+    """
+    global _STDOUT_CLOSED
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    for fd in closed:
+        nul = os.open(os.devnull, os.O_RDWR)
+        if nul != fd:
+            os.dup2(nul, fd)
+            os.close(nul)
+    if 1 in closed or sys.stdout is None:
+        _STDOUT_CLOSED = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - text goes nowhere, data is refused
+    if 2 in closed or sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+
+
+def open_output(path: str, *, force: bool = False, digest: bool = True,
+                sidecars: bool = True, tty_ok: bool = False) -> Output:
     """Open a dump destination: '-' (stdout), an existing device/FIFO, or a new 0600 file.
 
-    A new file is created (under a temporary name) when the result's with block is entered.
+    A new file is created (unnamed where the filesystem allows, else under a temporary
+    name) when the result's with block is entered, and named when committed. sidecars:
+    OUTPUT.sha256 and OUTPUT.json go beside it. tty_ok: stdout may be a terminal.
     """
     if path == "-":
-        fd = sys.stdout.fileno()
-        if os.isatty(fd):
+        fd = stdout_fd()
+        if not tty_ok and os.isatty(fd):
             raise OutputError("refusing to write a memory dump to a terminal; redirect stdout")
-        sys.stdout.flush()
         return Output(path="-", fd=fd, kind="stdout", digest=False)
     try:
         st = os.lstat(path)
@@ -353,19 +532,28 @@ def open_output(path: str, *, force: bool = False, digest: bool = True) -> Outpu
             return Output(path=path, fd=fd, kind="device", digest=False)
         if not stat.S_ISREG(st.st_mode):
             raise OutputError(f"{path} is not a regular file; refusing to replace it")
-    final = [path, path + ".sha256", path + ".json"] if digest else [path, path + ".json"]
-    if not force:
-        for name in final:
-            if os.path.lexists(name):
-                raise OutputError(f"{name} already exists; use --force to replace it")
-    else:
-        for name in final[1:]:
-            if os.path.islink(name):
-                raise OutputError(f"{name} is a symbolic link; refusing to replace it")
     directory, name = os.path.split(os.path.abspath(path))
+    if not sidecars:
+        final = [path]
+    else:
+        final = [path, path + ".sha256", path + ".json"] if digest else [path, path + ".json"]
+    longest = max(final, key=lambda n: len(os.path.basename(n).encode()))
+    if len(os.path.basename(longest).encode()) > NAME_MAX:
+        extra = " (or --no-digest)" if longest.endswith(".sha256") else ""
+        raise OutputError(f"{os.path.basename(longest)}: a file name longer than {NAME_MAX} "
+                          f"bytes; give a shorter output name{extra}")
+    if not force:
+        for each in final:
+            if os.path.lexists(each):
+                raise OutputError(f"{each} already exists; use --force to replace it")
+    else:
+        for each in final[1:]:
+            if os.path.islink(each):
+                raise OutputError(f"{each} is a symbolic link; refusing to replace it")
     if not os.path.isdir(directory):
         raise OutputError(f"directory {directory} does not exist")
-    out = Output(path=path, fd=-1, kind="file", force=force, digest=digest)
+    out = Output(path=path, fd=-1, kind="file", force=force, digest=digest,
+                 with_sidecars=sidecars)
     out._directory, out._name = directory, name  # the temp file is made by __enter__
     return out
 

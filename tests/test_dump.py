@@ -320,6 +320,18 @@ def test_enospc_mid_dump_leaves_nothing(small_tmpfs):
     assert os.listdir(small_tmpfs) == []
 
 
+def _has_file_in(pid: int, folder: Path) -> bool:
+    """Whether process pid has a file of folder open (O_TMPFILE files have no name to see)."""
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir() if fds.is_dir() else ():
+        try:
+            if os.readlink(fd).startswith(f"{folder}/"):
+                return True
+        except OSError:
+            pass
+    return False
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_nothing(sig, tmp_path):
     root = shared_fixture(NOKASLR) / "root"
@@ -329,7 +341,7 @@ def test_interrupt_leaves_nothing(sig, tmp_path):
                           source_spec(NOKASLR), "--format", "padded", "-o", str(out)],
                          stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 30
-    while not any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
+    while not _has_file_in(p.pid, tmp_path):  # the output, unnamed (O_TMPFILE) or not
         assert p.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     p.send_signal(sig)

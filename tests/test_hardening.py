@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -94,6 +97,177 @@ def test_a_read_after_the_source_closed_is_a_clean_error() -> None:
         src.read_phys(0x1000000, 4096)
 
 
-def test_run_kcore_is_importable() -> None:
-    """The CLI runs from this checkout (a smoke test for the helpers below)."""
-    assert run_kcore("--version").returncode == 0
+def _system_args() -> list[str]:
+    root, spec = _nokaslr()
+    return ["--root", root, "--source", spec]
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+
+
+def test_read_force_replaces_a_0644_file_atomically_with_a_0600_one(tmp_path: Path) -> None:
+    """`kcore read --force` over a 0644 file: a new 0600 file; the old inode is never written."""
+    out = tmp_path / "text.bin"
+    out.write_bytes(b"old contents")
+    out.chmod(0o644)
+    (tmp_path / "other-name").hardlink_to(out)  # sees the old inode, which must not change
+    r = run_kcore("read", *_system_args(), "--offset", "0x7fff81000000", "--length", "4096",
+                  "-o", str(out), "--force")
+    assert r.returncode == 0, r.stderr
+    assert (out.stat().st_mode & 0o777) == 0o600
+    assert len(out.read_bytes()) == 4096
+    assert (tmp_path / "other-name").read_bytes() == b"old contents"
+    assert sorted(os.listdir(tmp_path)) == ["other-name", "text.bin"]
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["o_tmpfile", "named-temp"])
+def test_output_dir_swapped_for_a_symlink_mid_dump_leaves_nothing(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, unnamed: bool) -> None:
+    """The directory renamed away and a symlink planted: an aborted dump leaves no temp file."""
+    from kcore import output
+
+    if not unnamed:
+        monkeypatch.setattr(output, "_open_unnamed", lambda dir_fd: None)
+    d, moved, elsewhere = tmp_path / "d", tmp_path / "moved", tmp_path / "elsewhere"
+    d.mkdir()
+    elsewhere.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with output.open_output(str(d / "mem.elf")) as out:
+            os.write(out.fd, b"secret" * 1000)
+            d.rename(moved)
+            d.symlink_to(elsewhere)
+            raise KeyboardInterrupt
+    assert os.listdir(moved) == [] and os.listdir(elsewhere) == []
+
+
+def test_a_dump_landing_after_its_directory_moved_lands_where_it_was_made(
+        tmp_path: Path) -> None:
+    """A symlink planted where the directory was is never followed when the dump lands."""
+    from kcore import output
+
+    d, moved, elsewhere = tmp_path / "d", tmp_path / "moved", tmp_path / "elsewhere"
+    d.mkdir()
+    elsewhere.mkdir()
+    with output.open_output(str(d / "mem.elf")) as out:
+        out.start_digest(inline=True)
+        buf = out.hasher.buffer()
+        buf[:4] = b"data"
+        os.write(out.fd, buf[:4])
+        out.hasher.submit(buf, 4)
+        d.rename(moved)
+        d.symlink_to(elsewhere)
+        out.commit(4, {"source": "test"})
+    assert os.listdir(elsewhere) == []
+    assert sorted(os.listdir(moved)) == ["mem.elf", "mem.elf.json", "mem.elf.sha256"]
+
+
+def _dead_pid() -> int:
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temp_files_of_dead_dumps_are_cleaned(tmp_path: Path) -> None:
+    """A .NAME.kcore-PID-*.tmp whose process is gone goes; a live process's one stays."""
+    from kcore.output import open_output
+
+    stale = tmp_path / f".mem.elf.kcore-{_dead_pid()}-0123456789ab.tmp"
+    live = tmp_path / f".mem.elf.kcore-{os.getppid()}-0123456789ab.tmp"
+    other = tmp_path / f".other.elf.kcore-{_dead_pid()}-0123456789ab.tmp"
+    for f in (stale, live, other):
+        f.write_bytes(b"secret")
+    with open_output(str(tmp_path / "mem.elf"), digest=False) as out:
+        out.commit(0)
+    assert not stale.exists()
+    assert live.exists() and other.exists()
+
+
+def test_sigkill_mid_dump_leaves_no_temp_file(tmp_path: Path) -> None:
+    """An unnamed (O_TMPFILE) output: a kill -9 leaves nothing in the output directory."""
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    p = subprocess.Popen(["python3", "-m", "kcore", "dump", *_system_args(), "--format",
+                          "padded", "-o", str(tmp_path / "mem.img")], env=env,
+                         stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    fds = Path(f"/proc/{p.pid}/fd")
+    while not any(os.readlink(f).startswith(str(tmp_path)) for f in fds.iterdir()):
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    p.kill()
+    p.wait()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_250_character_output_name_works(tmp_path: Path) -> None:
+    """The temporary name is cut to fit; a name too long for its .sha256 sidecar is refused."""
+    from kcore.errors import OutputError
+    from kcore.output import open_output
+
+    path = tmp_path / ("m" * 250)
+    with open_output(str(path), digest=False) as out:
+        os.write(out.fd, b"data")
+        out.commit(4)
+    assert path.read_bytes() == b"data"
+    with pytest.raises(OutputError, match="longer than 255 bytes.*--no-digest"):
+        open_output(str(tmp_path / ("n" * 250)))
+
+
+def test_dev_full_does_not_claim_a_removed_partial_dump() -> None:
+    """-o /dev/full: no space, exit 1, and no word of removing what was never a file."""
+    r = run_kcore("dump", *_system_args(), "--format", "lime", "-o", "/dev/full", "-q")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "no space left" in err and "removed" not in err, err
+    assert "Traceback" not in err
+
+
+# ---- closed standard streams -----------------------------------------------------------------
+
+
+def _shell(cmd: str, tmp_path: Path) -> subprocess.CompletedProcess[bytes]:
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    line = f"{shlex.quote(sys.executable)} -m kcore {cmd}"
+    return subprocess.run(["sh", "-c", line], capture_output=True, env=env, cwd=tmp_path)
+
+
+def test_closed_stdout_is_an_error_for_data_commands(tmp_path: Path) -> None:
+    """`dump -o - >&-` and `read >&-`: a one-line error, exit 1 (not an AttributeError)."""
+    sysargs = " ".join(_system_args())
+    for cmd in (f"dump {sysargs} --format lime -o - >&-",
+                f"read {sysargs} --offset 0x7fff81000000 --length 4096 >&-"):
+        r = _shell(cmd, tmp_path)
+        err = r.stderr.decode()
+        assert r.returncode == 1 and "standard output is closed" in err, (cmd, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_closed_stderr_keeps_messages_out_of_the_data_stream(tmp_path: Path) -> None:
+    """`2>&-`: the dump still lands; an error message never goes into stdout (a dump stream)."""
+    sysargs = " ".join(_system_args())
+    r = _shell(f"dump {sysargs} --format lime -o mem.lime 2>&-", tmp_path)
+    assert r.returncode == 0 and (tmp_path / "mem.lime").exists()
+    r = _shell(f"dump {sysargs} --format lime --granule 3 -o - 2>&-", tmp_path)
+    assert r.returncode == 2 and r.stdout == b""
+
+
+def test_a_signal_after_the_dump_landed_does_not_fail_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """SIGTERM as the last sidecar is written: exit 0 with complete outputs (was 143/130)."""
+    import signal
+
+    from kcore import cli, output
+
+    real = output.write_small
+
+    def then_signal(path: str, *args: object, **kw: object) -> None:
+        real(path, *args, **kw)
+        if path.endswith(".json"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(output, "write_small", then_signal)
+    out = tmp_path / "mem.lime"
+    rc = cli.main(["dump", *_system_args(), "--format", "lime", "-o", str(out), "-q"])
+    assert rc == 0
+    assert sorted(os.listdir(tmp_path)) == ["mem.lime", "mem.lime.json", "mem.lime.sha256"]

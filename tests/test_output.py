@@ -80,17 +80,18 @@ def test_temp_name_never_follows_planted_symlinks(tmp_path, monkeypatch):
 
     real = mod._create_exclusive
 
-    def plant_then_create(directory, name):
+    def plant_then_create(dir_fd, name):
         if not planted:  # an attacker guessed the first temp name: it must not be used
-            os.symlink(victim, os.path.join(directory, name))
+            os.symlink(victim, name, dir_fd=dir_fd)
             planted.append(name)
-        return real(directory, name)
+        return real(dir_fd, name)
 
+    monkeypatch.setattr(mod, "_open_unnamed", lambda dir_fd: None)  # named temps (vfat...)
     monkeypatch.setattr(mod, "_create_exclusive", plant_then_create)
     with open_output(str(tmp_path / "dump.bin")) as out:
         _write(out, b"data")
         out.commit(4)
-    assert victim.read_bytes() == b"keep"
+    assert planted and victim.read_bytes() == b"keep"
     assert (tmp_path / "dump.bin").read_bytes() == b"data"
 
 

@@ -8,7 +8,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -122,20 +122,28 @@ def _check_args(args: argparse.Namespace, fmt: Format) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """Treat SIGTERM like Ctrl-C while dumping, so the partial file is removed."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+def _interrupts(landed: Callable[[], bool], standalone: bool) -> Iterator[None]:
+    """Ctrl-C and SIGTERM interrupt the dump (the partial file is removed) until it has landed.
 
+    A signal that arrives once the output and its sidecars are in place is ignored: the
+    work is done, and the exit status says so. standalone (the kcore process itself): they
+    stay ignored up to the exit.
+    """
+    def handler(signum: int, frame: Any) -> None:
+        if not landed():
+            raise KeyboardInterrupt
+
+    held = (signal.SIGINT, signal.SIGTERM)
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        old = {sig: signal.signal(sig, handler) for sig in held}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig in held:
+            signal.signal(sig, signal.SIG_IGN if standalone and landed() else old[sig])
 
 
 def _open_system(args: argparse.Namespace) -> Any:
@@ -166,18 +174,19 @@ def run(args: argparse.Namespace) -> int:
     path = args.output or time.strftime(f"kcore-%Y%m%d-%H%M%S.{fmt.extension}")
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    with _sigterm_interrupts():
+    landed: list[bool] = []
+    with _interrupts(lambda: bool(landed), getattr(args, "standalone", False)):
         system = _open_system(args)
         try:
             if args.estimate:
                 return _estimate(args, system, fmt)
-            return _dump(args, system, fmt, path, started, t0)
+            return _dump(args, system, fmt, path, started, t0, landed)
         finally:
             system.close()
 
 
 def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started: datetime,
-          t0: float) -> int:
+          t0: float, landed: list[bool]) -> int:
     """Plan, write and land one dump of a discovered system."""
     source = system.source
     req = Request(system, source, text=args.text, vmalloc=args.vmalloc,
@@ -211,7 +220,8 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
         if filtered is not None:
             summary["result"]["dump_level"] = summary["manifest"]["dump_level"] = (
                 _level_report(filtered, plan, fmt))
-        out.commit(plan.size, summary["manifest"] if out.kind == "file" else None)
+        out.commit(plan.size, summary["manifest"] if out.kind == "file" else None,
+                   landed=lambda: landed.append(True))
     if args.json:
         print(json.dumps(summary["result"], indent=2))
     elif not args.quiet:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from kcore.cli import add_system_args
 from kcore.commands.ranges import discover_header
 from kcore.errors import OutputError
-from kcore.output import write_small
+from kcore.output import stdout_fd, write_small
 
 
 def add_parser(
@@ -37,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
         raise OutputError(f"{args.output}: exists; use --force to replace it")
     header = discover_header(args)
     if args.output == "-":
-        sys.stdout.buffer.write(header.data)
-        sys.stdout.buffer.flush()
+        fd = stdout_fd()
+        view = memoryview(header.data)
+        while view:
+            view = view[os.write(fd, view):]
     else:
         write_small(args.output, header.data, args.force)
     return 0

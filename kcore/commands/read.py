@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 
 from kcore.cli import add_system_args, int_arg
 from kcore.errors import InputError, OutputError
+from kcore.output import open_output
 
 CHUNK = 1 << 20  # bytes read and written per step
 
@@ -35,20 +35,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str,
     return p
 
 
-def open_output(path: str, force: bool) -> int:
-    """Create the output file 0600 without following symlinks; refuse to overwrite unless forced."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-    flags |= os.O_TRUNC if force else os.O_EXCL
-    try:
-        return os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise OutputError(f"{path}: exists (use --force to overwrite)") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OutputError(f"{path}: is a symbolic link (refusing to follow it)") from None
-        raise OutputError(f"{path}: cannot create: {exc.strerror}") from None
-
-
 def _write_all(fd: int, data: memoryview, path: str) -> None:
     while data:
         try:
@@ -66,25 +52,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.offset < 0 or args.length < 0:
         raise InputError("--offset and --length must not be negative")
+    # A file is written like a dump: 0600, unnamed or under a temporary name until complete,
+    # never through a symlink, replaced only with --force.
+    out = open_output(args.output, force=args.force, digest=False, sidecars=False,
+                      tty_ok=True)
+    name = "standard output" if args.output == "-" else args.output
     kf = open_kcore(args.root, args.source, args.flavour)
     try:
-        if args.output == "-":
-            sys.stdout.flush()
-            out, name = sys.stdout.fileno(), "standard output"
-        else:
-            out, name = open_output(args.output, args.force), args.output
-        try:
+        with out:
             buf = memoryview(bytearray(min(CHUNK, max(args.length, 1))))
             pos, end = args.offset, args.offset + args.length
             while pos < end:
                 n = kf.preadinto(buf[:min(len(buf), end - pos)], pos)
                 if n == 0:
                     break
-                _write_all(out, buf[:n], name)
+                _write_all(out.fd, buf[:n], name)
                 pos += n
-        finally:
-            if args.output != "-":
-                os.close(out)
+            out.commit(pos - args.offset)
     finally:
         kf.close()
     if pos < end:
