@@ -149,7 +149,7 @@ def test_a_dump_landing_after_its_directory_moved_lands_where_it_was_made(
     d.mkdir()
     elsewhere.mkdir()
     with output.open_output(str(d / "mem.elf")) as out:
-        out.start_digest(inline=True)
+        out.start_digest()
         buf = out.hasher.buffer()
         buf[:4] = b"data"
         os.write(out.fd, buf[:4])
