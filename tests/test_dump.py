@@ -322,10 +322,13 @@ def test_enospc_mid_dump_leaves_nothing(small_tmpfs):
 
 def _has_file_in(pid: int, folder: Path) -> bool:
     """Whether process pid has a file of folder open (O_TMPFILE files have no name to see)."""
-    fds = Path(f"/proc/{pid}/fd")
-    for fd in fds.iterdir() if fds.is_dir() else ():
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
         try:
-            if os.readlink(fd).startswith(f"{folder}/"):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{folder}/"):
                 return True
         except OSError:
             pass
