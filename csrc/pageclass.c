@@ -21,6 +21,18 @@ static uint64_t get_le(const unsigned char *p, unsigned width)
 {
     uint64_t v = 0;
 
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (width == 8) {
+        memcpy(&v, p, 8);
+        return v;
+    }
+    if (width == 4) {
+        uint32_t w;
+
+        memcpy(&w, p, 4);
+        return w;
+    }
+#endif
     for (unsigned i = 0; i < width; i++)
         v |= (uint64_t)p[i] << (8 * i);
     return v;
