@@ -13,15 +13,6 @@ from kcore.addrmap import (
     AddressMap,
     x86_64_map,
 )
-from kcore.elf import (
-    CORE_NAME,
-    NHDR,
-    NT_PRPSINFO,
-    NT_TASKSTRUCT,
-    align4,
-    find_note,
-    prpsinfo_psargs,
-)
 from kcore.errors import InputError
 from kcore.iomem import Iomem, parse_iomem
 from kcore.kallsyms import parse_kallsyms
@@ -31,6 +22,15 @@ from kcore.vmcoreinfo import (
     VmcoreInfo,
     parse_note,
     parse_sysfs_vmcoreinfo,
+)
+from kcore.wire.elf import (
+    CORE_NAME,
+    NHDR,
+    NT_PRPSINFO,
+    NT_TASKSTRUCT,
+    align4,
+    find_note,
+    prpsinfo_psargs,
 )
 
 if TYPE_CHECKING:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kcore.addrmap import ALL_ONES, AddressMap
-from kcore.elf import (
+from kcore.kclist import KcoreEntry, KcoreType
+from kcore.wire.elf import (
     CORE_NAME,
     EHDR,
     ELF_PRARGSZ,
@@ -28,7 +29,6 @@ from kcore.elf import (
     pack_prpsinfo,
     phdr,
 )
-from kcore.kclist import KcoreEntry, KcoreType
 
 if TYPE_CHECKING:
     from kcore.discover import System

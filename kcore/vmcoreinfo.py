@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kcore.elf import NHDR, VMCOREINFO_NAME, align4
 from kcore.errors import InputError
+from kcore.wire.elf import NHDR, VMCOREINFO_NAME, align4
 
 MAX_VMCOREINFO_BYTES = 1 << 16  # VMCOREINFO_BYTES is one page; anything far larger is garbage
 

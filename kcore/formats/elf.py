@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kcore.addrmap import ALL_ONES
-from kcore.elf import EHDR, EM_BY_ARCH, PF_RWX, PHDR, PN_XNUM, PT_LOAD, PT_NOTE, ehdr, phdr
 from kcore.errors import FaultError, OutputError
 from kcore.formats import Format
 from kcore.formats.pages import mapped_segment
@@ -28,6 +27,7 @@ from kcore.formats.segments import (
 )
 from kcore.formats.write import write_all
 from kcore.formats.zeroruns import coarsen_runs, split_runs
+from kcore.wire.elf import EHDR, EM_BY_ARCH, PF_RWX, PHDR, PN_XNUM, PT_LOAD, PT_NOTE, ehdr, phdr
 
 if TYPE_CHECKING:
     from kcore.output import Output

@@ -8,7 +8,7 @@ from kcore.formats import Format
 from kcore.formats.plan import Blob, Item, Plan, Request
 from kcore.formats.segments import ram_segments, segment_items
 from kcore.formats.zeroruns import split_segments
-from kcore.lime import HEADER, MAX_RANGES, pack_header
+from kcore.wire.lime import HEADER, MAX_RANGES, pack_header
 
 
 def plan(req: Request) -> Plan:

@@ -6,7 +6,17 @@ import bisect
 import os
 
 from kcore.addrmap import ALL_ONES
-from kcore.elf import (
+from kcore.errors import ElfFormatError, SourceError
+from kcore.sources.base import (
+    Extent,
+    MemorySource,
+    Probe,
+    check_extents,
+    file_size,
+    opened,
+    pread_exact,
+)
+from kcore.wire.elf import (
     EHDR,
     ELF_MAGIC,
     ELFCLASS64,
@@ -22,16 +32,6 @@ from kcore.elf import (
     Phdr,
     parse_notes,
     vmcoreinfo_of,
-)
-from kcore.errors import ElfFormatError, SourceError
-from kcore.sources.base import (
-    Extent,
-    MemorySource,
-    Probe,
-    check_extents,
-    file_size,
-    opened,
-    pread_exact,
 )
 
 # Caps that bound a hostile file's cost (kdump cores of huge machines stay far below them).

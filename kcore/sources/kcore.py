@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from kcore.addrmap import ALL_ONES, X86_64_START_KERNEL_MAP
-from kcore.elf import ELF_MAGIC, PT_LOAD, ElfCore, vmcoreinfo_of
 from kcore.errors import ElfFormatError
 from kcore.sources.base import (
     CopyStats,
@@ -17,6 +16,7 @@ from kcore.sources.base import (
     opened,
 )
 from kcore.sources.elf import parse_elf_core
+from kcore.wire.elf import ELF_MAGIC, PT_LOAD, ElfCore, vmcoreinfo_of
 
 KERNEL_HALF = 0xFFFF800000000000  # lowest canonical kernel address with 4-level paging
 KERNEL_HALF_LA57 = 0xFF00000000000000

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from kcore.errors import LimeFormatError, SourceError
-from kcore.lime import AVML_MAGIC, HEADER, LIME_MAGIC, LIME_VERSION, MAX_RANGES, unpack_header
 from kcore.sources.base import (
     Extent,
     MemorySource,
@@ -13,6 +12,7 @@ from kcore.sources.base import (
     opened,
     pread_exact,
 )
+from kcore.wire.lime import AVML_MAGIC, HEADER, LIME_MAGIC, LIME_VERSION, MAX_RANGES, unpack_header
 
 
 def parse_lime(fd: int, path: str) -> list[Extent]:
