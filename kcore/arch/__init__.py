@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kcore.elf import EM_BY_ARCH, PRPSINFO, PRSTATUS_SIZE
 from kcore.errors import InputError
+from kcore.wire.elf import EM_BY_ARCH, PRPSINFO, PRSTATUS_SIZE
 
 if TYPE_CHECKING:
     from pathlib import Path
