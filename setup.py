@@ -16,7 +16,9 @@ setup(
         "volatility": ["volatility3"],
         # drgn and volatility3: the consumers whose opening of kcore's dumps the tests check.
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff", "zstandard",
-                 "drgn", "volatility3"],
+                 "drgn", "volatility3",
+                 # an ISF of the fixtures' kernel for Volatility's linux.pslist (from its BTF)
+                 "pakunoda"],
     },
     entry_points={"console_scripts": ["kcore = kcore.cli:main"]},
     zip_safe=False,

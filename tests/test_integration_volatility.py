@@ -1,9 +1,11 @@
 """Volatility 3 reading the fixtures through kcore's layer (kcore.integrations.volatility),
 loaded the way Volatility loads plugins (`vol -p DIR`), no patching of Volatility.
 
-linux.pslist is not run: it needs an ISF of the kernel, made by dwarf2json, which no Debian or
-PyPI package provides (it is a Go program; building it means fetching its source, which CI
-does not do), so the symbol-free banners.Banners and direct layer reads are what is checked.
+linux.pslist needs an ISF of the kernel. dwarf2json (the usual maker, from the debug vmlinux)
+is a Go program that no Debian or PyPI package provides, and CI fetches no tool sources; so
+the ISF is made by pakunoda (PyPI) from the kernel's own BTF and kallsyms in the nokaslr
+capture's RAM file (not read through kcore), and cached. pslist through kcore's layer must
+list what Volatility lists reading the same memory with its own layers.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURE_NAMES, REPO, fixture_memory, shared_fixture, volatility_cmd
+from conftest import CACHE, FIXTURE_NAMES, REPO, fixture_memory, shared_fixture, volatility_cmd
 from test_dump import dump, expected, expected_bytes
 
 pytestmark = pytest.mark.consumers
@@ -46,14 +48,17 @@ def images(tmp_path_factory) -> dict[str, tuple[str, str]]:
             "qemu-elf": (KASLR, str(fixture_memory(KASLR)))}
 
 
-def vol(tmp_path, image: str, *args: str) -> subprocess.CompletedProcess:
-    """`vol -p <kcore's plugin folder> -f image ARGS` with this checkout's kcore."""
+def vol(tmp_path, image: str, *args: str, kcore: bool = True,
+        cache: str | None = None) -> subprocess.CompletedProcess:
+    """`vol -p <kcore's plugin folder> -f image ARGS` with this checkout's kcore
+    (without kcore's plugin folder when not kcore)."""
     from kcore.integrations.volatility import plugin_dir
 
     env = dict(os.environ, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([*volatility_cmd(), "--cache-path", str(tmp_path), "-p", plugin_dir(),
-                           "-f", image, *args], capture_output=True, text=True, timeout=600,
+    plugins = ["-p", plugin_dir()] if kcore else []
+    return subprocess.run([*volatility_cmd(), "--cache-path", cache or str(tmp_path), *plugins,
+                           "-f", image, *args], capture_output=True, text=True, timeout=900,
                           env=env)
 
 
@@ -148,3 +153,53 @@ def test_plugin_folder_and_missing_volatility():
     assert r.stderr.strip().splitlines()[-1] == (
         "kcore.integrations.MissingDependencyError: volatility3 is not installed: "
         "pip install 'kcore[volatility]' (or pip install volatility3)")
+
+
+@pytest.fixture(scope="module")
+def isf() -> str:
+    """A folder holding an ISF of the fixtures' kernel (pakunoda, from the nokaslr RAM file)."""
+    import shutil
+
+    pakunoda = shutil.which("pakunoda")
+    if pakunoda is None:
+        pytest.skip("pakunoda is not installed (the test extra): no ISF for linux.pslist")
+    folder = CACHE / "isf-6.1.0-56-amd64"
+    out = folder / "linux-6.1.0-56-amd64.isf.json"
+    if not out.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"tmp{os.getpid()}.json"
+        r = subprocess.run([pakunoda, "extract", str(fixture_memory(NOKASLR)), "-o", str(tmp),
+                            "--offline", "--no-donor", "-q"], capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0 and tmp.exists(), r.stdout[-2000:] + r.stderr[-2000:]
+        os.replace(tmp, out)
+    return str(folder)
+
+
+def pslist(r: subprocess.CompletedProcess) -> list[tuple[int, int, str]]:
+    """linux.pslist's (PID, PPID, COMM) rows."""
+    rows = []
+    for line in r.stdout.splitlines():
+        cols = line.split("\t")
+        if len(cols) >= 5 and cols[1].isdigit():
+            rows.append((int(cols[1]), int(cols[3]), cols[4]))
+    return sorted(rows)
+
+
+def test_pslist_through_kcores_layer(images, isf, tmp_path):
+    """linux.pslist through kcore's layer on the LiME dump, the raw file and QEMU's core lists
+    what Volatility's own layers list from the same memory (init and kthreadd among them)."""
+    cache = CACHE / "vol-cache"  # Volatility's symbol index: built once (slow), then reused
+    cache.mkdir(parents=True, exist_ok=True)
+    args = ("-s", isf, "linux.pslist")
+    own = {NOKASLR: pslist(vol(tmp_path, images["raw"][1], *args, kcore=False,
+                               cache=str(cache))),
+           KASLR: pslist(vol(tmp_path, images["qemu-elf"][1], *args, kcore=False,
+                             cache=str(cache)))}
+    for rows in own.values():
+        assert (1, 0, "init") in rows and (2, 0, "kthreadd") in rows, rows
+    for kind in ("lime", "raw", "qemu-elf"):
+        name, image = images[kind]
+        r = vol(tmp_path, image, "-vvvv", *args, cache=str(cache))
+        assert STACKED in r.stderr, r.stderr[-3000:]
+        assert pslist(r) == own[name], (kind, r.stdout[-2000:], r.stderr[-2000:])
