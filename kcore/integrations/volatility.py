@@ -43,6 +43,26 @@ _VOLATILITY_MAGICS = (
 )
 
 
+# Sources opened by the stacker, reused by the layers Volatility builds from their config
+# (a kdump file is unpacked once per process, not once per layer construction).
+_opened: dict[tuple[str, int, int, int, int], Any] = {}
+
+
+def open_cached(spec: str, path: str, opened: Any = None) -> Any:
+    """kcore's source for `spec` (over file `path`), opened once per version of the file
+    (`opened`: that source, already open)."""
+    from kcore.sources import open_source
+
+    st = os.stat(path)
+    key = (spec, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    src = _opened.get(key)
+    if src is None or getattr(src, "fd", 0) < 0:
+        src = _opened[key] = opened or open_source(spec)
+    elif opened is not None and opened is not src:
+        opened.close()
+    return src
+
+
 def plugin_dir() -> str:
     """The folder to pass to `vol -p`: its module makes Volatility load kcore's layer."""
     return str(PLUGIN_DIR)
@@ -97,12 +117,13 @@ class KcoreLayer(interfaces.layers.DataLayerInterface):
     def _source(self) -> Any:
         """The kcore source, opened on first use (and again after unpickling)."""
         if self._source_ is None:
-            from kcore.sources import open_source
-
+            path = self._spec.partition(":")[2]
             try:
-                self._source_ = open_source(self._spec)
+                self._source_ = open_cached(self._spec, path)
             except KcoreError as exc:
                 raise exceptions.LayerException(self.name, str(exc)) from None
+            except OSError as exc:
+                raise exceptions.LayerException(self.name, f"{path}: {exc.strerror}") from None
         return self._source_
 
     def __getstate__(self) -> dict[str, Any]:
@@ -164,10 +185,8 @@ class KcoreLayer(interfaces.layers.DataLayerInterface):
         raise exceptions.LayerException(self.name, "kcore sources are read-only")
 
     def destroy(self) -> None:
-        """Close the source."""
-        if self._source_ is not None:
-            self._source_.close()
-            self._source_ = None
+        """Let go of the source (it stays open for other layers over the same file)."""
+        self._source_ = None
 
     def scan(self, context: interfaces.context.ContextInterface,
              scanner: interfaces.layers.ScannerInterface,
@@ -220,8 +239,9 @@ class KcoreStacker(interfaces.automagic.StackerLayerInterface):
         from kcore.sources import open_source
 
         try:
-            with open_source(path) as src:
-                spec = f"{src.kind}:{path}"
+            src = open_source(path)
+            spec = f"{src.kind}:{path}"
+            open_cached(spec, path, src)
         except KcoreError:
             return None  # not a format kcore reads (or a damaged one): Volatility decides
         name = context.layers.free_layer_name("KcoreLayer")
