@@ -59,3 +59,17 @@ def test_live_drgn_program_sees_a_new_process(kaslr_guest: Guest) -> None:
         assert time.monotonic() < deadline, sorted(now - before)
         time.sleep(0.5)
     vm.run(f"pkill -f /tmp/{name}; rm -f /tmp/{name}\n")
+
+
+def test_kcore_drgn_in_the_guest_on_its_proc_kcore(kaslr_guest: Guest) -> None:
+    """`kcore drgn` inside the guest (source auto: its /proc/kcore) is a live Program whose
+    linux_banner reads as the kernel's, at the address the guest's kallsyms gives."""
+    pytest.importorskip("drgn", reason="drgn is not installed (pip install 'kcore[drgn]')")
+    vm = kaslr_guest.vm
+    banner = next(int(line.split()[0], 16) for line in (kaslr_guest.root / "proc/kallsyms").open()
+                  if line.split()[2] == "linux_banner")
+    code = (f"print(bool(prog.flags & drgn.ProgramFlags.IS_LIVE)); "
+            f'print(prog.read({banner:#x}, 64).split(b" (")[0].decode())')  # no ' (quoted)
+    # no debug info here: loading 0.3 GB of DWARF under TCG would take minutes
+    r = vm.kcore("drgn", "-q", "--no-default-symbols", "--", "-e", code).check()
+    assert r.stdout.splitlines() == ["True", f"Linux version {vm.kernel.release}"], r.stderr
