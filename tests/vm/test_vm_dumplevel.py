@@ -1,0 +1,116 @@
+"""The live KASLR guest dumps itself with -d 31 from /proc/kcore: crash, drgn, makedumpfile."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from guests import Guest, Pool
+
+from tests import pagesets
+from tests.conftest import debug_vmlinux
+
+
+@dataclass
+class LevelDump:
+    """kcore's -d 31 dumps of the live guest and makedumpfile's of QEMU's core right after."""
+
+    guest: Guest
+    elf: Path
+    summary: dict
+    md_elf_size: int  # makedumpfile -E -d 31 of QEMU's core
+    md_kdump_size: int  # makedumpfile -d 31
+
+
+def phdrs_after_ehdr(path: Path) -> None:
+    """Move a QEMU core's program headers right after its ELF header (makedumpfile 1.7.2 reads
+    them at sizeof(Elf64_Ehdr) whatever e_phoff says; QEMU 8 puts section headers there)."""
+    with open(path, "r+b") as f:
+        ehdr = bytearray(f.read(64))
+        phoff, = struct.unpack_from("<Q", ehdr, 32)
+        phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
+        if phoff == 64:
+            return
+        f.seek(phoff)
+        phdrs = f.read(phentsize * phnum)
+        struct.pack_into("<QQ", ehdr, 32, 64, 0)
+        struct.pack_into("<HHHHHH", ehdr, 52, 64, phentsize, phnum, 0, 0, 0)
+        f.seek(0)
+        f.write(ehdr + phdrs)
+
+
+@pytest.fixture(scope="module")
+def level_dump(vm_pool: Pool, tmp_path_factory) -> LevelDump:
+    if shutil.which("makedumpfile") is None:
+        pytest.skip("makedumpfile is not installed (.ci/run installs it)")
+    guest = vm_pool.get("kaslr")
+    vm = guest.vm
+    out = vm.share / "d31.elf"
+    # --no-text: like QEMU's core, the dump holds the kernel image once (in its RAM frames);
+    # crash and drgn find the kernel through VMCOREINFO
+    r = vm.kcore("dump", "-d", "31", "--no-text", "--source", "kcore:/proc/kcore", "--quiet",
+                 "--json", "--no-digest", "-o", str(out), timeout=600).check()
+    summary = json.loads(r.stdout)
+    folder = tmp_path_factory.mktemp("d31")
+    core = folder / "qemu.elf"
+    with vm.paused():
+        vm.dump_guest_memory(core)
+    phdrs_after_ehdr(core)
+    md = folder / "md.elf"
+    pagesets.makedumpfile(["-E", "-d", "31"], core, md)
+    md_elf = md.stat().st_size
+    md.unlink()
+    pagesets.makedumpfile(["-d", "31"], core, md)
+    md_kdump = md.stat().st_size
+    md.unlink()
+    core.unlink()
+    return LevelDump(guest, out, summary, md_elf, md_kdump)
+
+
+def test_d31_of_the_live_guest_is_small(kaslr_guest: Guest, level_dump: LevelDump) -> None:
+    """Free, cache and user pages are left out; the size is makedumpfile's."""
+    level = level_dump.summary["dump_level"]
+    assert level["level"] == 31
+    assert level["pages_excluded"]["free"] > 10000
+    assert level["pages_kept"] < level["pages_in_ram"] // 2
+    size = level_dump.elf.stat().st_size
+    assert size <= 1.1 * level_dump.md_kdump_size, (size, level_dump.md_kdump_size)
+    assert size <= 1.1 * level_dump.md_elf_size, (size, level_dump.md_elf_size)
+    assert level_dump.summary["pages_zero_filled"] == 0
+
+
+def test_crash_runs_log_and_ps_on_it(kaslr_guest: Guest, level_dump: LevelDump) -> None:
+    crash = shutil.which("crash")
+    if crash is None:
+        pytest.skip("crash is not installed (.ci/run installs it)")
+    release = kaslr_guest.vm.kernel.release
+    vmlinux = debug_vmlinux()
+    if release not in vmlinux.name:
+        pytest.skip(f"the debug vmlinux is {vmlinux.name}, the guest runs {release}")
+    r = subprocess.run([crash, "-s", str(vmlinux), str(level_dump.elf)],
+                       input="sys\nlog\nps\nquit\n", capture_output=True, text=True, timeout=600)
+    assert f"RELEASE: {release}" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"Linux version {release}" in r.stdout  # log: the kernel's ring buffer
+    # ps ran: crash 8.0.2 finds one task (TASKS: 1) in these cores, dense ones too; drgn
+    # walks the whole list below
+    assert "swapper/0" in r.stdout
+
+
+def test_drgn_walks_the_task_list(kaslr_guest: Guest, level_dump: LevelDump) -> None:
+    drgn = pytest.importorskip("drgn", reason="drgn is not installed (.ci/run installs it)")
+    from drgn.helpers.linux.pid import for_each_task
+
+    release = kaslr_guest.vm.kernel.release
+    vmlinux = debug_vmlinux()
+    if release not in vmlinux.name:
+        pytest.skip(f"the debug vmlinux is {vmlinux.name}, the guest runs {release}")
+    prog = drgn.Program()
+    prog.set_core_dump(str(level_dump.elf))
+    prog.load_debug_info([str(vmlinux)])
+    comms = {t.comm.string_().decode() for t in for_each_task(prog)}
+    assert "kthreadd" in comms and len(comms) > 10, comms
