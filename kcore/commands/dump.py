@@ -240,6 +240,7 @@ def _apply_level(args: argparse.Namespace, req: Request, fmt: Format) -> Any:
 
     filtered = dumplevel.apply(req.system, req.source, args.dump_level)
     req.source = filtered.source
+    req.dump_level = args.dump_level
     req.elide = fmt.elides
     req.granule = req.system.addrmap.page_size if dumplevel.wants_zero_elision(
         args.dump_level) else 0

@@ -87,3 +87,4 @@ class Request:
     flavour: str = "modern"
     progress: Callable[[int], None] | None = None  # bytes scanned for zero runs
     threads: int = 1  # copy/scan threads (engine)
+    dump_level: int | None = None  # -d N, applied (req.source holds only the kept pages)
