@@ -86,11 +86,18 @@ int kc_is_zero(const void *p, size_t n)
 /* Calls shorter than this read with pread alone (finding the PID costs a few syscalls). */
 enum { KC_FAST_MIN = 256 << 10, KC_PROBE = 256, KC_PROC_SUPER_MAGIC = 0x9fa0 };
 
-/* A source: its fd, and the PID whose memory it is when process_vm_readv may read it. */
+/*
+ * A source: its fd, the PID whose memory it is when process_vm_readv may read it,
+ * and for a regular file whose holes lseek(SEEK_DATA/SEEK_HOLE) reports (a sparse
+ * VM RAM file), the last hole and data extent found, so holes read as zeros unread.
+ */
 struct kc_src {
     int fd;
     pid_t pid;
     size_t page_size;
+    int holes;
+    uint64_t size;
+    uint64_t hole_from, hole_to, data_from, data_to;
 };
 
 /*
@@ -101,7 +108,7 @@ struct kc_src {
  */
 static struct kc_src kc_src_of(int fd, uint64_t off, uint64_t len, size_t page_size)
 {
-    struct kc_src src = {fd, 0, page_size};
+    struct kc_src src = {fd, 0, page_size, 0, 0, 0, 0, 0, 0};
     char link[64], path[64], tail;
     unsigned char by_pread[KC_PROBE], by_pvm[KC_PROBE];
     struct iovec local = {by_pvm, KC_PROBE}, remote = {(void *)(uintptr_t)off, KC_PROBE};
@@ -111,8 +118,15 @@ static struct kc_src kc_src_of(int fd, uint64_t off, uint64_t len, size_t page_s
     ssize_t n;
 
     /* One cheap call rules out everything but procfs files. */
-    if (len < KC_FAST_MIN || fstatfs(fd, &fs) < 0 || fs.f_type != KC_PROC_SUPER_MAGIC)
+    if (len < KC_FAST_MIN || fstatfs(fd, &fs) < 0)
         return src;
+    if (fs.f_type != KC_PROC_SUPER_MAGIC) {
+        if (fstat(fd, &a) == 0 && S_ISREG(a.st_mode)) {
+            src.holes = 1;
+            src.size = (uint64_t)a.st_size;
+        }
+        return src;
+    }
     snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
     n = readlink(link, path, sizeof(path) - 1);
     if (n <= 0)
@@ -135,6 +149,53 @@ static struct kc_src kc_src_of(int fd, uint64_t off, uint64_t len, size_t page_s
         return src;
     src.pid = (pid_t)pid;
     return src;
+}
+
+/*
+ * Bytes of [off, off + len) from off on that the source file holds as a hole
+ * (SEEK_DATA/SEEK_HOLE), cut to end on a page boundary unless they reach off + len;
+ * 0 where off holds data or holes are unknown. Holes read as zeros without a read.
+ */
+static uint64_t kc_hole_at(struct kc_src *src, uint64_t off, uint64_t len)
+{
+    uint64_t end;
+    off_t d, h;
+
+    if (!src->holes || off >= src->size)
+        return 0;
+    if (off >= src->data_from && off < src->data_to)
+        return 0;
+    if (!(off >= src->hole_from && off < src->hole_to)) {
+        d = lseek(src->fd, (off_t)off, SEEK_DATA);
+        if (d < 0 && errno != ENXIO) {
+            src->holes = 0;     /* the filesystem cannot say: read everything */
+            return 0;
+        }
+        if (d >= 0 && (uint64_t)d == off) {
+            h = lseek(src->fd, (off_t)off, SEEK_HOLE);
+            if (h < 0 || (uint64_t)h <= off) {
+                src->holes = 0;
+                return 0;
+            }
+            src->data_from = off;
+            src->data_to = (uint64_t)h;
+            return 0;
+        }
+        src->hole_from = off;   /* ENXIO: no data from off to the end of the file */
+        src->hole_to = d < 0 ? src->size : (uint64_t)d;
+    }
+    end = src->hole_to < off + len ? src->hole_to : off + len;
+    if (end < off + len)
+        end &= ~(uint64_t)(src->page_size - 1);
+    return end > off ? end - off : 0;
+}
+
+/* Pages (page_size-aligned in source offsets) that [off, off + n) touches. */
+static uint64_t kc_pages_of(uint64_t off, uint64_t n, size_t page_size)
+{
+    uint64_t first = off & ~(uint64_t)(page_size - 1);
+
+    return n ? (off + n - first + page_size - 1) / page_size : 0;
 }
 
 /*
@@ -416,10 +477,26 @@ int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
         uint64_t a = src_off + done;
         size_t n = kc_block_len(a, len - done, buf_len, page_size);
         int64_t out = dst_off < 0 ? -1 : dst_off + (int64_t)done;
+        uint64_t hole = kc_hole_at(&src, a, len - done);
 
-        rc = kc_read_block(&src, b, a, n, page_size, flags, st);
-        if (rc)
-            return rc;
+        if (hole && sparse && (uint64_t)out >= o.old_size) {
+            /* A hole of the source over the new part of a sparse output: nothing to do. */
+            st->bytes_read += hole;
+            st->pages_sparse += kc_pages_of(a, hole, page_size);
+            tail_hole = 1;
+            done += hole;
+            continue;
+        }
+        if (hole) {
+            if (n > hole)
+                n = (size_t)hole;
+            memset(b, 0, n);
+            st->bytes_read += n;
+        } else {
+            rc = kc_read_block(&src, b, a, n, page_size, flags, st);
+            if (rc)
+                return rc;
+        }
         if (sparse)
             rc = kc_write_sparse(&o, b, n, a, (uint64_t)out, page_size, &tail_hole, st);
         else
@@ -457,8 +534,16 @@ int kc_read_fd(int fd, uint64_t off, void *buf, size_t len, size_t block,
     src = kc_src_of(fd, off, len, page_size);
     while (done < len) {
         size_t n = kc_block_len(off + done, len - done, block, page_size);
-        int rc = kc_read_block(&src, b + done, off + done, n, page_size, flags, st);
+        uint64_t hole = kc_hole_at(&src, off + done, len - done);
+        int rc;
 
+        if (hole) {             /* a hole of the source file: zeros, unread */
+            memset(b + done, 0, (size_t)hole);
+            st->bytes_read += hole;
+            done += (size_t)hole;
+            continue;
+        }
+        rc = kc_read_block(&src, b + done, off + done, n, page_size, flags, st);
         if (rc)
             return rc;
         done += n;
@@ -487,8 +572,22 @@ int kc_data_runs(int fd, uint64_t off, uint64_t len, size_t granule,
         uint64_t a = off + done;
         size_t n = kc_block_len(a, len - done, buf_len, granule);
         size_t g = 0;
-        int rc = kc_read_block(&src, b, a, n, page_size, flags, st);
+        uint64_t hole = kc_hole_at(&src, a, len - done);
+        int rc;
 
+        if (hole) {
+            /* Whole granules in a hole of the source file are zero: skip them unread. */
+            uint64_t skip = hole == len - done ? hole : (a + hole) / granule * granule;
+
+            skip = hole == len - done ? hole : (skip > a ? skip - a : 0);
+            if (skip) {
+                st->bytes_read += skip;
+                st->pages_sparse += kc_pages_of(a, skip, page_size);
+                done += skip;
+                continue;
+            }
+        }
+        rc = kc_read_block(&src, b, a, n, page_size, flags, st);
         if (rc)
             return rc;
         while (g < n) {
@@ -595,6 +694,23 @@ int kc_copy_packed(int src_fd, uint64_t src_off, int dst_fd, uint64_t dst_off,
         uint64_t n64 = kc_to_granule_end(a, granule, phase) + (span - granule);
         size_t n, g = 0, pend = 0, pend_end = 0;
 
+        uint64_t hole = kc_hole_at(&src, a, len - done);
+
+        if (hole) {
+            /* Whole granules in a hole of the source file are zero: left out, unread. */
+            uint64_t e = a + hole, skip = hole;
+
+            if (hole < len - done) {
+                e -= kc_to_granule_end(e, granule, phase) % granule ?
+                     granule - kc_to_granule_end(e, granule, phase) : 0;
+                skip = e > a ? e - a : 0;
+            }
+            if (skip) {
+                st->bytes_read += skip;
+                done += skip;
+                continue;
+            }
+        }
         if (n64 > len - done)
             n64 = len - done;
         n = (size_t)n64;

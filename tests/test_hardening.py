@@ -285,3 +285,56 @@ def test_a_signal_after_the_dump_landed_does_not_fail_it(
     rc = cli.main(["dump", *_system_args(), "--format", "lime", "-o", str(out), "-q"])
     assert rc == 0
     assert sorted(os.listdir(tmp_path)) == ["mem.lime", "mem.lime.json", "mem.lime.sha256"]
+
+
+# ---- sparse sources --------------------------------------------------------------------------
+
+
+def _rchar() -> int:
+    """Bytes this process has read with read/pread so far (/proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.fixture
+def sparse_image(tmp_path: Path) -> Path:
+    """A 4 GiB raw image: 1 MiB of data at 0 and at 3 GiB, holes elsewhere."""
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.write(b"\x11" * MiB)
+        f.seek(3 << 30)
+        f.write(b"\x22" * MiB)
+        f.truncate(4 << 30)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if os.lseek(fd, MiB, os.SEEK_DATA) != 3 << 30:
+            pytest.skip("this filesystem does not report holes (SEEK_DATA)")
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_holes_of_a_sparse_source_are_not_read(sparse_image: Path, tmp_path: Path) -> None:
+    """Scans and copies take a sparse file's holes as zeros without reading them."""
+    from kcore import engine
+
+    fd = os.open(sparse_image, os.O_RDONLY)
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        before = _rchar()
+        runs, st = engine.data_runs(fd, 0, 4 << 30, granule=64 << 10)
+        assert runs == [(0, MiB), (3 << 30, MiB)] and st.bytes_read == 4 << 30
+        st = engine.copy_range(fd, 0, out, 0, 4 << 30, sparse=True)
+        assert st.bytes_read == 4 << 30 and os.fstat(out).st_size == 4 << 30
+        assert os.pread(out, 16, (3 << 30) - 8) == b"\0" * 8 + b"\x22" * 8
+        runs, st, written = engine.copy_packed(fd, 0, out, 0, 4 << 30, granule=64 << 10)
+        assert runs == [(0, MiB), (3 << 30, MiB)] and written == 2 * MiB
+        buf = bytearray(64 * MiB)
+        engine.readinto_range(fd, (3 << 30) - 32 * MiB, buf)
+        assert buf[32 * MiB - 1:32 * MiB + 1] == b"\0\x22" and not any(buf[:MiB])
+        assert _rchar() - before < 512 * MiB  # the data, and not the 4 GiB of holes
+    finally:
+        os.close(fd)
+        os.close(out)
