@@ -210,7 +210,8 @@ class BufferHasher:
         self._hash = hashlib.sha256()
         self._done = 0
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        self._full: queue.SimpleQueue[tuple[Any, int] | None] = queue.SimpleQueue()
+        # Bounded: a writer ahead of the hash waits (back-pressure), whatever it submits.
+        self._full: queue.Queue[tuple[Any, int] | None] = queue.Queue(maxsize=2 * nbuf)
         pool = [bytearray(size) for _ in range(nbuf)]
         self._pool = {id(b) for b in pool}
         for b in pool:
@@ -231,8 +232,22 @@ class BufferHasher:
                     raise OutputError(f"the SHA-256 thread stopped: {self._error}") from None
 
     def submit(self, data: Any, n: int | None = None) -> None:
-        """Hash the first n bytes of data next (a buffer() buffer is returned after)."""
-        self._full.put((data, len(data) if n is None else n))
+        """Hash the first n bytes of data next (a buffer() buffer is returned after).
+
+        Waits while the thread is that far behind; data None stands for n zero bytes.
+        """
+        item = (data, len(data) if n is None else n)
+        while True:
+            try:
+                self._full.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if self._error is not None or not self._thread.is_alive():
+                    raise OutputError(f"the SHA-256 thread stopped: {self._error}") from None
+
+    def submit_zeros(self, n: int) -> None:
+        """Hash n zero bytes next (one queue entry however long the run)."""
+        self.submit(None, n)
 
     @property
     def done(self) -> int:
@@ -241,7 +256,7 @@ class BufferHasher:
 
     def finish(self, size: int, progress: Callable[[int], None] | None = None) -> str:
         """Wait for the hash of everything submitted (size bytes); return it as hex."""
-        self._full.put(None)
+        self._put_end()
         seen = self._done
         while self._thread.is_alive():
             self._thread.join(0.2)
@@ -258,13 +273,37 @@ class BufferHasher:
     def cancel(self) -> None:
         """Stop the thread without a result."""
         self._cancel = True
-        self._full.put(None)
+        while True:  # make room for the end mark: the thread stops at the next entry
+            try:
+                self._full.get_nowait()
+            except queue.Empty:
+                break
+        self._put_end()
         self._thread.join()
+
+    def _put_end(self) -> None:
+        """Queue the end mark (waits for room while the thread runs)."""
+        while True:
+            try:
+                self._full.put(None, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    return
 
     def _run(self) -> None:
         try:
+            zeros = memoryview(bytes(self.size))
             while (item := self._full.get()) is not None and not self._cancel:
                 data, n = item
+                if data is None:  # a zero run, hashed a block at a time
+                    left = n
+                    while left and not self._cancel:
+                        k = min(left, len(zeros))
+                        self._hash.update(zeros[:k])
+                        self._done += k
+                        left -= k
+                    continue
                 self._hash.update(memoryview(data)[:n])
                 self._done += n
                 if id(data) in self._pool:

@@ -338,3 +338,45 @@ def test_holes_of_a_sparse_source_are_not_read(sparse_image: Path, tmp_path: Pat
     finally:
         os.close(fd)
         os.close(out)
+
+
+def _root_claiming_ram_to(tmp_path: Path, end: int) -> Path:
+    """A copy of the nokaslr root whose iomem claims System RAM from 4 GiB up to end."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(shared_fixture(NOKASLR) / "root", root)
+    iomem = root / "proc/iomem"
+    lines = [ln for ln in iomem.read_text().splitlines()
+             if not ln.startswith(("100000000-", "fd00000000-"))]
+    lines.append(f"100000000-{end - 1:x} : System RAM")
+    iomem.write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _rss_mib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def test_raw_dump_of_ram_claimed_far_beyond_the_source_stays_small(tmp_path: Path) -> None:
+    """iomem claims 8 TiB of RAM over a 512 MiB source: the writer waits for the hasher."""
+    root = _root_claiming_ram_to(tmp_path, 8 << 40)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    p = subprocess.Popen([sys.executable, "-m", "kcore", "dump", "--root", str(root),
+                          "--source", f"raw:{fixture_memory(NOKASLR)}", "--format", "raw",
+                          "-o", str(tmp_path / "mem.raw"), "-q"], env=env,
+                         stderr=subprocess.PIPE)
+    peak = 0
+    try:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and p.poll() is None:
+            peak = max(peak, _rss_mib(p.pid))
+            time.sleep(0.1)
+    finally:
+        p.terminate()
+        err = p.communicate(timeout=30)[1]
+    assert peak < 256, (peak, err)
+    assert p.returncode in (0, 130), err

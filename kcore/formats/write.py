@@ -89,15 +89,15 @@ def _write_hashing(out: Output, source: Any, plan: Plan, *, sparse: bool, strict
                     progress(pending)
                     pending = 0
         else:
-            left = item.length
-            at = item.dst
-            while left:
-                n = min(left, ZERO_BLOCK)
-                if not sparse:
+            if not sparse:
+                left = item.length
+                at = item.dst
+                while left:
+                    n = min(left, ZERO_BLOCK)
                     write_all(out.fd, zero[:n], at)
-                hasher.submit(zero, n)
-                at += n
-                left -= n
+                    at += n
+                    left -= n
+            hasher.submit_zeros(item.length)
     if progress is not None and pending:
         progress(pending)
     return stats
