@@ -479,18 +479,20 @@ int kc_copy_fd(int src_fd, uint64_t src_off, int dst_fd, int64_t dst_off,
         int64_t out = dst_off < 0 ? -1 : dst_off + (int64_t)done;
         uint64_t hole = kc_hole_at(&src, a, len - done);
 
-        if (hole && sparse && (uint64_t)out >= o.old_size) {
-            /* A hole of the source over the new part of a sparse output: nothing to do. */
-            st->bytes_read += hole;
-            st->pages_sparse += kc_pages_of(a, hole, page_size);
-            tail_hole = 1;
-            done += hole;
-            continue;
-        }
-        if (hole) {
-            if (n > hole)
-                n = (size_t)hole;
+        /*
+         * Only whole blocks are taken from holes: the buffer then holds each block's
+         * bytes at its start (copy_through hashes a one-block call's buffer after).
+         */
+        if (hole >= n) {
             memset(b, 0, n);
+            if (sparse && (uint64_t)out >= o.old_size) {
+                /* A hole of the source over the new part of a sparse output: no writes. */
+                st->bytes_read += hole;
+                st->pages_sparse += kc_pages_of(a, hole, page_size);
+                tail_hole = 1;
+                done += hole;
+                continue;
+            }
             st->bytes_read += n;
         } else {
             rc = kc_read_block(&src, b, a, n, page_size, flags, st);

@@ -335,6 +335,10 @@ def test_holes_of_a_sparse_source_are_not_read(sparse_image: Path, tmp_path: Pat
         engine.readinto_range(fd, (3 << 30) - 32 * MiB, buf)
         assert buf[32 * MiB - 1:32 * MiB + 1] == b"\0\x22" and not any(buf[:MiB])
         assert _rchar() - before < 512 * MiB  # the data, and not the 4 GiB of holes
+        for at in ((3 << 30) - MiB, 2 << 30):  # a block half hole, half data; all hole
+            through = bytearray(b"\xff" * 2 * MiB)
+            engine.copy_through(fd, at, out, 8 * MiB, through, sparse=True)
+            assert through == os.pread(fd, 2 * MiB, at)
     finally:
         os.close(fd)
         os.close(out)
