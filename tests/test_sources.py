@@ -477,12 +477,16 @@ def test_sources_read_by_a_live_kcore_give_threads_their_own_fds(tmp_path):
     image = tmp_path / "mem.raw"
     image.write_bytes(data)
     with open_source(f"raw:{image}") as src:
-        assert src.concurrent_reads_safe and src.slot_fd(3) == src.borrow_fd() == src.fd
+        fd = src.borrow_fd()
+        assert src.concurrent_reads_safe and src.slot_fd(3) == fd == src.fd
+        src.return_fd(fd)  # close() waits for every borrowed fd to come back
     src = open_source(f"raw:{image}")
     src.concurrent_reads_safe = False  # as KcoreSource
     held = src.borrow_fd()
-    assert held == src.fd and src.borrow_fd() not in (src.fd, -1)  # a second, concurrent read
+    second = src.borrow_fd()
+    assert held == src.fd and second not in (src.fd, -1)  # a second, concurrent read
     src.return_fd(held)
+    src.return_fd(second)
     ok: list[bool] = []
 
     def read_once() -> None:
