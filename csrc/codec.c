@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kcore_api.h"
 
@@ -283,54 +284,6 @@ int kc_decompress(int codec, const void *src, size_t n, void *dst, size_t dst_le
     }
 }
 
-int kc_decompress_pages(const void *data, const struct kc_page_desc *descs, size_t npages,
-                        uint64_t data_base, uint64_t data_len, size_t page_size, void *dst,
-                        size_t *bad_ret)
-{
-    const unsigned char *base = data;
-    unsigned char *out = dst;
-    size_t i, got;
-    int codec, rc;
-
-    *bad_ret = 0;
-    for (i = 0; i < npages; i++, out += page_size) {
-        const struct kc_page_desc *pd = &descs[i];
-
-        *bad_ret = i;
-        if (pd->offset < data_base || pd->size > data_len ||
-            pd->offset - data_base > data_len - pd->size)
-            return -ERANGE;
-        switch (pd->flags & (KC_DH_ZLIB | KC_DH_LZO | KC_DH_SNAPPY | KC_DH_ZSTD)) {
-        case 0:
-            codec = KC_CODEC_NONE;
-            if (pd->size != page_size)
-                return -EINVAL;
-            break;
-        case KC_DH_ZLIB:
-            codec = KC_CODEC_ZLIB;
-            break;
-        case KC_DH_LZO:
-            codec = KC_CODEC_LZO;
-            break;
-        case KC_DH_SNAPPY:
-            codec = KC_CODEC_SNAPPY;
-            break;
-        case KC_DH_ZSTD:
-            codec = KC_CODEC_ZSTD;
-            break;
-        default:
-            return -EINVAL;
-        }
-        rc = kc_decompress(codec, base + (pd->offset - data_base), pd->size, out, page_size,
-                           &got);
-        if (rc == -ENOENT)
-            return rc;
-        if (rc || got != page_size)
-            return -EINVAL;
-    }
-    return 0;
-}
-
 /* CRC-32C (Castagnoli), reflected, as snappy's framing format checksums each chunk. */
 static uint32_t kc_crc_table[8][256];
 static pthread_once_t kc_crc_once = PTHREAD_ONCE_INIT;
@@ -469,45 +422,165 @@ int kc_snappy_unframe(const void *src, size_t n, void *dst, size_t dst_cap,
     rc = kc_codec_load(KC_CODEC_SNAPPY);
     if (rc)
         return rc;
-    while (pos + 4 <= n) {
+    /* stop where the next chunk might not fit (a chunk holds at most KC_SNAPPY_CHUNK) */
+    while (out < dst_cap && (out == 0 || dst_cap - out >= KC_SNAPPY_CHUNK) && pos + 4 <= n) {
         unsigned type = s[pos];
         size_t len = (size_t)s[pos + 1] | (size_t)s[pos + 2] << 8 | (size_t)s[pos + 3] << 16;
         const unsigned char *body = s + pos + 4;
         size_t got;
 
-        *consumed_ret = pos;
         if (len > n - pos - 4)
-            return -ERANGE;
+            break;  /* a chunk cut by the end of src: the caller reads on from here */
         if (type == 0x00 || type == 0x01) {
             uint32_t want;
 
             if (len < 4)
-                return -EINVAL;
+                goto corrupt;
             want = (uint32_t)body[0] | (uint32_t)body[1] << 8 | (uint32_t)body[2] << 16 |
                    (uint32_t)body[3] << 24;
             got = dst_cap - out;
             if (type == 0x00) {
                 if (((snappy_uncompress_fn)kc_libs[KC_CODEC_SNAPPY].fn[1])(
                         (const char *)body + 4, len - 4, (char *)d + out, &got) != 0)
-                    return -EINVAL;
+                    goto corrupt;  /* corrupt, or more than dst has room for */
             } else {
                 if (len - 4 > got)
-                    return -ENOSPC;
+                    goto corrupt;
                 got = len - 4;
                 memcpy(d + out, body + 4, got);
             }
-            if (kc_masked_crc(d + out, got) != want)
+            if (kc_masked_crc(d + out, got) != want) {
+                *consumed_ret = pos;
+                *written_ret = out;
                 return -EBADMSG;
+            }
             out += got;
         } else if (type >= 0x02 && type <= 0x7f) {
-            return -EINVAL;  /* reserved unskippable chunk */
+            goto corrupt;  /* a reserved unskippable chunk */
         }
         /* 0xff stream identifier, 0x80-0xfe skippable: nothing to keep */
         pos += 4 + len;
     }
     *consumed_ret = pos;
-    if (pos != n)
-        return -ERANGE;
     *written_ret = out;
+    return 0;
+corrupt:
+    *consumed_ret = pos;
+    *written_ret = out;
+    return -EINVAL;
+}
+
+static int kc_pread_full(int fd, void *buf, size_t len, uint64_t off, size_t *got_ret)
+{
+    size_t done = 0;
+
+    while (done < len) {
+        ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
+
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        if (n == 0)
+            break;
+        done += (size_t)n;
+    }
+    *got_ret = done;
+    return 0;
+}
+
+static int kc_pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
+{
+    size_t done = 0;
+
+    while (done < len) {
+        ssize_t n = pwrite(fd, (const char *)buf + done, len - done, (off_t)(off + done));
+
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+int kc_kdump_unpack(int fd, const struct kc_page_desc *descs, size_t n, size_t page_size,
+                    void *window, size_t window_len, void *dst, int out_fd, uint64_t out_off,
+                    size_t *bad_ret)
+{
+    unsigned char *win = window, *out = dst;
+    unsigned char *stray = win + window_len - page_size;  /* the last page: one stray page */
+    uint64_t win_lo = 0, stray_off = UINT64_MAX;
+    size_t win_n = 0, stray_size = 0, i, got, run;
+    int rc, codec;
+
+    *bad_ret = 0;
+    if (window_len < 2 * page_size || page_size < 512 || (page_size & (page_size - 1)))
+        return -EINVAL;
+    window_len -= page_size;
+    for (i = 0; i < n; i++) {
+        const struct kc_page_desc *pd = &descs[i];
+        const unsigned char *data;
+
+        *bad_ret = i;
+        if (pd->size == 0 || pd->size > page_size)
+            return -EINVAL;
+        switch (pd->flags & (KC_DH_ZLIB | KC_DH_LZO | KC_DH_SNAPPY | KC_DH_ZSTD)) {
+        case 0: codec = KC_CODEC_NONE; break;
+        case KC_DH_ZLIB: codec = KC_CODEC_ZLIB; break;
+        case KC_DH_LZO: codec = KC_CODEC_LZO; break;
+        case KC_DH_SNAPPY: codec = KC_CODEC_SNAPPY; break;
+        case KC_DH_ZSTD: codec = KC_CODEC_ZSTD; break;
+        default: return -EINVAL;
+        }
+        if (codec == KC_CODEC_NONE && pd->size != page_size)
+            return -EINVAL;
+        if (pd->offset >= win_lo && pd->offset - win_lo + pd->size <= win_n) {
+            data = win + (pd->offset - win_lo);
+        } else if (pd->offset == stray_off && pd->size == stray_size) {
+            data = stray;
+        } else if (pd->offset < win_lo && win_n) {
+            /* behind the window (makedumpfile's shared zero page): read it alone */
+            rc = kc_pread_full(fd, stray, pd->size, pd->offset, &got);
+            if (rc)
+                return rc;
+            if (got < pd->size)
+                return -ERANGE;
+            stray_off = pd->offset;
+            stray_size = pd->size;
+            data = stray;
+        } else {
+            rc = kc_pread_full(fd, win, window_len, pd->offset, &got);
+            if (rc)
+                return rc;
+            if (got < pd->size)
+                return -ERANGE;
+            win_lo = pd->offset;
+            win_n = got;
+            data = win;
+        }
+        rc = kc_decompress(codec, data, pd->size, out + i * page_size, page_size, &got);
+        if (rc == -ENOENT)
+            return rc;
+        if (rc || got != page_size)
+            return -EINVAL;
+    }
+    /* write the non-zero pages; zero pages stay holes of the (pre-sized) output */
+    for (i = 0; i < n; i += run) {
+        int zero = kc_is_zero(out + i * page_size, page_size);
+
+        for (run = 1; i + run < n &&
+             kc_is_zero(out + (i + run) * page_size, page_size) == zero; run++)
+            ;
+        if (!zero) {
+            rc = kc_pwrite_full(out_fd, out + i * page_size, run * page_size,
+                                out_off + i * page_size);
+            if (rc) {
+                *bad_ret = n;  /* the output failed, not a page */
+                return rc;
+            }
+        }
+    }
     return 0;
 }

@@ -156,14 +156,17 @@ int kc_decompress(int codec, const void *src, size_t n, void *dst, size_t dst_le
                   size_t *out_ret);
 
 /*
- * Decompress npages pages described by descs, whose data lie in data (the file's
- * bytes [data_base, data_base + data_len)), into dst (npages * page_size bytes).
- * -ERANGE: a page's data lie outside; -EINVAL: corrupt data or flags; -ENOENT:
- * a codec missing. *bad_ret: the index of the page that failed.
+ * Read and decompress the n pages descs describe from a kdump-compressed file
+ * at fd into dst (n * page_size bytes), then pwrite its non-zero pages to
+ * out_fd at out_off (zero pages left as holes). window (window_len bytes, at
+ * least two pages) holds the file's bytes as they are read. -ERANGE: a page's
+ * data lie past the end of the file; -EINVAL: corrupt data, size or flags;
+ * -ENOENT: a codec missing. *bad_ret: the index of the page that failed (n when
+ * writing the output did).
  */
-int kc_decompress_pages(const void *data, const struct kc_page_desc *descs, size_t npages,
-                        uint64_t data_base, uint64_t data_len, size_t page_size, void *dst,
-                        size_t *bad_ret);
+int kc_kdump_unpack(int fd, const struct kc_page_desc *descs, size_t n, size_t page_size,
+                    void *window, size_t window_len, void *dst, int out_fd, uint64_t out_off,
+                    size_t *bad_ret);
 
 /* CRC-32C of n bytes, continuing crc (0 to start). */
 uint32_t kc_crc32c(uint32_t crc, const void *data, size_t n);
@@ -180,10 +183,11 @@ int kc_snappy_frame(const void *src, size_t n, void *dst, size_t dst_cap,
                     uint64_t *written_ret);
 
 /*
- * Decode a framed snappy stream (identifier and skippable chunks allowed) of n
- * bytes into dst. -ERANGE: a chunk runs past n; -EINVAL: corrupt chunk;
- * -EBADMSG: CRC mismatch; -ENOSPC: dst too small. *consumed_ret: the offset of
- * the chunk that failed (or n).
+ * Decode the chunks of a framed snappy stream (identifier and skippable chunks
+ * allowed) from src (n bytes) into dst until dst_cap bytes are out or a chunk
+ * is cut by the end of src. *consumed_ret: where decoding stopped (read on from
+ * there); *written_ret: bytes out. -EINVAL: a corrupt chunk (or more data than
+ * dst_cap); -EBADMSG: a CRC mismatch; *consumed_ret is then that chunk's offset.
  */
 int kc_snappy_unframe(const void *src, size_t n, void *dst, size_t dst_cap,
                       uint64_t *written_ret, uint64_t *consumed_ret);

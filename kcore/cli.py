@@ -16,7 +16,8 @@ COMMANDS: dict[str, str] = {
     "ranges": "print the kclist: the memory ranges /proc/kcore would show",
     "header": "write the ELF header /proc/kcore would start with",
     "read": "read bytes at /proc/kcore file offsets",
-    "dump": "dump kernel memory to a file (elf, kcore, lime, raw, padded)",
+    "dump": "dump kernel memory to a file (elf, kcore, lime, raw, padded, kdump, avml)",
+    "rebuild": "turn a flattened dump (kcore dump --format kdump -o -) into the dump file",
     "bench": "compare kcore's read speed with the real /proc/kcore",
     "check": "say whether a dump would work here, how big it would be, and the command",
     "verify": "check a dump file: structure, digests, ranges, what drgn/crash/Volatility need",
@@ -25,7 +26,7 @@ COMMANDS: dict[str, str] = {
 
 SOURCE_HELP = (
     "where kernel memory is read: raw:PATH, padded:PATH, lime:PATH, elf:PATH, kcore:PATH, "
-    "devmem:PATH, pid:PID:START-END@PHYS, a bare PATH (format detected from its contents), "
+    "kdump:PATH, avml:PATH, devmem:PATH, pid:PID:START-END@PHYS, a bare PATH (format detected from its contents), "
     "or auto (the live system: /proc/kcore, then /dev/crash, then /dev/mem; default)"
 )
 

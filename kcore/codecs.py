@@ -90,18 +90,18 @@ def rebase(descs: bytearray, npages: int, base: int, zero_offset: int) -> None:
                         npages, base, zero_offset)
 
 
-def decompress_pages(data: bytes | bytearray | memoryview, descs: bytes | bytearray,
-                     npages: int, data_base: int, page_size: int,
-                     dst: bytearray | memoryview) -> tuple[int, int]:
-    """Decompress npages pages whose data lie in data (file offset data_base) into dst.
+def kdump_unpack(fd: int, descs: bytes | bytearray, npages: int, page_size: int,
+                 window: bytearray, dst: bytearray, out_fd: int, out_off: int) -> tuple[int, int]:
+    """Decompress npages pages described by descs from fd; write the non-zero ones to out_fd.
 
-    Returns (0, 0), or (-errno, index of the failing page).
+    Returns (0, 0), or (-errno, index of the failing page; npages when the output failed).
+    The C call runs without the GIL.
     """
     bad = ffi.new("size_t *")
-    rc = lib.kc_decompress_pages(ffi.from_buffer(data),
-                                 ffi.cast("struct kc_page_desc *", ffi.from_buffer(descs)),
-                                 npages, data_base, len(data), page_size,
-                                 ffi.from_buffer(dst, require_writable=True), bad)
+    rc = lib.kc_kdump_unpack(fd, ffi.cast("struct kc_page_desc *", ffi.from_buffer(descs)),
+                             npages, page_size, ffi.from_buffer(window, require_writable=True),
+                             len(window), ffi.from_buffer(dst, require_writable=True), out_fd,
+                             out_off, bad)
     return int(rc), int(bad[0])
 
 

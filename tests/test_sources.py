@@ -338,7 +338,7 @@ def hostile_cases() -> list[tuple[str, bytes, type, str]]:
         ("overlap.lime", lime_range(0, bytes(8192)) + lime_range(0x1000, bytes(4096)),
          LimeFormatError, "0x"),
         ("mem.avml", lime_range(0, bytes(16), magic=AVML_MAGIC, version=2), LimeFormatError,
-         "0x0"),
+         "0x"),
     ]
 
 

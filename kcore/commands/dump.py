@@ -14,6 +14,9 @@ from typing import Any
 
 from kcore import __version__
 from kcore.cli import add_system_args, int_arg
+from kcore.codecs import CODECS
+from kcore.codecs import DEFAULT as DEFAULT_CODEC
+from kcore.codecs import get as get_codec
 from kcore.engine import MAX_THREADS, default_threads
 from kcore.errors import InputError, SourceError
 from kcore.formats import FORMATS, Format, names
@@ -27,16 +30,19 @@ Dump kernel memory in a format analysis tools open, at the speed of the hardware
 {formats}
 sources (--source): auto (the live system: /proc/kcore, then /dev/crash, then /dev/mem),
   raw:PATH, padded:PATH, lime:PATH, elf:PATH (e.g. QEMU dump-guest-memory), kcore:PATH,
-  devmem:PATH, pid:PID:START-END@PHYS. --root DIR reads proc/ and sys/ files under DIR
+  kdump:PATH (makedumpfile's, plain or flattened), avml:PATH (both unpacked first into a
+  temporary file under $KCORE_TMPDIR, $TMPDIR or /var/tmp), devmem:PATH,
+  pid:PID:START-END@PHYS. --root DIR reads proc/ and sys/ files under DIR
   (a captured system) instead of /.
 
 output: created 0600 under a temporary name and renamed into place when complete; an
   existing file needs --force; symlinks are refused; on ENOSPC, a strict read error or
   Ctrl-C the partial file is removed. Beside it: OUTPUT.sha256 (sha256sum -c) and
-  OUTPUT.json (a manifest). -o - writes elf or lime to stdout.
+  OUTPUT.json (a manifest). -o - writes {streams} to stdout.
 """
 
-DESCRIPTION = DESCRIPTION_TEMPLATE.format(formats="formats:\n" + "".join(
+DESCRIPTION = DESCRIPTION_TEMPLATE.format(streams=", ".join(names(lambda f: f.streamable)),
+                                          formats="formats:\n" + "".join(
     f"  {f.name:<7} " + f.help.replace("\n", "\n" + " " * 10) + "\n" for f in FORMATS.values()))
 
 EPILOG = """\
@@ -45,7 +51,10 @@ examples:
   sudo kcore dump --format lime -o - | zstd > mem.lime.zst
   kcore dump --root capture/root --source elf:vmcore.elf --format lime -o mem.lime
   kcore dump --source devmem:/dev/crash -o mem.elf   when lockdown forbids /proc/kcore
-  drgn -c mem.elf; vol -f mem.lime banners.Banners; gdb -c mem.elf
+  sudo kcore dump --format kdump -o mem.kdump          compressed (zstd): crash, drgn open it
+  sudo kcore dump --format kdump --compress lzo -o - | ssh host 'makedumpfile -R mem.kdump'
+  kcore dump --source kdump:mem.kdump --format elf -o mem.elf      any dump to any format
+  drgn -c mem.elf; vol -f mem.lime banners.Banners; gdb -c mem.elf; crash vmlinux mem.kdump
   sudo kcore dump -d 31 -o small.elf                 kernel pages only, as makedumpfile -d 31
   sudo kcore dump --estimate -d 31                   what -d 31 leaves out, writing nothing
 """
@@ -65,7 +74,8 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=list(FORMATS), default="elf",
                    help="output format (default elf)")
     p.add_argument("-o", "--output", metavar="OUTPUT",
-                   help="output file, or - for stdout (elf, lime); default kcore-TIME.EXT")
+                   help=f"output file, or - for stdout "
+                        f"({', '.join(names(lambda f: f.streamable))}); default kcore-TIME.EXT")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
     p.add_argument("--json", action="store_true",
@@ -87,6 +97,9 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--estimate", action="store_true",
                    help="write nothing: print the pages -d N (default 31) leaves out per class "
                         "and the output size it gives")
+    p.add_argument("--compress", metavar="CODEC",
+                   help=f"{', '.join(names(lambda f: f.compresses))}: the page codec, one of "
+                        f"{', '.join(CODECS)} (default {DEFAULT_CODEC})")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="threads for the zero-run scan and unhashed copies (default 0: one "
                         f"per CPU, at most {MAX_THREADS}; up to 16); the output is the same")
@@ -117,6 +130,11 @@ def _check_args(args: argparse.Namespace, fmt: Format) -> None:
     g = args.granule
     if g < 4096 or g > SCAN_CHUNK or g & (g - 1):
         raise InputError(f"--granule {g} must be a power of two from 4096 to {SCAN_CHUNK}")
+    if args.compress is not None and not fmt.compresses:
+        raise InputError(f"--compress applies to --format "
+                         f"{' or '.join(names(lambda f: f.compresses))} only")
+    if fmt.compresses:
+        get_codec(args.compress or DEFAULT_CODEC)  # unknown or unavailable: exit 2, say which
     if not 0 <= args.threads <= 16:
         raise InputError(f"--threads {args.threads} must be from 0 (one per CPU) to 16")
 
@@ -192,13 +210,17 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     req = Request(system, source, text=args.text, vmalloc=args.vmalloc,
                   modules=args.modules, elide=args.elide and fmt.elides,
                   granule=args.granule, strict=args.strict, flavour=args.flavour,
-                  threads=args.threads or default_threads())
+                  threads=args.threads or default_threads(),
+                  compress=args.compress or DEFAULT_CODEC)
     filtered = _apply_level(args, req, fmt)
     want_digest = args.digest and fmt.digest
     with open_output(path, force=args.force, digest=want_digest) as out:
         if fmt.needs_seek and not out.seekable:
             raise InputError(f"--format {fmt.name} needs a seekable file, not {path}")
-        done = None if want_digest else _write_one_pass(args, req, out, fmt)
+        if fmt.write is not None:
+            done = _write_self(args, req, out, fmt)
+        else:
+            done = None if want_digest else _write_one_pass(args, req, out, fmt)
         if done is not None:
             plan, stats = done
         else:
@@ -315,6 +337,18 @@ def _write_one_pass(args: argparse.Namespace, req: Request, out: Output,
     return done
 
 
+def _write_self(args: argparse.Namespace, req: Request, out: Output,
+                fmt: Format) -> tuple[Plan, Any]:
+    """A format that writes itself (compressed): its zero-run scan, if any, inside."""
+    assert fmt.write is not None
+    bar = _progress_bar(None, args.quiet, f"dump {fmt.name}")
+    try:
+        return fmt.write(req, out, bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
                     fmt: Format) -> tuple[Plan, Any]:
     """Plan the dump (a zero-run scan first where elision applies), then write it.
@@ -347,12 +381,13 @@ def _summary(args: argparse.Namespace, out: Output, system: Any, plan: Plan, sta
     page = system.addrmap.page_size
     scan = plan.scan_stats
     unreadable = (scan.pages_zero_filled if scan is not None else stats.pages_zero_filled)
-    memory = plan.copy_bytes + plan.elided
+    copied = plan.compression["input_bytes"] if plan.compression else plan.copy_bytes
+    memory = copied + plan.elided
     result = {
         "output": out.path,
         "format": args.format,
         "bytes": plan.size,
-        "bytes_copied": plan.copy_bytes,
+        "bytes_copied": copied,
         "pages_read": stats.bytes_read // page,
         "pages_zero_filled": unreadable,
         "bytes_elided": plan.elided,
@@ -362,6 +397,8 @@ def _summary(args: argparse.Namespace, out: Output, system: Any, plan: Plan, sta
         "sha256": out.sha256,
         "warnings": plan.warnings,
     }
+    if plan.compression:
+        result["compression"] = plan.compression
     manifest = {
         "tool": f"kcore {__version__}",
         "output": out.path,
@@ -378,6 +415,8 @@ def _summary(args: argparse.Namespace, out: Output, system: Any, plan: Plan, sta
         "first_unreadable": _first_error(stats, scan),
         "warnings": plan.warnings,
     }
+    if plan.compression:
+        manifest["compression"] = plan.compression
     return {"result": result, "manifest": manifest}
 
 
@@ -394,6 +433,10 @@ def _print_human(r: dict[str, Any], plan: Plan) -> None:
     if r["bytes_elided"]:
         lines.append(f"  zero elision saved {human(r['bytes_elided'])} "
                      f"({len(plan.ranges)} ranges)")
+    c = r.get("compression")
+    if c:
+        lines.append(f"  {c['codec']}: {human(c['input_bytes'])} of memory in "
+                     f"{human(c['output_bytes'])} ({c['ratio']}x smaller)")
     if r["pages_zero_filled"]:
         lines.append(f"  {r['pages_zero_filled']} unreadable pages dumped as zeros")
     if r["sha256"]:

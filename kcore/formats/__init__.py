@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 Progress = Callable[[int], None]
 # one_pass(req, out, progress, sized) -> (plan, copy stats), or None where it cannot apply
 OnePass = Callable[[Request, "Output", Progress | None, Progress | None], "tuple[Plan, Any] | None"]
+# write(req, out, progress) -> (plan, copy stats): a format that writes itself (compressed
+# formats, whose sizes are known only as they are written)
+Writer = Callable[[Request, "Output", Progress | None], "tuple[Plan, Any]"]
+
+
+def _no_plan(req: Request) -> Plan:
+    raise AssertionError("this format writes itself (Format.write)")
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ class Format:
 
     name: str  # --format NAME
     extension: str  # of the default output name, kcore-TIME.EXT
-    plan: Callable[[Request], Plan]  # the items to write (after a zero-run scan if eliding)
+    plan: Callable[[Request], Plan] = _no_plan  # the items to write (after a zero-run scan)
     streamable: bool = False  # may go to stdout (-o -): its plan is contiguous
     elides: bool = False  # leaves zero runs out (--no-elide and --granule apply)
     segment_options: bool = False  # --no-text, --vmalloc and --modules apply
@@ -45,12 +52,15 @@ class Format:
     one_pass: OnePass | None = None  # scan and copy at once, when no digest is made
     dump_levels: bool = True  # -d applies (False: an exact image, which keeps every page)
     help: str = ""  # its paragraph in `kcore dump --help` (lines of at most 82 characters)
+    write: Writer | None = None  # writes itself instead of planning items (then no plan)
+    compresses: bool = False  # --compress applies
 
 
 def _registered() -> dict[str, Format]:
-    from kcore.formats import elf, kcore, lime, raw
+    from kcore.formats import avml, elf, kcore, kdump, lime, raw
 
-    return {f.name: f for f in (elf.FORMAT, kcore.FORMAT, lime.FORMAT, raw.RAW, raw.PADDED)}
+    return {f.name: f for f in (elf.FORMAT, kcore.FORMAT, lime.FORMAT, raw.RAW, raw.PADDED,
+                                kdump.FORMAT, avml.FORMAT)}
 
 
 FORMATS: dict[str, Format] = _registered()  # in --help order; elf is the default

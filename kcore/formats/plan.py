@@ -49,6 +49,8 @@ class Plan:
     scan_stats: Any = None  # CopyStats of the zero-run scan, if one ran
     estimate: bool = False  # size is an upper bound of the space needed (holes)
     warnings: list[str] = field(default_factory=list)  # said in the summary and the manifest
+    # compressed formats: codec, input_bytes (memory read), output_bytes, ratio...
+    compression: dict[str, Any] | None = None
 
     @property
     def copy_bytes(self) -> int:
@@ -88,3 +90,4 @@ class Request:
     progress: Callable[[int], None] | None = None  # bytes scanned for zero runs
     threads: int = 1  # copy/scan threads (engine)
     dump_level: int | None = None  # -d N, applied (req.source holds only the kept pages)
+    compress: str = "zstd"  # the page codec of compressed formats (kcore.codecs)

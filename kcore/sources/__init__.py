@@ -1,4 +1,4 @@
-"""Memory sources: where kernel memory is read (raw, padded, lime, elf, kcore, devmem, pid).
+"""Memory sources: where kernel memory is read (raw, padded, lime, avml, elf, kcore, kdump...).
 
 Each kind of source is a MemorySource subclass in its own module: `kind` (the KIND: prefix
 of --source KIND:PATH), `open(path, spec, root)`, and `detect(probe)` which recognises its
@@ -15,6 +15,7 @@ import stat
 
 from kcore.addrmap import PAGE_SIZE
 from kcore.errors import InputError, SourceError
+from kcore.sources.avml import AvmlSource
 from kcore.sources.base import (
     PROBE_BYTES,
     Extent,
@@ -25,12 +26,15 @@ from kcore.sources.base import (
 from kcore.sources.devmem import DevmemSource
 from kcore.sources.elf import ElfSource
 from kcore.sources.kcore import KcoreSource
+from kcore.sources.kdump import KdumpSource
 from kcore.sources.lime import LimeSource
 from kcore.sources.padded import PaddedSource
 from kcore.sources.pid import PidSource
 from kcore.sources.raw import RawSource
 
 __all__ = [
+    "AvmlSource",
+    "KdumpSource",
     "DevmemSource",
     "ElfSource",
     "Extent",
@@ -50,6 +54,8 @@ SOURCES: tuple[type[MemorySource], ...] = (
     DevmemSource,
     KcoreSource,
     ElfSource,
+    KdumpSource,
+    AvmlSource,
     LimeSource,
     PidSource,
     PaddedSource,

@@ -33,7 +33,7 @@ def parse_lime(fd: int, path: str) -> list[Extent]:
         if magic == AVML_MAGIC:
             raise LimeFormatError(
                 f"{path}: AVML-compressed image (magic {magic:#x}, version {version}) at offset "
-                f"{pos:#x} is not supported as a source; convert it with `avml-convert` first")
+                f"{pos:#x}: read it as avml:{path} (or name no kind: it is detected)")
         if magic != LIME_MAGIC:
             raise LimeFormatError(f"{path}: bad LiME magic {magic:#x} at offset {pos:#x}")
         if version != LIME_VERSION:
@@ -65,5 +65,5 @@ class LimeSource(MemorySource):
 
     @classmethod
     def detect(cls, probe: Probe) -> bool:
-        """LiME's magic (or AVML's, which open() then refuses with the reason)."""
-        return int.from_bytes(probe.head[:4], "little") in (LIME_MAGIC, AVML_MAGIC)
+        """LiME's magic (AVML's compressed images are AvmlSource's)."""
+        return int.from_bytes(probe.head[:4], "little") == LIME_MAGIC

@@ -7,7 +7,9 @@ big-endian. `makedumpfile -R` (and `kcore rebuild`) writes each record's bytes a
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Callable
 
 SIGNATURE = b"makedumpfile"
 TYPE_FLAT_HEADER = 1
@@ -16,6 +18,12 @@ HEADER_SIZE = 4096  # MAX_SIZE_MDF_HEADER
 HEADER = struct.Struct(">16sqq")
 RECORD = struct.Struct(">qq")  # offset, buf_size
 END_FLAG = -1
+COPY_BLOCK = 1 << 20
+MAX_OFFSET = 1 << 52  # larger than any dump; bounds what a hostile record makes us write
+
+
+class FlatFormatError(ValueError):
+    """A flattened stream is truncated or inconsistent (the message names the offset)."""
 
 
 def file_header() -> bytes:
@@ -39,3 +47,52 @@ def record(offset: int, size: int) -> bytes:
 def end_record() -> bytes:
     """The record that ends a flattened file."""
     return RECORD.pack(END_FLAG, END_FLAG)
+
+
+def _read_exactly(read: Callable[[int], bytes], n: int, at: int, what: str) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = read(min(n - len(out), COPY_BLOCK))
+        if not chunk:
+            raise FlatFormatError(f"truncated {what} at offset {at:#x} "
+                                  f"(needs {n:#x} bytes, the stream ends after {len(out):#x})")
+        out += chunk
+    return bytes(out)
+
+
+def rebuild(read: Callable[[int], bytes], dst_fd: int,
+            progress: Callable[[int], None] | None = None) -> int:
+    """Write a flattened stream's records at their offsets in dst_fd; return the file's size.
+
+    read(n) returns up to n bytes of the stream (b"" at its end), as os.read does on a pipe.
+    """
+    head = _read_exactly(read, HEADER_SIZE, 0, "flattened header")
+    sig, ftype, version = HEADER.unpack_from(head)
+    if sig.rstrip(b"\0") != SIGNATURE:
+        raise FlatFormatError("not a flattened dump: no \"makedumpfile\" signature at offset 0x0")
+    if ftype != TYPE_FLAT_HEADER or version != VERSION_FLAT_HEADER:
+        raise FlatFormatError(f"unknown flattened type {ftype} / version {version} at offset 0x10")
+    pos = HEADER_SIZE
+    size = 0
+    while True:
+        offset, length = RECORD.unpack(_read_exactly(read, RECORD.size, pos, "record header"))
+        if offset == END_FLAG:
+            return size
+        if offset < 0 or length <= 0 or offset + length > MAX_OFFSET:
+            raise FlatFormatError(f"bad record (offset {offset:#x}, size {length:#x}) at offset "
+                                  f"{pos:#x}")
+        pos += RECORD.size
+        at = offset
+        left = length
+        while left:
+            chunk = _read_exactly(read, min(left, COPY_BLOCK), pos, "record data")
+            view = memoryview(chunk)
+            while view:
+                n = os.pwrite(dst_fd, view, at)
+                view = view[n:]
+                at += n
+            pos += len(chunk)
+            left -= len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        size = max(size, offset + length)

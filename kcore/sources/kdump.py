@@ -1,0 +1,204 @@
+"""kdump-compressed files (makedumpfile, kcore --format kdump), plain or flattened, as sources.
+
+The pages are decompressed once, when the source opens, into an unlinked temporary file
+(holes for zero pages) under $KCORE_TMPDIR, $TMPDIR or /var/tmp; the source then reads that
+file like a raw image, with an extent per run of dumped pages. A flattened file (makedumpfile
+-F, kcore -o -) is rebuilt into another temporary file first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from kcore import codecs
+from kcore.errors import SourceError
+from kcore.sources.base import (
+    Extent,
+    MemorySource,
+    Probe,
+    check_extents,
+    file_size,
+    open_readonly,
+    pread_exact,
+)
+from kcore.wire import diskdump, flattened
+
+BATCH_PAGES = 512
+WINDOW = 4 << 20  # file bytes read at once while unpacking
+MAX_BLOCK = 1 << 16  # block sizes (page sizes) kdump files use: 4 KiB to 64 KiB
+
+
+class KdumpFormatError(SourceError):
+    """A kdump-compressed or flattened file is truncated or inconsistent."""
+
+
+def temp_file(near: str) -> int:
+    """An unlinked read-write temporary file (O_TMPFILE where the filesystem has it)."""
+    folder = os.environ.get("KCORE_TMPDIR") or os.environ.get("TMPDIR") or "/var/tmp"
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError:
+        pass
+    try:
+        fd, path = tempfile.mkstemp(prefix="kcore-unpack-", dir=folder)
+    except OSError as exc:
+        raise SourceError(f"{near}: cannot create a temporary file in {folder} to unpack it: "
+                          f"{exc.strerror} (set KCORE_TMPDIR)") from None
+    os.unlink(path)
+    return fd
+
+
+def rebuild_flattened(fd: int, path: str) -> int:
+    """A temporary file holding the rebuilt dump of a flattened file at fd."""
+    out = temp_file(path)
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        data = os.pread(fd, n, pos)
+        pos += len(data)
+        return data
+
+    try:
+        flattened.rebuild(read, out)
+    except flattened.FlatFormatError as exc:
+        os.close(out)
+        raise KdumpFormatError(f"{path}: {exc}") from None
+    except BaseException:
+        os.close(out)
+        raise
+    return out
+
+
+class KdumpSource(MemorySource):
+    """A kdump-compressed dump: the pages its second bitmap says are dumped."""
+
+    kind = "kdump"
+
+    @classmethod
+    def open(cls, path: str, spec: str | None = None, root: str = "/") -> KdumpSource:
+        """Open a kdump-compressed (or flattened) file and unpack its pages."""
+        fd = open_readonly(path)
+        dump = fd
+        out = -1
+        try:
+            head = os.pread(fd, diskdump.HEADER.size, 0)
+            if flattened.is_flattened(head):
+                dump = rebuild_flattened(fd, path)
+            out = temp_file(path)
+            extents, vmcoreinfo = unpack(dump, path, out)
+            return cls(spec or f"kdump:{path}", path, out, check_extents(
+                extents, path, KdumpFormatError), vmcoreinfo)
+        except BaseException:
+            if out >= 0:
+                os.close(out)
+            raise
+        finally:
+            if dump != fd:
+                os.close(dump)
+            os.close(fd)
+
+    @classmethod
+    def detect(cls, probe: Probe) -> bool:
+        """makedumpfile's "KDUMP   " signature, or a flattened file's "makedumpfile"."""
+        return (probe.head.startswith(diskdump.KDUMP_SIGNATURE)
+                or flattened.is_flattened(probe.head))
+
+
+def unpack(fd: int, path: str, out: int) -> tuple[list[Extent], bytes | None]:
+    """Decompress the dumped pages of the kdump file at fd into out; return extents, VMCOREINFO."""
+    from kcore import engine
+
+    def need(offset: int, length: int, what: str) -> bytes:
+        try:
+            return pread_exact(fd, offset, length, path, what)
+        except SourceError as exc:
+            raise KdumpFormatError(str(exc)) from None
+
+    size = file_size(fd)
+    header = diskdump.DiskDumpHeader.unpack(need(0, diskdump.HEADER.size, "disk_dump_header"))
+    if header.signature != diskdump.KDUMP_SIGNATURE:
+        raise KdumpFormatError(f"{path}: not a kdump-compressed file (signature "
+                               f"{header.signature!r} at offset 0x0)")
+    block = header.block_size
+    if block < 4096 or block > MAX_BLOCK or block & (block - 1):
+        raise KdumpFormatError(f"{path}: bad block_size {block} at offset 0x1ac")
+    if header.header_version < 1 or header.sub_hdr_size < 0:
+        raise KdumpFormatError(f"{path}: header_version {header.header_version} at offset 0x8 "
+                               f"has no sub header")
+    sub = diskdump.SubHeader.unpack(need(block, diskdump.SUB_HEADER.size, "kdump_sub_header"),
+                                    header.header_version)
+    if sub.split:
+        raise KdumpFormatError(f"{path}: one part of a split dump (split at offset "
+                               f"{block + 12:#x}); reassemble it with makedumpfile --reassemble")
+    max_mapnr = sub.max_mapnr or header.max_mapnr
+    geo = diskdump.Geometry(block, header.sub_hdr_size, header.bitmap_blocks, 0)
+    if header.bitmap_blocks < 2 or geo.bitmap_len * 8 < max_mapnr:
+        raise KdumpFormatError(f"{path}: bitmap_blocks {header.bitmap_blocks} at offset 0x1b4 "
+                               f"cannot cover max_mapnr {max_mapnr:#x}")
+    if geo.desc_offset > size:
+        raise KdumpFormatError(f"{path}: truncated at offset {size:#x} (the bitmaps end at "
+                               f"{geo.desc_offset:#x})")
+    vmcoreinfo = None
+    if sub.size_vmcoreinfo and sub.size_vmcoreinfo < 1 << 20:
+        vmcoreinfo = need(sub.offset_vmcoreinfo, sub.size_vmcoreinfo, "VMCOREINFO")
+    dumped = need(geo.bitmap_offset + geo.bitmap_len, geo.bitmap_len, "dumpable bitmap")
+    runs = diskdump.runs_of(dumped, max_mapnr)
+    npages = sum(n for _f, n in runs)
+    desc_end = geo.desc_offset + npages * diskdump.PAGE_DESC.size
+    if desc_end > size:
+        raise KdumpFormatError(f"{path}: truncated page descriptors at offset {size:#x} "
+                               f"({npages} pages need them up to {desc_end:#x})")
+    extents: list[Extent] = []
+    jobs: list[tuple[int, int, int]] = []  # (first desc index, pages, output offset)
+    at = 0
+    index = 0
+    for first, n in runs:
+        extents.append(Extent(first * block, n * block, at))
+        for k in range(0, n, BATCH_PAGES):
+            m = min(BATCH_PAGES, n - k)
+            jobs.append((index, m, at))
+            index += m
+            at += m * block
+    os.ftruncate(out, at)
+    threads = engine.default_threads()
+    depth = threads + 1
+    slots = [(bytearray(WINDOW + block), bytearray(BATCH_PAGES * block)) for _ in range(depth)]
+
+    def work(j: int, _n: int, slot: int) -> None:
+        first_desc, m, out_off = jobs[j]
+        desc_at = geo.desc_offset + first_desc * diskdump.PAGE_DESC.size
+        descs = os.pread(fd, m * diskdump.PAGE_DESC.size, desc_at)
+        window, dst = slots[slot]
+        rc, bad = codecs.kdump_unpack(fd, descs, m, block, window, dst, out, out_off)
+        if rc == 0:
+            return
+        if bad >= m:
+            raise OSError(-rc, f"writing the unpacked pages of {path}: {os.strerror(-rc)}")
+        pd_at = desc_at + bad * diskdump.PAGE_DESC.size
+        offset, length, flags, _pf = diskdump.PAGE_DESC.unpack_from(descs, bad * 24)
+        pfn = _pfn_of(runs, first_desc + bad)
+        if rc == -2:  # ENOENT: the codec's library is missing
+            codec = codecs.BY_FLAG.get(flags & diskdump.DH_CODECS)
+            why = codecs.missing(codec) if codec else f"unknown flags {flags:#x}"
+            raise KdumpFormatError(f"{path}: page {pfn:#x} (descriptor at offset {pd_at:#x}): "
+                                   f"{why}")
+        what = ("data past the end of the file" if rc == -34  # ERANGE
+                else "corrupt page data, size or flags")
+        raise KdumpFormatError(f"{path}: {what} for PFN {pfn:#x} at offset {offset:#x} (size "
+                               f"{length:#x}, flags {flags:#x}; descriptor at offset "
+                               f"{pd_at:#x})")
+
+    engine.run_ordered(((j, 1) for j in range(len(jobs))), work,
+                       lambda *_a: None, threads, depth)
+    return extents, vmcoreinfo
+
+
+def _pfn_of(runs: list[tuple[int, int]], index: int) -> int:
+    """The PFN of the index-th dumped page."""
+    for first, n in runs:
+        if index < n:
+            return first + index
+        index -= n
+    return -1
