@@ -26,7 +26,8 @@ COMMANDS: dict[str, str] = {
 
 SOURCE_HELP = (
     "where kernel memory is read: raw:PATH, padded:PATH, lime:PATH, elf:PATH, kcore:PATH, "
-    "kdump:PATH, avml:PATH, devmem:PATH, pid:PID:START-END@PHYS, a bare PATH (format detected from its contents), "
+    "kdump:PATH, avml:PATH, devmem:PATH, pid:PID:START-END@PHYS, a bare PATH (format detected "
+    "from its contents), "
     "or auto (the live system: /proc/kcore, then /dev/crash, then /dev/mem; default)"
 )
 
