@@ -41,7 +41,7 @@ typedef int (*lzo_decompress_fn)(const unsigned char *, unsigned long, unsigned 
                                  unsigned long *, void *);
 typedef int (*snappy_compress_fn)(const char *, size_t, char *, size_t *);
 typedef int (*snappy_uncompress_fn)(const char *, size_t, char *, size_t *);
-typedef size_t (*snappy_maxlen_fn)(size_t);
+typedef int (*snappy_ulen_fn)(const char *, size_t, size_t *);
 typedef int (*zlib_compress2_fn)(unsigned char *, unsigned long *, const unsigned char *,
                                  unsigned long, int);
 typedef int (*zlib_uncompress_fn)(unsigned char *, unsigned long *, const unsigned char *,
@@ -62,7 +62,7 @@ static struct kc_lib kc_libs[] = {
                       {"lzo1x_1_compress", "lzo1x_decompress_safe", NULL}},
     [KC_CODEC_SNAPPY] = {"libsnappy.so.1", 0, {NULL, NULL, NULL},
                          {"snappy_compress", "snappy_uncompress",
-                          "snappy_max_compressed_length"}},
+                          "snappy_uncompressed_length"}},
     [KC_CODEC_ZSTD] = {"libzstd.so.1", 0, {NULL, NULL, NULL},
                        {"ZSTD_compress", "ZSTD_decompress", "ZSTD_isError"}},
 };
@@ -422,8 +422,7 @@ int kc_snappy_unframe(const void *src, size_t n, void *dst, size_t dst_cap,
     rc = kc_codec_load(KC_CODEC_SNAPPY);
     if (rc)
         return rc;
-    /* stop where the next chunk might not fit (a chunk holds at most KC_SNAPPY_CHUNK) */
-    while (out < dst_cap && (out == 0 || dst_cap - out >= KC_SNAPPY_CHUNK) && pos + 4 <= n) {
+    while (out < dst_cap && pos + 4 <= n) {
         unsigned type = s[pos];
         size_t len = (size_t)s[pos + 1] | (size_t)s[pos + 2] << 8 | (size_t)s[pos + 3] << 16;
         const unsigned char *body = s + pos + 4;
@@ -440,12 +439,25 @@ int kc_snappy_unframe(const void *src, size_t n, void *dst, size_t dst_cap,
                    (uint32_t)body[3] << 24;
             got = dst_cap - out;
             if (type == 0x00) {
+                size_t ulen;
+
+                if (((snappy_ulen_fn)kc_libs[KC_CODEC_SNAPPY].fn[2])(
+                        (const char *)body + 4, len - 4, &ulen) != 0)
+                    goto corrupt;
+                if (ulen > got) {
+                    if (out)
+                        break;  /* dst is full up to this chunk: the caller goes on later */
+                    goto corrupt;
+                }
                 if (((snappy_uncompress_fn)kc_libs[KC_CODEC_SNAPPY].fn[1])(
                         (const char *)body + 4, len - 4, (char *)d + out, &got) != 0)
                     goto corrupt;  /* corrupt, or more than dst has room for */
             } else {
-                if (len - 4 > got)
+                if (len - 4 > got) {
+                    if (out)
+                        break;
                     goto corrupt;
+                }
                 got = len - 4;
                 memcpy(d + out, body + 4, got);
             }

@@ -184,8 +184,8 @@ int kc_snappy_frame(const void *src, size_t n, void *dst, size_t dst_cap,
 
 /*
  * Decode the chunks of a framed snappy stream (identifier and skippable chunks
- * allowed) from src (n bytes) into dst until dst_cap bytes are out or a chunk
- * is cut by the end of src. *consumed_ret: where decoding stopped (read on from
+ * allowed) from src (n bytes) into dst until the next chunk would not fit in
+ * dst_cap or is cut by the end of src. *consumed_ret: where decoding stopped (read on from
  * there); *written_ret: bytes out. -EINVAL: a corrupt chunk (or more data than
  * dst_cap); -EBADMSG: a CRC mismatch; *consumed_ret is then that chunk's offset.
  */

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from kcore.errors import InputError
+from kcore.formats.write import hash_file
 from kcore.output import human, open_output
 from kcore.wire import flattened
 
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
             except flattened.FlatFormatError as exc:
                 raise InputError(f"{args.input}: {exc}") from None
             out.start_digest()
-            out.written(size)
+            if out.hasher is not None:
+                hash_file(out.hasher, out.fd, size)
             out.commit(size, {"tool": "kcore rebuild", "input": args.input, "size": size})
     finally:
         if close:

@@ -16,6 +16,7 @@ from kcore.formats import Format
 from kcore.formats.kdump import Compression
 from kcore.formats.plan import Plan, Request
 from kcore.formats.segments import ram_segments
+from kcore.formats.write import hash_copy
 from kcore.formats.zeroruns import split_segments
 from kcore.wire import avml
 
@@ -57,6 +58,8 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
 
     def put(data: bytes | bytearray | memoryview) -> None:
         nonlocal pos
+        if out.hasher is not None:
+            hash_copy(out.hasher, data)
         view = memoryview(data)
         while view:
             n = os.pwrite(out.fd, view, pos) if out.seekable else os.write(out.fd, view)
@@ -80,7 +83,6 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
         put(avml.STREAM_IDENTIFIER)
         put(memoryview(slots[slot][1])[:used])
         put(avml.TRAILER.pack(len(avml.STREAM_IDENTIFIER) + used))
-        out.written(pos)
         if progress is not None:
             progress(n)
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kcore import codecs
+from kcore import codecs, diskdump, flattened
 from kcore.errors import OutputError
 from kcore.formats import Format
 from kcore.formats.plan import Plan, Request
 from kcore.formats.segments import ram_segments, source_pieces
-from kcore.wire import diskdump, flattened
+from kcore.formats.write import hash_file
 
 BATCH_PAGES = 512  # pages read and compressed per job (2 MiB of 4 KiB pages)
 MAX_SLOTS = 12  # jobs in flight at most: bounds the buffers (~5 MiB a slot)
@@ -37,7 +37,7 @@ def keep_runs(req: Request) -> list[tuple[int, int]]:
     A dump level enters as a source view holding only the kept pages (kcore.dumplevel), so
     its exclusions leave these runs, the dumpable bitmap and the descriptors, by themselves.
     """
-    page = req.system.layout.page_size
+    page = req.system.addrmap.page_size
     spans = sorted((pa // page, -(-(pa + n) // page))
                    for s in ram_segments(req.system)
                    for off, n, src in source_pieces(req.source, s.paddr, s.size)
@@ -47,7 +47,7 @@ def keep_runs(req: Request) -> list[tuple[int, int]]:
 
 def ram_runs(req: Request) -> list[tuple[int, int]]:
     """(first PFN, count) runs of the RAM ranges' pages (the first bitmap)."""
-    page = req.system.layout.page_size
+    page = req.system.addrmap.page_size
     return _merged(sorted((s.paddr // page, -(-(s.paddr + s.size) // page))
                           for s in ram_segments(req.system)))
 
@@ -124,7 +124,7 @@ def utsname(system: Any) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
 
     release = (system.osrelease or "").encode()[:64]
     version = text("proc/sys/kernel/version") or banner_version(system) or b"#1"
-    machine = getattr(system.layout, "arch", "x86_64").encode()
+    machine = getattr(system.addrmap, "arch", "x86_64").encode()
     return (b"Linux", text("proc/sys/kernel/hostname"), release, version[:64], machine,
             b"(none)")
 
@@ -135,7 +135,7 @@ def banner_version(system: Any) -> bytes | None:
     if addr is None:
         return None
     try:
-        data, _st = system.source.read_phys(system.pa_symbol(addr), 512)
+        data, _st = system.source.read_phys(system.addrmap.pa_symbol(addr), 512)
     except Exception:  # noqa: BLE001 - the banner is a nicety: any failure means none
         return None
     line = data.split(b"\n", 1)[0].split(b"\0", 1)[0]
@@ -173,7 +173,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
 
     codec = codecs.get(req.compress)
     system = req.system
-    page = system.layout.page_size
+    page = system.addrmap.page_size
     keep = keep_runs(req)
     if not keep:
         raise OutputError("nothing to dump: the kclist has no RAM ranges")
@@ -191,7 +191,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
         # sits where tv_usec does; a value in the page-size range would be taken for one.
         timestamp=(int(now), 0))
     sub = diskdump.SubHeader(
-        phys_base=getattr(system.layout, "phys_base", 0) or 0, dump_level=0,
+        phys_base=getattr(system.addrmap, "phys_base", 0) or 0, dump_level=0,
         offset_vmcoreinfo=geo.notes_offset + vi_off if vi_size else 0, size_vmcoreinfo=vi_size,
         offset_note=geo.notes_offset, size_note=len(notes), max_mapnr=max_mapnr)
     head = bytearray(header.pack().ljust(page, b"\0"))
@@ -254,8 +254,9 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     ranges = [{"kind": "ram", "paddr": hex(first * page), "size": n * page}
               for first, n in keep]
     if seekable:
-        out.start_digest()  # descriptors land behind the data: the digest reads the file after
-        out.written(size)
+        out.start_digest()  # descriptors land behind the data: the digest reads the file back
+        if out.hasher is not None:
+            hash_file(out.hasher, out.fd, size)
     return Plan([], size, ranges, compression=result.as_dict()), stats
 
 

@@ -111,3 +111,26 @@ def write_all(fd: int, data: bytes, offset: int | None) -> None:
         view = view[n:]
         if offset is not None:
             offset += n
+
+
+def hash_copy(hasher: Any, data: bytes | bytearray | memoryview) -> None:
+    """Submit a copy of data to an output's hasher (its own buffers: the caller may reuse data)."""
+    view = memoryview(data).cast("B")
+    while view:
+        buf = hasher.buffer()
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        hasher.submit(buf, n)
+        view = view[n:]
+
+
+def hash_file(hasher: Any, fd: int, size: int) -> None:
+    """Submit the first size bytes of the file at fd to a hasher (a read-back, in order)."""
+    pos = 0
+    while pos < size:
+        buf = hasher.buffer()
+        n = os.preadv(fd, [memoryview(buf)[:min(len(buf), size - pos)]], pos)
+        if n <= 0:
+            raise OSError(f"the output ends at {pos:#x} while hashing it (expected {size:#x})")
+        hasher.submit(buf, n)
+        pos += n
