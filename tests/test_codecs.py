@@ -9,8 +9,9 @@ import zlib
 
 import pytest
 
-from kcore import codecs, diskdump
+from kcore import codecs
 from kcore.errors import InputError
+from kcore.wire import diskdump
 
 PAGE = 4096
 

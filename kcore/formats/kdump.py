@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kcore import codecs, diskdump, flattened
+from kcore import codecs
 from kcore.errors import OutputError
 from kcore.formats import Format
 from kcore.formats.plan import Plan, Request
 from kcore.formats.segments import ram_segments, source_pieces
 from kcore.formats.write import hash_file
+from kcore.wire import diskdump, flattened
 
 BATCH_PAGES = 512  # pages read and compressed per job (2 MiB of 4 KiB pages)
 MAX_SLOTS = 12  # jobs in flight at most: bounds the buffers (~5 MiB a slot)
@@ -191,7 +192,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
         # sits where tv_usec does; a value in the page-size range would be taken for one.
         timestamp=(int(now), 0))
     sub = diskdump.SubHeader(
-        phys_base=getattr(system.addrmap, "phys_base", 0) or 0, dump_level=0,
+        phys_base=getattr(system.addrmap, "phys_base", 0) or 0, dump_level=req.dump_level or 0,
         offset_vmcoreinfo=geo.notes_offset + vi_off if vi_size else 0, size_vmcoreinfo=vi_size,
         offset_note=geo.notes_offset, size_note=len(notes), max_mapnr=max_mapnr)
     head = bytearray(header.pack().ljust(page, b"\0"))

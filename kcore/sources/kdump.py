@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from kcore import codecs, diskdump, flattened
+from kcore import codecs
 from kcore.errors import SourceError
 from kcore.sources.base import (
     Extent,
@@ -22,6 +22,7 @@ from kcore.sources.base import (
     open_readonly,
     pread_exact,
 )
+from kcore.wire import diskdump, flattened
 
 BATCH_PAGES = 512
 WINDOW = 4 << 20  # file bytes read at once while unpacking
