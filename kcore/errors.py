@@ -29,6 +29,10 @@ class LimeFormatError(SourceError):
     """A LiME or AVML image is truncated or inconsistent."""
 
 
+class PageTableError(SourceError):
+    """The kernel page tables in a memory source loop or map more than the memory holds."""
+
+
 class FaultError(KcoreError):
     """Memory at an address could not be read (strict mode)."""
 

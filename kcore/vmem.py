@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kcore.addrmap import PAGE_SHIFT, PAGE_SIZE
+from kcore.errors import PageTableError
 
 ENTRIES = 512
 _PRESENT = 1 << 0  # _PAGE_PRESENT
@@ -49,13 +50,60 @@ class PageWalker:
         self._top_shift = PAGE_SHIFT + 9 * levels - 9  # 39 (PGD, 4-level) or 48 (5-level)
         self._cache: dict[int, array] = {}
         self._lock = threading.Lock()
+        # Bounds of one runs() walk (a corrupt or hostile table must not run for ever):
+        # every mapped byte once is at most what the memory holds (max_mapped), and each
+        # table is a page of it (max_tables); set by for_source from the source's size.
+        self.max_mapped: int | None = None
+        self.max_tables: int | None = None
+        self._walks = threading.local()
 
     @classmethod
     def for_source(cls, source: Any, pgd_paddr: int, levels: int = 4, *,
                    sme_mask: int = 0) -> PageWalker:
         """A walker reading page tables and data from a MemorySource."""
-        return cls(source.read_phys, pgd_paddr, levels, sme_mask=sme_mask,
-                   readinto_phys=source.readinto_phys)
+        walker = cls(source.read_phys, pgd_paddr, levels, sme_mask=sme_mask,
+                     readinto_phys=source.readinto_phys)
+        walker.bound_by(source)
+        return walker
+
+    def bound_by(self, source: Any) -> None:
+        """Bound each walk by the memory a source holds (see max_mapped, max_tables)."""
+        held = sum(e.length for e in getattr(source, "extents", ()))
+        if held:
+            self.max_mapped = max(held, 1 << 30)
+            self.max_tables = max(4096, 4 * (held >> 21))  # a page table maps 2 MiB
+
+    def _visit(self, table_paddr: int, shift: int, vaddr: int) -> None:
+        """Count a table the walk enters; stop a walk that loops or never ends."""
+        walk = getattr(self._walks, "walk", None)
+        if walk is None:
+            return
+        path = walk[0]
+        for upper, paddr in path.items():
+            if upper > shift and paddr == table_paddr:
+                raise PageTableError(
+                    f"page tables loop: the table at physical {table_paddr:#x} is met again "
+                    f"on its own path (virtual {vaddr:#x}): corrupt page tables, or "
+                    f"NUMBER(pgtable_l5_enabled) wrong for them")
+        path[shift] = table_paddr
+        walk[1] += 1
+        if self.max_tables is not None and walk[1] > self.max_tables:
+            raise PageTableError(
+                f"the page-table walk at virtual {vaddr:#x} enters more than "
+                f"{self.max_tables} tables, more than the memory holds: corrupt page "
+                f"tables, or NUMBER(pgtable_l5_enabled) wrong for them")
+
+    def _mapped(self, n: int, vaddr: int) -> None:
+        """Count n mapped bytes of the walk; stop at more than the memory holds."""
+        walk = getattr(self._walks, "walk", None)
+        if walk is None:
+            return
+        walk[2] += n
+        if self.max_mapped is not None and walk[2] > self.max_mapped:
+            raise PageTableError(
+                f"the page tables map more than {self.max_mapped:#x} bytes (what the memory "
+                f"source holds, or 1 GiB) by virtual {vaddr:#x}: corrupt or self-referencing page "
+                f"tables, or NUMBER(pgtable_l5_enabled) wrong for them")
 
     def invalidate(self) -> None:
         """Forget cached page-table pages (a live system's tables change)."""
@@ -98,11 +146,16 @@ class PageWalker:
         """The mapped parts of [vaddr, vaddr + length), merged where physically contiguous."""
         out: list[Run] = []
         if length > 0:
-            self._runs(self.pgd_paddr, self._top_shift, vaddr, vaddr + length, out)
+            self._walks.walk = [{}, 0, 0]  # path (shift -> table), tables entered, bytes mapped
+            try:
+                self._runs(self.pgd_paddr, self._top_shift, vaddr, vaddr + length, out)
+            finally:
+                self._walks.walk = None
         return out
 
     def _runs(self, table_paddr: int, shift: int, start: int, end: int, out: list[Run]) -> None:
         """Collect runs for [start, end) from one table level (recursion depth <= levels)."""
+        self._visit(table_paddr, shift, start)
         table = self._table(table_paddr)
         size = 1 << shift
         low = size - 1
@@ -117,6 +170,7 @@ class PageWalker:
                 if shift == PAGE_SHIFT or (leaf_ok and entry & _PSE):
                     pa = (entry & ADDR_MASK & ~low) + (va & low)
                     n = nxt - va
+                    self._mapped(n, va)
                     if out:
                         lva, lpa, ln = out[-1]
                         if lva + ln == va and lpa + ln == pa:

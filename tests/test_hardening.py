@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import struct
 import subprocess
 import sys
 import threading
@@ -384,3 +385,68 @@ def test_raw_dump_of_ram_claimed_far_beyond_the_source_stays_small(tmp_path: Pat
         err = p.communicate(timeout=30)[1]
     assert peak < 256, (peak, err)
     assert p.returncode in (0, 130), err
+
+
+# ---- page tables -----------------------------------------------------------------------------
+
+
+def _patched_image(tmp_path: Path, patch: object) -> Path:
+    """A sparse copy of the nokaslr RAM image, changed by patch(fd, system) in place."""
+    from kcore.discover import discover
+
+    image = tmp_path / "ram.bin"
+    subprocess.run(["cp", "--sparse=always", str(fixture_memory(NOKASLR)), str(image)],
+                   check=True)
+    image.chmod(0o600)
+    root, spec = _nokaslr()
+    system = discover(root, spec)
+    fd = os.open(image, os.O_RDWR)
+    try:
+        patch(fd, system)  # type: ignore[operator]
+    finally:
+        os.close(fd)
+        system.close()
+    return image
+
+
+def _self_pointing_pgd(fd: int, system: object) -> None:
+    """The vmalloc area's PGD entry points back at the PGD itself."""
+    pgd = system.addrmap.pgd_paddr  # type: ignore[attr-defined]
+    index = (system.addrmap.vmalloc_start >> 39) & 511  # type: ignore[attr-defined]
+    os.pwrite(fd, struct.pack("<Q", pgd | 0x63), pgd + 8 * index)
+
+
+def _gib_leaves_over_vmalloc(fd: int, system: object) -> None:
+    """The vmalloc area's first PUD table: 512 1 GiB leaves, each mapping physical 0."""
+    pgd = system.addrmap.pgd_paddr  # type: ignore[attr-defined]
+    index = (system.addrmap.vmalloc_start >> 39) & 511  # type: ignore[attr-defined]
+    pud = struct.unpack("<Q", os.pread(fd, 8, pgd + 8 * index))[0] & ((1 << 52) - 4096)
+    os.pwrite(fd, struct.pack("<Q", 0x83) * 512, pud)  # present | rw | PSE
+
+
+def _l5_on_4_level_tables(fd: int, system: object) -> None:
+    """VMCOREINFO in memory says 5-level paging over the 4-level tables."""
+    size = os.fstat(fd).st_size
+    old, new = b"NUMBER(pgtable_l5_enabled)=0\n", b"NUMBER(pgtable_l5_enabled)=1\n"
+    data = os.pread(fd, size, 0)
+    at = data.find(old)
+    assert at >= 0
+    while at >= 0:
+        os.pwrite(fd, new, at)
+        at = data.find(old, at + 1)
+
+
+@pytest.mark.parametrize("patch", [_self_pointing_pgd, _gib_leaves_over_vmalloc,
+                                   _l5_on_4_level_tables],
+                         ids=["self-pointing", "1GiB-leaves", "l5-on-4-level"])
+def test_hostile_page_tables_stop_a_vmalloc_dump_with_one_line(
+        tmp_path: Path, patch: object) -> None:
+    """Page tables that loop or map more than the memory holds: exit 2 in bounded time."""
+    image = _patched_image(tmp_path, patch)
+    root, _spec = _nokaslr()
+    r = run_kcore("dump", "--root", root, "--source", f"raw:{image}", "--vmalloc",
+                  "--modules", "-o", str(tmp_path / "mem.elf"), "-q", timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert "page tables" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "mem.elf").exists()

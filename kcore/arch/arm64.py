@@ -185,6 +185,7 @@ class Arm64PageWalker(PageWalker):
 
     def _runs(self, table_paddr: int, shift: int, start: int, end: int, out: list) -> None:
         """Collect runs for [start, end) from one table level (recursion depth <= levels)."""
+        self._visit(table_paddr, shift, start)
         table = self._table(table_paddr)
         size = 1 << shift
         low = size - 1
@@ -201,6 +202,7 @@ class Arm64PageWalker(PageWalker):
                 if leaf:
                     pa = (self._oa(entry) & ~low) + (va & low)
                     n = nxt - va
+                    self._mapped(n, va)
                     if out:
                         lva, lpa, ln = out[-1]
                         if lva + ln == va and lpa + ln == pa:
@@ -218,9 +220,11 @@ def walker(system: Any, source: Any) -> Arm64PageWalker | None:
     amap = system.addrmap
     if amap.pgd_paddr is None:
         return None
-    return Arm64PageWalker(source.read_phys, amap.pgd_paddr,
-                           amap.extra.get("va_bits_actual", 48),
-                           readinto_phys=source.readinto_phys)
+    walker = Arm64PageWalker(source.read_phys, amap.pgd_paddr,
+                             amap.extra.get("va_bits_actual", 48),
+                             readinto_phys=source.readinto_phys)
+    walker.bound_by(source)
+    return walker
 
 
 def discover(root: Path, src: Any, flavour: str) -> Any:
