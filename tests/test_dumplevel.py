@@ -272,3 +272,27 @@ def test_makedumpfile_reads_the_filtered_elf(dense, tmp_path):
     out = tmp_path / "again.kdump"
     pagesets.makedumpfile(["--non-mmap", "-d", "31"], mine, out)
     assert out.read_bytes()[:8] == b"KDUMP   "
+
+
+def _need_kdump_format() -> None:
+    from kcore.formats import FORMATS
+
+    if "kdump" not in FORMATS:
+        pytest.skip("no kdump format in this kcore")
+
+
+@pytest.mark.parametrize("level", (16, 30))
+def test_kdump_bitmap_is_makedumpfiles(dense, level, tmp_path):
+    """--format kdump: its bitmap 2 is makedumpfile's, page for page (same format, same rules)."""
+    need_makedumpfile()
+    _need_kdump_format()
+    name, root, core, _npfn = dense
+    mine = tmp_path / "kcore.kdump"
+    kcore_dump(root, core, mine, "-d", str(level), "--format", "kdump")
+    theirs = tmp_path / "makedumpfile.kdump"
+    pagesets.makedumpfile(["-d", str(level)], core, theirs)
+    a, b = pagesets.kdump_held(mine), pagesets.kdump_held(theirs)
+    n = min(len(a), len(b))
+    assert not any(a[n:]) and not any(b[n:])
+    count, first = pagesets.differences(a[:n], b[:n])
+    assert count == 0, f"{name} -d {level}: {count} pages differ, first pfns {first}"
