@@ -23,6 +23,7 @@ class LevelDump:
     guest: Guest
     elf: Path
     summary: dict
+    kdump: Path | None  # --format kdump --compress none, where this kcore has it
     md_elf_size: int  # makedumpfile -E -d 31 of QEMU's core
     md_kdump_size: int  # makedumpfile -d 31
 
@@ -56,6 +57,14 @@ def level_dump(vm_pool: Pool, tmp_path_factory) -> LevelDump:
     r = vm.kcore("dump", "-d", "31", "--no-text", "--source", "kcore:/proc/kcore", "--quiet",
                  "--json", "--no-digest", "-o", str(out), timeout=600).check()
     summary = json.loads(r.stdout)
+    from kcore.formats import FORMATS
+
+    kdump = None
+    if "kdump" in FORMATS:
+        kdump = vm.share / "d31.kdump"
+        vm.kcore("dump", "-d", "31", "--format", "kdump", "--compress", "none", "--source",
+                 "kcore:/proc/kcore", "--quiet", "--no-digest", "-o", str(kdump),
+                 timeout=600).check()
     folder = tmp_path_factory.mktemp("d31")
     core = folder / "qemu.elf"
     with vm.paused():
@@ -69,7 +78,7 @@ def level_dump(vm_pool: Pool, tmp_path_factory) -> LevelDump:
     md_kdump = md.stat().st_size
     md.unlink()
     core.unlink()
-    return LevelDump(guest, out, summary, md_elf, md_kdump)
+    return LevelDump(guest, out, summary, kdump, md_elf, md_kdump)
 
 
 def test_d31_of_the_live_guest_is_small(kaslr_guest: Guest, level_dump: LevelDump) -> None:
@@ -84,7 +93,22 @@ def test_d31_of_the_live_guest_is_small(kaslr_guest: Guest, level_dump: LevelDum
     assert level_dump.summary["pages_zero_filled"] == 0
 
 
-def test_crash_runs_log_and_ps_on_it(kaslr_guest: Guest, level_dump: LevelDump) -> None:
+def _dump_file(level_dump: LevelDump, fmt: str) -> Path:
+    if fmt == "elf":
+        return level_dump.elf
+    if level_dump.kdump is None:
+        pytest.skip("no kdump format in this kcore")
+    return level_dump.kdump
+
+
+def test_kdump_d31_is_makedumpfiles_size(kaslr_guest: Guest, level_dump: LevelDump) -> None:
+    """--format kdump --compress none -d 31: within 1.1x of makedumpfile -d 31 (uncompressed)."""
+    size = _dump_file(level_dump, "kdump").stat().st_size
+    assert size <= 1.1 * level_dump.md_kdump_size, (size, level_dump.md_kdump_size)
+
+
+@pytest.mark.parametrize("fmt", ["elf", "kdump"])
+def test_crash_runs_log_and_ps_on_it(kaslr_guest: Guest, level_dump: LevelDump, fmt: str) -> None:
     crash = shutil.which("crash")
     if crash is None:
         pytest.skip("crash is not installed (.ci/run installs it)")
@@ -92,7 +116,7 @@ def test_crash_runs_log_and_ps_on_it(kaslr_guest: Guest, level_dump: LevelDump) 
     vmlinux = debug_vmlinux()
     if release not in vmlinux.name:
         pytest.skip(f"the debug vmlinux is {vmlinux.name}, the guest runs {release}")
-    r = subprocess.run([crash, "-s", str(vmlinux), str(level_dump.elf)],
+    r = subprocess.run([crash, "-s", str(vmlinux), str(_dump_file(level_dump, fmt))],
                        input="sys\nlog\nps\nquit\n", capture_output=True, text=True, timeout=600)
     assert f"RELEASE: {release}" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"Linux version {release}" in r.stdout  # log: the kernel's ring buffer
@@ -101,7 +125,8 @@ def test_crash_runs_log_and_ps_on_it(kaslr_guest: Guest, level_dump: LevelDump) 
     assert "swapper/0" in r.stdout
 
 
-def test_drgn_walks_the_task_list(kaslr_guest: Guest, level_dump: LevelDump) -> None:
+@pytest.mark.parametrize("fmt", ["elf", "kdump"])
+def test_drgn_walks_the_task_list(kaslr_guest: Guest, level_dump: LevelDump, fmt: str) -> None:
     drgn = pytest.importorskip("drgn", reason="drgn is not installed (.ci/run installs it)")
     from drgn.helpers.linux.pid import for_each_task
 
@@ -110,7 +135,7 @@ def test_drgn_walks_the_task_list(kaslr_guest: Guest, level_dump: LevelDump) -> 
     if release not in vmlinux.name:
         pytest.skip(f"the debug vmlinux is {vmlinux.name}, the guest runs {release}")
     prog = drgn.Program()
-    prog.set_core_dump(str(level_dump.elf))
+    prog.set_core_dump(str(_dump_file(level_dump, fmt)))
     prog.load_debug_info([str(vmlinux)])
     comms = {t.comm.string_().decode() for t in for_each_task(prog)}
     assert "kthreadd" in comms and len(comms) > 10, comms
