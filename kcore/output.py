@@ -199,6 +199,52 @@ def _unlink_quietly(path: str, dir_fd: int | None = None) -> None:
         pass
 
 
+CHUNK = 64 << 20  # the manifest holds a SHA-256 of each CHUNK bytes of the output
+
+
+class ChunkedSha256:
+    """The SHA-256 of a whole output and of each CHUNK bytes of it (a second thread hashes
+    the chunks beside the whole, so the two cost one hash's time on two cores)."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._total = hashlib.sha256()
+        self._chunk = hashlib.sha256()
+        self._left = CHUNK
+        self.chunks: list[str] = []
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kcore-sha256-chunks")
+
+    def update(self, data: Any) -> None:
+        """Hash the next bytes of the output."""
+        view = memoryview(data).cast("B")
+        job = self._pool.submit(self._update_chunks, view)
+        self._total.update(view)
+        job.result()
+
+    def _update_chunks(self, view: memoryview) -> None:
+        while view:
+            take = min(self._left, len(view))
+            self._chunk.update(view[:take])
+            self._left -= take
+            view = view[take:]
+            if self._left == 0:
+                self.chunks.append(self._chunk.hexdigest())
+                self._chunk, self._left = hashlib.sha256(), CHUNK
+
+    def close(self) -> None:
+        """Stop the chunk thread (an abandoned output)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def hexdigest(self) -> str:
+        """The whole output's SHA-256; the last partial chunk's digest is added to chunks."""
+        if self._left != CHUNK:
+            self.chunks.append(self._chunk.hexdigest())
+            self._chunk, self._left = hashlib.sha256(), CHUNK
+        self._pool.shutdown()
+        return self._total.hexdigest()
+
+
 class BufferHasher:
     """SHA-256 of an output fed in file order from the writer's own buffers, in a thread.
 
@@ -207,7 +253,7 @@ class BufferHasher:
     """
 
     def __init__(self, nbuf: int = 8, size: int = HASH_CHUNK) -> None:
-        self._hash = hashlib.sha256()
+        self._hash = ChunkedSha256()
         self._done = 0
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         # Bounded: a writer ahead of the hash waits (back-pressure), whatever it submits.
@@ -280,6 +326,7 @@ class BufferHasher:
                 break
         self._put_end()
         self._thread.join()
+        self._hash.close()
 
     def _put_end(self) -> None:
         """Queue the end mark (waits for room while the thread runs)."""
@@ -324,6 +371,7 @@ class Output:
     tmp_path: str | None = None  # the temporary name, where the file has one (no O_TMPFILE)
     hasher: BufferHasher | None = None
     sha256: str | None = None
+    chunk_sha256: list[str] | None = None
     sidecars: list[str] = field(default_factory=list)
     with_sidecars: bool = True  # OUTPUT.sha256 and OUTPUT.json beside a file (not `kcore read`)
     _closed: bool = False
@@ -394,6 +442,7 @@ class Output:
         """Wait for the digest of the first size bytes and flush the file; return the digest."""
         if self.hasher is not None:
             self.sha256 = self.hasher.finish(size, progress)
+            self.chunk_sha256 = self.hasher._hash.chunks
             self.hasher = None
         if self.kind == "file" and not self._closed:
             os.fsync(self.fd)
@@ -431,7 +480,10 @@ class Output:
             line = f"{self.sha256}  {os.path.basename(self.path)}\n"
             sidecars.append((self.sha256_path, line.encode()))
         if manifest is not None and self.with_sidecars:
-            text = json.dumps(dict(manifest, sha256=self.sha256), indent=2) + "\n"
+            chunks = None if self.chunk_sha256 is None else {"size": CHUNK,
+                                                             "sha256": self.chunk_sha256}
+            full = dict(manifest, sha256=self.sha256, chunks=chunks)
+            text = json.dumps(full, indent=2) + "\n"
             sidecars.append((self.manifest_path, text.encode()))
         for path, data in sidecars:
             try:

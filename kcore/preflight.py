@@ -171,7 +171,7 @@ def _ram_bytes(root: Path) -> int | None:
     return None
 
 
-def _why_errno(err: int, lockdown: str | None, euid: int, devmem: bool) -> str:
+def _why_errno(err: int | None, lockdown: str | None, euid: int, devmem: bool) -> str:
     if err in (errno.EPERM, errno.EACCES):
         if lockdown in ("integrity", "confidentiality") and (devmem or
                                                              lockdown == "confidentiality"):
@@ -181,7 +181,7 @@ def _why_errno(err: int, lockdown: str | None, euid: int, devmem: bool) -> str:
         return f"{os.strerror(err)} as root (an LSM, or a container without CAP_SYS_RAWIO?)"
     if err == errno.ENOENT:
         return "missing"
-    return os.strerror(err)
+    return os.strerror(err) if err else "cannot open"
 
 
 def kcore_mask(root: Path) -> str | None:
@@ -388,14 +388,14 @@ def estimate_sizes(system: Any) -> dict[str, dict[str, int]]:
     from kcore.formats.plan import Request
 
     out: dict[str, dict[str, int]] = {}
-    for fmt in FORMATS.values():
+    for name, fmt in FORMATS.items():
         req = Request(system, system.source, elide=False)
         try:
             plan = fmt.plan(req)
         except KcoreError:
             continue
-        space = plan.space_needed if fmt.sparse else plan.size  # dense: zeros written
-        out[fmt.name] = {"size": plan.size, "space": space}
+        space = plan.size if not fmt.sparse else plan.space_needed  # zeros written
+        out[name] = {"size": plan.size, "space": space}
     return out
 
 
@@ -424,7 +424,7 @@ def _advice(rep: Report, mode: str | None, euid: int) -> str:
         return ("lockdown=confidentiality forbids /proc/kcore and /dev/mem until reboot: dump "
                 "from the hypervisor (kcore dump --source pid:... or a QEMU core), or boot "
                 "without lockdown (Secure Boot off, lockdown=none) or into kdump")
-    if "masked" in rep.kcore_masked or "masked" in reasons:
+    if "masked" in (rep.kcore_masked or "") or "masked" in reasons:
         return ("/proc/kcore is masked here (a container): run kcore on the host, or in a "
                 "container started with the host's /proc (--privileged, no mask)")
     if rep.problem and "kallsyms" in rep.problem:

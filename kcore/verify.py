@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kcore.errors import InputError, KcoreError
+from kcore.wire.flattened import is_flattened
 
 CHUNK = 64 << 20  # the manifest's chunk digests cover this many bytes each
 BLOCK = 4 << 20
@@ -38,9 +39,6 @@ EM_X86_64 = 62
 LIME_MAGIC = 0x4C694D45
 AVML_MAGIC = 0x4C4D5641
 AVML_HEADER = struct.Struct("<IIQQQ")  # magic, version, start, end (exclusive), padding
-FLAT_SIGNATURE = b"makedumpfile\0"
-FLAT_HEADER_SIZE = 4096
-FLAT_RECORD = struct.Struct(">qq")  # offset, size (big-endian); -1, -1 ends the stream
 KDUMP_SIGNATURE = b"KDUMP   "
 MAX_FLAT_RECORDS = 1 << 24
 MAX_AVML_BLOCKS = 1 << 20
@@ -348,24 +346,27 @@ def _varint(data: bytes, where: int) -> int:
 
 def _flattened(fd: int, res: Result) -> list[Region]:
     """Walk makedumpfile's flattened records (offset, size big-endian, then the bytes)."""
+    from kcore.wire import flattened as flat
+
     res.format, res.detail = "flattened", "makedumpfile flattened format (-F)"
-    head = _read(fd, 0, FLAT_HEADER_SIZE, res.size, "flattened header")
-    type_, version = struct.unpack_from(">qq", head, 16)
-    if type_ != 1 or version != 1:
+    head = _read(fd, 0, flat.HEADER_SIZE, res.size, "flattened header")
+    _sig, type_, version = flat.HEADER.unpack_from(head)
+    if type_ != flat.TYPE_FLAT_HEADER or version != flat.VERSION_FLAT_HEADER:
         raise Broken(16, f"flattened header type {type_} version {version} (expected 1, 1)")
-    pos, records = FLAT_HEADER_SIZE, 0
+    pos, records = flat.HEADER_SIZE, 0
     while True:
-        offset, size = FLAT_RECORD.unpack(_read(fd, pos, 16, res.size, "flattened record"))
-        if offset == -1 and size == -1:
-            pos += 16
+        offset, size = flat.RECORD.unpack(_read(fd, pos, flat.RECORD.size, res.size,
+                                                "flattened record"))
+        if offset == flat.END_FLAG and size == flat.END_FLAG:
+            pos += flat.RECORD.size
             break
         records += 1
         if offset < 0 or size < 0 or records > MAX_FLAT_RECORDS:
             raise Broken(pos, f"bad flattened record (offset {offset}, size {size})")
-        if pos + 16 + size > res.size:
+        if pos + flat.RECORD.size + size > res.size:
             raise Broken(pos, f"truncated flattened record: {size:#x} bytes at {pos + 16:#x}, "
                               f"the file ends at {res.size:#x}")
-        pos += 16 + size
+        pos += flat.RECORD.size + size
     if pos != res.size:
         res.warnings.append(f"{res.size - pos} bytes after the end marker (from {pos:#x})")
     res.structure = f"{records} flattened records up to the end marker: valid"
@@ -381,7 +382,7 @@ def _flattened(fd: int, res: Result) -> list[Region]:
 
 def _raw(res: Result, manifest: dict[str, Any] | None) -> list[Region]:
     fmt = (manifest or {}).get("format")
-    res.format = fmt
+    res.format = str(fmt)
     res.detail = ("physical image, file offset = physical address" if fmt == "raw"
                   else "physical image with zeros written (LiME padded)")
     regions = []
@@ -564,7 +565,7 @@ def _verify(fd: int, path: str, res: Result) -> Result:
     manifest, sidecar = _sidecars(path, res)
     if res.size == 0:
         raise InputError(f"{path}: empty file (no dump to verify)")
-    head = os.pread(fd, 16, 0)
+    head = os.pread(fd, 64, 0)
     regions: list[Region] = []
     try:
         if head[:4] == b"\x7fELF":
@@ -573,7 +574,7 @@ def _verify(fd: int, path: str, res: Result) -> Result:
             regions = _lime(fd, path, res)
         elif head[:4] == struct.pack("<I", AVML_MAGIC):
             regions = _avml(fd, res)
-        elif head[:13] == FLAT_SIGNATURE:
+        elif is_flattened(head):
             regions = _flattened(fd, res)
         elif head[:8] == KDUMP_SIGNATURE:
             res.format, res.detail = "kdump", "kdump-compressed (diskdump)"
@@ -638,8 +639,12 @@ def _compare_digests(res: Result, manifest: dict[str, Any] | None, sidecar: str 
             res.digest[label] = "match"
         else:
             res.digest[label] = "differs"
-    want_chunks = (manifest or {}).get("chunks_sha256")
-    if isinstance(want_chunks, list):
+    listed = (manifest or {}).get("chunks") or {}
+    want_chunks = listed.get("sha256") if isinstance(listed, dict) else None
+    if isinstance(want_chunks, list) and listed.get("size") != CHUNK:
+        res.warnings.append(f"the manifest's chunks are {listed.get('size')} bytes, not "
+                            f"{CHUNK}: not compared")
+    elif isinstance(want_chunks, list):
         bad = [i for i, (a, b) in enumerate(zip(want_chunks, chunks, strict=False)) if a != b]
         res.chunks = {"size": CHUNK, "count": len(chunks), "manifest": len(want_chunks),
                       "differ": bad[:64]}
