@@ -436,3 +436,62 @@ def _advice(rep: Report, mode: str | None, euid: int) -> str:
         return ("this system shows no kernel memory (/proc/kcore, /dev/crash and /dev/mem are "
                 "missing): dump a saved image instead (kcore dump --root DIR --source SPEC)")
     return f"fix one source above: {rep.problem}"
+
+
+def banner_in_memory(root: Path, system: Any) -> str | None:
+    """linux_banner read from memory (its address from kallsyms), for roots without
+    proc/version."""
+    text = _read(root, "proc/kallsyms", limit=1 << 26) or ""
+    at = text.find(" linux_banner\n")
+    if at < 0:
+        return None
+    try:
+        vaddr = int(text[text.rfind("\n", 0, at) + 1:at].split()[0], 16)
+        data, _stats = system.source.read_phys(system.addrmap.pa_symbol(vaddr), 512)
+    except (KcoreError, OSError, ValueError, IndexError, AttributeError, TypeError):
+        return None
+    banner = data.split(b"\0")[0].decode("utf-8", "replace").strip()
+    return banner if banner.startswith("Linux version ") else None
+
+
+def manifest_facts(root: str, spec: str, chosen: Any, system: Any = None) -> dict[str, Any]:
+    """What a dump's manifest records of the system beside the memory (read-only)."""
+    rootp = Path(root)
+
+    def lines(rel: str) -> list[str] | None:
+        text = _read(rootp, rel)
+        return None if text is None else text.splitlines()
+
+    mode, how = lockdown_mode(rootp)
+    version = _read(rootp, "proc/version")
+    facts: dict[str, Any] = {
+        "banner": version.strip() if version else (banner_in_memory(rootp, system)
+                                                    if system is not None else None),
+        "boot_id": (_read(rootp, "proc/sys/kernel/random/boot_id") or "").strip() or None,
+        "lockdown": {"mode": mode, "how": how},
+        "modules": lines("proc/modules"),
+        "iomem": lines("proc/iomem"),
+    }
+    path = getattr(chosen, "path", None)
+    choice: dict[str, Any] = {"spec": spec, "opened": getattr(chosen, "spec", None),
+                              "path": path}
+    if spec == "auto":
+        euid = os.geteuid()
+        order = ["kcore", "crash", "mem"]
+        probes = {"kcore": lambda: probe_kcore(rootp, mode, euid),
+                  "crash": lambda: probe_devmem(rootp, "dev/crash", mode, euid),
+                  "mem": lambda: probe_devmem(rootp, "dev/mem", mode, euid)}
+        kind = os.path.basename(path or "")
+        others = {}
+        for name in order:
+            if name == kind:
+                choice["why"] = "the first live source in auto's order that works"
+                continue
+            p = probes[name]()
+            others[p.path] = (p.reason if not p.works or order.index(name) < order.index(kind)
+                              else "works, but comes after the chosen one")
+        choice["others"] = others
+    else:
+        choice["why"] = "given with --source"
+    facts["source_choice"] = choice
+    return facts

@@ -599,7 +599,9 @@ def _verify(fd: int, path: str, res: Result) -> Result:
                                               f"says {msize:#x}: {what}")
         if res.structure != "broken":
             _compare_ranges(res, manifest, regions)
-    hashing = res.format != "kcore"
+    # Hash only what can be compared: a digest beside the file or in the manifest.
+    hashing = res.format != "kcore" and (sidecar is not None or bool(
+        (manifest or {}).get("sha256") or (manifest or {}).get("chunks")))
     try:
         digest, chunks, zero, pages = _data_pass(fd, res.size, regions if res.structure !=
                                                  "broken" else [], hashing)
@@ -609,8 +611,10 @@ def _verify(fd: int, path: str, res: Result) -> Result:
     res.sha256 = digest
     _compare_digests(res, manifest, sidecar, digest, chunks)
     elided = sum(r.memsz - r.filesz for r in regions if r.kind != "text")
-    if res.format == "lime" and isinstance((manifest or {}).get("bytes_elided"), int):
-        elided += manifest["bytes_elided"]  # type: ignore[index]  # runs left out of the file
+    left_out = (manifest or {}).get("bytes_elided")
+    if res.format == "lime" and isinstance(left_out, int) and "memory_bytes" in res.ranges:
+        elided += left_out  # zero runs left out of the file, said by the manifest
+        res.ranges["memory_bytes"] += left_out
     if res.structure != "broken" and regions:
         memory = pages + elided // PAGE
         unreadable = (manifest or {}).get("pages_zero_filled")
@@ -629,7 +633,9 @@ def _compare_digests(res: Result, manifest: dict[str, Any] | None, sidecar: str 
                      digest: str | None, chunks: list[str]) -> None:
     name = os.path.basename(res.path)
     if digest is None:
-        res.digest["sha256"] = "not computed (the sparse kcore image has none)"
+        res.digest["sha256"] = ("not computed (the sparse kcore image has none)"
+                                if res.format == "kcore" else
+                                "not computed (no DUMP.sha256 or manifest digest to compare)")
         return
     for label, want in ((f"{name}.sha256", sidecar),
                         ("the manifest", (manifest or {}).get("sha256"))):

@@ -91,6 +91,9 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
                    help="elf, lime: keep zero runs (a dense dump)")
     p.add_argument("--granule", type=int_arg, default=DEFAULT_GRANULE, metavar="BYTES",
                    help="elf, lime: smallest zero run left out (default 64 KiB; a power of 2)")
+    p.add_argument("--recheck", action="store_true",
+                   help="read every range again after the dump and count the pages that "
+                        "changed meanwhile (the smear; in the summary and the manifest)")
     p.add_argument("--no-digest", dest="digest", action="store_false",
                    help="skip the SHA-256 (and OUTPUT.sha256)")
     p.add_argument("-d", "--dump-level", type=_level_arg, metavar="N", help=LEVEL_HELP)
@@ -119,6 +122,8 @@ def _check_args(args: argparse.Namespace, fmt: Format) -> None:
     if args.output == "-" and not fmt.streamable:
         raise InputError(f"--format {fmt.name} cannot go to stdout (it needs seeking); "
                          f"use {' or '.join(names(lambda f: f.streamable))}, or -o FILE")
+    if args.output == "-" and args.recheck:
+        raise InputError("--recheck reads the output back: give a file (-o FILE), not stdout")
     if args.output == "-" and args.json:
         raise InputError("--json prints to stdout, which the dump already uses; drop one")
     segment_formats = " or ".join(names(lambda f: f.segment_options))
@@ -215,6 +220,11 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     filtered = _apply_level(args, req, fmt)
     want_digest = args.digest and fmt.digest
     with open_output(path, force=args.force, digest=want_digest) as out:
+        if args.recheck and out.kind != "file":
+            raise InputError(f"--recheck reads the output back: give a file, not {path}")
+        if args.recheck and fmt.write is not None:
+            raise InputError(f"--recheck compares the output's bytes with memory: --format "
+                             f"{fmt.name} compresses them (use elf, lime, raw, padded or kcore)")
         if fmt.needs_seek and not out.seekable:
             raise InputError(f"--format {fmt.name} needs a seekable file, not {path}")
         if fmt.write is not None:
@@ -238,7 +248,12 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
         if args.dump_level is not None and not fmt.dump_levels:
             plan.warnings.append(f"--dump-level does not apply to --format {fmt.name} (an "
                                  f"exact image keeps every page): ignored")
+        smear = _recheck(args, out, req.source, plan, system) if args.recheck else None
         summary = _summary(args, out, system, plan, stats, seconds, started)
+        if smear is not None:
+            summary["manifest"]["recheck"] = smear
+            summary["result"]["recheck"] = {k: smear[k] for k in ("pages", "changed", "share",
+                                                                  "kernel_code") if k in smear}
         if filtered is not None:
             summary["result"]["dump_level"] = summary["manifest"]["dump_level"] = (
                 _level_report(filtered, plan, fmt))
@@ -311,6 +326,41 @@ def _estimate(args: argparse.Namespace, system: Any, fmt: Format) -> int:
                      f"could not be read")
     print("\n".join(lines))
     return 0
+
+
+def _recheck(args: argparse.Namespace, out: Output, source: Any, plan: Plan,
+             system: Any) -> dict[str, Any]:
+    """Re-read the copied ranges and compare them with the output (--recheck)."""
+    from kcore.recheck import recheck
+
+    bar = _progress_bar(plan.copy_bytes, args.quiet, "recheck")
+    try:
+        return recheck(out.fd, source, plan, system.addrmap.page_size,
+                       bar.update if bar is not None else None, _kernel_code(args, system))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _kernel_code(args: argparse.Namespace, system: Any) -> tuple[int, int] | None:
+    """The kernel code's physical [_stext, _etext), from the root's kallsyms."""
+    import os
+
+    want = {"_stext": 0, "_etext": 0}
+    try:
+        with open(os.path.join(args.root, "proc/kallsyms"), encoding="ascii",
+                  errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] in want:
+                    want[parts[2]] = int(parts[0], 16)
+                    if all(want.values()):
+                        break
+        lo, hi = (system.addrmap.pa_symbol(want["_stext"]),
+                  system.addrmap.pa_symbol(want["_etext"]))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (lo, hi) if all(want.values()) and lo < hi else None
 
 
 def _write_one_pass(args: argparse.Namespace, req: Request, out: Output,
@@ -417,6 +467,9 @@ def _summary(args: argparse.Namespace, out: Output, system: Any, plan: Plan, sta
     }
     if plan.compression:
         manifest["compression"] = plan.compression
+    from kcore.preflight import manifest_facts
+
+    manifest.update(manifest_facts(args.root, str(args.source), system.source, system))
     return {"result": result, "manifest": manifest}
 
 
@@ -439,6 +492,11 @@ def _print_human(r: dict[str, Any], plan: Plan) -> None:
                      f"{human(c['output_bytes'])} ({c['ratio']}x smaller)")
     if r["pages_zero_filled"]:
         lines.append(f"  {r['pages_zero_filled']} unreadable pages dumped as zeros")
+    if r.get("recheck"):
+        c = r["recheck"]
+        lines.append(f"  recheck: {c['changed']} of {c['pages']} copied pages "
+                     f"({100 * c['share']:.2f}%) changed while the dump ran (per range in "
+                     f"the manifest)")
     if r["sha256"]:
         lines.append(f"  sha256 {r['sha256']} (also in {r['output']}.sha256)")
     level = r.get("dump_level")

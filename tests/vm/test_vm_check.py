@@ -86,3 +86,65 @@ def test_check_normal_then_masked(kaslr_guest: Guest) -> None:
     assert drc == 2, derr
     # Unmounted again: the guest is as before for the tests after this one.
     assert check(kaslr_guest)[0] == 0
+
+
+WRITER = r'''
+import json, os, struct, sys, time
+share = sys.argv[1]
+n = 2048  # 8 MiB of pages, each rewritten over and over
+buf = bytearray(n * 4096)
+buf[::4096] = b"\x01" * n
+pfns = []
+with open("/proc/self/pagemap", "rb") as f:
+    import ctypes  # the buffer's data address, through the buffer protocol
+    addr = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    for i in range(n):
+        f.seek((addr // 4096 + i) * 8)
+        entry, = struct.unpack("<Q", f.read(8))
+        if entry >> 63:
+            pfns.append(entry & ((1 << 55) - 1))
+tmp = os.path.join(share, "writer.json.tmp")
+with open(tmp, "w") as f:
+    json.dump({"pfns": pfns}, f)
+os.rename(tmp, os.path.join(share, "writer.json"))
+k = 1
+stop = os.path.join(share, "writer.stop")
+while not os.path.exists(stop):
+    k = k % 250 + 1
+    buf[::4096] = bytes([k]) * n
+    time.sleep(0.01)
+'''
+
+
+def test_recheck_measures_the_smear(kaslr_guest: Guest) -> None:
+    """A process rewrites a known buffer while the guest dumps itself with --recheck: the
+    ranges holding the buffer show changed pages, the kernel code none."""
+    vm = kaslr_guest.vm
+    (vm.share / "writer.py").write_text(WRITER)
+    for name in ("writer.json", "writer.stop"):
+        (vm.share / name).unlink(missing_ok=True)
+    job = vm.start_run(f'exec "$KCORE_PY" {vm.share / "writer.py"} {vm.share}\n', timeout=900)
+    try:
+        vm.wait_file(job, vm.share / "writer.json")
+        pfns = set(json.loads((vm.share / "writer.json").read_text())["pfns"])
+        assert len(pfns) > 1000
+        out = vm.share / "smear.elf"
+        r = vm.kcore("dump", "-q", "--json", "--no-digest", "--recheck", "--force", "-o",
+                     str(out), timeout=900).check()
+    finally:
+        (vm.share / "writer.stop").write_text("")
+        vm.wait(job)
+    summary = json.loads(r.stdout)["recheck"]
+    manifest = json.loads(out.with_name("smear.elf.json").read_text())["recheck"]
+    out.unlink()
+    assert summary["changed"] > 0 and summary["share"] > 0
+    code = summary["kernel_code"]
+    assert code["pages"] > 1000 and code["changed"] == 0, code
+    hit = [r for r in manifest["ranges"]
+           if any(int(a, 16) // 4096 in pfns for a in r["changed_at"])]
+    assert hit, "no changed page of the recheck is one of the writer's"
+    assert all(r["changed"] > 0 and r["share"] > 0 for r in hit)
+    for r in manifest["ranges"]:
+        if r["kind"] == "text":  # the image's code pages never change; data pages may
+            lo, hi = int(code["paddr"], 16), int(code["paddr"], 16) + code["size"]
+            assert not [a for a in r["changed_at"] if lo <= int(a, 16) < hi]

@@ -1,0 +1,260 @@
+"""`kcore verify` on dumps of the real-kernel captures: clean, then damaged in each place.
+
+The clean verdicts are held against the captures themselves (the kernel's VMCOREINFO, the zero
+pages of the RAM the real /proc/kcore showed), Volatility's own ELF layer judges the rewritten
+core, and fuzzed files must give one line and exit 1 or 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
+
+from kcore.cli import main
+
+NOKASLR, KASLR = FIXTURE_NAMES
+CHUNK = 64 << 20
+PAGE = 4096
+PHDR = struct.Struct("<IIQQQQQQ")
+START_KERNEL_MAP = 0xFFFFFFFF80000000
+FORMATS = ("elf", "lime", "raw", "padded", "kcore")
+
+
+def _dump_dir(tmp_path_factory: pytest.TempPathFactory, fmt: str) -> Path:
+    if fmt != "kcore":
+        return tmp_path_factory.mktemp(fmt)
+    # the kcore image is a 128 TiB sparse file: tmpfs holds it, ext4 does not
+    shm = Path("/dev/shm")
+    if not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm for the 128 TiB sparse kcore image")
+    d = shm / f"kcore-verify-test-{os.getpid()}-{fmt}"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module", params=[(n, f) for n in FIXTURE_NAMES for f in FORMATS],
+                ids=lambda p: f"{p[0].split('-')[3]}-{p[1]}")
+def dumped(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A dump of a capture in a format, with its .sha256 and manifest."""
+    name, fmt = request.param
+    mem = fixture_memory(name)
+    spec = f"raw:{mem}" if name == NOKASLR else f"elf:{mem}"
+    d = _dump_dir(tmp_path_factory, fmt)
+    out = d / f"mem.{fmt}"
+    r = run_kcore("dump", "-q", "--root", str(shared_fixture(name) / "root"), "--source", spec,
+                  "--format", fmt, "-o", str(out))
+    assert r.returncode == 0, r.stderr.decode()
+    yield name, fmt, out
+    if fmt == "kcore":
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def verify(path: Path, capsys: pytest.CaptureFixture) -> tuple[int, dict, str]:
+    """Run `kcore verify --json` in this process: exit status, findings, stderr."""
+    capsys.readouterr()
+    rc = main(["verify", "--json", str(path)])
+    cap = capsys.readouterr()
+    return rc, json.loads(cap.out) if cap.out else {}, cap.err
+
+
+def real_ram(name: str) -> list[tuple[int, int]]:
+    """(paddr, size) of the RAM segments the capture's real /proc/kcore showed."""
+    kc = json.loads((shared_fixture(name) / "expected" / "kcore.json").read_text())
+    return [(p["p_paddr"], p["p_filesz"]) for p in kc["phdrs"]
+            if p["p_type"] == 1 and p["p_paddr"] != (1 << 64) - 1
+            and p["p_vaddr"] < START_KERNEL_MAP]
+
+
+def test_clean(dumped, capsys) -> None:
+    """Intact dumps: structure, digests and ranges check out; facts match the real kernel."""
+    name, fmt, path = dumped
+    rc, res, err = verify(path, capsys)
+    assert rc == 0, (err, res["problems"])
+    assert res["format"] == fmt and res["ok"]
+    ram = real_ram(name)
+    assert res["ranges"]["memory_bytes"] == sum(n for _p, n in ram)
+    if fmt != "kcore":
+        assert res["digest"] == {f"{path.name}.sha256": "match", "the manifest": "match"}
+        assert res["chunks"]["count"] == -(-path.stat().st_size // CHUNK)
+        assert not res["chunks"]["differ"]
+    if fmt in ("elf", "lime"):
+        assert res["ranges"]["manifest"] == "match"
+    if fmt in ("elf", "kcore"):
+        release = (shared_fixture(name) / "root/proc/sys/kernel/osrelease").read_text().strip()
+        assert res["vmcoreinfo"]["osrelease"] == release
+        assert all(c["ok"] for k, c in res["consumers"].items() if k != "volatility"
+                   or fmt == "elf")
+    if name == NOKASLR:
+        # The zero pages of the RAM the kernel showed, counted in the captured RAM itself.
+        mem = fixture_memory(name).read_bytes()
+        zero_page = bytes(PAGE)
+        zero = sum(mem[a:a + PAGE] == zero_page for p, n in ram for a in range(p, p + n, PAGE))
+        assert res["pages"]["memory"] == sum(n for _p, n in ram) // PAGE
+        assert res["pages"]["zero"] == zero
+        assert res["pages"]["unreadable"] == 0
+
+
+def _flip(path: Path, offset: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        b = os.pread(fd, 1, offset)
+        os.pwrite(fd, bytes([b[0] ^ 0x20]), offset)
+    finally:
+        os.close(fd)
+
+
+def _places(fmt: str, path: Path) -> dict[str, int]:
+    """File offsets of a data byte, a header byte, a note byte and a last-page byte."""
+    data = path.read_bytes()[:1 << 20] if fmt != "kcore" else open(path, "rb").read(1 << 20)
+    manifest = json.loads(Path(f"{path}.json").read_text())
+    size = path.stat().st_size
+    biggest = max((r for r in manifest["ranges"] if r.get("kind") == "ram"),
+                  key=lambda r: r["size"], default=None)
+    places = {"last page": size - 2000}
+    if fmt in ("elf", "kcore"):
+        phoff = struct.unpack_from("<Q", data, 32)[0]
+        places["header"] = phoff + PHDR.size + 16 + 3  # the 2nd program header's p_vaddr
+        places["note"] = data.index(b"OSRELEASE=") + len("OSRELEASE=") + 1
+    if fmt == "lime":
+        places["header"] = 8 + 2  # the first range header's s_addr
+    if biggest is not None and fmt != "kcore":
+        places["data"] = int(biggest["offset"]) + biggest["size"] // 2 + 123
+    elif fmt == "kcore":
+        places.pop("last page")  # a hole in a 128 TiB sparse file, and no digest: see README
+    return places
+
+
+def test_damage_is_found(dumped, capsys) -> None:
+    """One byte flipped in the data, a header, a note, the last page; then truncated."""
+    name, fmt, path = dumped
+    for what, offset in _places(fmt, path).items():
+        _flip(path, offset)
+        try:
+            rc, res, err = verify(path, capsys)
+        finally:
+            _flip(path, offset)
+        assert rc == 1, (what, res)
+        assert len(err.strip().splitlines()) == 1 and "is damaged" in err
+        located = [p for p in res["problems"] if p["offset"] is not None
+                   and int(p["offset"], 16) <= offset < int(p["offset"], 16) + CHUNK]
+        assert located, (what, offset, res["problems"])
+    assert verify(path, capsys)[0] == 0  # restored
+    size = path.stat().st_size
+    os.truncate(path, size - 3 * PAGE - 5)
+    rc, res, err = verify(path, capsys)
+    assert rc == 1
+    assert any(p["offset"] is not None and int(p["offset"], 16) <= size - 3 * PAGE
+               for p in res["problems"]), res["problems"]
+    assert "is damaged" in err
+    os.truncate(path, size)  # the sparse tail reads as zeros: still found (digest, chunks)
+    if fmt not in ("kcore",):
+        assert verify(path, capsys)[0] == 1
+
+
+def test_volatility_rule(tmp_path: Path, capsys) -> None:
+    """A compact ELF whose PT_LOAD has p_filesz < p_memsz: verify names Volatility's rule, and
+    Volatility's own ELF layer indeed leaves that memory out."""
+    mem = fixture_memory(KASLR)
+    out = tmp_path / "mem.elf"
+    r = run_kcore("dump", "-q", "--no-digest", "--root", str(shared_fixture(KASLR) / "root"),
+                  "--source", f"elf:{mem}", "-o", str(out))
+    assert r.returncode == 0, r.stderr.decode()
+    data = bytearray(out.read_bytes()[:1 << 16])
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phnum, = struct.unpack_from("<H", data, 56)
+    i, ph = next((i, PHDR.unpack_from(data, phoff + i * PHDR.size)) for i in range(phnum)
+                 if PHDR.unpack_from(data, phoff + i * PHDR.size)[0] == 1
+                 and PHDR.unpack_from(data, phoff + i * PHDR.size)[5] > 2 * PAGE
+                 and PHDR.unpack_from(data, phoff + i * PHDR.size)[3] < START_KERNEL_MAP)
+    paddr, filesz = ph[4], ph[5]
+    with open(out, "r+b") as f:
+        f.seek(phoff + i * PHDR.size + 32)
+        f.write(struct.pack("<Q", filesz - PAGE))
+    rc, res, _err = verify(out, capsys)
+    vol = res["consumers"]["volatility"]
+    assert not vol["ok"] and "p_filesz == p_memsz" in vol["why"]
+    assert f"{filesz - PAGE:#x} < {filesz:#x}" in vol["why"]
+
+    from volatility3.framework import contexts
+    from volatility3.framework.layers import elf, physical
+
+    ctx = contexts.Context()
+    ctx.config["base.location"] = out.as_uri()
+    ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
+    ctx.config["elf.base_layer"] = "base"
+    layer = elf.Elf64Layer(ctx, "elf", "elf")
+    assert not layer.is_valid(paddr + PAGE)  # that load's memory is gone to Volatility
+
+
+# ---- hostile input -------------------------------------------------------------------------
+
+def _tiny_elf() -> bytes:
+    """A small valid ELF core: a VMCOREINFO note and one 2-page PT_LOAD."""
+    desc = b"OSRELEASE=6.1.0\nPAGESIZE=4096\nKERNELOFFSET=0\nNUMBER(phys_base)=0\n"
+    note = struct.pack("<III", 11, len(desc), 0) + b"VMCOREINFO\0\0" + desc
+    note += bytes(-len(note) % 4)
+    phoff, notes_at, data_at = 64, 64 + 2 * 56, 4096
+    eh = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 4, 62, 1, 0,
+                     phoff, 0, 0, 64, 56, 2, 0, 0, 0)
+    ph = PHDR.pack(4, 0, notes_at, 0, 0, len(note), len(note), 0)
+    ph += PHDR.pack(1, 7, data_at, 0xFFFF888000100000, 0x100000, 2 * PAGE, 2 * PAGE, 0)
+    head = eh + ph + note
+    return head + bytes(data_at - len(head)) + b"\x5a" * PAGE + bytes(PAGE)
+
+
+def _tiny_lime() -> bytes:
+    return struct.pack("<IIQQ8s", 0x4C694D45, 1, 0x1000, 0x2FFF, bytes(8)) + b"\x11" * 8192
+
+
+SEEDS = {"elf": _tiny_elf(), "lime": _tiny_lime(),
+         "avml": struct.pack("<IIQQQ", 0x4C4D5641, 2, 0, 0x1000, 0) + b"\xff\x06\0\0sNaPpY",
+         "flat": b"makedumpfile".ljust(16, b"\0") + struct.pack(">qq", 1, 1).ljust(4080, b"\0")
+         + struct.pack(">qq", 0, 4) + b"abcd" + struct.pack(">qq", -1, -1),
+         "kdump": b"KDUMP   " + bytes(100)}
+
+
+def test_tiny_seeds_are_clean(tmp_path: Path, capsys) -> None:
+    """The fuzzer's seeds themselves verify (so mutations start from valid files)."""
+    for name in ("elf", "lime", "flat"):
+        p = tmp_path / name
+        p.write_bytes(SEEDS[name])
+        rc, res, err = verify(p, capsys)
+        assert rc == 0, (name, res, err)
+
+
+@pytest.mark.parametrize("seed", sorted(SEEDS))
+def test_fuzzed_inputs(seed: str, tmp_path: Path, capsys) -> None:
+    """Mutated and truncated files: one line on stderr, exit 1 or 2, never a traceback."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    path = tmp_path / "fuzz.bin"
+    base = SEEDS[seed]
+
+    @hypothesis.settings(max_examples=60, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(st.lists(st.tuples(st.integers(0, len(base) - 1), st.integers(0, 255)),
+                               max_size=6),
+                      st.integers(1, len(base)), st.binary(max_size=64))
+    def run(flips, cut, tail) -> None:
+        data = bytearray(base[:cut])
+        for at, value in flips:
+            if at < len(data):
+                data[at] = value
+        path.write_bytes(bytes(data) + tail)
+        capsys.readouterr()
+        rc = main(["verify", str(path)])
+        err = capsys.readouterr().err
+        if rc == 0:
+            return
+        assert rc in (1, 2), rc
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("kcore: "), err
+        assert "Traceback" not in err
+
+    run()
