@@ -258,3 +258,48 @@ def test_fuzzed_inputs(seed: str, tmp_path: Path, capsys) -> None:
         assert "Traceback" not in err
 
     run()
+
+
+@pytest.fixture(scope="module")
+def makedumpfile_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """makedumpfile -c -d 31 (kdump-compressed) and -F (flattened) of kcore's ELF dump."""
+    exe = shutil.which("makedumpfile")
+    if exe is None:
+        pytest.skip("makedumpfile is not installed (apt-get install makedumpfile)")
+    import subprocess
+
+    d = tmp_path_factory.mktemp("mdf")
+    elf = d / "mem.elf"
+    r = run_kcore("dump", "-q", "--no-digest", "--root", str(shared_fixture(KASLR) / "root"),
+                  "--source", f"elf:{fixture_memory(KASLR)}", "-o", str(elf))
+    assert r.returncode == 0, r.stderr.decode()
+    subprocess.run([exe, "-c", "-d", "31", str(elf), str(d / "mem.kdump")], check=True,
+                   capture_output=True)
+    with open(d / "mem.flat", "wb") as f:
+        subprocess.run([exe, "-F", "-c", "-d", "31", str(elf)], check=True, stdout=f,
+                       stderr=subprocess.DEVNULL)
+    return {"kdump": d / "mem.kdump", "flattened": d / "mem.flat"}
+
+
+def test_makedumpfile_outputs(makedumpfile_outputs, capsys) -> None:
+    """makedumpfile's own files verify; a damaged page descriptor and a truncation are found."""
+    kd = makedumpfile_outputs["kdump"]
+    rc, res, err = verify(kd, capsys)
+    assert rc == 0, (err, res)
+    assert res["format"] == "kdump" and res["vmcoreinfo"]["osrelease"] == "6.1.0-56-amd64"
+    assert res["consumers"]["crash"]["ok"] and not res["consumers"]["volatility"]["ok"]
+    rc, res, _err = verify(makedumpfile_outputs["flattened"], capsys)
+    assert rc == 0 and res["format"] == "flattened"
+    assert not res["consumers"]["drgn"]["ok"] and "flattened" in res["consumers"]["drgn"]["why"]
+    head = kd.read_bytes()[:1 << 20]
+    block = struct.unpack_from("<i", head, 8 + 4 + 6 * 65 + 6 + 16 + 4)[0]
+    sub_hdr, bitmap_blocks = struct.unpack_from("<ii", head, 8 + 4 + 6 * 65 + 6 + 16 + 8)
+    desc_at = (1 + sub_hdr + bitmap_blocks) * block
+    _flip(kd, desc_at + 24 * 5 + 9)  # the 6th descriptor's size
+    rc, res, err = verify(kd, capsys)
+    _flip(kd, desc_at + 24 * 5 + 9)
+    assert rc == 1 and int(res["problems"][0]["offset"], 16) == desc_at + 24 * 5, res["problems"]
+    size = kd.stat().st_size
+    os.truncate(kd, size - 5000)
+    rc, res, err = verify(kd, capsys)
+    assert rc == 1 and "is damaged" in err
