@@ -38,10 +38,11 @@ START_KERNEL_MAP = 0xFFFFFFFF80000000
 EM_X86_64 = 62
 LIME_MAGIC = 0x4C694D45
 AVML_MAGIC = 0x4C4D5641
-AVML_HEADER = struct.Struct("<IIQQQ")  # magic, version, start, end (exclusive), padding
+AVML_HEADER = struct.Struct("<IIQQQ")  # magic, version, start, end (inclusive), padding
 KDUMP_SIGNATURE = b"KDUMP   "
 MAX_FLAT_RECORDS = 1 << 24
 MAX_AVML_BLOCKS = 1 << 20
+AVML_CHECK_MAX = 256 << 20  # AVML blocks up to this size are decompressed to be checked
 
 
 class Broken(Exception):
@@ -301,8 +302,11 @@ def _no_notes(res: Result, volatility: str, drgn: str, crash: str,
 
 def _avml(fd: int, res: Result) -> list[Region]:
     """Walk AVML v2 blocks: header, a framed snappy stream, its length as a u64."""
+    from kcore import codecs
+
     res.format, res.detail = "avml", "AVML image (snappy-compressed blocks)"
     pos, blocks, memory = 0, 0, 0
+    checked = pages = zero = 0
     while pos < res.size:
         blocks += 1
         if blocks > MAX_AVML_BLOCKS:
@@ -311,11 +315,12 @@ def _avml(fd: int, res: Result) -> list[Region]:
             _read(fd, pos, AVML_HEADER.size, res.size, "AVML block header"))
         if magic != AVML_MAGIC or version != 2:
             raise Broken(pos, f"bad AVML block header (magic {magic:#x}, version {version})")
-        if end <= start:
-            raise Broken(pos, f"AVML block end {end:#x} not above its start {start:#x}")
+        if end < start:
+            raise Broken(pos, f"AVML block end {end:#x} below its start {start:#x}")
+        want = end - start + 1  # the end is inclusive, as in LiME's header
         stream = pos + AVML_HEADER.size
         at, produced = stream, 0
-        while produced < end - start:  # snappy framing: type, 3-byte length, payload
+        while produced < want:  # snappy framing: type, 3-byte length, payload
             head = _read(fd, at, 9, res.size, "snappy frame header")
             kind, length = head[0], int.from_bytes(head[1:4], "little")
             if kind == 0x00:  # compressed: CRC, then the raw stream's varint length
@@ -329,16 +334,31 @@ def _avml(fd: int, res: Result) -> list[Region]:
                 raise Broken(at, f"truncated snappy frame: {length:#x} bytes at {at + 4:#x}, "
                                  f"the file ends at {res.size:#x}")
             at += 4 + length
-        if produced != end - start:
+        if produced != want:
             raise Broken(at, f"AVML block at {pos:#x} holds {produced:#x} bytes, its header "
-                             f"says {end - start:#x}")
+                             f"says {want:#x}")
         (trailer,) = struct.unpack("<Q", _read(fd, at, 8, res.size, "AVML block length"))
         if trailer != at - stream:
             raise Broken(at, f"AVML block length {trailer:#x} is not its stream's "
                              f"{at - stream:#x} bytes")
-        memory += end - start
+        if want <= AVML_CHECK_MAX:  # decompress it (CRC-32C of each chunk checked)
+            out = bytearray(want)
+            rc, got, bad = codecs.snappy_unframe(os.pread(fd, at - stream, stream), out)
+            if rc != 0 or got != want:
+                raise Broken(stream + bad, f"AVML block at {pos:#x}: its snappy stream does "
+                                           f"not decompress ({os.strerror(-rc) if rc else ''}"
+                                           f"{got:#x} of {want:#x} bytes)")
+            checked += 1
+            pages += -(-want // PAGE)
+            zero += sum(out[i:i + PAGE] == ZERO_PAGE[:len(out[i:i + PAGE])]
+                        for i in range(0, want, PAGE))
+        memory += want
         pos = at + 8
-    res.structure = f"{blocks} AVML blocks chained to the end of the file: valid"
+    res.structure = (f"{blocks} AVML blocks chained to the end of the file, {checked} "
+                     f"decompressed: valid")
+    if checked == blocks and pages:
+        res.pages = {"memory": pages, "zero": zero, "zero_share": round(zero / pages, 4),
+                     "unreadable": None, "unreadable_share": None}
     res.ranges["count"] = blocks
     res.ranges["memory_bytes"] = memory
     _no_notes(res, volatility="Volatility's AVMLLayer opens it when the snappy library is "
@@ -387,34 +407,34 @@ def _kdump(fd: int, res: Result) -> list[Region]:
     if data_at > res.size:
         raise Broken(desc_at, f"{npages} page descriptors at {desc_at:#x} run past the end of "
                               f"the file ({res.size:#x}): truncated")
-    zero_at, zero = None, 0
-    page = bytearray(bs)
-    for first in range(0, npages, KDUMP_BATCH):
-        count = min(KDUMP_BATCH, npages - first)
-        raw = os.pread(fd, count * dd.PAGE_DESC.size, desc_at + first * dd.PAGE_DESC.size)
-        descs = [dd.PAGE_DESC.unpack_from(raw, i * dd.PAGE_DESC.size) for i in range(count)]
-        for i, (offset, size, flags, _pf) in enumerate(descs):
-            at = desc_at + (first + i) * dd.PAGE_DESC.size
-            if offset < data_at or offset + size > res.size or not 0 < size <= bs:
-                raise Broken(at, f"page descriptor {first + i}: {size:#x} bytes at {offset:#x} "
-                                 f"lie outside the page data ({data_at:#x}-{res.size:#x})")
-            if flags & ~dd.DH_CODECS or bin(flags).count("1") > 1:
-                raise Broken(at, f"page descriptor {first + i}: unknown flags {flags:#x}")
-            if not flags and size != bs:
-                raise Broken(at, f"page descriptor {first + i}: an uncompressed page of "
-                                 f"{size:#x} bytes")
-            if zero_at is None:
-                zero_at = offset  # makedumpfile writes the shared zero page first
-            if offset == zero_at and not flags:
-                zero += 1
-                continue
-            data = os.pread(fd, size, offset)
-            rc, _bad = codecs.decompress_pages(data, dd.PAGE_DESC.pack(0, size, flags, 0), 1,
-                                               0, bs, page)
+    zero = 0
+    window, dst = bytearray((4 << 20) + bs), bytearray(KDUMP_BATCH * bs)
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for first in range(0, npages, KDUMP_BATCH):
+            count = min(KDUMP_BATCH, npages - first)
+            raw = os.pread(fd, count * dd.PAGE_DESC.size, desc_at + first * dd.PAGE_DESC.size)
+            for i in range(count):
+                offset, size, flags, _pf = dd.PAGE_DESC.unpack_from(raw, i * dd.PAGE_DESC.size)
+                at = desc_at + (first + i) * dd.PAGE_DESC.size
+                if offset < data_at or offset + size > res.size or not 0 < size <= bs:
+                    raise Broken(at, f"page descriptor {first + i}: {size:#x} bytes at "
+                                     f"{offset:#x} lie outside the page data "
+                                     f"({data_at:#x}-{res.size:#x})")
+                if flags & ~dd.DH_CODECS or bin(flags).count("1") > 1:
+                    raise Broken(at, f"page descriptor {first + i}: unknown flags {flags:#x}")
+                if not flags and size != bs:
+                    raise Broken(at, f"page descriptor {first + i}: an uncompressed page of "
+                                     f"{size:#x} bytes")
+            rc, bad = codecs.kdump_unpack(fd, raw, count, bs, window, dst, null, 0)
             if rc != 0:
-                raise Broken(offset, f"page {first + i} (descriptor at {at:#x}) does not "
-                                     f"decompress ({os.strerror(-rc)})")
-            zero += page == bytes(bs)
+                at = desc_at + (first + bad) * dd.PAGE_DESC.size
+                raise Broken(at, f"page {first + bad} (descriptor at {at:#x}) does not "
+                                 f"decompress to one page ({os.strerror(-rc)})")
+            zero_page = bytes(bs)
+            zero += sum(dst[i * bs:(i + 1) * bs] == zero_page for i in range(count))
+    finally:
+        os.close(null)
     res.structure = (f"headers, bitmaps, {npages} page descriptors, every page decompressed: "
                      f"valid")
     res.ranges["count"] = len(dumped)
@@ -713,12 +733,22 @@ def _verify(fd: int, path: str, res: Result) -> Result:
         res.problem(exc.where, exc.what)
         return res
     res.sha256 = digest
+    unread = (manifest or {}).get("pages_zero_filled")
+    if res.pages and res.pages.get("unreadable") is None and isinstance(unread, int):
+        res.pages["unreadable"] = unread
+        res.pages["unreadable_share"] = round(unread / res.pages["memory"], 6) \
+            if res.pages.get("memory") else None
     _compare_digests(res, manifest, sidecar, digest, chunks)
     elided = sum(r.memsz - r.filesz for r in regions if r.kind != "text")
     left_out = (manifest or {}).get("bytes_elided")
-    if res.format == "lime" and isinstance(left_out, int) and "memory_bytes" in res.ranges:
+    if res.format in ("lime", "avml") and isinstance(left_out, int) and \
+            "memory_bytes" in res.ranges:
         elided += left_out  # zero runs left out of the file, said by the manifest
         res.ranges["memory_bytes"] += left_out
+        if res.format == "avml" and res.pages.get("memory"):
+            res.pages["memory"] += left_out // PAGE
+            res.pages["zero"] += left_out // PAGE
+            res.pages["zero_share"] = round(res.pages["zero"] / res.pages["memory"], 4)
     if res.structure != "broken" and regions:
         memory = pages + elided // PAGE
         unreadable = (manifest or {}).get("pages_zero_filled")

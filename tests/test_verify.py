@@ -23,7 +23,7 @@ CHUNK = 64 << 20
 PAGE = 4096
 PHDR = struct.Struct("<IIQQQQQQ")
 START_KERNEL_MAP = 0xFFFFFFFF80000000
-FORMATS = ("elf", "lime", "raw", "padded", "kcore")
+FORMATS = ("elf", "lime", "raw", "padded", "kcore", "kdump", "avml")
 
 
 def _dump_dir(tmp_path_factory: pytest.TempPathFactory, fmt: str) -> Path:
@@ -85,7 +85,7 @@ def test_clean(dumped, capsys) -> None:
         assert not res["chunks"]["differ"]
     if fmt in ("elf", "lime"):
         assert res["ranges"]["manifest"] == "match"
-    if fmt in ("elf", "kcore"):
+    if fmt in ("elf", "kcore", "kdump"):
         release = (shared_fixture(name) / "root/proc/sys/kernel/osrelease").read_text().strip()
         assert res["vmcoreinfo"]["osrelease"] == release
         assert all(c["ok"] for k, c in res["consumers"].items() if k != "volatility"
@@ -117,13 +117,20 @@ def _places(fmt: str, path: Path) -> dict[str, int]:
     biggest = max((r for r in manifest["ranges"] if r.get("kind") == "ram"),
                   key=lambda r: r["size"], default=None)
     places = {"last page": size - 2000}
+    if fmt == "kdump":
+        places["header"] = 12 + 65 + 3  # disk_dump_header's utsname
+        places["note"] = data.index(b"OSRELEASE=") + len("OSRELEASE=") + 1
+        places["data"] = size // 2
+    if fmt == "avml":
+        places["header"] = 8 + 1  # the first block header's start
+        places["data"] = size // 2
     if fmt in ("elf", "kcore"):
         phoff = struct.unpack_from("<Q", data, 32)[0]
         places["header"] = phoff + PHDR.size + 16 + 3  # the 2nd program header's p_vaddr
         places["note"] = data.index(b"OSRELEASE=") + len("OSRELEASE=") + 1
     if fmt == "lime":
         places["header"] = 8 + 2  # the first range header's s_addr
-    if biggest is not None and fmt != "kcore":
+    if biggest is not None and fmt not in ("kcore", "kdump", "avml"):
         places["data"] = int(biggest["offset"]) + biggest["size"] // 2 + 123
     elif fmt == "kcore":
         places.pop("last page")  # a hole in a 128 TiB sparse file, and no digest: see README
