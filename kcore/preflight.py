@@ -389,6 +389,8 @@ def estimate_sizes(system: Any) -> dict[str, dict[str, int]]:
 
     out: dict[str, dict[str, int]] = {}
     for name, fmt in FORMATS.items():
+        if getattr(fmt, "write", None) is not None:
+            continue  # compressing formats (kdump, avml) write themselves: no plan to size
         req = Request(system, system.source, elide=False)
         try:
             plan = fmt.plan(req)
