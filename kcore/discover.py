@@ -199,7 +199,14 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
     from kcore import arch
 
     name = (_read_text(root, "proc/sys/kernel/arch", required=False) or "x86_64").strip()
-    return arch.get(name, str(root / "proc/sys/kernel/arch")).discover(root, src, flavour)
+    a = arch.get(name, str(root / "proc/sys/kernel/arch"))
+    core = getattr(src, "core", None)  # an ELF core says which machine it is from
+    if core is not None and core.e_machine:
+        theirs = arch.by_machine(core.e_machine, src.spec)
+        if theirs is not a:
+            raise InputError(f"{src.spec} is a core of an {theirs.name} machine, but "
+                             f"{root} describes an {a.name} one")
+    return a.discover(root, src, flavour)
 
 
 def _discover_x86_64(root: Path, src: MemorySource, flavour: str) -> System:
@@ -316,7 +323,7 @@ class SegmentKcoreList:
 def classify_segment(vaddr: int, paddr: int, amap: AddressMap) -> tuple[KcoreType, str]:
     """The kclist type of a real kcore PT_LOAD, from its addresses."""
     if paddr != ALL_ONES:
-        if vaddr >= X86_64_START_KERNEL_MAP:
+        if vaddr == amap.text_start and amap.text_end > amap.text_start:
             return KcoreType.TEXT, ""
         return KcoreType.RAM, ""
     if vaddr == amap.vmalloc_start:
@@ -335,27 +342,9 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
     if not vmci:
         raise InputError(f"{src.path}: no VMCOREINFO note (kernel older than 4.19?)")
     info = VmcoreInfo.parse(vmci)
-    segs = list(src.segments)
-    text = next((s for s in segs if s.paddr != ALL_ONES and s.vaddr >= X86_64_START_KERNEL_MAP),
-                None)
-    ram = [s for s in segs if s.paddr != ALL_ONES and s.vaddr < X86_64_START_KERNEL_MAP]
-    vmalloc = [s for s in segs if s.paddr == ALL_ONES and s.vaddr < X86_64_START_KERNEL_MAP]
-    levels = 5 if info.number("pgtable_l5_enabled") else 4
-    phys_base = info.number("phys_base") or 0
-    page_offset = (ram[0].vaddr - ram[0].paddr) if ram else None
-    amap = x86_64_map(
-        text_start=text.vaddr if text else 0, text_end=text.vaddr + text.size if text else 0,
-        pgtable_levels=levels, page_offset=page_offset,
-        vmalloc_start=vmalloc[0].vaddr if vmalloc else None,
-        vmemmap_start=min((s.vaddr for s in vmalloc[1:]), default=None),
-        phys_base=phys_base,
-        kernel_image_size=info.number("KERNEL_IMAGE_SIZE") or X86_64_KERNEL_IMAGE_SIZE,
-        struct_page_size=info.size("page") or 64,
-        pgd_paddr=None,
-    )
-    pgd = info.symbol("init_top_pgt")
-    if pgd is not None:
-        amap = amap.with_(pgd_paddr=amap.pa_symbol(pgd))
+    from kcore import arch
+
+    amap = arch.by_machine(src.core.e_machine, src.path).kcore_map(info, list(src.segments))
 
     opened = [False]
 
@@ -377,6 +366,31 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
                   osrelease=osrelease or info.osrelease or "",
                   task_struct_size=len(task) if task else 0,
                   kclist=SegmentKcoreList(load, amap), task_struct=task, flavour=flavour)
+
+
+def x86_64_kcore_map(info: VmcoreInfo, segs: list[Any]) -> AddressMap:
+    """x86-64: the address map of a real kcore, from its program headers and VMCOREINFO."""
+    text = next((s for s in segs if s.paddr != ALL_ONES and s.vaddr >= X86_64_START_KERNEL_MAP),
+                None)
+    ram = [s for s in segs if s.paddr != ALL_ONES and s.vaddr < X86_64_START_KERNEL_MAP]
+    vmalloc = [s for s in segs if s.paddr == ALL_ONES and s.vaddr < X86_64_START_KERNEL_MAP]
+    levels = 5 if info.number("pgtable_l5_enabled") else 4
+    phys_base = info.number("phys_base") or 0
+    page_offset = (ram[0].vaddr - ram[0].paddr) if ram else None
+    amap = x86_64_map(
+        text_start=text.vaddr if text else 0, text_end=text.vaddr + text.size if text else 0,
+        pgtable_levels=levels, page_offset=page_offset,
+        vmalloc_start=vmalloc[0].vaddr if vmalloc else None,
+        vmemmap_start=min((s.vaddr for s in vmalloc[1:]), default=None),
+        phys_base=phys_base,
+        kernel_image_size=info.number("KERNEL_IMAGE_SIZE") or X86_64_KERNEL_IMAGE_SIZE,
+        struct_page_size=info.size("page") or 64,
+        pgd_paddr=None,
+    )
+    pgd = info.symbol("init_top_pgt")
+    if pgd is not None:
+        amap = amap.with_(pgd_paddr=amap.pa_symbol(pgd))
+    return amap
 
 
 __all__ = ["System", "discover"]

@@ -34,6 +34,8 @@ class Arch:
     discover: Callable[[Path, MemorySource, str], System]
     # walker(system, source) -> a page walker of the kernel's page tables, or None
     walker: Callable[[Any, Any], Any]
+    # kcore_map(vmcoreinfo, segments) -> AddressMap: the map of a real /proc/kcore
+    kcore_map: Callable[[Any, list], Any]
 
 
 def _x86_discover(root: Path, src: MemorySource, flavour: str) -> System:
@@ -53,6 +55,18 @@ def _x86_walker(system: Any, source: Any) -> Any:
     return PageWalker.for_source(source, amap.pgd_paddr, amap.pgtable_levels, sme_mask=sme)
 
 
+def _x86_kcore_map(info: Any, segs: list) -> Any:
+    from kcore.discover import x86_64_kcore_map
+
+    return x86_64_kcore_map(info, segs)
+
+
+def _arm64_kcore_map(info: Any, segs: list) -> Any:
+    from kcore.arch.arm64 import kcore_map
+
+    return kcore_map(info, segs)
+
+
 def _arm64_discover(root: Path, src: MemorySource, flavour: str) -> System:
     from kcore.arch.arm64 import discover
 
@@ -65,16 +79,17 @@ def _arm64_walker(system: Any, source: Any) -> Any:
     return walker(system, source)
 
 
-def _arch(name: str, discover: Callable, walker: Callable) -> Arch:
+def _arch(name: str, discover: Callable, walker: Callable, kcore_map: Callable) -> Arch:
     """A record whose ELF numbers come from the wire module (kcore.elf)."""
-    return Arch(name, EM_BY_ARCH[name], PRSTATUS_SIZE[name], PRPSINFO.size, discover, walker)
+    return Arch(name, EM_BY_ARCH[name], PRSTATUS_SIZE[name], PRPSINFO.size, discover, walker,
+                kcore_map)
 
 
 # arm64's struct elf_prstatus (34 registers: x0-x30, sp, pc, pstate) is 392 bytes, as the
 # real /proc/kcore of Debian's 6.1 and 6.12 arm64 kernels shows.
 ARCHES: dict[str, Arch] = {
-    "x86_64": _arch("x86_64", _x86_discover, _x86_walker),
-    "aarch64": _arch("aarch64", _arm64_discover, _arm64_walker),
+    "x86_64": _arch("x86_64", _x86_discover, _x86_walker, _x86_kcore_map),
+    "aarch64": _arch("aarch64", _arm64_discover, _arm64_walker, _arm64_kcore_map),
 }
 ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 

@@ -227,6 +227,14 @@ def walker(system: Any, source: Any) -> Arm64PageWalker | None:
     return walker
 
 
+def kcore_map(info: Any, segs: list) -> AddressMap:
+    """The address map of a real arm64 /proc/kcore: VMCOREINFO, the text from its PT_LOAD."""
+    modules = _need(info, "MODULES_VADDR") & ULONG_MAX
+    text = next((s for s in segs if s.paddr != ULONG_MAX and s.vaddr >= modules), None)
+    syms = {"_text": text.vaddr, "_end": text.vaddr + text.size} if text else {}
+    return address_map(info, syms, "")
+
+
 def discover(root: Path, src: Any, flavour: str) -> Any:
     """An arm64 System from a system root (proc/, sys/ files) and a memory source."""
     from kcore import discover as d

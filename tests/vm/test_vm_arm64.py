@@ -38,9 +38,9 @@ def test_harness_reads_real_arm64_kcore(arm64_guest: Guest, tmp_path: Path) -> N
     assert starts[0] == ram[0] == g.vm.arch.ram_base
 
 
-def _kcore_ranges(g: Guest, image: Path) -> dict:
-    """`kcore ranges --json` of the guest's files and its paused RAM."""
-    r = host_kcore("ranges", "--json", "--root", str(g.root), "--source", f"raw:{image}")
+def _kcore_ranges(g: Guest, source: str) -> dict:
+    """`kcore ranges --json` of the guest's files and its paused memory."""
+    r = host_kcore("ranges", "--json", "--root", str(g.root), "--source", source)
     assert r.returncode == 0, r.stderr.decode()
     return json.loads(r.stdout)
 
@@ -50,11 +50,15 @@ def test_ranges_and_header_equal_real_arm64_kcore(arm64_guest: Guest, tmp_path: 
     the header bytes (the reading task's NT_TASKSTRUCT aside) are the real arm64 kcore's."""
     g = arm64_guest
     out = tmp_path / "head.bin"
+    core = tmp_path / "qemu.core"
     with g.vm.paused(), g.vm.physical_image() as image:
-        ours = _kcore_ranges(g, image)
+        ours = _kcore_ranges(g, f"raw:{image}")
         r = host_kcore("header", "--root", str(g.root), "--source", f"raw:{image}",
                        "-o", str(out))
+        g.vm.dump_guest_memory(core)
     assert r.returncode == 0, r.stderr.decode()
+    # QEMU's own core of the guest (EM_AARCH64, physical addresses) as the source too
+    assert _kcore_ranges(g, f"elf:{core}") == ours
     rows = [(int(x["vaddr"], 16), int(x["paddr"], 16), int(x["size"], 16), int(x["offset"], 16))
             for x in ours["ranges"]]
     assert rows == [(p["p_vaddr"], p["p_paddr"], p["p_filesz"], p["p_offset"]) for p in loads(g)]
