@@ -388,6 +388,7 @@ def estimate_sizes(system: Any) -> dict[str, dict[str, int]]:
     from kcore.formats.plan import Request
 
     out: dict[str, dict[str, int]] = {}
+    text = 0
     for name, fmt in FORMATS.items():
         if getattr(fmt, "write", None) is not None:
             continue  # compressing formats (kdump, avml) write themselves: no plan to size
@@ -398,6 +399,17 @@ def estimate_sizes(system: Any) -> dict[str, dict[str, int]]:
             continue
         space = plan.size if not fmt.sparse else plan.space_needed  # zeros written
         out[name] = {"size": plan.size, "space": space}
+        if name == "elf":
+            text = sum(r["size"] for r in plan.ranges if r.get("kind") == "text")
+    try:  # -d 31 (the kernel's own pages): classify the mem_map, as dump --estimate does
+        from kcore import dumplevel
+
+        filtered = dumplevel.apply(system, system.source, 31)
+        size = (filtered.held_pages() * filtered.classes.page_size
+                + dumplevel.header_bytes(filtered, "elf") + text)  # text is dumped twice
+        out["elf -d 31"] = {"size": size, "space": size}
+    except (KcoreError, OSError, AttributeError, ValueError):
+        pass  # a kernel whose VMCOREINFO lacks what -d needs: no estimate
     return out
 
 

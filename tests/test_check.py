@@ -26,6 +26,11 @@ def test_check_a_capture_with_its_memory(tmp_path: Path) -> None:
     assert 500 << 20 < rep["sizes"]["lime"]["size"] < 513 << 20
     assert rep["sizes"]["padded"]["space"] == rep["sizes"]["padded"]["size"]
     assert rep["free_bytes"] > 0 and str(tmp_path) in rep["command"]
+    # -d 31's estimate bounds what the dump then writes, and is well below the whole RAM.
+    r = run_kcore("dump", "-q", "--json", "-d", "31", "--root", str(root), "--source",
+                  f"elf:{mem}", "-o", "/dev/null")
+    written = json.loads(r.stdout)["bytes"]
+    assert written <= rep["sizes"]["elf -d 31"]["size"] < rep["sizes"]["elf"]["size"] // 2
 
 
 def _root(tmp_path: Path, lockdown: str | None, kcore: bytes | None) -> Path:

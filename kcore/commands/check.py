@@ -73,10 +73,11 @@ def _print_human(rep: Any) -> None:
     if rep.verdict:
         lines.append(f"verdict     a dump would work (source {rep.chosen})")
         if rep.sizes:
-            lines.append("sizes       (upper bounds: zero runs take less in elf and lime)")
+            lines.append("sizes       (upper bounds: zero runs take less in elf and lime; "
+                         "-d 31 keeps the kernel's own pages)")
         for fmt, s in rep.sizes.items():
             extra = f", {human(s['space'])} on disk at most" if s["space"] != s["size"] else ""
-            lines.append(f"  {fmt:<7} {human(s['size'])}{extra}")
+            lines.append(f"  {fmt:<9} {human(s['size'])}{extra}")
         free = human(rep.free_bytes) if rep.free_bytes is not None else "unknown"
         lines.append(f"free        {free} in {rep.output_dir}")
         lines.append(f"run         {rep.command}")
