@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kcore.addrmap import ALL_ONES, AddressMap
+from kcore.errors import InputError
 from kcore.kclist import KcoreEntry, KcoreType
 from kcore.wire.elf import (
     CORE_NAME,
@@ -151,4 +153,9 @@ def build_notes(system: System, flavour: str = "modern") -> bytes:
 
 def build_header(system: System, flavour: str = "modern") -> KcoreHeader:
     """The header region /proc/kcore would start with, for a discovered system."""
-    return build_header_from(system.kclist.entries, system.addrmap, note_inputs(system), flavour)
+    try:
+        return build_header_from(system.kclist.entries, system.addrmap, note_inputs(system),
+                                 flavour)
+    except struct.error as exc:  # a value from the root files or VMCOREINFO is out of range
+        raise InputError(f"a kcore header field cannot hold a value the system gives ({exc}): "
+                         f"the root files or VMCOREINFO are corrupt") from None

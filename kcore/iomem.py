@@ -35,6 +35,8 @@ def parse_iomem(text: str, where: str = "proc/iomem") -> Iomem:
         if not m:
             raise InputError(f"{where}:{n}: malformed line {line.strip()[:60]!r}")
         start, end = int(m.group(2), 16), int(m.group(3), 16)
+        if end >= 1 << 64:
+            raise InputError(f"{where}:{n}: address {end:#x} does not fit in 64 bits")
         if end < start:
             raise InputError(f"{where}:{n}: range end {end:#x} is below its start {start:#x}")
         if not m.group(1):

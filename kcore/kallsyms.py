@@ -32,10 +32,10 @@ def parse_kallsyms(text: str, wanted: Iterable[str] = KALLSYMS_WANTED,
             start = text.rfind("\n", 0, at) + 1
             addr, _, kind = text[start:at].partition(" ")
             if len(kind) == 1:  # "ADDR T": a core-kernel symbol, not part of a longer name
-                try:
-                    found[name] = int(addr, 16)
-                except ValueError:
-                    raise InputError(f"{where}: bad address {addr[:20]!r} of {name}") from None
+                if not 1 <= len(addr) <= 16 or addr.strip("0123456789abcdefABCDEF"):
+                    raise InputError(f"{where}: bad address {addr[:20]!r} of {name} "
+                                     f"(a 64-bit hex address)")
+                found[name] = int(addr, 16)
                 break
             at = text.find(f" {name}\n", at + 1)
     first = required[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import errno
 import io
 import os
 import threading
@@ -220,7 +221,7 @@ class KcoreFile(io.RawIOBase):
             with lock:
                 pos = self._pos
                 if size is None or size < 0:  # to st_size: the kernel's kcore has no EOF
-                    n = stsize - pos
+                    n = _whole(stsize - pos)
                 else:
                     n = end_ - pos
                     if size < n:
@@ -344,7 +345,7 @@ class KcoreFile(io.RawIOBase):
         with self._pos_lock:
             pos = self._pos
             if size is None or size < 0:  # to st_size: the kernel's kcore has no EOF
-                n = self._size - pos
+                n = _whole(self._size - pos)
             else:
                 n = min(size, self._end - pos)
             if n <= 0:
@@ -408,6 +409,19 @@ class KcoreFile(io.RawIOBase):
             if self._owns:
                 self.system.close()
         super().close()
+
+
+def _whole(n: int) -> int:
+    """n, the length of a read to the end, when this machine's memory can hold it."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - not Linux
+        ram = 1 << 40
+    if n > ram:
+        raise OSError(errno.EFBIG, f"read() to the end would return {n:#x} bytes, more than "
+                      f"this machine's memory (the file is as large as the kernel's address "
+                      f"space): give read() a size, or use pread()")
+    return n
 
 
 def _closed_pread(length: int, offset: int) -> bytes:

@@ -97,8 +97,8 @@ def page_rules(info: Any, level: int) -> Any:
     r.dump_level = level
 
     def off(name: str) -> int:
-        v = info.values.get(f"OFFSET({name})")
-        return int(v) if v is not None else -1
+        v = info.offset(name)
+        return v if v is not None else -1
 
     def num(name: str) -> int | None:
         return info.number(name)
@@ -149,8 +149,7 @@ def page_rules(info: Any, level: int) -> Any:
         r.hugetlb_dtor = dtor_id & ((1 << 64) - 1)
         known |= lib.KC_KNOW_HUGETLB_DTOR
     r.known = known
-    length = info.values.get("LENGTH(zone.free_area)")
-    r.free_area_length = int(length) if length is not None else 0
+    r.free_area_length = info.length("zone.free_area") or 0
     return r
 
 
@@ -209,7 +208,7 @@ def mem_map_sections(system: Any, max_pfn: int) -> list[Section]:
     info = system.vmcoreinfo
     mem_section = info.symbol("mem_section")
     sec_size = info.size("mem_section")
-    map_off = int(info.values.get("OFFSET(mem_section.section_mem_map)", "0"))
+    map_off = info.offset("mem_section.section_mem_map") or 0
     page_size = system.addrmap.page_size
     struct_page = info.size("page") or 64
     section_bits = info.number("SECTION_SIZE_BITS") or X86_64_SECTION_SIZE_BITS
@@ -223,8 +222,8 @@ def mem_map_sections(system: Any, max_pfn: int) -> list[Section]:
     nr_sections = -(-max_pfn // per_section)
     per_root = page_size // sec_size  # _SECTIONS_PER_ROOT_EXTREME
     nr_mem_sections = 1 << (physmem_bits - section_bits)
-    length = info.values.get("LENGTH(mem_section)")
-    extreme = length is None or int(length) == -(-nr_mem_sections // per_root)
+    length = info.length("mem_section")
+    extreme = length is None or length == -(-nr_mem_sections // per_root)
     tr = Translator(system)
 
     def decode(root_array: int | None) -> list[Section] | None:

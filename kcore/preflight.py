@@ -303,7 +303,7 @@ def _paging(root: Path, info: Any) -> str:
 
 def _kaslr(root: Path, info: Any, text_addr: int | None) -> str:
     if info is not None and info.get("KERNELOFFSET") is not None:
-        off = int(info.get("KERNELOFFSET") or "0", 16)
+        off = info.kerneloffset
         return f"on (KERNELOFFSET {off:#x})" if off else "off (KERNELOFFSET 0)"
     if text_addr is not None:
         off = text_addr - DEFAULT_TEXT_BASE

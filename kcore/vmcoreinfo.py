@@ -10,6 +10,9 @@ from kcore.wire.elf import NHDR, VMCOREINFO_NAME, align4
 
 MAX_VMCOREINFO_BYTES = 1 << 16  # VMCOREINFO_BYTES is one page; anything far larger is garbage
 
+_HEX = re.compile(r"[0-9a-fA-F]{1,16}")
+_DECIMAL = re.compile(r"[0-9]{1,20}")
+_SIGNED = re.compile(r"-?[0-9]{1,20}")
 _KEY = re.compile(r"^(?:(SYMBOL|SIZE|OFFSET|LENGTH|NUMBER)\((.+)\)|([A-Z_-]+))$")
 
 
@@ -37,19 +40,41 @@ class VmcoreInfo:
         return self.values.get(key, default)
 
     def symbol(self, name: str) -> int | None:
-        """SYMBOL(name), a hex address."""
-        v = self.values.get(f"SYMBOL({name})")
-        return None if v is None else int(v, 16)
+        """SYMBOL(name), a hex address (the kernel writes %lx)."""
+        return self._value(f"SYMBOL({name})", _HEX, 16, "a hex address")
 
     def number(self, name: str) -> int | None:
-        """NUMBER(name), a signed decimal."""
-        v = self.values.get(f"NUMBER({name})")
-        return None if v is None else int(v, 0)
+        """NUMBER(name), a signed decimal (%ld)."""
+        return self._value(f"NUMBER({name})", _SIGNED, 10, "a decimal number")
 
     def size(self, name: str) -> int | None:
-        """SIZE(name), a decimal."""
-        v = self.values.get(f"SIZE({name})")
-        return None if v is None else int(v)
+        """SIZE(name), a decimal (%lu)."""
+        return self._value(f"SIZE({name})", _DECIMAL, 10, "a decimal size")
+
+    def offset(self, name: str) -> int | None:
+        """OFFSET(name), a decimal (%lu)."""
+        return self._value(f"OFFSET({name})", _DECIMAL, 10, "a decimal offset")
+
+    def length(self, name: str) -> int | None:
+        """LENGTH(name), a decimal (%lu)."""
+        return self._value(f"LENGTH({name})", _DECIMAL, 10, "a decimal length")
+
+    @property
+    def pagesize(self) -> int | None:
+        """PAGESIZE, a decimal (%ld)."""
+        return self._value("PAGESIZE", _DECIMAL, 10, "a decimal page size")
+
+    def _value(self, key: str, form: re.Pattern[str], base: int, what: str) -> int | None:
+        """The value of key parsed in base; InputError naming it when it is not `what`."""
+        v = self.values.get(key)
+        if v is None:
+            return None
+        if not form.fullmatch(v):
+            raise InputError(f"VMCOREINFO {key}={v[:40]!r} is not {what}")
+        n = int(v, base)
+        if not -(1 << 63) <= n < 1 << 64:
+            raise InputError(f"VMCOREINFO {key}={v[:40]!r} does not fit in 64 bits")
+        return n
 
     @property
     def osrelease(self) -> str | None:
@@ -59,16 +84,20 @@ class VmcoreInfo:
     @property
     def kerneloffset(self) -> int:
         """KERNELOFFSET: the KASLR slide of the kernel image (0 without KASLR)."""
-        return int(self.values.get("KERNELOFFSET", "0"), 16)
+        return self._value("KERNELOFFSET", _HEX, 16, "a hex offset") or 0
 
 
 def parse_sysfs_vmcoreinfo(text: str, where: str) -> tuple[int, int]:
     """Parse /sys/kernel/vmcoreinfo ("PADDR SIZE", both hex) into (paddr, note buffer size)."""
     parts = text.split()
     try:
-        if len(parts) != 2:
+        # sprintf("%pa %x\n", ...): unsigned hex (the address with 0x), 64 and 32 bits
+        if len(parts) != 2 or not all(_HEX.fullmatch(p.removeprefix("0x")) for p in parts):
             raise ValueError
-        return int(parts[0], 16), int(parts[1], 16)  # sprintf("%lx %x\n", ...)
+        paddr, size = int(parts[0], 16), int(parts[1], 16)
+        if size >= 1 << 32:
+            raise ValueError
+        return paddr, size
     except ValueError:
         raise InputError(f"{where}: expected 'PADDR SIZE', got {text.strip()[:60]!r}") from None
 

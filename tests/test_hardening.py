@@ -450,3 +450,122 @@ def test_hostile_page_tables_stop_a_vmalloc_dump_with_one_line(
     assert r.returncode == 2, err
     assert "page tables" in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "mem.elf").exists()
+
+
+# ---- hostile root files, VMCOREINFO and notes --------------------------------------------------
+
+
+def _replace_all(old: bytes, new: bytes) -> object:
+    """A patch for _patched_image: every old in memory becomes new (the same length)."""
+    assert len(old) == len(new)
+
+    def patch(fd: int, system: object) -> None:
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        at = data.find(old)
+        assert at >= 0, old
+        while at >= 0:
+            os.pwrite(fd, new, at)
+            at = data.find(old, at + 1)
+
+    return patch
+
+
+@pytest.mark.parametrize("old,new,what", [
+    (b"SYMBOL(init_top_pgt)=ffffffff82a10000\n", b"SYMBOL(init_top_pgt)=zzzzzzzzzzzzzzzz\n",
+     "not a hex address"),
+    (b"SIZE(page)=64\n", b"SIZE(page)=0x\n", "not a decimal size"),
+    (b"NUMBER(pgtable_l5_enabled)=0\n", b"NUMBER(pgtable_l5_enabled)=\n\n",
+     "not a decimal number"),
+    (b"NUMBER(KERNEL_IMAGE_SIZE)=1073741824\n", b"NUMBER(KERNEL_IMAGE_SIZE)=9999999999\n",
+     "header field cannot hold"),
+], ids=["symbol-zz", "size-0x", "number-empty", "image-size-too-big"])
+def test_hostile_vmcoreinfo_values_are_one_line_errors(
+        tmp_path: Path, old: bytes, new: bytes, what: str) -> None:
+    """Values that are not numbers of their base, empty, or too big for the header: exit 2."""
+    image = _patched_image(tmp_path, _replace_all(old, new))
+    root, _spec = _nokaslr()
+    r = run_kcore("header", "--root", root, "--source", f"raw:{image}", "-o",
+                  str(tmp_path / "head.bin"))
+    err = r.stderr.decode()
+    assert r.returncode == 2 and what in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def _root_with(tmp_path: Path, rel: str, edit: object) -> Path:
+    """A copy of the nokaslr root with one file changed by edit(text) -> text."""
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(shared_fixture(NOKASLR) / "root", root)
+    f = root / rel
+    f.write_text(edit(f.read_text()))  # type: ignore[operator]
+    return root
+
+
+@pytest.mark.parametrize("rel,edit,what", [
+    ("proc/kallsyms", lambda t: t.replace("ffffffff8",
+                                          "ffffffffffffffffff"[:18 - 16] + "ffffffff8"),
+     "bad address"),
+    ("sys/kernel/vmcoreinfo", lambda t: "-1 1024\n", "expected 'PADDR SIZE'"),
+], ids=["kallsyms-18-digits", "sysfs-minus-one"])
+def test_hostile_root_files_are_one_line_errors(tmp_path: Path, rel: str, edit: object,
+                                                 what: str) -> None:
+    """A kallsyms address too long for 64 bits, a negative vmcoreinfo address: exit 2."""
+    root = _root_with(tmp_path, rel, edit)
+    r = run_kcore("ranges", "--root", str(root), "--source", f"raw:{fixture_memory(NOKASLR)}")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and what in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_vmalloc_without_init_top_pgt_is_an_input_error(tmp_path: Path) -> None:
+    """--vmalloc when VMCOREINFO names no PGD: exit 2 saying so (was 'this build lacks')."""
+    image = _patched_image(tmp_path, _replace_all(b"SYMBOL(init_top_pgt)=",
+                                                  b"SYMBOL(init_top_pgX)="))
+    root, _spec = _nokaslr()
+    r = run_kcore("dump", "--root", root, "--source", f"raw:{image}", "--vmalloc", "-o",
+                  str(tmp_path / "mem.elf"), "-q")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "SYMBOL(init_top_pgt)" in err, err
+    assert "this build lacks" not in err
+
+
+def test_kcore_note_name_without_nul_is_kcores_own_error() -> None:
+    """A kcore: source whose first note's name has no NUL in n_namesz: an ELF format error."""
+    import json
+
+    name = FIXTURE_NAMES[1]
+    fx = shared_fixture(name)
+    exp = json.loads((fx / "expected/kcore.json").read_text())
+    head = bytearray((fx / "expected/kcore-head-64k.bin").read_bytes())
+    phoff = struct.unpack_from("<Q", head, 32)[0]
+    p_type, _flags, p_offset = struct.unpack_from("<IIQ", head, phoff)
+    assert p_type == 4  # PT_NOTE first, as fs/proc/kcore.c writes it
+    namesz = struct.unpack_from("<I", head, p_offset)[0]
+    head[p_offset + 12 + namesz - 1] = ord("X")  # "CORE\0" -> "COREX"
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no tmpfs at /dev/shm for a 128 TiB sparse file")
+    path = Path("/dev/shm") / f"kcore-test-nonul-{os.getpid()}"
+    try:
+        with open(path, "wb") as f:
+            f.truncate(exp["kcore_st_size"])
+            f.write(head)
+        r = run_kcore("ranges", "--root", str(fx / "root"), "--source", f"kcore:{path}")
+    finally:
+        path.unlink(missing_ok=True)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "no NUL" in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_kcorefile_read_without_a_size_is_a_clear_error() -> None:
+    """read() of a ~128 TiB file: OSError(EFBIG) saying why, not a MemoryError."""
+    import errno
+
+    root, spec = _nokaslr()
+    with kcore.open(root, spec) as f:
+        with pytest.raises(OSError) as exc:
+            f.read()
+        assert exc.value.errno == errno.EFBIG and "give read() a size" in str(exc.value)
+        f.seek(0)
+        assert f.read(16)[:4] == b"\x7fELF"

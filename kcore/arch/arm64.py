@@ -63,7 +63,7 @@ def _need(info: Any, key: str) -> int:
 
 def address_map(info: Any, syms: dict[str, int], iomem_text: str) -> AddressMap:
     """The arm64 kernel address map of one boot, from VMCOREINFO, kallsyms and /proc/iomem."""
-    page = int(info.get("PAGESIZE") or PAGE_SIZE)
+    page = info.pagesize or PAGE_SIZE
     if page != PAGE_SIZE:
         raise InputError(f"arm64 kernel with {page // 1024} KiB pages: kcore supports 4 KiB "
                          "pages only")

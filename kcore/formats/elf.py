@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kcore.addrmap import ALL_ONES
-from kcore.errors import FaultError, OutputError
+from kcore.errors import FaultError, InputError, OutputError
 from kcore.formats import Format
 from kcore.formats.pages import mapped_segment
 from kcore.formats.plan import Blob, Copy, Item, Plan, Request
@@ -47,8 +47,9 @@ def segments(req: Request) -> list[Segment]:
         elif kind in ("vmalloc", "modules") and getattr(req, kind):
             seg = mapped_segment(req, kind, e.vaddr, e.size)
             if seg is None:
-                raise OutputError(f"--{kind} needs the page-table walker (kcore.vmem), "
-                                  f"which this build lacks")
+                raise InputError(f"--{kind} needs the kernel page tables, and VMCOREINFO has "
+                                 f"no SYMBOL(init_top_pgt) (swapper_pg_dir on arm64) to find "
+                                 f"them: dump without --{kind}")
             out.extend(mapped_only(seg))
         elif kind == "ram":
             out.append(Segment.linear("ram", e.vaddr, e.paddr, e.size))

@@ -119,6 +119,10 @@ def parse_notes(data: bytes, base: int, path: str) -> list[tuple[bytes, int, byt
         end = desc_at + align4(descsz)
         if desc_at + descsz > len(data):
             raise ElfFormatError(f"{path}: truncated note at offset {base + pos:#x}")
+        if namesz and data[name_at + namesz - 1] != 0:
+            raise ElfFormatError(f"{path}: note name {data[name_at:name_at + namesz][:16]!r} "
+                                 f"at offset {base + pos:#x} has no NUL in its n_namesz "
+                                 f"{namesz}")
         name = data[name_at:name_at + namesz].rstrip(b"\0")
         out.append((name, ntype, data[desc_at:desc_at + descsz]))
         if namesz == 0 and descsz == 0 and ntype == 0:
