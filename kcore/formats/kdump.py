@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,24 +198,25 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     head = bytearray(header.pack().ljust(page, b"\0"))
     head += sub.pack() + notes
     head += bytes(geo.bitmap_offset - len(head))
-    head += diskdump.bitmap_of(present, geo.bitmap_len)
-    head += diskdump.bitmap_of(keep, geo.bitmap_len)
 
     seekable = out.seekable
     if seekable:
         out.check_space(geo.data_offset + page + npages * page, estimate=True)
     sink: FileSink | FlatSink = FileSink(out.fd) if seekable else FlatSink(out.fd)
     sink.put(0, head)
+    # one bitmap at a time (32 MiB each for 1 TiB of RAM)
+    sink.put(geo.bitmap_offset, diskdump.bitmap_of(present, geo.bitmap_len))
+    sink.put(geo.bitmap_offset + geo.bitmap_len, diskdump.bitmap_of(keep, geo.bitmap_len))
     zero_offset = geo.data_offset
     sink.put(zero_offset, bytes(page))  # the one page every zero page's descriptor points at
 
-    jobs = []  # (paddr, pages, index of the first descriptor)
-    index = 0
-    for first, n in keep:
-        for k in range(0, n, BATCH_PAGES):
-            m = min(BATCH_PAGES, n - k)
-            jobs.append(((first + k) * page, m, index))
-            index += m
+    def jobs() -> Iterator[tuple[int, int]]:
+        """(first PFN, pages) of each batch, made as they are taken (bounded memory)."""
+        for first, n in keep:
+            for k in range(0, n, BATCH_PAGES):
+                yield first + k, min(BATCH_PAGES, n - k)
+
+    next_desc = 0  # descriptors are written in batch order: the next one's index
     threads = max(1, req.threads)
     depth = min(MAX_SLOTS, threads + 2)
     bound = codecs.compress_bound(BATCH_PAGES, page)
@@ -225,17 +226,17 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     data_pos = zero_offset + page
     result = Compression(codec.name, npages * page, 0)
 
-    def work(j: int, _n: int, slot: int) -> tuple[Any, int]:
-        paddr, m, _index = jobs[j]
+    def work(pfn: int, m: int, slot: int) -> tuple[Any, int]:
         src, dst, descs = slots[slot]
         view = memoryview(src)[:m * page]
-        st = req.source.readinto_phys(paddr, view, strict=req.strict)
+        st = req.source.readinto_phys(pfn * page, view, strict=req.strict)
         return st, codecs.compress_pages(codec, view, m, page, dst, descs)
 
-    def done(j: int, _n: int, slot: int, res: tuple[Any, int]) -> None:
-        nonlocal data_pos, stats
+    def done(_pfn: int, m: int, slot: int, res: tuple[Any, int]) -> None:
+        nonlocal data_pos, stats, next_desc
         st, used = res
-        _paddr, m, first_desc = jobs[j]
+        first_desc = next_desc
+        next_desc += m
         _src, dst, descs = slots[slot]
         stats += st
         codecs.rebase(descs, m, data_pos, zero_offset)
@@ -247,7 +248,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
         if progress is not None:
             progress(m * page)
 
-    engine.run_ordered(((j, 1) for j in range(len(jobs))), work, done, threads, depth)
+    engine.run_ordered(jobs(), work, done, threads, depth)
     stats.bytes_written = data_pos
     extra = sink.close()
     size = data_pos if seekable else extra
