@@ -15,7 +15,15 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CACHE, FIXTURE_NAMES, REPO, fixture_memory, shared_fixture, volatility_cmd
+from conftest import (
+    CACHE,
+    FIXTURE_NAMES,
+    REPO,
+    fixture_memory,
+    run_kcore,
+    shared_fixture,
+    volatility_cmd,
+)
 from test_dump import dump, expected, expected_bytes
 
 pytestmark = pytest.mark.consumers
@@ -49,6 +57,12 @@ def images(tmp_path_factory) -> dict[str, tuple[str, str]]:
     if has_kdump():  # kdump-compressed: a format Volatility does not read itself
         dump(NOKASLR, folder / "mem.kdump", "--format", "kdump")
         out["kdump"] = (NOKASLR, str(folder / "mem.kdump"))
+        with open(folder / "mem.flat", "wb") as flat:  # -o -: makedumpfile's flattened format
+            r = run_kcore("dump", "--root", str(shared_fixture(NOKASLR) / "root"), "--source",
+                          f"raw:{fixture_memory(NOKASLR)}", "--format", "kdump", "--quiet",
+                          "-o", "-", stdout=flat, stderr=subprocess.PIPE, capture_output=False)
+        assert r.returncode == 0, r.stderr
+        out["flattened"] = (NOKASLR, str(folder / "mem.flat"))
     return out
 
 
@@ -107,7 +121,7 @@ def stacked(image: str):
     return ctx, layer
 
 
-@pytest.mark.parametrize("kind", ["lime", "kcore-elf", "raw", "qemu-elf", "kdump"])
+@pytest.mark.parametrize("kind", ["lime", "kcore-elf", "raw", "qemu-elf", "kdump", "flattened"])
 def test_layer_reads_as_the_real_kcore(images, kind):
     """The layer's physical bytes: the first RAM range as the real /proc/kcore read it;
     holes are InvalidAddressException, or zeros with pad, as Volatility's layers do."""
@@ -116,7 +130,8 @@ def test_layer_reads_as_the_real_kcore(images, kind):
     name, path = image(images, kind)
     _ctx, layer = stacked(path)
     assert layer.source_spec.split(":")[0] == {"lime": "lime", "raw": "raw", "kcore-elf": "elf",
-                                               "qemu-elf": "elf", "kdump": "kdump"}[kind]
+                                               "qemu-elf": "elf", "kdump": "kdump",
+                                               "flattened": "kdump"}[kind]
     # kcore's LiME dumps leave zero runs out: there those are holes, read as zeros with pad
     pad = kind == "lime"
     real = expected_bytes(name, "kcore-ram0.bin")  # phys 0x1000, read through the real kcore
