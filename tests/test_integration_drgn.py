@@ -167,3 +167,22 @@ def test_kcore_drgn_interactive_shell(vmlinux, tmp_path):
     os.close(primary)
     assert b"comm: swapper/0" in out, out[-2000:]
     assert b">>> " in out  # drgn's prompt
+
+
+def test_kdump_source_gives_the_same_tasks(vmlinux, tmp_path):
+    """drgn through kcore on kcore's kdump-compressed dump of a capture lists the tasks that
+    drgn through kcore lists on the capture's own memory."""
+    from kcore.formats import FORMATS
+    from kcore.integrations.drgn import program
+
+    if "kdump" not in FORMATS:
+        pytest.skip("kcore has no kdump format here")
+    name = FIXTURE_NAMES[0]
+    root = str(shared_fixture(name) / "root")
+    dump(name, tmp_path / "mem.kdump", "--format", "kdump")
+    on_kdump = program(root, f"kdump:{tmp_path / 'mem.kdump'}", symbols=[str(vmlinux)],
+                       default_symbols=False)
+    on_ram = program(root, source_spec(name), symbols=[str(vmlinux)], default_symbols=False)
+    assert on_kdump["linux_banner"].string_().startswith(b"Linux version 6.1.0-56-amd64")
+    assert tasks(on_kdump) == tasks(on_ram)
+    assert len(tasks(on_ram)[0]) > 40
