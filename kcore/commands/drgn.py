@@ -58,10 +58,10 @@ def _split(words: list[str]) -> tuple[str | None, list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     """Build the Program through kcore, then hand it to drgn's shell, a script or -e code."""
-    from kcore.integrations.drgn import _drgn, program
+    from kcore.integrations.drgn import _import_drgn, program
 
     code, script = _split(list(args.drgn_args))
-    _drgn()  # drgn installed, or an error that says how to install it
+    _import_drgn()  # drgn installed, or an error that says how to install it
     import drgn
     import drgn.cli
 

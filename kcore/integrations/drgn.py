@@ -35,7 +35,7 @@ _PAGE = 4096
 _PAGE_MASK = _PAGE - 1
 
 
-def _drgn() -> Any:
+def _import_drgn() -> Any:
     return require("drgn", "drgn")
 
 
@@ -83,7 +83,7 @@ def attach(prog: _drgn.Program, kfile: KcoreFile, *, live: bool | None = None) -
 
     Live kernels are read afresh each time; other sources through a page cache.
     """
-    drgn = _drgn()
+    drgn = _import_drgn()
     live = is_live(kfile) if live is None else live
     cache: dict[int, bytes] | None = None if live else {}
     loads = [(entry, offset) for entry, offset in kfile.header.loads if entry.size > 0]
@@ -105,7 +105,7 @@ def load_debug_info(prog: _drgn.Program, symbols: Sequence[str] = (), *,
 
     Returns None when the kernel's own debug info is loaded, else why not (one line).
     """
-    drgn = _drgn()
+    drgn = _import_drgn()
     try:
         prog.load_debug_info(list(symbols), default=default, main=True)
     except drgn.MissingDebugInfoError as exc:
@@ -129,7 +129,7 @@ def program(root: str = "/", source: Any = "auto", *, symbols: Iterable[str] = (
     /lib/modules). Missing debug info is logged (logger "kcore.drgn"), not an error: the
     Program still reads memory. `debug_info=False` loads none.
     """
-    drgn = _drgn()
+    drgn = _import_drgn()
     import kcore
 
     kfile = kcore.open(root, source)
