@@ -44,8 +44,15 @@ class VmcoreInfo:
         return self._value(f"SYMBOL({name})", _HEX, 16, "a hex address")
 
     def number(self, name: str) -> int | None:
-        """NUMBER(name), a signed decimal (%ld)."""
-        return self._value(f"NUMBER({name})", _SIGNED, 10, "a decimal number")
+        """NUMBER(name), a signed decimal (%ld), or 0x hex (%llx) as arm64's own numbers are
+        written (kimage_voffset, PHYS_OFFSET, TCR_EL1_T1SZ, MODULES_VADDR...)."""
+        key = f"NUMBER({name})"
+        v = self.values.get(key)
+        if v is not None and v.startswith("0x"):
+            if not _HEX.fullmatch(v[2:]):
+                raise InputError(f"VMCOREINFO {key}={v[:40]!r} is not a hex number")
+            return int(v, 16)
+        return self._value(key, _SIGNED, 10, "a decimal number")
 
     def size(self, name: str) -> int | None:
         """SIZE(name), a decimal (%lu)."""
