@@ -101,6 +101,13 @@ def file_size(fd: int) -> int:
 
 def pread_exact(fd: int, offset: int, length: int, path: str, what: str) -> bytes:
     """Read exactly `length` bytes of metadata at `offset`, or raise SourceError naming both."""
+    if offset < 0 or length < 0 or offset + length > (1 << 63) - 1:
+        raise SourceError(f"{path}: {what} at offset {offset:#x} (length {length:#x}) lies "
+                          f"beyond any file")
+    size = file_size(fd)  # a hostile length must not cost its size in memory
+    if size and offset + length > size:
+        raise SourceError(f"{path}: truncated {what} at offset {offset:#x} (needs {length:#x} "
+                          f"bytes, the file ends at {size:#x})")
     try:
         data = os.pread(fd, length, offset)
     except OSError as exc:
