@@ -180,3 +180,28 @@ def test_foreign_elf_machine_is_refused(fx: Fixture, elf_dump: Path, tmp_path: P
         err = r.stderr.decode()
         assert r.returncode == 2, err
         assert len(err.strip().splitlines()) == 1 and words in err, err
+
+
+def test_kcore_format_dump_is_the_real_kcore(fx: Fixture) -> None:
+    """`--format kcore`: a sparse file of the real kcore's size whose header and stable
+    regions are the real kcore's bytes (tmpfs: arm64's kcore is 252 TiB or more)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm for a sparse 252 TiB file")
+    out = shm / f"kcore-test-arm64-{os.getpid()}.kcore"
+    try:
+        r = run_kcore("dump", "--root", str(fx.root), "--source", fx.source, "--format",
+                      "kcore", "-o", str(out))
+        assert r.returncode == 0, r.stderr.decode()
+        assert out.stat().st_size == fx.kcore["st_size"]
+        with open(out, "rb") as f:
+            head = f.read(fx.kcore["data_offset"])
+            real = (fx.dir / "kcore-head.bin").read_bytes()
+            assert _header_without_task(head, fx) == _header_without_task(real, fx)
+            for reg, data in zip(fx.reads["regions"], fx.real, strict=True):
+                if reg["strict"]:
+                    f.seek(reg["offset"])
+                    assert f.read(reg["length"]) == data, reg["what"]
+    finally:
+        for p in (out, Path(f"{out}.sha256"), Path(f"{out}.json")):
+            p.unlink(missing_ok=True)
