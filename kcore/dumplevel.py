@@ -38,7 +38,12 @@ class Filtered:
     def held_pages(self) -> int:
         """RAM pages the view holds (kept by the mem_map classes), before zero elision."""
         page = self.classes.page_size
-        return sum(e.length for e in self.source.extents) // page
+        total = 0
+        for e in self.source.extents:  # clipped to RAM: a source may hold more (QEMU's ROMs)
+            for lo, n in self.ram:
+                a, b = max(e.paddr, lo), min(e.paddr + e.length, lo + n)
+                total += max(0, b - a)
+        return total // page
 
     def counts(self, zero: int | None = None) -> dict[str, int]:
         """Pages left out per class (zero: pages of zeros left out, when known)."""
