@@ -7,6 +7,10 @@ from typing import Any
 
 from kcore.pageclass import (
     CLASSES,
+    DL_CACHE,
+    DL_CACHE_PRI,
+    DL_FREE,
+    DL_USER,
     DL_ZERO,
     PageClasses,
     classify,
@@ -116,3 +120,25 @@ def header_bytes(filtered: Filtered, fmt: str) -> int:
     if fmt == "lime":
         return 32 * runs
     return 0
+
+
+def level_table(system: Any, level: int, filtered: Filtered) -> dict[str, int]:
+    """RAM pages each even dump level keeps (zero pages not counted out), from one walk.
+
+    The classes are the same at every level (makedumpfile's if-chain gives a page one
+    class whatever the level; hwpoison and offline pages go at all of them), so one
+    classification with every class on gives them all. Odd levels add the zero pages,
+    which only a scan of the pages a level keeps can count.
+    """
+    full = level | DL_CACHE | DL_CACHE_PRI | DL_USER | DL_FREE
+    classes = filtered.classes if full == level else classify(system, full, filtered.ram)
+    c = classes.counts
+    ram = sum(n for _a, n in filtered.ram) // classes.page_size
+    always = c["hwpoison"] + c["offline"]
+    table = {}
+    for lv in range(0, 32, 2):
+        out = always + (c["free"] if lv & DL_FREE else 0) + (c["user"] if lv & DL_USER else 0)
+        out += c["cache"] if lv & (DL_CACHE | DL_CACHE_PRI) else 0
+        out += c["cache_private"] if lv & DL_CACHE_PRI else 0
+        table[str(lv)] = ram - out
+    return table

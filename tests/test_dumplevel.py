@@ -89,6 +89,10 @@ def test_mem_map_classes_equal_makedumpfile_bitmap(dense, level, tmp_path):
     assert excluded["zero"] == 0
     # the text PT_LOAD's frames are RAM frames: the set counts them once
     assert summary["dump_level"]["pages_kept"] == pagesets.pages(held)
+    # --estimate's table gives makedumpfile's count for this level too
+    r = run_kcore("dump", "--root", str(root), "--source", f"elf:{core}", "--estimate",
+                  "-d", str(level), "--json")
+    assert json.loads(r.stdout)["levels"][str(level)] == pagesets.pages(bitmap)
 
 
 def test_estimate_equals_the_dump_that_follows(dense, tmp_path):
@@ -104,6 +108,9 @@ def test_estimate_equals_the_dump_that_follows(dense, tmp_path):
     assert estimate["dump_level"]["pages_kept"] == done["pages_kept"]
     # and the file holds exactly those pages
     assert pagesets.pages(pagesets.elf_held(out, npfn)) == done["pages_kept"]
+    # the per-level table: -d 30 keeps what -d 31 keeps plus its zero pages
+    assert estimate["levels"]["30"] == done["pages_kept"] + done["pages_excluded"]["zero"]
+    assert estimate["levels"]["0"] == done["pages_in_ram"]
     # bytes: the pages plus the headers' room (the one-pass writer reserves more of it)
     assert abs(estimate["bytes"] - summary["bytes"]) < (2 << 20)
 

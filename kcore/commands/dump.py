@@ -312,7 +312,8 @@ def _estimate(args: argparse.Namespace, system: Any, fmt: Format) -> int:
     report = filtered.report(zero, kept)
     result = {"format": fmt.name, "estimate": True,
               "bytes": kept * page + dumplevel.header_bytes(filtered, fmt.name),
-              "dump_level": report}
+              "dump_level": report,
+              "levels": dumplevel.level_table(system, level, filtered)}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -324,6 +325,8 @@ def _estimate(args: argparse.Namespace, system: Any, fmt: Format) -> int:
     if report["pages_unreadable_mem_map"]:
         lines.append(f"  {report['pages_unreadable_mem_map']} pages kept: their struct page "
                      f"could not be read")
+    lines.append("  pages each level keeps before zero pages go (bit 1 scans for those):")
+    lines.append("    " + ", ".join(f"-d {k}: {v}" for k, v in result["levels"].items()))
     print("\n".join(lines))
     return 0
 
