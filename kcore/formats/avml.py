@@ -23,6 +23,8 @@ from kcore.wire import avml
 BLOCK = 4 << 20  # bytes of memory per AVML block (and per job)
 MAX_RANGES = 1 << 20
 MAX_SLOTS = 12
+SLACK = 64  # a block's stream is at least this much shorter than its memory (Volatility)
+MAX_PENDING = 64 << 20  # frames held back at most, waiting for compressible pieces
 
 
 def blocks(req: Request) -> tuple[list[tuple[int, int]], int, Any]:
@@ -73,20 +75,44 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
         st = req.source.readinto_phys(paddr, view, strict=req.strict)
         return st, codecs.snappy_frame(view, dst)
 
+    # A block waits (its frames copied) while its stream is not smaller than its memory, and
+    # takes in the next contiguous pieces until it is: Volatility's AVMLLayer reads a block's
+    # stream from the first end - start bytes after its header, and loops for ever on one
+    # longer than that (an incompressible block: compressed data, random pages).
+    pending = {"start": 0, "length": 0}
+    frames = bytearray()
+
+    def flush() -> None:
+        if not pending["length"]:
+            return
+        ranges.append({"kind": "ram", "paddr": hex(pending["start"]),
+                       "size": pending["length"], "offset": pos})
+        put(avml.block_header(pending["start"], pending["length"]))
+        put(avml.STREAM_IDENTIFIER)
+        put(frames)
+        put(avml.TRAILER.pack(len(avml.STREAM_IDENTIFIER) + len(frames)))
+        pending["length"] = 0
+        del frames[:]
+
     def done(j: int, _n: int, slot: int, res: tuple[Any, int]) -> None:
         nonlocal stats
         st, used = res
         paddr, n = todo[j]
         stats += st
-        ranges.append({"kind": "ram", "paddr": hex(paddr), "size": n, "offset": pos})
-        put(avml.block_header(paddr, n))
-        put(avml.STREAM_IDENTIFIER)
-        put(memoryview(slots[slot][1])[:used])
-        put(avml.TRAILER.pack(len(avml.STREAM_IDENTIFIER) + used))
+        if pending["length"] and pending["start"] + pending["length"] != paddr:
+            flush()  # not contiguous: a block of its own whatever its stream
+        if not pending["length"]:
+            pending["start"] = paddr
+        frames.extend(memoryview(slots[slot][1])[:used])
+        pending["length"] += n
+        stream = len(avml.STREAM_IDENTIFIER) + len(frames)
+        if stream + SLACK <= pending["length"] or len(frames) >= MAX_PENDING:
+            flush()
         if progress is not None:
             progress(n)
 
     engine.run_ordered(((j, 1) for j in range(len(todo))), work, done, threads, depth)
+    flush()
     stats.bytes_written = pos
     result = Compression("snappy", sum(n for _p, n in todo), pos)
     return Plan([], pos, ranges, elided, scan, compression=result.as_dict()), stats
