@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
 from kcore.errors import FaultError
 
@@ -17,20 +18,23 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 __all__ = ["ffi", "lib", "new_stats", "check"]
 
+# A file name for error messages (None: a generic word stands for it).
+PathArg = str | bytes | os.PathLike[str] | None
+
 STRICT = lib.KC_STRICT
 SPARSE = lib.KC_SPARSE
 
 
-def new_stats():
+def new_stats() -> Any:
     """A zeroed struct kc_stats for one C call."""
     return ffi.new("struct kc_stats *")
 
 
-def _name(path: object, default: str) -> str:
+def _name(path: PathArg, default: str) -> str:
     return os.fsdecode(path) if path is not None else default
 
 
-def check(rc: int, stats, *, path: object = None, dst_path: object = None) -> None:
+def check(rc: int, stats: Any, *, path: PathArg = None, dst_path: PathArg = None) -> None:
     """Raise the exception a kc_* return code stands for (nothing when rc is 0)."""
     if rc == 0:
         return

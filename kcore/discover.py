@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from kcore.addrmap import (
     ALL_ONES,
@@ -39,7 +39,16 @@ if TYPE_CHECKING:
 TASK_STRUCT_SANE = range(1024, 1 << 17)
 
 
+@overload
+def _read_text(root: Path, rel: str, *, required: Literal[True] = True) -> str: ...
+
+
+@overload
+def _read_text(root: Path, rel: str, *, required: bool) -> str | None: ...
+
+
 def _read_text(root: Path, rel: str, *, required: bool = True) -> str | None:
+    """A text file under the root; None if it is missing and not required."""
     path = root / rel
     try:
         return path.read_text(errors="surrogateescape")

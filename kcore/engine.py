@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kcore import _native
-from kcore._native import ffi, lib
+from kcore._native import PathArg, ffi, lib
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -171,7 +171,7 @@ def run_ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int],
 
 def readinto_range(
     fd: int, offset: int, buf, *, strict: bool = False, page_size: int = 4096,
-    path: object = None,
+    path: PathArg = None,
 ) -> CopyStats:
     """Fill the writable buffer buf from fd at offset; unreadable pages become zeros."""
     view = memoryview(buf).cast("B")
@@ -189,7 +189,7 @@ def readinto_range(
 
 def read_range(
     fd: int, offset: int, length: int, *, strict: bool = False, page_size: int = 4096,
-    path: object = None,
+    path: PathArg = None,
 ) -> tuple[bytes, CopyStats]:
     """Read length bytes of fd at offset; unreadable pages read as zeros (counted)."""
     buf = bytearray(length)
@@ -200,7 +200,7 @@ def read_range(
 def copy_range(
     src_fd: int, src_offset: int, dst_fd: int, dst_offset: int | None, length: int, *,
     sparse: bool = False, strict: bool = False, page_size: int = 4096,
-    progress: Progress | None = None, path: object = None, dst_path: object = None,
+    progress: Progress | None = None, path: PathArg = None, dst_path: PathArg = None,
     threads: int = 1, slot_fd: Callable[[int], int] | None = None,
 ) -> CopyStats:
     """Copy length bytes of src_fd at src_offset to dst_fd at dst_offset (None: write() in order).
@@ -239,7 +239,7 @@ def copy_range(
 
 def _copy_parallel(src_fds: Callable[[int], int], src_offset: int, dst_fd: int,
                    dst_offset: int, length: int, flags: int, page_size: int,
-                   progress: Progress | None, path: object, dst_path: object,
+                   progress: Progress | None, path: PathArg, dst_path: PathArg,
                    threads: int) -> CopyStats:
     """copy_range to an offset on threads: each chunk goes through its own 1 MiB buffer."""
     end = dst_offset + length
@@ -273,8 +273,8 @@ def _copy_parallel(src_fds: Callable[[int], int], src_offset: int, dst_fd: int,
 
 
 def _copy_in_order(src_fds: Callable[[int], int], src_offset: int, dst_fd: int, length: int,
-                   flags: int, page_size: int, progress: Progress | None, path: object,
-                   dst_path: object, threads: int) -> CopyStats:
+                   flags: int, page_size: int, progress: Progress | None, path: PathArg,
+                   dst_path: PathArg, threads: int) -> CopyStats:
     """copy_range to a stream on threads: they read PIECE-sized buffers, written in order."""
     depth = 2 * threads
     piece = min(PIECE, max(BLOCK, IN_ORDER_BUFFERS // depth // BLOCK * BLOCK))
@@ -316,7 +316,7 @@ def _copy_in_order(src_fds: Callable[[int], int], src_offset: int, dst_fd: int, 
 
 def copy_through(
     src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, buf, *, sparse: bool = False,
-    strict: bool = False, page_size: int = 4096, path: object = None, dst_path: object = None,
+    strict: bool = False, page_size: int = 4096, path: PathArg = None, dst_path: PathArg = None,
 ) -> CopyStats:
     """Copy len(buf) bytes like copy_range, in one C call through buf, which holds them after."""
     view = memoryview(buf).cast("B")
@@ -345,7 +345,7 @@ class TooManyRuns(Exception):
 def copy_packed(
     src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int, *,
     granule: int = 4096, phase: int = 0, max_runs: int = 1 << 16, sparse: bool = False,
-    strict: bool = False, page_size: int = 4096, path: object = None, dst_path: object = None,
+    strict: bool = False, page_size: int = 4096, path: PathArg = None, dst_path: PathArg = None,
 ) -> tuple[list[tuple[int, int]], CopyStats, int]:
     """Copy only the non-zero granules of a source range, packed from dst_offset, in one pass.
 
@@ -380,7 +380,7 @@ def copy_packed(
 
 def data_runs(
     fd: int, offset: int, length: int, *, granule: int = 4096, page_size: int = 4096,
-    strict: bool = False, path: object = None, progress: Progress | None = None,
+    strict: bool = False, path: PathArg = None, progress: Progress | None = None,
     threads: int = 1, slot_fd: Callable[[int], int] | None = None,
 ) -> tuple[list[tuple[int, int]], CopyStats]:
     """The merged (offset, length) runs of [offset, offset+length) that are not all zeros.
@@ -434,7 +434,7 @@ def data_runs(
 
 def readinto_mapped(
     mapping: mmap.mmap, offset: int, buf, *, strict: bool = False, page_size: int = 4096,
-    path: object = None,
+    path: PathArg = None,
 ) -> CopyStats:
     """Fill buf from mapping[offset:], surviving SIGBUS/SIGSEGV: faulting pages become zeros."""
     view = memoryview(buf).cast("B")
@@ -457,7 +457,7 @@ def readinto_mapped(
 
 def read_mapped(
     mapping: mmap.mmap, offset: int, length: int, *, strict: bool = False,
-    page_size: int = 4096, path: object = None,
+    page_size: int = 4096, path: PathArg = None,
 ) -> tuple[bytes, CopyStats]:
     """Read length bytes of mapping at offset; pages that fault read as zeros (counted)."""
     buf = bytearray(length)

@@ -20,6 +20,10 @@ class SourceError(KcoreError):
 
     exit_code = 2
 
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # the OS error behind it, if any (auto explains EPERM, ENOENT...)
+
 
 class ElfFormatError(SourceError):
     """An ELF core (QEMU, kdump, kcore) is truncated or inconsistent."""

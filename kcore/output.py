@@ -68,7 +68,7 @@ def _tmp_name(final_name: str) -> str:
 
 def clean_stale_temps(dir_fd: int, final_name: str) -> list[str]:
     """Remove the temporary files of earlier dumps to final_name whose process is gone."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(dir_fd)
     except OSError:

@@ -225,7 +225,7 @@ def probe_kcore(root: Path, lockdown: str | None, euid: int) -> SourceProbe:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         return SourceProbe("kcore", str(path), False,
-                           _why_errno(exc.errno, lockdown, euid, False))
+                           _why_errno(exc.errno or 0, lockdown, euid, False))
     try:
         head = os.pread(fd, 4, 0)
     except OSError as exc:
@@ -268,7 +268,7 @@ def probe_devmem(root: Path, rel: str, lockdown: str | None, euid: int) -> Sourc
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        return SourceProbe(name, str(path), False, _why_errno(exc.errno, lockdown, euid, True))
+        return SourceProbe(name, str(path), False, _why_errno(exc.errno or 0, lockdown, euid, True))
     os.close(fd)
     try:
         src = DevmemSource.open(str(path), root=str(root))

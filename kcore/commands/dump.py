@@ -236,8 +236,8 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
         else:
             plan, stats = _write_two_pass(args, req, out, fmt)
         hashing = out.hasher
-        bar = _progress_bar(plan.size, args.quiet or hashing is None, "sha256")
-        if bar is not None:
+        bar = _progress_bar(plan.size, args.quiet, "sha256") if hashing is not None else None
+        if bar is not None and hashing is not None:
             bar.update(hashing.done)
         try:
             out.finish(plan.size, bar.update if bar is not None else None)
@@ -310,7 +310,7 @@ def _estimate(args: argparse.Namespace, system: Any, fmt: Format) -> int:
     kept = filtered.held_pages() - zero
     page = filtered.classes.page_size
     report = filtered.report(zero, kept)
-    result = {"format": fmt.name, "estimate": True,
+    result: dict[str, Any] = {"format": fmt.name, "estimate": True,
               "bytes": kept * page + dumplevel.header_bytes(filtered, fmt.name),
               "dump_level": report,
               "levels": dumplevel.level_table(system, level, filtered)}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kcore.addrmap import ALL_ONES
-from kcore.errors import FaultError, InputError, OutputError
+from kcore.errors import FaultError, InputError
 from kcore.formats import Format
 from kcore.formats.pages import mapped_segment
 from kcore.formats.plan import Blob, Copy, Item, Plan, Request
@@ -54,7 +54,7 @@ def segments(req: Request) -> list[Segment]:
         elif kind == "ram":
             out.append(Segment.linear("ram", e.vaddr, e.paddr, e.size))
     if not out:
-        raise OutputError("nothing to dump: the kclist has no RAM ranges")
+        raise InputError("nothing to dump: the kclist has no RAM ranges")
     return out
 
 
@@ -62,7 +62,7 @@ def machine_of(system: Any) -> int:
     """The e_machine of a system's architecture."""
     machine = EM_BY_ARCH.get(system.addrmap.arch)
     if machine is None:
-        raise OutputError(f"no ELF machine number for architecture {system.addrmap.arch}")
+        raise InputError(f"no ELF machine number for architecture {system.addrmap.arch}")
     return machine
 
 
@@ -92,13 +92,13 @@ def plan(req: Request) -> Plan:
             floor = sum(1 for r in per_seg if r)  # one run a segment at least
             fewer = max(floor, len(runs) - -(-(count - MAX_LOADS) // 2))  # a merge drops ~2
             if fewer >= len(runs):
-                raise OutputError(f"too many separate memory ranges ({count}) for one ELF "
+                raise InputError(f"too many separate memory ranges ({count}) for one ELF "
                                   f"file; dump fewer areas or another format (--format lime)")
             per_seg = coarsen_runs(per_seg, fewer)
         elided = sum(s.size for s in segs) - sum(n for _s, _o, n in runs)
     else:
         if len(segs) > MAX_LOADS:
-            raise OutputError(f"too many ranges ({len(segs)}) for one ELF file")
+            raise InputError(f"too many ranges ({len(segs)}) for one ELF file")
         runs = [(s, 0, s.size) for s in segs]
     machine = machine_of(system)
     notes = build_notes(system, "modern")  # VMCOREINFO whatever --layout: consumers need it

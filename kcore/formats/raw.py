@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from kcore.errors import OutputError
+from kcore.errors import InputError
 from kcore.formats import Format
 from kcore.formats.plan import Item, Plan, Request, Zeros
 from kcore.formats.segments import ram_segments, segment_items
@@ -14,7 +14,7 @@ def plan(req: Request, *, padded: bool = False) -> Plan:
     """Lay out a raw (sparse) or padded (dense) physical image of the RAM ranges."""
     segs = sorted(ram_segments(req.system), key=lambda s: s.paddr)
     if not segs:
-        raise OutputError("nothing to dump: the kclist has no RAM ranges")
+        raise InputError("nothing to dump: the kclist has no RAM ranges")
     items: list[Item] = []
     pos = 0
     for s in segs:

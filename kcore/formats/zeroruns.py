@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kcore.addrmap import PAGE_SIZE
-from kcore.errors import FaultError, OutputError
+from kcore.errors import FaultError, InputError
 from kcore.formats.plan import Request
 from kcore.formats.segments import Segment, source_pieces
 
@@ -113,7 +113,7 @@ def _coarsen_flat(flat: list[tuple[int, tuple[int, int]]], limit: int) -> list[
             gaps.append((s1 - s0 - n0, k))
     must_close = len(flat) - limit
     if must_close > len(gaps):
-        raise OutputError(
+        raise InputError(
             f"too many separate memory ranges ({len(flat)}) for one ELF file; "
             f"dump fewer areas (--no-text) or another format (--format lime)"
         )

@@ -22,7 +22,7 @@ from kcore.integrations import require
 from kcore.kclist import KcoreType
 
 if TYPE_CHECKING:
-    import drgn as _drgn
+    import drgn as drgn_types
 
     from kcore.kcorefile import KcoreFile
 
@@ -78,7 +78,7 @@ def _reader(kfile: KcoreFile, base: int, fault: Any,
     return read_cached
 
 
-def attach(prog: _drgn.Program, kfile: KcoreFile, *, live: bool | None = None) -> None:
+def attach(prog: drgn_types.Program, kfile: KcoreFile, *, live: bool | None = None) -> None:
     """Give `prog` (made with the kernel's platform, no target yet) the kernel in `kfile`.
 
     Live kernels are read afresh each time; other sources through a page cache.
@@ -99,7 +99,7 @@ def attach(prog: _drgn.Program, kfile: KcoreFile, *, live: bool | None = None) -
                                 _reader(kfile, offset, drgn.FaultError, cache), False)
 
 
-def load_debug_info(prog: _drgn.Program, symbols: Sequence[str] = (), *,
+def load_debug_info(prog: drgn_types.Program, symbols: Sequence[str] = (), *,
                     default: bool = True) -> str | None:
     """Load vmlinux (and module) debug info: the given files, then drgn's usual places.
 
@@ -121,7 +121,7 @@ def load_debug_info(prog: _drgn.Program, symbols: Sequence[str] = (), *,
 
 
 def program(root: str = "/", source: Any = "auto", *, symbols: Iterable[str] = (),
-            default_symbols: bool = True, debug_info: bool = True) -> _drgn.Program:
+            default_symbols: bool = True, debug_info: bool = True) -> drgn_types.Program:
     """A drgn.Program for the kernel at `root`, its memory read from `source` through kcore.
 
     `symbols` are vmlinux or module files with debug info to try first; with

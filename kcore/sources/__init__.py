@@ -90,7 +90,7 @@ def detect(path: str, root: str = "/") -> MemorySource:
                 head = os.pread(fd, PROBE_BYTES, 0)
             except OSError as exc:
                 raise SourceError(f"{path}: cannot read at offset 0x0: "
-                                  f"{os.strerror(exc.errno)}") from None
+                                  f"{os.strerror(exc.errno or 0)}") from None
             if stat.S_ISREG(st.st_mode) and st.st_size == 0 or not head:
                 raise SourceError(f"{path}: empty file at offset 0x0 (no memory to read)")
         probe = Probe(path, fd, st, head)
@@ -143,7 +143,7 @@ def _probe_devmem(src: DevmemSource) -> None:
         if exc.errno == errno.EPERM:
             raise SourceError("STRICT_DEVMEM forbids reading RAM above 1 MiB "
                               "(CONFIG_STRICT_DEVMEM / iomem=relaxed)") from None
-        raise SourceError(f"reading {paddr:#x} fails: {os.strerror(exc.errno)}") from None
+        raise SourceError(f"reading {paddr:#x} fails: {os.strerror(exc.errno or 0)}") from None
 
 
 def open_auto(root: str = "/") -> MemorySource:
@@ -157,17 +157,16 @@ def open_auto(root: str = "/") -> MemorySource:
         devmem = rel.startswith("dev/")
         try:
             if devmem:
-                src: MemorySource = DevmemSource.open(path, "auto", root)
+                devsrc = DevmemSource.open(path, "auto", root)
                 try:
-                    _probe_devmem(src)
+                    _probe_devmem(devsrc)
                 except BaseException:
-                    src.close()
+                    devsrc.close()
                     raise
-            else:
-                src = KcoreSource.open(path, "auto")
-            return src
+                return devsrc
+            return KcoreSource.open(path, "auto")
         except (SourceError, InputError) as exc:
-            err = getattr(exc, "errno", None)
+            err = exc.errno if isinstance(exc, SourceError) else None
             reason = _why(err, root, devmem) if err else str(exc).removeprefix(f"{path}: ")
             tried.append(f"{path}: {reason}")
     raise SourceError("no live memory source works: " + "; ".join(tried))

@@ -39,7 +39,7 @@ def open_readonly(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
-        raise _with_errno(SourceError(f"{path}: cannot open: {describe_errno(exc.errno)}"),
+        raise SourceError(f"{path}: cannot open: {describe_errno(exc.errno)}",
                           exc.errno) from None
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
@@ -74,12 +74,6 @@ class Probe:
 PROBE_BYTES = 64
 
 
-def _with_errno(exc: SourceError, err: int | None) -> SourceError:
-    """Attach the errno to a SourceError so callers (auto) can explain it."""
-    exc.errno = err  # type: ignore[attr-defined]
-    return exc
-
-
 def describe_errno(err: int | None) -> str:
     """A short human reason for an errno from opening or reading a memory source."""
     if err in (errno.EPERM, errno.EACCES):
@@ -111,8 +105,8 @@ def pread_exact(fd: int, offset: int, length: int, path: str, what: str) -> byte
     try:
         data = os.pread(fd, length, offset)
     except OSError as exc:
-        raise _with_errno(SourceError(f"{path}: cannot read {what} at offset {offset:#x}: "
-                                      f"{describe_errno(exc.errno)}"), exc.errno) from None
+        raise SourceError(f"{path}: cannot read {what} at offset {offset:#x}: "
+                          f"{describe_errno(exc.errno)}", exc.errno) from None
     if len(data) != length:
         raise SourceError(f"{path}: truncated {what} at offset {offset:#x}")
     return data
@@ -219,11 +213,12 @@ class MemorySource:
         fd = open_readonly(self.path)
         try:
             first, again = os.fstat(self.fd), os.fstat(fd)
+            why = None if (first.st_dev, first.st_ino) == (again.st_dev, again.st_ino) else \
+                "replaced by another file while being read"
         except OSError:
-            first = again = None
-        if first is None or (first.st_dev, first.st_ino) != (again.st_dev, again.st_ino):
+            why = "closed"
+        if why is not None:
             os.close(fd)
-            why = "closed" if first is None else "replaced by another file while being read"
             raise SourceError(f"{self.path}: {why}")
         with self._fd_lock:
             if self.fd < 0:  # closed while this one was being opened

@@ -75,7 +75,7 @@ def parse_elf_core(fd: int, path: str, *, size: int | None = None) -> ElfCore:
         raise ElfFormatError(f"{path}: {phnum} program headers at offset {e_phoff:#x} "
                              f"(more than {MAX_PHNUM})")
     table = need(e_phoff, phnum * PHDR.size, "program header table")
-    phdrs = [Phdr(*PHDR.unpack_from(table, i * PHDR.size), at=e_phoff + i * PHDR.size)
+    phdrs = [Phdr._make((*PHDR.unpack_from(table, i * PHDR.size), e_phoff + i * PHDR.size))
              for i in range(phnum)]
     notes: list[tuple[bytes, int, bytes]] = []
     for ph in phdrs:
@@ -141,6 +141,7 @@ class ElfSource(MemorySource):
     """An ELF core whose PT_LOADs carry physical addresses in p_paddr."""
 
     kind = "elf"
+    core: ElfCore  # the parsed headers and notes
 
     @classmethod
     def open(cls, path: str, spec: str | None = None, root: str = "/") -> ElfSource:

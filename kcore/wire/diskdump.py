@@ -59,7 +59,7 @@ class DiskDumpHeader:
         (sig, version, *rest) = HEADER.unpack_from(data)
         uts = tuple(rest[:6])
         sec, usec, status, block, sub, bitmap, mapnr, _ram, _dev, _written, _cpu, cpus = rest[6:]
-        return cls(block, sub, bitmap, mapnr, status, cpus, uts, (sec, usec),  # type: ignore[arg-type]
+        return cls(block, sub, bitmap, mapnr, status, cpus, uts, (sec, usec),
                    version, sig)
 
 

@@ -1,0 +1,19 @@
+# Developer habits, also run by .ci/run: `make check` (lint and types), `make test-fast`
+# (everything but the QEMU tests). ruff format is not enforced: adopting it would rewrite
+# nearly every file at once.
+PYTHON ?= python3
+
+.PHONY: build check test-fast test
+
+build:  ## the C core, in place (again after changing csrc/)
+	$(PYTHON) setup.py build_ext --inplace -q
+
+check:  ## ruff and mypy (configured in pyproject.toml)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
+
+test-fast: build  ## the tests that boot no VM
+	$(PYTHON) -m pytest -m 'not vm'
+
+test: build  ## the README's test command: everything
+	$(PYTHON) -m pytest
