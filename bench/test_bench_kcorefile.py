@@ -81,13 +81,16 @@ def test_random_4k_reads_vs_os_pread(benchmark, setup, record):
         t_ours = min(t_ours, _timed(ours, lo, lo + batch))
         t_seek = min(t_seek, _timed(ours_seek_read, lo, lo + batch))
     n = batch
-    ratio = t_bare / t_ours
+    ratio, seek_ratio = t_bare / t_ours, t_bare / t_seek
+    load = open("/proc/loadavg").read().split()[0]
     record("random 4 KiB reads: KcoreFile.pread / bare os.pread (rate)",
-           f"{ratio:.2f}x ({t_ours / n * 1e6:.2f} vs {t_bare / n * 1e6:.2f} us a read)",
-           ">= 0.5x", ratio >= 0.5)
-    record("random 4 KiB reads: KcoreFile seek()+read() / bare os.pread (rate, info)",
-           f"{t_bare / t_seek:.2f}x ({t_seek / n * 1e6:.2f} us a read)", "-", True)
-    assert ratio >= 0.5
+           f"{ratio:.2f}x ({t_ours / n * 1e6:.2f} vs {t_bare / n * 1e6:.2f} us a read, "
+           f"load {load})", ">= 0.7x", ratio >= 0.7)
+    # What file-object users (pyelftools, Volatility) do.
+    record("random 4 KiB reads: KcoreFile seek()+read() / bare os.pread (rate)",
+           f"{seek_ratio:.2f}x ({t_seek / n * 1e6:.2f} us a read, load {load})", ">= 0.6x",
+           seek_ratio >= 0.6)
+    assert ratio >= 0.7 and seek_ratio >= 0.6
 
 
 def test_sequential_1mib_reads_vs_os_pread(benchmark, setup, record):

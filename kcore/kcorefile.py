@@ -3,39 +3,26 @@
 from __future__ import annotations
 
 import bisect
-import ctypes
 import errno
 import io
 import os
-import threading
-from typing import Any
+import weakref
+from typing import TYPE_CHECKING, Any
 
-from kcore import _native
-from kcore._native import ffi
 from kcore.elfcore import KcoreHeader, build_header
-from kcore.engine import BLOCK
+from kcore.engine import readinto_range
 from kcore.kclist import KcoreType
+from kcore.sources.kcore import KcoreSource
 from kcore.vmem import PageWalker, walker_for, zero_fill
 
-_kc_read_fd = _native.lib.kc_read_fd
-_FAST_MAX = 64 << 20  # one C call at most this long, so Ctrl-C is seen between calls
-_SMALL = 64 << 10  # pread() up to this size goes through a per-thread scratch buffer
+if TYPE_CHECKING:
+    from kcore.discover import System
+
+FAST_MAX = 64 << 20  # one read() call at most this long, so Ctrl-C is seen between calls
+PID_FAST_MAX = 64 << 10  # larger reads of a process go through process_vm_readv (engine)
 LOFF_MAX = (1 << 63) - 1  # a read's offset + length may not pass the largest loff_t
-
-
-def _bytes_factory() -> Any:
-    """PyBytes_FromStringAndSize (NULL: uninitialised contents); bytes(n), zeroed, elsewhere."""
-    try:
-        fn = ctypes.pythonapi.PyBytes_FromStringAndSize
-    except AttributeError:  # pragma: no cover - not CPython
-        return lambda _null, n: bytes(n)
-    fn.restype = ctypes.py_object
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-    return fn
-
-
-_new_bytes = _bytes_factory()
 _bisect_right = bisect.bisect_right
+_pread = os.pread  # the fast path's one system call (a module name: tests hold it)
 # How each kclist type's bytes are found (read_kcore()'s switch on m->type): RAM by __pa,
 # TEXT by __pa_symbol (without page tables), WALK through the page tables like
 # copy_from_kernel_nofault() (text, vmemmap), VREAD like vread() (vmalloc and modules:
@@ -43,6 +30,7 @@ _bisect_right = bisect.bisect_right
 _RAM, _TEXT, _WALK, _VREAD, _ZERO = 0, 1, 2, 3, 4
 # Sources whose memory changes while we read: page-table pages are not cached across reads.
 _LIVE_KINDS = ("devmem", "pid", "kcore")
+_devnull = -1  # opened once: a closed file's fd number is pointed at it (see close())
 
 
 class KcoreFile(io.RawIOBase):
@@ -54,7 +42,10 @@ class KcoreFile(io.RawIOBase):
     pages and vmalloc pages outside System RAM (ioremap) read as zeros.
     """
 
-    def __init__(self, system: Any, *, flavour: str | None = None,
+    # Slots for what each read touches: io.IOBase's instance dict costs ~4x a slot a lookup.
+    __slots__ = ("_pos", "_fd", "_end", "_size", "_fstarts", "_fends", "_fdeltas", "_fast_max")
+
+    def __init__(self, system: System, *, flavour: str | None = None,
                  owns_system: bool = False) -> None:
         super().__init__()
         self.system = system
@@ -78,14 +69,32 @@ class KcoreFile(io.RawIOBase):
             self._end = self._size
         self._head = self.header.data
         self._data_offset = self.header.data_offset
-        self._direct = getattr(self.source, "kind", "") == "kcore"
-        self._live = getattr(self.source, "kind", "") in _LIVE_KINDS
+        src = self.source
+        self._kcore = src if isinstance(src, KcoreSource) else None  # read at the same offsets
+        self._direct = self._kcore is not None
+        self._live = self.source.kind in _LIVE_KINDS
         self.walker: PageWalker | None = walker_for(system)
-        self._tls = threading.local()
+        self._fd = self._own_fd()
         self._build_map()
         self._pos = 0
-        self._pos_lock = threading.Lock()
-        self._pread = self.pread = self._make_pread()  # type: ignore[method-assign]
+
+    def _own_fd(self) -> int:
+        """This file's own dup of the source's fd for the fast path, or -1 (none).
+
+        Only for sources two reads may share (not /proc/kcore or /dev/mem, whose reads
+        borrow an fd each). close() points it at /dev/null, and it is closed only once no
+        read can hold it, so a read racing close() never gets another file's bytes.
+        """
+        src = self.source
+        if self._direct or not src.concurrent_reads_safe:
+            return -1
+        fd = src.borrow_fd()
+        try:
+            own = os.dup(fd)
+        finally:
+            src.return_fd(fd)
+        weakref.finalize(self, os.close, own)
+        return own
 
     def _build_map(self) -> None:
         """Sort the PT_LOADs by file offset: (start, end, how, base) with base a paddr or vaddr."""
@@ -108,7 +117,10 @@ class KcoreFile(io.RawIOBase):
                      if e.type == KcoreType.RAM and e.size > 0)
         self._ram = ([lo for lo, _ in ram], [hi for _, hi in ram])
         segs.sort()
-        starts, ends, hows, bases = [], [], [], []
+        starts: list[int] = []
+        ends: list[int] = []
+        hows: list[int] = []
+        bases: list[int] = []
         for start, end, how, base in segs:
             if ends and start < ends[-1]:  # overlapping offsets: the earlier segment wins
                 if end <= ends[-1]:
@@ -124,7 +136,7 @@ class KcoreFile(io.RawIOBase):
         # file, where a RAM segment meets one source extent.
         fast = []
         src = self.source
-        if not self._direct and hasattr(src, "extents"):
+        if self._fd >= 0:
             for start, end, how, base in zip(starts, ends, hows, bases, strict=True):
                 if how != _RAM:
                     continue
@@ -135,15 +147,48 @@ class KcoreFile(io.RawIOBase):
                         k = start + lo - base
                         fast.append((k, k + hi - lo, ext.offset + lo - ext.paddr - k))
         fast.sort()
-        self._fd = getattr(src, "fd", -1)
-        # Large reads of a process's memory go through engine.readinto_range, which uses
-        # process_vm_readv there; the direct kc_read_fd call is for everything else.
-        self._fast_max = _SMALL if getattr(src, "kind", "") == "pid" else _FAST_MAX
+        self._fast_max = PID_FAST_MAX if src.kind == "pid" else FAST_MAX
         self._fstarts = [f[0] for f in fast]
         self._fends = [f[1] for f in fast]
         self._fdeltas = [f[2] for f in fast]
 
     # ---- positional reads (thread-safe: no shared position) --------------------------------
+
+    def _source_offset(self, offset: int, n: int) -> int:
+        """Where the source file holds kcore's [offset, offset+n), or -1.
+
+        The fast path: a range inside one RAM segment and one source extent is one read
+        of the source file, through this file's own fd.
+        """
+        i = _bisect_right(self._fstarts, offset) - 1
+        if i >= 0 and 0 < n <= self._fast_max and offset + n <= self._fends[i]:
+            return offset + self._fdeltas[i]
+        return -1
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """The bytes at file offset `offset`, up to `length` of them (b"" at EOF)."""
+        i = _bisect_right(self._fstarts, offset) - 1  # _source_offset(), inlined
+        if i >= 0 and 0 < length <= self._fast_max and offset + length <= self._fends[i]:
+            try:
+                data = _pread(self._fd, length, offset + self._fdeltas[i])
+            except OSError:  # an unreadable page: the general path zero-fills it
+                data = b""
+            if len(data) == length:
+                return data
+        return self._pread_slow(length, offset)
+
+    def _pread_slow(self, length: int, offset: int) -> bytes:
+        """pread() outside the fast path: checks, then read_kcore()'s pieces into a buffer."""
+        if self.closed:
+            raise ValueError("read of a closed KcoreFile")
+        if offset < 0 or length < 0:
+            raise ValueError(f"negative offset or length: {offset}, {length}")
+        n = min(length, self._end - offset)
+        if n <= 0:
+            return b""
+        buf = bytearray(n)
+        self._fill(offset, memoryview(buf))
+        return bytes(buf)
 
     def preadinto(self, buf: Any, offset: int) -> int:
         """Fill buf with the bytes at file offset `offset`; return the count (0 at EOF)."""
@@ -158,118 +203,12 @@ class KcoreFile(io.RawIOBase):
         self._fill(offset, view[:n] if n < len(view) else view)
         return n
 
-    def pread(self, length: int, offset: int) -> bytes:
-        """The bytes at file offset `offset`, up to `length` of them (b"" at EOF)."""
-        return self._pread(length, offset)  # replaced per instance by _make_pread()
-
-    def _make_pread(self) -> Any:
-        """Build pread() as a closure over this file's tables (the 4 KiB random-read path)."""
-        size, path = self._end, self.source.path
-        # Every read holds the source's fd (borrow_fd): a close() meanwhile waits for it.
-        borrow, give_back = self.source.borrow_fd, self.source.return_fd
-        fstarts, fends, fdeltas = self._fstarts, self._fends, self._fdeltas
-        fast_max = self._fast_max
-        tls, new_scratch, fill = self._tls, self._new_scratch, self._fill
-        bisect_right, kc_read_fd, check = bisect.bisect_right, _kc_read_fd, _native.check
-
-        def pread(length: int, offset: int) -> bytes:
-            """The bytes at file offset `offset`, up to `length` of them (b"" at EOF)."""
-            n = size - offset
-            if length < n:
-                n = length
-            if n <= 0 or offset < 0:
-                if offset < 0 or length < 0:
-                    raise ValueError(f"negative offset or length: {offset}, {length}")
-                return b""
-            # Fast path: inside one RAM segment and one source extent: one C engine call
-            # (unreadable pages still become zeros), and a single copy of the data.
-            i = bisect_right(fstarts, offset) - 1
-            if i >= 0 and offset + n <= fends[i] and n <= fast_max:
-                try:
-                    view, cbuf, st = tls.scratch
-                except AttributeError:
-                    view, cbuf, st = new_scratch()
-                fd = borrow()
-                try:
-                    if n <= _SMALL:  # this thread's scratch buffer, then one small copy
-                        rc = kc_read_fd(fd, offset + fdeltas[i], cbuf, n, BLOCK, 4096, 0, st)
-                    else:
-                        # Large reads fill a new, uninitialised bytes object in place before
-                        # anything else can see it: PyBytes_FromStringAndSize(NULL, n) + read().
-                        out = _new_bytes(None, n)
-                        with ffi.from_buffer(out) as ptr:
-                            rc = kc_read_fd(fd, offset + fdeltas[i], ptr, n, BLOCK, 4096, 0, st)
-                finally:
-                    give_back(fd)
-                if n <= _SMALL:
-                    if rc:
-                        check(rc, st, path=path)
-                    return view[:n].tobytes()
-                if rc:
-                    check(rc, st, path=path)
-                return out
-            buf = bytearray(n)
-            fill(offset, memoryview(buf))
-            return bytes(buf)
-
-        lock, stsize, end_ = self._pos_lock, self._size, size
-
-        def read(size: int | None = -1) -> bytes:
-            """Read up to size bytes at the current position (to st_size if size < 0)."""
-            if self.closed:
-                raise ValueError("read of a closed KcoreFile")
-            with lock:
-                pos = self._pos
-                if size is None or size < 0:  # to st_size: the kernel's kcore has no EOF
-                    n = _whole(stsize - pos)
-                else:
-                    n = end_ - pos
-                    if size < n:
-                        n = size
-                if n <= 0:
-                    return b""
-                self._pos = pos + n
-            return pread(n, pos)
-
-        self.read = read  # type: ignore[method-assign]
-        slow_seek = self._seek
-
-        def seek(offset: int, whence: int = 0) -> int:
-            """Move the position; return it."""
-            if whence == 0 and offset >= 0:  # SEEK_SET: a plain store, atomic, no lock
-                self._pos = offset
-                return offset
-            return slow_seek(offset, whence)
-
-        self.seek = seek  # type: ignore[method-assign]
-        return pread
-
-    def _read_held(self, offset: int, ptr: Any, n: int, st: Any) -> int:
-        """kc_read_fd through an fd the source lends to this read (close() waits for it)."""
-        fd = self.source.borrow_fd()
-        try:
-            return _kc_read_fd(fd, offset, ptr, n, BLOCK, 4096, 0, st)
-        finally:
-            self.source.return_fd(fd)
-
-    def _new_scratch(self) -> tuple[memoryview, Any, Any]:
-        """Give this thread a reusable small-read buffer, its cffi pointer and C stats."""
-        buf = bytearray(_SMALL)
-        scratch = (memoryview(buf), ffi.from_buffer(buf, require_writable=True),
-                   _native.new_stats())
-        self._tls.scratch = scratch
-        return scratch
-
     def _fill(self, offset: int, view: memoryview) -> None:
         """read_kcore(): header, then each segment's bytes, zeros where nothing is."""
         n = len(view)
-        i = bisect.bisect_right(self._fstarts, offset) - 1
-        if i >= 0 and offset + n <= self._fends[i] and n <= self._fast_max:  # see pread
-            st = _native.new_stats()
-            with ffi.from_buffer(view, require_writable=True) as cbuf:
-                rc = self._read_held(offset + self._fdeltas[i], cbuf, n, st)
-            if rc:
-                _native.check(rc, st, path=self.source.path)
+        at = self._source_offset(offset, n)
+        if at >= 0:  # see pread(); unreadable pages become zeros (counted by the engine)
+            readinto_range(self._fd, at, view, path=self.source.path)
             return
         pos = 0
         if offset < self._data_offset:
@@ -294,11 +233,12 @@ class KcoreFile(io.RawIOBase):
         """The data part of read_kcore() for offsets in [data_offset, data_offset + 2^47)."""
         cur = offset
         end = offset + len(view)
-        if self._direct:  # a real kcore: its data is at the same offsets
-            self.source.readinto_kcore(cur, view)
+        if self._kcore is not None:  # a real kcore: its data is at the same offsets
+            self._kcore.readinto_kcore(cur, view)
             return
-        if self._live and self.walker is not None:
-            self.walker.invalidate()
+        walker = self.walker
+        if self._live and walker is not None:
+            walker.invalidate()
         starts, ends = self._starts, self._ends
         nseg = len(starts)
         i = bisect.bisect_right(starts, cur) - 1  # the last segment starting at or before cur
@@ -308,14 +248,14 @@ class KcoreFile(io.RawIOBase):
                 part = view[cur - offset:stop - offset]
                 delta = cur - starts[i]
                 how = self._hows[i]
-                if how == _WALK:
-                    self.walker.readinto(self._bases[i] + delta, part)
-                elif how == _VREAD:
-                    self.walker.readinto(self._bases[i] + delta, part, allowed=self._ram)
-                elif how == _ZERO:
-                    zero_fill(part)
-                else:
+                if how == _RAM or how == _TEXT:
                     self.source.readinto_phys(self._bases[i] + delta, part)
+                elif walker is None or how == _ZERO:
+                    zero_fill(part)
+                elif how == _WALK:
+                    walker.readinto(self._bases[i] + delta, part)
+                else:  # _VREAD
+                    walker.readinto(self._bases[i] + delta, part, allowed=self._ram)
             else:  # no kclist entry here: zeros up to the next segment
                 stop = min(end, starts[i + 1] if i + 1 < nseg else end)
                 zero_fill(view[cur - offset:stop - offset])
@@ -327,31 +267,24 @@ class KcoreFile(io.RawIOBase):
 
     def readinto(self, buf: Any) -> int:
         """Read into buf at the current position; advance it."""
-        if self.closed:
-            raise ValueError("readinto of a closed KcoreFile")
-        view = memoryview(buf).cast("B")
-        with self._pos_lock:
-            pos = self._pos
-            n = max(0, min(len(view), self._end - pos))
-            self._pos = pos + n
-        if n:
-            self._fill(pos, view[:n] if n < len(view) else view)
+        n = self.preadinto(buf, self._pos)
+        self._pos += n
         return n
 
     def read(self, size: int | None = -1) -> bytes:
-        """Read up to size bytes at the current position (all to EOF if size < 0)."""
-        if self.closed:
-            raise ValueError("read of a closed KcoreFile")
-        with self._pos_lock:
-            pos = self._pos
-            if size is None or size < 0:  # to st_size: the kernel's kcore has no EOF
-                n = _whole(self._size - pos)
-            else:
-                n = min(size, self._end - pos)
-            if n <= 0:
-                return b""
-            self._pos = pos + n
-        return self._pread(n, pos)
+        """Read up to size bytes at the current position (to st_size if size < 0).
+
+        Like a raw file's, the position is not locked: threads sharing one KcoreFile use
+        pread(), or a lock of their own around seek() and read().
+        """
+        pos = self._pos
+        if size is None or size < 0:  # to st_size: the kernel's kcore has no EOF
+            if self.closed:
+                raise ValueError("read of a closed KcoreFile")
+            size = _whole(max(0, self._size - pos))
+        data = self.pread(size, pos)
+        self._pos = pos + len(data)
+        return data
 
     def readall(self) -> bytes:
         """Read up to size() (st_size; the file is as large as the kernel's address space)."""
@@ -359,25 +292,23 @@ class KcoreFile(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         """Move the position; return it."""
-        return self._seek(offset, whence)  # replaced per instance by _make_pread()
-
-    def _seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        """seek() under the position lock."""
+        if whence == os.SEEK_SET and offset >= 0 and self._fd != -2:
+            self._pos = offset
+            return offset
         if self.closed:
             raise ValueError("seek of a closed KcoreFile")
-        with self._pos_lock:
-            if whence == os.SEEK_SET:
-                pos = offset
-            elif whence == os.SEEK_CUR:
-                pos = self._pos + offset
-            elif whence == os.SEEK_END:
-                pos = self._size + offset
-            else:
-                raise ValueError(f"invalid whence {whence}")
-            if pos < 0:
-                raise ValueError(f"negative seek position {pos}")
-            self._pos = pos
-            return pos
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self._size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = pos
+        return pos
 
     def tell(self) -> int:
         """The current position."""
@@ -402,10 +333,13 @@ class KcoreFile(io.RawIOBase):
     def close(self) -> None:
         """Close the file (and the memory source, when kcore.open() opened it)."""
         if not self.closed:
-            # The fast reader holds the source's fd number, which the OS may hand out again.
-            self._pread = self.pread = _closed_pread  # type: ignore[method-assign]
-            self.seek = self._seek  # type: ignore[method-assign]
-            self._fd = -1
+            self._fstarts, self._fends, self._fdeltas = [], [], []  # no fast path
+            fd, self._fd = self._fd, -2  # -2: closed (seek() checks it)
+            if fd >= 0:
+                # A read may still hold this fd number: point it at /dev/null (it reads
+                # b"" and fails cleanly) instead of freeing a number another open would
+                # reuse; the finalizer closes it once no read can hold it.
+                os.dup2(_null_fd(), fd)
             if self._owns:
                 self.system.close()
         super().close()
@@ -424,9 +358,12 @@ def _whole(n: int) -> int:
     return n
 
 
-def _closed_pread(length: int, offset: int) -> bytes:
-    """pread() of a closed KcoreFile."""
-    raise ValueError("read of a closed KcoreFile")
+def _null_fd() -> int:
+    """An fd on /dev/null, opened once."""
+    global _devnull
+    if _devnull < 0:
+        _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _devnull
 
 
 def open_kcore(root: str = "/", source: Any = "auto", flavour: str = "modern") -> KcoreFile:

@@ -47,8 +47,8 @@ def test_a_read_racing_close_never_returns_another_files_bytes(
     """close() during a read: the read gives the source's bytes or an error, never a new file's."""
     root, spec = _nokaslr()
     entered, go_on = threading.Event(), threading.Event()
-    if path == "fast":  # KcoreFile.pread inside one RAM extent: the direct C call
-        _held_read(monkeypatch, kcorefile, "_kc_read_fd", entered, go_on)
+    if path == "fast":  # KcoreFile.pread inside one RAM extent: one pread of its own fd
+        _held_read(monkeypatch, kcorefile, "_pread", entered, go_on)
     else:  # the MemorySource path (readinto_phys)
         _held_read(monkeypatch, base, "readinto_range", entered, go_on)
     f = kcore.open(root, spec)
