@@ -227,6 +227,7 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
                              f"{fmt.name} compresses them (use elf, lime, raw, padded or kcore)")
         if fmt.needs_seek and not out.seekable:
             raise InputError(f"--format {fmt.name} needs a seekable file, not {path}")
+        done: tuple[Plan, Any] | None
         if fmt.write is not None:
             done = _write_self(args, req, out, fmt)
         else:
