@@ -26,6 +26,16 @@ _ZERO_CHUNK = 1 << 20
 _ZEROS = memoryview(bytes(_ZERO_CHUNK))
 
 
+def add_run(out: list[Run], va: int, pa: int, n: int) -> None:
+    """Append the mapped run (va, pa, n), or extend the last one when this one continues it."""
+    if out:
+        lva, lpa, ln = out[-1]
+        if lva + ln == va and lpa + ln == pa:
+            out[-1] = (lva, lpa, ln + n)
+            return
+    out.append((va, pa, n))
+
+
 def zero_fill(view: memoryview) -> None:
     """Set every byte of a writable memoryview to zero without a large allocation."""
     n = len(view)
@@ -169,15 +179,8 @@ class PageWalker:
                 entry &= keep
                 if shift == PAGE_SHIFT or (leaf_ok and entry & _PSE):
                     pa = (entry & ADDR_MASK & ~low) + (va & low)
-                    n = nxt - va
-                    self._mapped(n, va)
-                    if out:
-                        lva, lpa, ln = out[-1]
-                        if lva + ln == va and lpa + ln == pa:
-                            out[-1] = (lva, lpa, ln + n)
-                            va = nxt
-                            continue
-                    out.append((va, pa, n))
+                    self._mapped(nxt - va, va)
+                    add_run(out, va, pa, nxt - va)
                 else:
                     self._runs(entry & ADDR_MASK, shift - 9, va, nxt, out)
             va = nxt

@@ -32,7 +32,7 @@ from typing import Any
 
 from kcore.addrmap import ULONG_MAX, AddressMap
 from kcore.errors import InputError
-from kcore.vmem import PageWalker
+from kcore.vmem import PageWalker, add_run
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -201,15 +201,8 @@ class Arm64PageWalker(PageWalker):
                     (kind == _TYPE_BLOCK and block_ok)
                 if leaf:
                     pa = (self._oa(entry) & ~low) + (va & low)
-                    n = nxt - va
-                    self._mapped(n, va)
-                    if out:
-                        lva, lpa, ln = out[-1]
-                        if lva + ln == va and lpa + ln == pa:
-                            out[-1] = (lva, lpa, ln + n)
-                            va = nxt
-                            continue
-                    out.append((va, pa, n))
+                    self._mapped(nxt - va, va)
+                    add_run(out, va, pa, nxt - va)
                 elif kind == _TYPE_TABLE and shift > PAGE_SHIFT:
                     self._runs(self._oa(entry), shift - 9, va, nxt, out)
             va = nxt
