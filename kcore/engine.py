@@ -17,7 +17,7 @@ from kcore._native import PathArg, ffi, lib
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-BLOCK = 1 << 20  # one pread/pwrite block (KCORE.md section 6: 1 MiB is the sweet spot)
+BLOCK = 1 << 20  # one pread/pwrite block (docs/kernel-facts.md section 7: 1 MiB is the sweet spot)
 CHUNK = 64 << 20  # bytes per C call: Ctrl-C and progress are seen between calls
 PIECE = 4 << 20  # bytes per read when threads feed an in-order writer (fits the caches)
 IN_ORDER_BUFFERS = 32 << 20  # at most this much buffered for an in-order writer (>= 1 MiB a slot)

@@ -2,7 +2,7 @@
 
 The child maps a file (MAP_SHARED, read-only) and munmaps chosen pages; reading its
 /proc/PID/mem then gives the file's bytes where mapped and real kernel faults where not
-(KCORE.md section 5: a short read ending at the hole, EIO when a read starts on one).
+(docs/kernel-facts.md section 6: a short read ending at the hole, EIO when a read starts on one).
 """
 
 from __future__ import annotations

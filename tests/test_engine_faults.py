@@ -107,7 +107,7 @@ def test_proc_pid_mem_prot_none_pages_read_as_data(tmp_path, child):
 
 
 def test_proc_pid_mem_offsets_past_2_63_are_einval_zeros(child):
-    """KCORE.md section 5: offsets >= 2^63 give EINVAL from pread: unreadable, not an error."""
+    """Offsets >= 2^63 give EINVAL from pread: unreadable, not an error (docs/kernel-facts.md)."""
     got, st = engine.read_range(child.fd, 1 << 63, 2 * PAGE)
     assert got == bytes(2 * PAGE)
     assert st.pages_zero_filled == 2 and st.first_errno == errno.EINVAL

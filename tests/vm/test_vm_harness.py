@@ -47,7 +47,7 @@ def test_guest_runs_this_checkout(guest: Guest) -> None:
 
 
 def test_real_kcore_layout(guest: Guest) -> None:
-    """The captured real kcore has the modern x86-64 shape that KCORE.md section 2 records."""
+    """The captured real kcore has the modern x86-64 shape of docs/kernel-facts.md section 2."""
     k = guest.kcore
     assert (k["e_type"], k["e_machine"], k["e_phoff"]) == (4, 62, 64)
     note = k["phdrs"][0]
