@@ -4,7 +4,8 @@ The fixtures (tests/data/arm64-*, made by tests/vm/arm64_fixture.py from one boo
 Debian's arm64 kernels under qemu-system-aarch64) hold that boot's /proc and /sys files, the
 real kcore's header, regions of the real kcore read in the guest with dd, and the physical
 pages those need as a LiME image. 6.1: 48-bit VAs, 4 levels, no _text/_end in kallsyms, the
-64 KiB before _stext unmapped. 6.12: built for 52-bit VAs, run with LPA2 (5 levels).
+64 KiB before _stext unmapped. 6.12: built for 52-bit VAs, run with LPA2 (5 levels), and on a
+CPU without LPA2 (6.12-48: 48-bit VAs, 4 levels, a randomized linear map: PHYS_OFFSET < 0).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from conftest import DATA, run_kcore, volatility_cmd
 
 import kcore
 
-FIXTURES = ("arm64-6.1", "arm64-6.12")
+FIXTURES = ("arm64-6.1", "arm64-6.12", "arm64-6.12-48")
 PAGE = 4096
 EM_AARCH64 = 183
 

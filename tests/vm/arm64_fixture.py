@@ -26,9 +26,9 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 import guests  # noqa: E402
 from arm64 import PAGE, guest_read, kcore_offset, loads, symbol, vmcoreinfo  # noqa: E402
-from kcore.lime import pack_header  # noqa: E402
 
 import kcore  # noqa: E402
+from kcore.wire.lime import pack_header  # noqa: E402
 
 ALL_ONES = (1 << 64) - 1
 KEEP_SYMBOLS = ("_text", "_stext", "_etext", "_end", "_sinittext", "swapper_pg_dir",
