@@ -15,8 +15,12 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "RESULTS.md"
-# The memory-child helper lives with the tests.
+# The tests' helpers (tests/helpers.py) and the memory-child helper live with the tests.
 sys.path.insert(0, str(BENCH.parent / "tests"))
+
+import helpers  # noqa: E402
+
+tests_conftest = helpers  # the name the bench files use
 
 
 def load_module(name: str, path: Path):
@@ -27,7 +31,6 @@ def load_module(name: str, path: Path):
     return mod
 
 
-tests_conftest = load_module("kcore_tests_conftest", BENCH.parent / "tests" / "conftest.py")
 
 _recorded: dict[str, list[str]] = {}
 _notes: dict[str, list[str]] = {}

@@ -1,65 +1,23 @@
-"""Shared pytest fixtures: where the real-kernel captures are, and how to run the CLI."""
+"""pytest fixtures shared by the tests (the helpers they use live in tests/helpers.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
-FIXTURE_NAMES = ("linux-6.1.0-56-nokaslr-512M", "linux-6.1.0-56-kaslr-512M")
-
-
-def shared_fixture(name: str) -> Path:
-    """The folder of one real-kernel capture under ../shared/fixtures, or skip."""
-    path = SHARED_FIXTURES / name
-    if not path.is_dir():
-        pytest.skip(f"{path} is not here (real-kernel captures live beside the project)")
-    return path
-
-
-def run_kcore(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
-    """Run `python -m kcore ARGS` from this checkout; capture its output."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    kw.setdefault("capture_output", True)
-    return subprocess.run([sys.executable, "-m", "kcore", *args], env=env, check=check, **kw)
-
-
-CACHE = Path(os.environ.get("KCORE_TEST_CACHE", "/tmp/kcore-test-cache"))
-
-
-def fixture_memory(name: str) -> Path:
-    """The decompressed memory image of a capture (cached under KCORE_TEST_CACHE), or skip."""
-    folder = shared_fixture(name) / "memory"
-    packed = next(folder.glob("*.zst"), None)
-    if packed is None:
-        pytest.skip(f"no memory image in {folder}")
-    out = CACHE / name / packed.name[: -len(".zst")]
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        _unzstd(packed, tmp)
-        os.replace(tmp, out)
-    return out
-
-
-def _unzstd(packed: Path, out: Path) -> None:
-    """Decompress a zstd file made with --long=30: the zstd tool, else the zstandard module."""
-    if shutil.which("zstd"):
-        subprocess.run(["zstd", "-q", "-d", "--long=30", "-f", str(packed), "-o", str(out)],
-                       check=True)
-        return
-    import zstandard
-
-    with open(packed, "rb") as src, open(out, "wb") as dst:
-        zstandard.ZstdDecompressor(max_window_size=1 << 31).copy_stream(src, dst)
+# Earlier branches import these from conftest: kept importable here until they move.
+from helpers import (  # noqa: F401
+    DATA,
+    FIXTURE_NAMES,
+    REPO,
+    SHARED_FIXTURES,
+    debug_vmlinux,
+    fixture_memory,
+    run_kcore,
+    shared_fixture,
+    volatility_cmd,
+)
 
 
 @pytest.fixture
@@ -73,53 +31,3 @@ def small_tmpfs(tmp_path):
         pytest.skip(f"cannot mount a small tmpfs: {r.stderr.decode().strip()}")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=True)
-
-
-def volatility_cmd() -> list[str]:
-    """How to run Volatility 3 here (`vol`, or the module), or skip."""
-    vol = shutil.which("vol")
-    if vol is not None:
-        return [vol]
-    pytest.importorskip("volatility3", reason="volatility3 is not installed (.ci/run)")
-    return [sys.executable, "-m", "volatility3.cli"]
-
-
-DEBUG_PACKAGE = "linux-image-6.1.0-56-amd64-dbg"  # the fixtures' kernel, with its debug info
-VM_CACHE = Path(os.environ.get("KCORE_VM_CACHE", "/var/tmp/kcore-vm-cache"))
-
-
-def debug_vmlinux() -> Path:
-    """The fixtures' vmlinux with DWARF (from Debian's -dbg package, cached), or skip."""
-    release = DEBUG_PACKAGE.removeprefix("linux-image-").removesuffix("-dbg")
-    member = f"./usr/lib/debug/boot/vmlinux-{release}"
-    out = VM_CACHE / "dbg" / f"vmlinux-{release}"
-    if out.exists():
-        return out
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        pytest.skip(f"no apt-get to download {DEBUG_PACKAGE}")
-    debs = VM_CACHE / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    if not list(debs.glob(f"{DEBUG_PACKAGE}_*.deb")):
-        r = subprocess.run(["apt-get", "download", DEBUG_PACKAGE], cwd=debs, capture_output=True,
-                           text=True)
-        if r.returncode:
-            pytest.fail(f"apt-get download {DEBUG_PACKAGE} failed: {r.stderr[-1000:]}")
-    deb = sorted(debs.glob(f"{DEBUG_PACKAGE}_*.deb"))[-1]
-    tmp = out.parent / f"unpack-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        # Only vmlinux (~0.3 GB) of the package's 5.6 GB; tar stops reading after it.
-        tar = subprocess.Popen(["tar", "-x", "-C", str(tmp), "--occurrence", member],
-                               stdin=subprocess.PIPE)
-        # dpkg-deb's stderr is dropped: it complains of the broken pipe when tar stops.
-        deb_out = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
-                                   stdout=tar.stdin, stderr=subprocess.DEVNULL)
-        tar.stdin.close()
-        tar.wait()
-        deb_out.wait()
-        if not (tmp / member).is_file():
-            pytest.fail(f"cannot unpack {member} from {deb}")
-        os.replace(tmp / member, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA, run_kcore, volatility_cmd
+from helpers import DATA, run_kcore, volatility_cmd
 
 import kcore
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
 
 ALL_ONES = (1 << 64) - 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
 
 NOKASLR, KASLR = FIXTURE_NAMES
 

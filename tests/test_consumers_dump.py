@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import FIXTURE_NAMES, debug_vmlinux, shared_fixture, volatility_cmd
+from helpers import FIXTURE_NAMES, debug_vmlinux, shared_fixture, volatility_cmd
 from test_dump import dump
 
 pytestmark = pytest.mark.consumers

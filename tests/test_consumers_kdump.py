@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_NAMES, debug_vmlinux, run_kcore, shared_fixture, volatility_cmd
+from helpers import FIXTURE_NAMES, debug_vmlinux, run_kcore, shared_fixture, volatility_cmd
 from test_dump import dump, source_spec
 
 from kcore import codecs

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
 from elftools.elf.elffile import ELFFile
+from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
 
 NOKASLR, KASLR = FIXTURE_NAMES
 LIME = struct.Struct("<IIQQ8s")

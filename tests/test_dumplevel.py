@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pagesets
 import pytest
-from conftest import FIXTURE_NAMES, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, run_kcore, shared_fixture
 from test_dump import source_spec
 
 LEVELS = (1, 16, 17, 23, 31)

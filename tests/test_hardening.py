@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
 
 import kcore
 from kcore import kcorefile

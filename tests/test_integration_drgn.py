@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FIXTURE_NAMES, REPO, debug_vmlinux, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, REPO, debug_vmlinux, run_kcore, shared_fixture
 from test_dump import dump, expected, expected_bytes, source_spec
 
 pytestmark = pytest.mark.consumers

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import (
+from helpers import (
     CACHE,
     FIXTURE_NAMES,
     REPO,

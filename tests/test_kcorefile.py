@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
 from elftools.elf.elffile import ELFFile
+from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
 
 import kcore
 from kcore.kcorefile import KcoreFile
@@ -186,7 +186,7 @@ def test_reads_across_segment_boundaries(kf) -> None:
 def test_file_semantics(kf) -> None:
     """seek/tell/read/readinto behave like a file; past st_size, like Linux 6.1's kcore.
 
-    Measured on the 6.1 guest (tests/test_kcorefile_vm.py checks it against the real file):
+    Measured on the 6.1 guest (tests/vm/test_vm_kcorefile.py checks it against the real file):
     reads past st_size return zeros, and from data_offset on the bytes repeat every 2^47
     (kc_offset_to_vaddr() is o | ~__VIRTUAL_MASK); only a read past 2^63 - 1 fails.
     """

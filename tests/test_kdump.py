@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_NAMES, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, run_kcore, shared_fixture
 from test_dump import dump, source_spec
 
 from kcore import codecs

@@ -12,9 +12,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import fixture_memory, shared_fixture
 from elftools.construct import Container
 from elftools.elf.structs import ELFStructs
+from helpers import fixture_memory, shared_fixture
 
 from kcore.addrmap import ALL_ONES
 from kcore.errors import ElfFormatError, LimeFormatError, SourceError

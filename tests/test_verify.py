@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
 
 from kcore.cli import main
 

@@ -6,7 +6,7 @@ import json
 import struct
 
 import pytest
-from conftest import fixture_memory, shared_fixture
+from helpers import fixture_memory, shared_fixture
 
 from kcore.addrmap import PAGE_SIZE, x86_64_map
 from kcore.sources import open_source

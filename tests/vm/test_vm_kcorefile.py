@@ -10,18 +10,13 @@ reads agree must be what KcoreFile gave (pages the kernel changed in between are
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+import qemu_vm
+from guests import Guest, Pool
+from pagecmp import stable_mismatches
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "vm"))
-
-import qemu_vm  # noqa: E402
-from guests import Guest, Pool  # noqa: E402
-from pagecmp import stable_mismatches  # noqa: E402
-
-from kcore.kcorefile import open_kcore  # noqa: E402
+from kcore.kcorefile import open_kcore
 
 pytestmark = pytest.mark.vm
 PAGE = 4096
