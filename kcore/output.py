@@ -482,7 +482,8 @@ class Output:
         if manifest is not None and self.with_sidecars:
             chunks = None if self.chunk_sha256 is None else {"size": CHUNK,
                                                              "sha256": self.chunk_sha256}
-            full = dict(manifest, sha256=self.sha256, chunks=chunks)
+            full = dict(manifest, sha256=self.sha256)
+            full.setdefault("chunks", chunks)  # the kcore image brings its sparse ones
             text = json.dumps(full, indent=2) + "\n"
             sidecars.append((self.manifest_path, text.encode()))
         for path, data in sidecars:

@@ -604,9 +604,38 @@ def _read_block(fd: int, pos: int, n: int, hole_end: int) -> bytes:
     return data
 
 
-def chunk_digests(fd: int, size: int) -> list[str]:
-    """The SHA-256 of each CHUNK bytes of a file (for manifests)."""
-    return _data_pass(fd, size, [], True)[1]
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, end) extents of a sparse file that hold data (SEEK_DATA/SEEK_HOLE)."""
+    out, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            return [(0, size)]  # the filesystem cannot say: all of it
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end))
+        pos = end
+    return out
+
+
+def sparse_chunk_digests(fd: int, size: int) -> dict[str, str]:
+    """The SHA-256 of each CHUNK of a sparse file that holds data, by chunk index (the kcore
+    image's manifest: its other chunks are holes)."""
+    chunks = sorted({i for a, b in data_extents(fd, size)
+                     for i in range(a // CHUNK, (b - 1) // CHUNK + 1)})
+    out = {}
+    for i in chunks:
+        h = hashlib.sha256()
+        lo, hi = i * CHUNK, min((i + 1) * CHUNK, size)
+        pos = lo
+        while pos < hi:
+            n = min(BLOCK, hi - pos)
+            h.update(_read_block(fd, pos, n, _hole_until(fd, pos, pos + n)))
+            pos += n
+        out[str(i)] = h.hexdigest()
+    return out
 
 
 # ---- sidecars ----------------------------------------------------------------------------
@@ -724,8 +753,15 @@ def _verify(fd: int, path: str, res: Result) -> Result:
             res.problem(res.vmcoreinfo.get("offset"), f"VMCOREINFO says OSRELEASE={noted}, "
                                                       f"the manifest {release}")
     # Hash only what can be compared: a digest beside the file or in the manifest.
+    listed = (manifest or {}).get("chunks")
     hashing = res.format != "kcore" and (sidecar is not None or bool(
-        (manifest or {}).get("sha256") or (manifest or {}).get("chunks")))
+        (manifest or {}).get("sha256")) or isinstance(listed, dict) and isinstance(
+        listed.get("sha256"), list))
+    allocated = os.fstat(fd).st_blocks * 512
+    if hashing and res.size > 1 << 40 and allocated < res.size // 16:
+        hashing = False  # a sparse file of terabytes: its digest would take hours
+        res.warnings.append(f"not hashed: {human_size(res.size)} apparent, "
+                            f"{human_size(allocated)} allocated")
     try:
         digest, chunks, zero, pages = _data_pass(fd, res.size, regions if res.structure !=
                                                  "broken" else [], hashing)
@@ -763,9 +799,49 @@ def _verify(fd: int, path: str, res: Result) -> Result:
     return res
 
 
+def human_size(n: int) -> str:
+    """Bytes in binary units."""
+    from kcore.output import human
+
+    return human(n)
+
+
+def _compare_sparse_chunks(res: Result, want: dict[str, Any]) -> None:
+    """The kcore image's chunks that hold data against the manifest's digests of them."""
+    fd = os.open(res.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        have = sparse_chunk_digests(fd, res.size)
+    finally:
+        os.close(fd)
+    zeros: dict[int, str] = {}
+
+    def zero_digest(i: int) -> str:  # a chunk of zeros is the same as a hole
+        n = min(CHUNK, res.size - i * CHUNK)
+        if n not in zeros:
+            h = hashlib.sha256()
+            for pos in range(0, n, BLOCK):
+                h.update(ZERO_BLOCK[:min(BLOCK, n - pos)])
+            zeros[n] = h.hexdigest()
+        return zeros[n]
+
+    bad = sorted({int(k) for k in set(have) | set(want)
+                  if (have.get(k) or zero_digest(int(k))) != (want.get(k) or zero_digest(int(k)))})
+    res.chunks = {"size": CHUNK, "count": len(have), "manifest": len(want), "differ": bad[:64]}
+    if bad:
+        i = bad[0]
+        what = ("holds data where the manifest has a hole" if str(i) not in want else
+                "is a hole where the manifest has data" if str(i) not in have else
+                "differs from the manifest's digest")
+        res.problem(i * CHUNK, f"chunk {i} (bytes {i * CHUNK:#x}-{(i + 1) * CHUNK:#x}) {what} "
+                               f"({len(bad)} chunks differ)")
+
+
 def _compare_digests(res: Result, manifest: dict[str, Any] | None, sidecar: str | None,
                      digest: str | None, chunks: list[str]) -> None:
     name = os.path.basename(res.path)
+    listed = (manifest or {}).get("chunks") or {}
+    if isinstance(listed, dict) and isinstance(listed.get("sha256"), dict):
+        _compare_sparse_chunks(res, listed["sha256"])
     if digest is None:
         res.digest["sha256"] = ("not computed (the sparse kcore image has none)"
                                 if res.format == "kcore" else
