@@ -65,6 +65,11 @@ def rebuild_flattened(fd: int, path: str) -> int:
     except flattened.FlatFormatError as exc:
         os.close(out)
         raise KdumpFormatError(f"{path}: {exc}") from None
+    except OSError as exc:  # EFBIG, ENOSPC: a record's offset the temporary file cannot take
+        os.close(out)
+        raise KdumpFormatError(f"{path}: cannot rebuild the flattened dump in a temporary file "
+                               f"(at stream offset {pos:#x}): {os.strerror(exc.errno or 0)} "
+                               f"(KCORE_TMPDIR chooses where)") from None
     except BaseException:
         os.close(out)
         raise
