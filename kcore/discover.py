@@ -16,7 +16,14 @@ from kcore.addrmap import (
 from kcore.errors import InputError
 from kcore.iomem import Iomem, parse_iomem
 from kcore.kallsyms import parse_kallsyms
-from kcore.kclist import KcoreEntry, KcoreList, KcoreType, RamRange, ram_ranges_from_resources
+from kcore.kclist import (
+    Kclist,
+    KcoreEntry,
+    KcoreList,
+    KcoreType,
+    RamRange,
+    ram_ranges_from_resources,
+)
 from kcore.vmcoreinfo import (
     MAX_VMCOREINFO_BYTES,
     VmcoreInfo,
@@ -116,7 +123,7 @@ class System:
     cmdline: str
     osrelease: str
     task_struct_size: int
-    kclist: Any
+    kclist: Kclist
     symbols: dict[str, int] = field(default_factory=dict)
     task_struct: bytes | None = None  # known only when the source is a real kcore
     flavour: str = "modern"

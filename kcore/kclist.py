@@ -6,6 +6,7 @@ import enum
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from kcore.addrmap import ALL_ONES, ULONG_MAX, AddressMap
 
@@ -148,6 +149,23 @@ def static_entries(amap: AddressMap) -> list[KcoreEntry]:
         out.append(KcoreEntry(amap.modules_start, amap.modules_size, KcoreType.VMALLOC,
                               label="modules area"))
     return out
+
+
+class Kclist(Protocol):
+    """What readers need of a kclist: its entries, and open_kcore()'s refresh."""
+
+    @property
+    def entries(self) -> list[KcoreEntry]:
+        """The entries, in the order the header lists them."""
+        ...
+
+    def mark_need_update(self) -> None:
+        """Rebuild on the next refresh() (memory hotplug)."""
+        ...
+
+    def refresh(self) -> bool:
+        """Rebuild if an update is pending; True if the entries changed."""
+        ...
 
 
 class KcoreList:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kcore.discover import System
+    from kcore.sources.base import MemorySource
 
 DEFAULT_GRANULE = 1 << 16  # zero runs shorter than this are kept (bounds the range count)
 SCAN_CHUNK = 256 << 20  # bytes per zero-run scan call (a multiple of any granule <= 256 MiB)
@@ -78,8 +82,8 @@ class Plan:
 class Request:
     """What to dump and how."""
 
-    system: Any  # kcore.discover.System
-    source: Any  # kcore.sources.MemorySource
+    system: System
+    source: MemorySource
     text: bool = True
     vmalloc: bool = False
     modules: bool = False

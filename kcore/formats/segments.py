@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kcore.addrmap import ALL_ONES
 from kcore.formats.plan import Copy, Item, Zeros
+
+if TYPE_CHECKING:
+    from kcore.addrmap import AddressMap
+    from kcore.discover import System
+    from kcore.kclist import KcoreEntry
+    from kcore.sources.base import MemorySource
 
 
 @dataclass(frozen=True)
@@ -37,19 +43,18 @@ class Segment:
         return Segment(self.kind, self.vaddr + offset, paddr, length, tuple(pieces))
 
 
-def kind_of(entry: Any, amap: Any) -> str:
+def kind_of(entry: KcoreEntry, amap: AddressMap) -> str:
     """text, ram, vmalloc, modules or vmemmap for a kclist entry."""
     name = getattr(entry.type, "name", str(entry.type)).upper()
     if name.endswith("VMALLOC"):
-        start = getattr(amap, "modules_start", None)
-        size = getattr(amap, "modules_size", 0)
-        if start is not None and start <= entry.vaddr < start + size:
+        start, size = amap.modules_start, amap.modules_size
+        if start <= entry.vaddr < start + size:
             return "modules"
         return "vmalloc"
     return name.rsplit("_", 1)[-1].lower()
 
 
-def ram_segments(system: Any) -> list[Segment]:
+def ram_segments(system: System) -> list[Segment]:
     """The RAM entries of the kclist, as physically linear segments."""
     return [Segment.linear("ram", e.vaddr, e.paddr, e.size)
             for e in system.kclist.entries if kind_of(e, system.addrmap) == "ram"]
@@ -66,7 +71,8 @@ def mapped_only(seg: Segment) -> list[Segment]:
     return [seg.sub(off, n) for off, n in runs]
 
 
-def source_pieces(source: Any, paddr: int, length: int) -> list[tuple[int, int, int | None]]:
+def source_pieces(source: MemorySource, paddr: int,
+                  length: int) -> list[tuple[int, int, int | None]]:
     """Split physical [paddr, paddr+length) into (offset, length, source fd offset or None)."""
     starts = [e.paddr for e in source.extents]
     out: list[tuple[int, int, int | None]] = []
@@ -90,7 +96,7 @@ def source_pieces(source: Any, paddr: int, length: int) -> list[tuple[int, int, 
     return out
 
 
-def segment_items(source: Any, seg: Segment, dst: int) -> list[Item]:
+def segment_items(source: MemorySource, seg: Segment, dst: int) -> list[Item]:
     """The Copy/Zeros items that place seg's bytes at output offset dst."""
     items: list[Item] = []
     pos = 0
