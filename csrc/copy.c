@@ -121,7 +121,10 @@ static struct kc_src kc_src_of(int fd, uint64_t off, uint64_t len, size_t page_s
     if (len < KC_FAST_MIN || fstatfs(fd, &fs) < 0)
         return src;
     if (fs.f_type != KC_PROC_SUPER_MAGIC) {
-        if (fstat(fd, &a) == 0 && S_ISREG(a.st_mode)) {
+        /* only a file with fewer blocks than bytes has holes: on a dense one (tmpfs
+         * above all) SEEK_HOLE walks every page from off to the end, on every call */
+        if (fstat(fd, &a) == 0 && S_ISREG(a.st_mode) &&
+            (uint64_t)a.st_blocks * 512 < (uint64_t)a.st_size) {
             src.holes = 1;
             src.size = (uint64_t)a.st_size;
         }
