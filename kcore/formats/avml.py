@@ -24,7 +24,7 @@ BLOCK = 4 << 20  # bytes of memory per AVML block (and per job)
 MAX_RANGES = 1 << 20
 MAX_SLOTS = 12
 SLACK = 64  # a block's stream is at least this much shorter than its memory (Volatility)
-MAX_PENDING = 64 << 20  # frames held back at most, waiting for compressible pieces
+MAX_PENDING = 16 << 20  # frames held back at most, waiting for compressible pieces
 
 
 def blocks(req: Request) -> tuple[list[tuple[int, int]], int, Any]:
@@ -79,8 +79,8 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     # takes in the next contiguous pieces until it is: Volatility's AVMLLayer reads a block's
     # stream from the first end - start bytes after its header, and loops for ever on one
     # longer than that (an incompressible block: compressed data, random pages).
-    pending = {"start": 0, "length": 0}
-    frames = bytearray()
+    pending = {"start": 0, "length": 0, "stream": 0}
+    frames: list[bytes] = []  # copies of the pending pieces' frames (exact sizes)
 
     def flush() -> None:
         if not pending["length"]:
@@ -89,10 +89,11 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
                        "size": pending["length"], "offset": pos})
         put(avml.block_header(pending["start"], pending["length"]))
         put(avml.STREAM_IDENTIFIER)
-        put(frames)
-        put(avml.TRAILER.pack(len(avml.STREAM_IDENTIFIER) + len(frames)))
-        pending["length"] = 0
-        del frames[:]
+        for piece in frames:
+            put(piece)
+        put(avml.TRAILER.pack(len(avml.STREAM_IDENTIFIER) + pending["stream"]))
+        pending["length"] = pending["stream"] = 0
+        frames.clear()
 
     def done(j: int, _n: int, slot: int, res: tuple[Any, int]) -> None:
         nonlocal stats
@@ -103,10 +104,11 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
             flush()  # not contiguous: a block of its own whatever its stream
         if not pending["length"]:
             pending["start"] = paddr
-        frames.extend(memoryview(slots[slot][1])[:used])
+        frames.append(bytes(memoryview(slots[slot][1])[:used]))
         pending["length"] += n
-        stream = len(avml.STREAM_IDENTIFIER) + len(frames)
-        if stream + SLACK <= pending["length"] or len(frames) >= MAX_PENDING:
+        pending["stream"] += used
+        stream = len(avml.STREAM_IDENTIFIER) + pending["stream"]
+        if stream + SLACK <= pending["length"] or pending["stream"] >= MAX_PENDING:
             flush()
         if progress is not None:
             progress(n)
