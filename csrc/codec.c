@@ -32,7 +32,9 @@ enum {
 /* lzo1x_1_compress's work memory (LZO1X_1_MEM_COMPRESS is 16384 dictionary pointers). */
 enum { KC_LZO_WORK = 16384 * sizeof(void *) };
 
-typedef size_t (*zstd_compress_fn)(void *, size_t, const void *, size_t, int);
+typedef size_t (*zstd_compress_fn)(void *, void *, size_t, const void *, size_t, int);
+typedef void *(*zstd_create_fn)(void);
+typedef size_t (*zstd_free_fn)(void *);
 typedef size_t (*zstd_decompress_fn)(void *, size_t, const void *, size_t);
 typedef unsigned (*zstd_iserror_fn)(size_t);
 typedef int (*lzo_compress_fn)(const unsigned char *, unsigned long, unsigned char *,
@@ -50,21 +52,23 @@ typedef int (*zlib_uncompress_fn)(unsigned char *, unsigned long *, const unsign
 struct kc_lib {
     const char *soname;
     int loaded;          /* 1 loaded, -1 missing, 0 not tried */
-    void *fn[3];         /* compress, decompress, a helper (zstd: isError) */
-    const char *names[3];
+    void *fn[5];         /* compress, decompress, helpers (zstd: isError, create/free CCtx) */
+    const char *names[5];
 };
 
 static pthread_mutex_t kc_lib_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct kc_lib kc_libs[] = {
-    [KC_CODEC_NONE] = {NULL, 1, {NULL, NULL, NULL}, {NULL, NULL, NULL}},
-    [KC_CODEC_ZLIB] = {"libz.so.1", 0, {NULL, NULL, NULL}, {"compress2", "uncompress", NULL}},
-    [KC_CODEC_LZO] = {"liblzo2.so.2", 0, {NULL, NULL, NULL},
-                      {"lzo1x_1_compress", "lzo1x_decompress_safe", NULL}},
-    [KC_CODEC_SNAPPY] = {"libsnappy.so.1", 0, {NULL, NULL, NULL},
+    [KC_CODEC_NONE] = {NULL, 1, {NULL}, {NULL}},
+    [KC_CODEC_ZLIB] = {"libz.so.1", 0, {NULL}, {"compress2", "uncompress"}},
+    [KC_CODEC_LZO] = {"liblzo2.so.2", 0, {NULL},
+                      {"lzo1x_1_compress", "lzo1x_decompress_safe"}},
+    [KC_CODEC_SNAPPY] = {"libsnappy.so.1", 0, {NULL},
                          {"snappy_compress", "snappy_uncompress",
                           "snappy_uncompressed_length"}},
-    [KC_CODEC_ZSTD] = {"libzstd.so.1", 0, {NULL, NULL, NULL},
-                       {"ZSTD_compress", "ZSTD_decompress", "ZSTD_isError"}},
+    /* one compression context a batch: ZSTD_compress() makes and frees one per call */
+    [KC_CODEC_ZSTD] = {"libzstd.so.1", 0, {NULL},
+                       {"ZSTD_compressCCtx", "ZSTD_decompress", "ZSTD_isError",
+                        "ZSTD_createCCtx", "ZSTD_freeCCtx"}},
 };
 
 static int kc_codec_ok(int codec)
@@ -85,7 +89,7 @@ int kc_codec_load(int codec)
     if (lib->loaded == 0) {
         h = dlopen(lib->soname, RTLD_NOW | RTLD_LOCAL);
         lib->loaded = h ? 1 : -1;
-        for (i = 0; h && i < 3; i++) {
+        for (i = 0; h && i < 5; i++) {
             if (!lib->names[i])
                 continue;
             lib->fn[i] = dlsym(h, lib->names[i]);
@@ -120,7 +124,7 @@ static long kc_compress_one(int codec, int level, const void *src, size_t n, voi
 
     switch (codec) {
     case KC_CODEC_ZSTD: {
-        size_t r = ((zstd_compress_fn)lib->fn[0])(dst, cap, src, n, level);
+        size_t r = ((zstd_compress_fn)lib->fn[0])(work, dst, cap, src, n, level);
 
         return ((zstd_iserror_fn)lib->fn[2])(r) ? -EIO : (long)r;
     }
@@ -148,6 +152,14 @@ static long kc_compress_one(int codec, int level, const void *src, size_t n, voi
     default:
         return -EINVAL;
     }
+}
+
+static void kc_free_work(int codec, void *work)
+{
+    if (codec == KC_CODEC_ZSTD && work)
+        ((zstd_free_fn)kc_libs[codec].fn[4])(work);
+    else
+        free(work);
 }
 
 size_t kc_compress_bound(int codec, size_t n)
@@ -180,6 +192,10 @@ int kc_compress_pages(int codec, int level, const void *src, size_t npages,
         work = malloc(KC_LZO_WORK);
         if (!work)
             return -ENOMEM;
+    } else if (codec == KC_CODEC_ZSTD) {
+        work = ((zstd_create_fn)kc_libs[codec].fn[3])();
+        if (!work)
+            return -ENOMEM;
     }
     for (i = 0; i < npages; i++, s += page_size) {
         struct kc_page_desc *pd = &descs_ret[i];
@@ -193,7 +209,7 @@ int kc_compress_pages(int codec, int level, const void *src, size_t npages,
             continue;
         }
         if (dst_cap - pos < kc_compress_bound(codec, page_size)) {
-            free(work);
+            kc_free_work(codec, work);
             return -ENOSPC;
         }
         if (codec != KC_CODEC_NONE) {
@@ -201,7 +217,7 @@ int kc_compress_pages(int codec, int level, const void *src, size_t npages,
             n = kc_compress_one(codec, level, s, page_size, d + pos,
                                 kc_compress_bound(codec, page_size), work);
             if (n < 0) {
-                free(work);
+                kc_free_work(codec, work);
                 return (int)n;
             }
         }
@@ -216,7 +232,7 @@ int kc_compress_pages(int codec, int level, const void *src, size_t npages,
         }
         pos += pd->size;
     }
-    free(work);
+    kc_free_work(codec, work);
     *written_ret = pos;
     return 0;
 }
