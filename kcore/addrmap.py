@@ -33,10 +33,6 @@ X86_64_L5 = {
 # KERNEL_IMAGE_SIZE: 1 GiB with CONFIG_RANDOMIZE_BASE (every distribution kernel), else 512 MiB.
 X86_64_KERNEL_IMAGE_SIZE = 1 << 30
 
-# arm64 with 4 KiB pages and 48-bit VAs (arch/arm64/include/asm/memory.h, Linux 6.1).
-ARM64_VA_BITS = 48
-ARM64_STRUCT_PAGE_MAX_SHIFT = 6
-
 
 @dataclass(frozen=True)
 class AddressMap:
@@ -140,49 +136,4 @@ def x86_64_map(
         virtual_mask_shift=d["virtual_mask_shift"],
         max_physmem_bits=d["max_physmem_bits"],
         pgd_paddr=pgd_paddr,
-    )
-
-
-def arm64_map(
-    *,
-    text_start: int,
-    text_end: int,
-    phys_offset: int,
-    kimage_voffset: int,
-    va_bits: int = ARM64_VA_BITS,
-    struct_page_size: int = 64,
-    page_size: int = 4096,
-) -> AddressMap:
-    """The arm64 layout (Linux 6.1 memory.h) for a VA_BITS-bit kernel."""
-    page_offset = (-(1 << va_bits)) & ULONG_MAX
-    page_end = (-(1 << (va_bits - 1))) & ULONG_MAX  # _PAGE_END(VA_BITS_MIN)
-    modules_start = page_end  # MODULES_VADDR
-    modules_end = modules_start + (128 << 20)  # MODULES_VSIZE = SZ_128M
-    page_shift = page_size.bit_length() - 1
-    vmemmap_size = (page_end - page_offset) >> (page_shift - ARM64_STRUCT_PAGE_MAX_SHIFT)
-    vmemmap_start = (-(vmemmap_size + (2 << 20))) & ULONG_MAX  # -(VMEMMAP_SIZE + SZ_2M)
-    vmalloc_start = modules_end
-    vmalloc_end = vmemmap_start - (256 << 20)  # VMEMMAP_START - SZ_256M
-    return AddressMap(
-        arch="aarch64",
-        page_offset=page_offset,
-        vmalloc_start=vmalloc_start,
-        vmalloc_size=vmalloc_end - vmalloc_start,
-        modules_start=modules_start,
-        modules_size=modules_end - modules_start,
-        # vmemmap = (struct page *)VMEMMAP_START - (memstart_addr >> PAGE_SHIFT)
-        vmemmap_start=(vmemmap_start - (phys_offset >> page_shift) * struct_page_size)
-        & ULONG_MAX,
-        text_start=text_start,
-        text_end=text_end,
-        # __pa_symbol(x) = x - kimage_voffset; expressed as start_kernel_map/phys_base.
-        start_kernel_map=kimage_voffset,
-        phys_base=0,
-        pgtable_levels=4,
-        page_size=page_size,
-        struct_page_size=struct_page_size,
-        virtual_mask_shift=va_bits,
-        max_physmem_bits=48,
-        phys_offset=phys_offset,
-        extra={"vmemmap_region_start": vmemmap_start},
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kcore.addrmap import arm64_map, x86_64_map
+from kcore.addrmap import x86_64_map
 from kcore.discover import online_memory_blocks, online_memory_end_pfn
 from kcore.iomem import parse_iomem
 from kcore.kclist import (
@@ -108,24 +108,6 @@ def test_static_entries_order_and_paddr():
     assert text.paddr == 0x1000000  # __pa_symbol(0xffffffff81000000), phys_base 0
     assert kl.entries[1].size == 32 * (1 << 40) - 1  # VMALLOC_END - VMALLOC_START
     assert (kl.entries[2].vaddr, kl.entries[2].size) == (0xFFFFFFFFC0000000, 0x3F000000)
-
-
-def test_arm64_layout_as_data():
-    lay = arm64_map(text_start=0xFFFF800008000000, text_end=0xFFFF80000A000000,
-                       phys_offset=0x40000000, kimage_voffset=0xFFFF7FFFC8000000)
-    assert lay.page_offset == 0xFFFF000000000000
-    assert lay.modules_start == 0xFFFF800000000000 and lay.modules_size == 128 << 20
-    assert lay.vmalloc_start == 0xFFFF800008000000
-    # memory.h: VMEMMAP_START = -(VMEMMAP_SIZE + SZ_2M), VMEMMAP_SIZE = 2^47 >> 6
-    assert lay.extra["vmemmap_region_start"] == 0xFFFFFDFFFFE00000
-    ents = ram_entries([RamRange(0x40000, 0x1000)], lay)
-    assert pairs(ents) == [
-        (KcoreType.RAM, 0xFFFF000000000000, 0x1000000),
-        # vmemmap = VMEMMAP_START - (memstart_addr >> PAGE_SHIFT) pages: pfn 0x40000 -> start
-        (KcoreType.VMEMMAP, 0xFFFFFDFFFFE00000, 0x1000 * 64),
-    ]
-    assert ents[0].paddr == 0x40000000
-    assert lay.kc_vaddr_to_offset(0xFFFF000000001000) == 0x1000  # the seed's v - PAGE_OFFSET
 
 
 def _write_root(root: Path, iomem: str, blocks: dict[str, str]) -> None:
