@@ -14,19 +14,10 @@
 #include <unistd.h>
 
 #include "kcore_api.h"
+#include "check.h"
 
 enum { PAGE = 4096, NPAGES = 64 };
 
-static int failures;
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                  \
-            failures++;                                                      \
-        }                                                                    \
-    } while (0)
 
 /* Pages of four kinds: zero, text (shrinks), random (does not), one byte set. */
 static void pages(unsigned char *p)

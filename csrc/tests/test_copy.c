@@ -17,19 +17,10 @@
 #include <unistd.h>
 
 #include "kcore_api.h"
+#include "check.h"
 
 enum { PAGE = 4096, BLOCK = 1 << 20 };
 
-static int failures;
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                  \
-            failures++;                                                      \
-        }                                                                    \
-    } while (0)
 
 static void fill(unsigned char *p, size_t n, unsigned seed)
 {

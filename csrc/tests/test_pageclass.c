@@ -12,21 +12,12 @@
 #include <string.h>
 
 #include "kcore_api.h"
+#include "check.h"
 
 enum { SP = 64, NPAGES = 4096, PG_LRU = 4, PG_PRIVATE = 13, PG_SWAPCACHE = 10,
        PG_SWAPBACKED = 19, PG_SLAB = 9, PG_HWPOISON = 23, HEAD_MASK = 1 << 16,
        BUDDY = -129, OFFLINE = -257, HUGETLB_DTOR = 2 };
 
-static int failures;
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                    #cond);                                                  \
-            failures++;                                                      \
-        }                                                                    \
-    } while (0)
 
 static void put(unsigned char *pages, uint64_t pfn, int off, uint64_t v, int width)
 {
