@@ -387,15 +387,20 @@ size_t kc_snappy_frame_bound(size_t n)
     return n + chunks * (8 + 32 + KC_SNAPPY_CHUNK / 6);
 }
 
+/* Zero *written_ret and load libsnappy: 0, or -errno when it cannot be had. */
+static int kc_snappy_begin(uint64_t *written_ret)
+{
+    *written_ret = 0;
+    return kc_codec_load(KC_CODEC_SNAPPY);
+}
+
 int kc_snappy_frame(const void *src, size_t n, void *dst, size_t dst_cap, uint64_t *written_ret)
 {
     const unsigned char *s = src;
     unsigned char *d = dst;
     size_t pos = 0, out = 0;
-    int rc;
+    int rc = kc_snappy_begin(written_ret);
 
-    *written_ret = 0;
-    rc = kc_codec_load(KC_CODEC_SNAPPY);
     if (rc)
         return rc;
     if (dst_cap < kc_snappy_frame_bound(n))
@@ -431,11 +436,9 @@ int kc_snappy_unframe(const void *src, size_t n, void *dst, size_t dst_cap,
     const unsigned char *s = src;
     unsigned char *d = dst;
     size_t pos = 0, out = 0;
-    int rc;
+    int rc = kc_snappy_begin(written_ret);
 
-    *written_ret = 0;
     *consumed_ret = 0;
-    rc = kc_codec_load(KC_CODEC_SNAPPY);
     if (rc)
         return rc;
     while (out < dst_cap && pos + 4 <= n) {

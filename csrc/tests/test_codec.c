@@ -146,10 +146,5 @@ int main(void)
     for (int codec = KC_CODEC_NONE; codec <= KC_CODEC_ZSTD; codec++)
         roundtrip(codec);
     snappy_framing();
-    if (failures) {
-        printf("%d failures\n", failures);
-        return 1;
-    }
-    puts("kcore codec tests: all passed");
-    return 0;
+    return check_report("kcore codec");
 }

@@ -376,10 +376,5 @@ int main(void)
     test_output_errors();
     test_mem_sigbus();
     test_copy_packed();
-    if (failures) {
-        fprintf(stderr, "%d check(s) failed\n", failures);
-        return 1;
-    }
-    puts("kcore C engine tests: all passed");
-    return 0;
+    return check_report("kcore C engine");
 }

@@ -222,10 +222,5 @@ int main(void)
     test_levels();
     test_bad_arguments();
     test_bitmap_runs();
-    if (failures) {
-        fprintf(stderr, "%d check(s) failed\n", failures);
-        return 1;
-    }
-    puts("kcore page classifier tests: all passed");
-    return 0;
+    return check_report("kcore page classifier");
 }
