@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-from kcore import codecs
 from kcore.errors import LimeFormatError
 from kcore.sources.base import (
     Extent,
@@ -54,6 +53,8 @@ class AvmlSource(MemorySource):
 
 def unpack(fd: int, path: str, out: int) -> list[Extent]:
     """Decompress every block of the AVML file at fd into out; return the extents."""
+    from kcore import codecs  # here: only an AVML file being read needs the codecs
+
     size = file_size(fd)
     if size == 0:
         raise LimeFormatError(f"{path}: empty file at offset 0x0")

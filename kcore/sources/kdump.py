@@ -9,9 +9,7 @@ file like a raw image, with an extent per run of dumped pages. A flattened file 
 from __future__ import annotations
 
 import os
-import tempfile
 
-from kcore import codecs
 from kcore.errors import SourceError
 from kcore.sources.base import (
     Extent,
@@ -35,6 +33,8 @@ class KdumpFormatError(SourceError):
 
 def temp_file(near: str) -> int:
     """An unlinked read-write temporary file (O_TMPFILE where the filesystem has it)."""
+    import tempfile  # here: a start-up that reads no kdump file does not pay for it
+
     folder = os.environ.get("KCORE_TMPDIR") or os.environ.get("TMPDIR") or "/var/tmp"
     try:
         return os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
@@ -113,7 +113,7 @@ class KdumpSource(MemorySource):
 
 def unpack(fd: int, path: str, out: int) -> tuple[list[Extent], bytes | None]:
     """Decompress the dumped pages of the kdump file at fd into out; return extents, VMCOREINFO."""
-    from kcore import engine
+    from kcore import codecs, engine  # here: only a kdump file being read needs them
 
     def need(offset: int, length: int, what: str) -> bytes:
         try:
