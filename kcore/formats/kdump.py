@@ -210,11 +210,28 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     zero_offset = geo.data_offset
     sink.put(zero_offset, bytes(page))  # the one page every zero page's descriptor points at
 
+    batches: dict[int, list[tuple[int, int]]] = {}  # the (first PFN, pages) runs of a batch
+
     def jobs() -> Iterator[tuple[int, int]]:
-        """(first PFN, pages) of each batch, made as they are taken (bounded memory)."""
+        """(batch number, pages) of each batch, made as they are taken (bounded memory).
+
+        A batch joins runs up to BATCH_PAGES pages: -d leaves many short runs, and a job
+        for each would cost more in thread handoffs than its pages do in compression.
+        """
+        pieces: list[tuple[int, int]] = []
+        m = number = 0
         for first, n in keep:
-            for k in range(0, n, BATCH_PAGES):
-                yield first + k, min(BATCH_PAGES, n - k)
+            while n:
+                take = min(n, BATCH_PAGES - m)
+                pieces.append((first, take))
+                first, n, m = first + take, n - take, m + take
+                if m == BATCH_PAGES:
+                    batches[number] = pieces
+                    yield number, m
+                    pieces, m, number = [], 0, number + 1
+        if m:
+            batches[number] = pieces
+            yield number, m
 
     next_desc = 0  # descriptors are written in batch order: the next one's index
     threads = max(1, req.threads)
@@ -226,14 +243,19 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     data_pos = zero_offset + page
     result = Compression(codec.name, npages * page, 0)
 
-    def work(pfn: int, m: int, slot: int) -> tuple[Any, int]:
+    def work(number: int, m: int, slot: int) -> tuple[Any, int]:
         src, dst, descs = slots[slot]
         view = memoryview(src)[:m * page]
-        st = req.source.readinto_phys(pfn * page, view, strict=req.strict)
+        st = engine.CopyStats()
+        at = 0
+        for pfn, n in batches[number]:
+            st += req.source.readinto_phys(pfn * page, view[at:at + n * page], strict=req.strict)
+            at += n * page
         return st, codecs.compress_pages(codec, view, m, page, dst, descs)
 
-    def done(_pfn: int, m: int, slot: int, res: tuple[Any, int]) -> None:
+    def done(number: int, m: int, slot: int, res: tuple[Any, int]) -> None:
         nonlocal data_pos, stats, next_desc
+        del batches[number]
         st, used = res
         first_desc = next_desc
         next_desc += m
