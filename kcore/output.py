@@ -456,8 +456,17 @@ class Output:
         at all. landed() is called once it is, before they are let through again.
         """
         self.finish(size)
-        held = {signal.SIGINT, signal.SIGTERM}
+        held = (signal.SIGINT, signal.SIGTERM)
         old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        # The mask holds only this thread's signals: one sent to the process can reach a
+        # helper thread (a hasher) and run the handler here all the same. So the handlers
+        # only note it meanwhile, and the first noted is handed on once the output landed.
+        caught: list[int] = []
+        try:
+            before = {sig: signal.signal(sig, lambda signum, _f: caught.append(signum))
+                      for sig in held}
+        except ValueError:  # not the main thread: no Python handler runs here anyway
+            before = {}
         try:
             if self.kind == "file":
                 self._commit_file(manifest)
@@ -466,7 +475,16 @@ class Output:
             if landed is not None:
                 landed()
         finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if caught:
+            sig = signal.Signals(caught[0])
+            handler = before.get(sig)
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(sig)
 
     def _commit_file(self, manifest: dict[str, Any] | None) -> None:
         """commit() of a file: land it under its final name, then its sidecars."""
