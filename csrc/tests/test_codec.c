@@ -1,6 +1,6 @@
 /*
  * Unit tests of the page codecs (csrc/codec.c), built with -fsanitize=address,undefined by
- * tests/test_codec_sanitizers.py: every codec's pages compressed, written as a kdump data
+ * tests/test_c_sanitizers.py: every codec's pages compressed, written as a kdump data
  * area and unpacked back through a file (memfd); corrupt and truncated data refused;
  * snappy framing decoded in pieces; CRC-32C against its catalogue check value.
  */

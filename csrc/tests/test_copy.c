@@ -1,6 +1,6 @@
 /*
  * Unit tests of the C copy engine, built with -fsanitize=address,undefined by
- * tests/test_engine_sanitizers.py. Real faults only: holes in this process's
+ * tests/test_c_sanitizers.py. Real faults only: holes in this process's
  * own memory read through /proc/self/mem, a memfd truncated under its mapping,
  * /dev/full as the output.
  */
