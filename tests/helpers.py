@@ -114,3 +114,18 @@ def debug_vmlinux() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def has_file_in(pid: int, folder: Path) -> bool:
+    """Whether process pid has a file of folder open (O_TMPFILE files have no name to see)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{folder}/"):
+                return True
+        except OSError:
+            pass
+    return False

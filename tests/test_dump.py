@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
+from helpers import (
+    FIXTURE_NAMES,
+    fixture_memory,
+    has_file_in,
+    run_kcore,
+    shared_fixture,
+)
 
 NOKASLR, KASLR = FIXTURE_NAMES
 LIME = struct.Struct("<IIQQ8s")
@@ -320,21 +326,6 @@ def test_enospc_mid_dump_leaves_nothing(small_tmpfs):
     assert os.listdir(small_tmpfs) == []
 
 
-def _has_file_in(pid: int, folder: Path) -> bool:
-    """Whether process pid has a file of folder open (O_TMPFILE files have no name to see)."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{folder}/"):
-                return True
-        except OSError:
-            pass
-    return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_leaves_nothing(sig, tmp_path):
     root = shared_fixture(NOKASLR) / "root"
@@ -344,7 +335,7 @@ def test_interrupt_leaves_nothing(sig, tmp_path):
                           source_spec(NOKASLR), "--format", "padded", "-o", str(out)],
                          stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 30
-    while not _has_file_in(p.pid, tmp_path):  # the output, unnamed (O_TMPFILE) or not
+    while not has_file_in(p.pid, tmp_path):  # the output, unnamed (O_TMPFILE) or not
         assert p.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     p.send_signal(sig)

@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
+from helpers import (
+    FIXTURE_NAMES,
+    fixture_memory,
+    has_file_in,
+    run_kcore,
+    shared_fixture,
+)
 
 import kcore
 from kcore import kcorefile
@@ -184,21 +190,6 @@ def test_stale_temp_files_of_dead_dumps_are_cleaned(tmp_path: Path) -> None:
     assert live.exists() and other.exists()
 
 
-def _has_file_in(pid: int, folder: Path) -> bool:
-    """Whether process pid has a file of folder open (O_TMPFILE files have no name to see)."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{folder}/"):
-                return True
-        except OSError:
-            pass
-    return False
-
-
 def test_sigkill_mid_dump_leaves_no_temp_file(tmp_path: Path) -> None:
     """An unnamed (O_TMPFILE) output: a kill -9 leaves nothing in the output directory."""
 
@@ -207,7 +198,7 @@ def test_sigkill_mid_dump_leaves_no_temp_file(tmp_path: Path) -> None:
                           "padded", "-o", str(tmp_path / "mem.img")], env=env,
                          stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while not _has_file_in(p.pid, tmp_path):
+    while not has_file_in(p.pid, tmp_path):
         assert p.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     p.kill()
