@@ -36,6 +36,17 @@ def run_kcore(*args: str, check: bool = False, **kw) -> subprocess.CompletedProc
     return subprocess.run([sys.executable, "-m", "kcore", *args], env=env, check=check, **kw)
 
 
+def scratch_dir(request: pytest.FixtureRequest, name: str) -> Path:
+    """A new folder under pytest's temp dir, removed when the requesting fixture is torn down.
+
+    Module fixtures hold dumps of 512 MiB guests; pytest's own dirs would keep every one of them
+    until the session ends (a CI disk filled up that way).
+    """
+    folder = request.getfixturevalue("tmp_path_factory").mktemp(name)
+    request.addfinalizer(lambda: shutil.rmtree(folder, ignore_errors=True))
+    return folder
+
+
 CACHE = Path(os.environ.get("KCORE_TEST_CACHE", "/tmp/kcore-test-cache"))
 
 
@@ -111,6 +122,7 @@ def debug_vmlinux() -> Path:
         if not (tmp / member).is_file():
             pytest.fail(f"cannot unpack {member} from {deb}")
         os.replace(tmp / member, out)
+        deb.unlink()  # 0.86 GB, of which only vmlinux is used
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import DATA, run_kcore, volatility_cmd
+from helpers import DATA, run_kcore, scratch_dir, volatility_cmd
 
 import kcore
 
@@ -57,9 +57,9 @@ class Fixture:
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
-def fx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Fixture:
+def fx(request: pytest.FixtureRequest) -> Fixture:
     """Each arm64 capture."""
-    return Fixture(request.param, tmp_path_factory.mktemp(request.param))
+    return Fixture(request.param, scratch_dir(request, request.param))
 
 
 def _header_without_task(data: bytes, fx: Fixture) -> bytes:
@@ -109,9 +109,9 @@ def test_reads_equal_the_real_kcore(fx: Fixture) -> None:
 
 
 @pytest.fixture(scope="module")
-def elf_dump(fx: Fixture, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def elf_dump(fx: Fixture, request: pytest.FixtureRequest) -> Path:
     """kcore dump --format elf of the fixture."""
-    out = tmp_path_factory.mktemp("dump") / "mem.elf"
+    out = scratch_dir(request, "dump") / "mem.elf"
     r = run_kcore("dump", "--root", str(fx.root), "--source", fx.source, "--format", "elf",
                   "-o", str(out))
     assert r.returncode == 0, r.stderr.decode()

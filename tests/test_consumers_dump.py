@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import FIXTURE_NAMES, debug_vmlinux, shared_fixture, volatility_cmd
+from helpers import FIXTURE_NAMES, debug_vmlinux, scratch_dir, shared_fixture, volatility_cmd
 from test_dump import dump
 
 pytestmark = pytest.mark.consumers
@@ -23,9 +23,9 @@ def banner_address(name: str) -> int:
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
-def dumps(request, tmp_path_factory):
+def dumps(request):
     name = request.param
-    folder = tmp_path_factory.mktemp("consumers")
+    folder = scratch_dir(request, "consumers")
     dump(name, folder / "mem.elf")
     dump(name, folder / "mem.lime", "--format", "lime")
     return name, folder

@@ -17,7 +17,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURE_NAMES, debug_vmlinux, run_kcore, shared_fixture, volatility_cmd
+from helpers import (
+    FIXTURE_NAMES,
+    debug_vmlinux,
+    run_kcore,
+    scratch_dir,
+    shared_fixture,
+    volatility_cmd,
+)
 from test_dump import dump, source_spec
 
 from kcore import codecs
@@ -96,10 +103,10 @@ def pages_sha256(name: str, runs: list[list[int]]) -> str:
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
-def dumps(request, tmp_path_factory):
+def dumps(request):
     """Per fixture: a kdump file and a flattened stream for each available codec, an AVML."""
     name = request.param
-    folder = tmp_path_factory.mktemp("kdump")
+    folder = scratch_dir(request, "kdump")
     root = shared_fixture(name) / "root"
     for codec in CODECS:
         if not codecs.available(codec):

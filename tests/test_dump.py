@@ -20,6 +20,7 @@ from helpers import (
     fixture_memory,
     has_file_in,
     run_kcore,
+    scratch_dir,
     shared_fixture,
 )
 
@@ -81,9 +82,9 @@ class ElfCore:
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
-def elf_dump(request, tmp_path_factory):
+def elf_dump(request):
     name = request.param
-    out = tmp_path_factory.mktemp("elf") / "mem.elf"
+    out = scratch_dir(request, "elf") / "mem.elf"
     r = dump(name, out, "--json")
     return name, out, json.loads(r.stdout)
 

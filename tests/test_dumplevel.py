@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pagesets
 import pytest
-from helpers import FIXTURE_NAMES, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, run_kcore, scratch_dir, shared_fixture
 from test_dump import source_spec
 
 LEVELS = (1, 16, 17, 23, 31)
@@ -31,11 +31,11 @@ def need_makedumpfile() -> None:
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
-def dense(request, tmp_path_factory):
+def dense(request):
     """(capture name, its root, a dense ELF core of it made by kcore, page frames)."""
     name = request.param
     root = shared_fixture(name) / "root"
-    folder = tmp_path_factory.mktemp(f"dense-{name}")
+    folder = scratch_dir(request, f"dense-{name}")
     core = folder / "dense.elf"
     r = run_kcore("dump", "--root", str(root), "--source", source_spec(name), "--no-elide",
                   "--no-digest", "-q", "-o", str(core))

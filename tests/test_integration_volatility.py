@@ -21,6 +21,7 @@ from helpers import (
     REPO,
     fixture_memory,
     run_kcore,
+    scratch_dir,
     shared_fixture,
     volatility_cmd,
 )
@@ -44,10 +45,10 @@ def banner_paddr(name: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, tuple[str, str]]:
+def images(request) -> dict[str, tuple[str, str]]:
     """Image kind -> (fixture name, path): a LiME dump, kcore's ELF dump (zero runs as
     PT_LOADs without file bytes), a raw RAM file, QEMU's ELF core."""
-    folder = tmp_path_factory.mktemp("vol")
+    folder = scratch_dir(request, "vol")
     dump(NOKASLR, folder / "mem.lime", "--format", "lime")
     dump(NOKASLR, folder / "mem.elf")
     out = {"lime": (NOKASLR, str(folder / "mem.lime")),

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURE_NAMES, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, run_kcore, scratch_dir, shared_fixture
 from test_dump import dump, source_spec
 
 from kcore import codecs
@@ -17,11 +17,11 @@ NOKASLR, _KASLR = FIXTURE_NAMES
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
+def made(request):
     """An lzo kdump file, its flattened stream and an AVML image of the nokaslr fixture."""
     if not (codecs.available("lzo") and codecs.available("snappy")):
         pytest.skip("liblzo2 or libsnappy is missing")
-    folder = tmp_path_factory.mktemp("hostile")
+    folder = scratch_dir(request, "hostile")
     dump(NOKASLR, folder / "mem.kdump", "--format", "kdump", "--compress", "lzo")
     dump(NOKASLR, folder / "mem.avml", "--format", "avml")
     root = shared_fixture(NOKASLR) / "root"

@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, scratch_dir, shared_fixture
 
 from kcore.cli import main
 
@@ -26,9 +26,9 @@ START_KERNEL_MAP = 0xFFFFFFFF80000000
 FORMATS = ("elf", "lime", "raw", "padded", "kcore", "kdump", "avml")
 
 
-def _dump_dir(tmp_path_factory: pytest.TempPathFactory, fmt: str) -> Path:
+def _dump_dir(request: pytest.FixtureRequest, fmt: str) -> Path:
     if fmt != "kcore":
-        return tmp_path_factory.mktemp(fmt)
+        return scratch_dir(request, fmt)
     # the kcore image is a 128 TiB sparse file: tmpfs holds it, ext4 does not
     shm = Path("/dev/shm")
     if not os.access(shm, os.W_OK):
@@ -40,12 +40,12 @@ def _dump_dir(tmp_path_factory: pytest.TempPathFactory, fmt: str) -> Path:
 
 @pytest.fixture(scope="module", params=[(n, f) for n in FIXTURE_NAMES for f in FORMATS],
                 ids=lambda p: f"{p[0].split('-')[3]}-{p[1]}")
-def dumped(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def dumped(request: pytest.FixtureRequest):
     """A dump of a capture in a format, with its .sha256 and manifest."""
     name, fmt = request.param
     mem = fixture_memory(name)
     spec = f"raw:{mem}" if name == NOKASLR else f"elf:{mem}"
-    d = _dump_dir(tmp_path_factory, fmt)
+    d = _dump_dir(request, fmt)
     out = d / f"mem.{fmt}"
     r = run_kcore("dump", "-q", "--root", str(shared_fixture(name) / "root"), "--source", spec,
                   "--format", fmt, "-o", str(out))
@@ -266,14 +266,14 @@ def test_fuzzed_inputs(seed: str, tmp_path: Path, capsys) -> None:
 
 
 @pytest.fixture(scope="module")
-def makedumpfile_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def makedumpfile_outputs(request: pytest.FixtureRequest) -> dict[str, Path]:
     """makedumpfile -c -d 31 (kdump-compressed) and -F (flattened) of kcore's ELF dump."""
     exe = shutil.which("makedumpfile")
     if exe is None:
         pytest.skip("makedumpfile is not installed (apt-get install makedumpfile)")
     import subprocess
 
-    d = tmp_path_factory.mktemp("mdf")
+    d = scratch_dir(request, "mdf")
     elf = d / "mem.elf"
     r = run_kcore("dump", "-q", "--no-digest", "--root", str(shared_fixture(KASLR) / "root"),
                   "--source", f"elf:{fixture_memory(KASLR)}", "-o", str(elf))

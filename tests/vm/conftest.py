@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import qemu_vm
-from guests import ARM64_CONFIGS, CONFIGS, FILE_ORDER, Guest, Pool
+from guests import ARM64_CONFIGS, CONFIGS, FILE_ORDER, POOLS, Guest, Pool
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sweep_shares() -> Iterator[None]:
+    """After each module, remove the files its tests left in the running guest's share."""
+    yield
+    for pool in POOLS:
+        pool.sweep()
 
 
 @pytest.fixture(scope="session")

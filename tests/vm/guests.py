@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,11 +78,16 @@ def parse_head(capture: Path) -> dict:
     return info
 
 
+POOLS: list[Pool] = []  # every pool made this session (tests/vm/conftest.py sweeps them)
+
+
 class Pool:
     """Boots guests on demand, keeps only one running (2 cores), closes them all at the end."""
 
     def __init__(self) -> None:
         self.current: Guest | None = None
+        self.booted_files: set[str] = set()  # the current guest's share entries after boot
+        POOLS.append(self)
 
     def get(self, name: str) -> Guest:
         """The running guest `name`, booting it (and closing any other) if needed."""
@@ -104,7 +110,20 @@ class Pool:
             vm.close()
             raise
         self.current = Guest(vm, capture, kcore)
+        self.booted_files = {p.name for p in vm.share.iterdir()}
         return self.current
+
+    def sweep(self) -> None:
+        """Remove what tests left in the running guest's share (dumps of its RAM, mostly)."""
+        if self.current is None:
+            return
+        for path in self.current.vm.share.iterdir():
+            if path.name in self.booted_files:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Shut the running guest down."""

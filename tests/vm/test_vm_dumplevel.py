@@ -13,7 +13,7 @@ import pytest
 from guests import Guest, Pool
 
 from tests import pagesets
-from tests.conftest import debug_vmlinux
+from tests.helpers import debug_vmlinux, scratch_dir
 
 
 @dataclass
@@ -46,7 +46,7 @@ def phdrs_after_ehdr(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def level_dump(vm_pool: Pool, tmp_path_factory) -> LevelDump:
+def level_dump(vm_pool: Pool, request: pytest.FixtureRequest) -> LevelDump:
     if shutil.which("makedumpfile") is None:
         pytest.skip("makedumpfile is not installed (.ci/run installs it)")
     guest = vm_pool.get("kaslr")
@@ -65,7 +65,7 @@ def level_dump(vm_pool: Pool, tmp_path_factory) -> LevelDump:
         vm.kcore("dump", "-d", "31", "--format", "kdump", "--compress", "none", "--source",
                  "kcore:/proc/kcore", "--quiet", "--no-digest", "-o", str(kdump),
                  timeout=600).check()
-    folder = tmp_path_factory.mktemp("d31")
+    folder = scratch_dir(request, "d31")
     core = folder / "qemu.elf"
     with vm.paused():
         vm.dump_guest_memory(core)
