@@ -7,7 +7,8 @@ import mmap
 import os
 import stat
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "readinto_mapped",
     "readinto_range",
     "run_ordered",
+    "started_threads",
 ]
 
 Progress = Callable[[int], object]
@@ -127,6 +129,49 @@ def default_threads() -> int:
     return max(1, min(n, MAX_THREADS))
 
 
+_POOLS: dict[int, Any] = {}  # thread count -> the executor started_threads() holds open
+_POOL_PREFIX = "kcore-copy"
+
+
+@contextmanager
+def started_threads(threads: int) -> Iterator[None]:
+    """Start the copy threads of the run_ordered(threads) calls in this block, all of them, now.
+
+    A live dump enters it before -d classifies memory: a thread started later would take
+    pages for its kernel stack and task_struct that the classification saw free and left out,
+    and crash reads both for every task. The threads end with the block.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads in _POOLS:
+        yield
+        return
+    ex = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_POOL_PREFIX)
+    try:
+        # the executor starts a thread per submit while none is idle: hold each until all run
+        barrier = threading.Barrier(threads + 1)
+        for _ in range(threads):
+            ex.submit(barrier.wait, 30)
+        barrier.wait(30)
+        _POOLS[threads] = ex
+        yield
+    finally:
+        _POOLS.pop(threads, None)
+        ex.shutdown(wait=True)
+
+
+def _executor(threads: int) -> tuple[Any, bool]:
+    """(executor, owned): the started one of that size, else a new one the caller shuts down."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    ex = _POOLS.get(threads)
+    if ex is not None and not threading.current_thread().name.startswith(_POOL_PREFIX):
+        return ex, False
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_POOL_PREFIX), True
+
+
 def run_ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int], Any],
                 done: Callable[[int, int, int, Any], None], threads: int, depth: int) -> None:
     """Run work(pos, n, slot) on threads, at most depth at once; done(...) in job order.
@@ -135,11 +180,11 @@ def run_ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int],
     after done() has seen job i. The first exception (in job order) cancels what has not
     started, waits for what has, and propagates; so does Ctrl-C in the calling thread.
     """
-    from concurrent.futures import ThreadPoolExecutor, wait  # only threaded calls import it
+    from concurrent.futures import wait  # only threaded calls import it
 
     pending: deque[tuple[int, int, int, Future]] = deque()
     free = list(range(depth - 1, -1, -1))
-    ex = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kcore-copy")
+    ex, owned = _executor(threads)
     try:
         for pos, n in jobs:
             if not free:
@@ -161,7 +206,8 @@ def run_ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int],
         while True:
             try:
                 wait([fut for *_rest, fut in pending])
-                ex.shutdown(wait=True)
+                if owned:
+                    ex.shutdown(wait=True)
                 break
             except KeyboardInterrupt as exc:
                 again = exc

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from kcore import __version__
+from kcore import __version__, engine
 from kcore.cli import add_system_args, int_arg
 from kcore.codecs import CODECS
 from kcore.codecs import DEFAULT as DEFAULT_CODEC
@@ -217,9 +217,13 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
                   granule=args.granule, strict=args.strict, flavour=args.flavour,
                   threads=args.threads or default_threads(),
                   compress=args.compress or DEFAULT_CODEC)
-    filtered = _apply_level(args, req, fmt)
     want_digest = args.digest and fmt.digest
-    with open_output(path, force=args.force, digest=want_digest) as out:
+    # What the dump allocates (the output file, its threads) is allocated before -d classifies
+    # a live kernel's pages: else their pages were free to the classification, left out, and
+    # crash would find the task list pointing into them.
+    with (open_output(path, force=args.force, digest=want_digest) as out,
+          engine.started_threads(req.threads)):
+        filtered = _apply_level(args, req, fmt)
         if args.recheck and out.kind != "file":
             raise InputError(f"--recheck reads the output back: give a file, not {path}")
         if args.recheck and fmt.write is not None:
