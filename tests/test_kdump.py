@@ -142,3 +142,38 @@ def test_unpacking_goes_to_kcore_tmpdir(made, tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr.decode()
     assert list(scratch.iterdir()) == []
     shutil.rmtree(scratch)
+
+
+@pytest.mark.parametrize("failing", [0, 1, 5])
+def test_a_batch_failing_mid_dump_stops_it_with_one_line(failing, tmp_path, monkeypatch,
+                                                          capsys):
+    """A batch whose compression fails (here the 1st, 2nd or 6th) ends the threaded dump with
+    its error while the batches around it write side by side: exit 1, nothing left behind."""
+    import errno
+    import faulthandler
+    import sys
+
+    from kcore.cli import main
+
+    real = codecs.compress_pages
+    calls = []
+
+    def compress_pages(*args):
+        calls.append(1)
+        if len(calls) == failing + 1:
+            raise OSError(errno.EIO, "injected")
+        return real(*args)
+
+    monkeypatch.setattr(codecs, "compress_pages", compress_pages)
+    root = shared_fixture(NOKASLR) / "root"
+    out = tmp_path / "mem.kdump"
+    # a hang fails the run at once, not at CI's clock
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)
+    try:
+        rc = main(["dump", "--root", str(root), "--source", source_spec(NOKASLR), "--format",
+                   "kdump", "--compress", "none", "--threads", "2", "-q", "-o", str(out)])
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    err = capsys.readouterr().err
+    assert rc == 1 and "injected" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
