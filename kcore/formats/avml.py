@@ -79,32 +79,50 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     # takes in the next contiguous pieces until it is: Volatility's AVMLLayer reads a block's
     # stream from the first end - start bytes after its header, and loops for ever on one
     # longer than that (an incompressible block: compressed data, random pages).
-    pending = {"start": 0, "length": 0, "stream": 0}
+    pending = {"start": 0, "length": 0, "stream": 0, "offset": 0}
     frames: list[bytes] = []  # copies of the pending pieces' frames (exact sizes)
+    # A seekable file without a digest to compute in order takes each piece's frames where
+    # they belong at once, and its block's header last, in the room kept for it: no copies.
+    direct = out.seekable and out.hasher is None
+    head = len(avml.block_header(0, 1)) + len(avml.STREAM_IDENTIFIER)
 
     def flush() -> None:
+        nonlocal pos
         if not pending["length"]:
             return
         ranges.append({"kind": "ram", "paddr": hex(pending["start"]),
-                       "size": pending["length"], "offset": pos})
-        put(avml.block_header(pending["start"], pending["length"]))
-        put(avml.STREAM_IDENTIFIER)
-        for piece in frames:
-            put(piece)
-        put(avml.TRAILER.pack(len(avml.STREAM_IDENTIFIER) + pending["stream"]))
+                       "size": pending["length"], "offset": pending["offset"]})
+        trailer = avml.TRAILER.pack(len(avml.STREAM_IDENTIFIER) + pending["stream"])
+        if direct:
+            end = pos
+            pos = pending["offset"]
+            put(avml.block_header(pending["start"], pending["length"]) + avml.STREAM_IDENTIFIER)
+            pos = end
+            put(trailer)
+        else:
+            put(avml.block_header(pending["start"], pending["length"]))
+            put(avml.STREAM_IDENTIFIER)
+            for piece in frames:
+                put(piece)
+            put(trailer)
         pending["length"] = pending["stream"] = 0
         frames.clear()
 
     def done(j: int, _n: int, slot: int, res: tuple[Any, int]) -> None:
-        nonlocal stats
+        nonlocal stats, pos
         st, used = res
         paddr, n = todo[j]
         stats += st
         if pending["length"] and pending["start"] + pending["length"] != paddr:
             flush()  # not contiguous: a block of its own whatever its stream
         if not pending["length"]:
-            pending["start"] = paddr
-        frames.append(bytes(memoryview(slots[slot][1])[:used]))
+            pending["start"], pending["offset"] = paddr, pos
+            if direct:
+                pos += head  # the header's room
+        if direct:
+            put(memoryview(slots[slot][1])[:used])
+        else:
+            frames.append(bytes(memoryview(slots[slot][1])[:used]))
         pending["length"] += n
         pending["stream"] += used
         stream = len(avml.STREAM_IDENTIFIER) + pending["stream"]
