@@ -1,8 +1,9 @@
 """avml: AVML's compressed LiME (Volatility 3's AVMLLayer, avml-convert), snappy on threads.
 
 The RAM ranges, zero runs left out as for lime, are cut into blocks of at most BLOCK bytes;
-each block is read and snappy-framed on req.threads threads (C, without the GIL) and written
-in order: header, framed stream, stream size. The output is sequential, so it streams (-o -).
+each block is read and snappy-framed on req.threads threads (C, without the GIL): header,
+framed stream, stream size. A file gets the frames in place as they come and each header last;
+a stream (-o -) gets it all in order, the frames of a block held until its header is known.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from kcore.formats import Format
 from kcore.formats.kdump import Compression
 from kcore.formats.plan import Plan, Request
 from kcore.formats.segments import ram_segments
-from kcore.formats.write import hash_copy
+from kcore.formats.write import hash_copy, hash_file
 from kcore.formats.zeroruns import split_segments
 from kcore.wire import avml
 
@@ -60,7 +61,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
 
     def put(data: bytes | bytearray | memoryview) -> None:
         nonlocal pos
-        if out.hasher is not None:
+        if out.hasher is not None and not direct:
             hash_copy(out.hasher, data)
         view = memoryview(data)
         while view:
@@ -81,9 +82,9 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     # longer than that (an incompressible block: compressed data, random pages).
     pending = {"start": 0, "length": 0, "stream": 0, "offset": 0}
     frames: list[bytes] = []  # copies of the pending pieces' frames (exact sizes)
-    # A seekable file without a digest to compute in order takes each piece's frames where
-    # they belong at once, and its block's header last, in the room kept for it: no copies.
-    direct = out.seekable and out.hasher is None
+    # A seekable file takes each piece's frames where they belong at once, and its block's
+    # header last, in the room kept for it: no copies (its digest then reads it back).
+    direct = out.seekable
     head = len(avml.block_header(0, 1)) + len(avml.STREAM_IDENTIFIER)
 
     def flush() -> None:
@@ -133,6 +134,8 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
 
     engine.run_ordered(((j, 1) for j in range(len(todo))), work, done, threads, depth)
     flush()
+    if direct and out.hasher is not None:
+        hash_file(out.hasher, out.fd, pos)
     stats.bytes_written = pos
     result = Compression("snappy", sum(n for _p, n in todo), pos)
     return Plan([], pos, ranges, elided, scan, compression=result.as_dict()), stats
