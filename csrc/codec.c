@@ -71,20 +71,23 @@ static struct kc_lib kc_libs[] = {
                         "ZSTD_createCCtx", "ZSTD_freeCCtx"}},
 };
 
-static int kc_codec_ok(int codec)
-{
-    return codec >= KC_CODEC_NONE && codec <= KC_CODEC_ZSTD;
-}
+/*
+ * libdeflate, where it loads: zlib streams (RFC 1950) made 2-3x faster than zlib's compress2
+ * at the same level, a percent or two larger; zlib's uncompress (crash, makedumpfile) reads
+ * them as its own. Only --compress zlib's compression uses it; without it, zlib does.
+ */
+typedef void *(*deflate_alloc_fn)(int);
+typedef size_t (*deflate_zlib_fn)(void *, const void *, size_t, void *, size_t);
+typedef void (*deflate_free_fn)(void *);
+static struct kc_lib kc_deflate = {"libdeflate.so.0", 0, {NULL},
+                                   {"libdeflate_alloc_compressor", "libdeflate_zlib_compress",
+                                    "libdeflate_free_compressor"}};
 
-int kc_codec_load(int codec)
+static int kc_lib_load(struct kc_lib *lib)
 {
-    struct kc_lib *lib;
     void *h;
     int i, rc = 0;
 
-    if (!kc_codec_ok(codec))
-        return -EINVAL;
-    lib = &kc_libs[codec];
     pthread_mutex_lock(&kc_lib_lock);
     if (lib->loaded == 0) {
         h = dlopen(lib->soname, RTLD_NOW | RTLD_LOCAL);
@@ -101,6 +104,23 @@ int kc_codec_load(int codec)
         rc = -ENOENT;
     pthread_mutex_unlock(&kc_lib_lock);
     return rc;
+}
+
+int kc_zlib_fast(void)
+{
+    return kc_lib_load(&kc_deflate) == 0;
+}
+
+static int kc_codec_ok(int codec)
+{
+    return codec >= KC_CODEC_NONE && codec <= KC_CODEC_ZSTD;
+}
+
+int kc_codec_load(int codec)
+{
+    if (!kc_codec_ok(codec))
+        return -EINVAL;
+    return kc_lib_load(&kc_libs[codec]);
 }
 
 int kc_codec_flag(int codec)
@@ -145,6 +165,8 @@ static long kc_compress_one(int codec, int level, const void *src, size_t n, voi
     case KC_CODEC_ZLIB: {
         unsigned long out = cap;
 
+        if (work)  /* libdeflate's compressor; 0: it did not fit, so it is stored raw */
+            return (long)((deflate_zlib_fn)kc_deflate.fn[1])(work, src, n, dst, cap);
         if (((zlib_compress2_fn)lib->fn[0])(dst, &out, src, n, level) != 0)
             return -EIO;
         return (long)out;
@@ -158,6 +180,8 @@ static void kc_free_work(int codec, void *work)
 {
     if (codec == KC_CODEC_ZSTD && work)
         ((zstd_free_fn)kc_libs[codec].fn[4])(work);
+    else if (codec == KC_CODEC_ZLIB && work)
+        ((deflate_free_fn)kc_deflate.fn[2])(work);
     else
         free(work);
 }
@@ -194,6 +218,10 @@ int kc_compress_pages(int codec, int level, const void *src, size_t npages,
             return -ENOMEM;
     } else if (codec == KC_CODEC_ZSTD) {
         work = ((zstd_create_fn)kc_libs[codec].fn[3])();
+        if (!work)
+            return -ENOMEM;
+    } else if (codec == KC_CODEC_ZLIB && kc_zlib_fast()) {
+        work = ((deflate_alloc_fn)kc_deflate.fn[0])(level);
         if (!work)
             return -ENOMEM;
     }

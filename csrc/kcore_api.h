@@ -133,6 +133,9 @@ int kc_codec_load(int codec);
 /* The DUMP_DH_COMPRESSED_* flag of a codec (0 for none). */
 int kc_codec_flag(int codec);
 
+/* 1 when --compress zlib compresses with libdeflate (libdeflate.so.0 loads), else 0 (zlib). */
+int kc_zlib_fast(void);
+
 /* Bytes of dst kc_compress_pages may need per page of page_size bytes. */
 size_t kc_compress_bound(int codec, size_t page_size);
 

@@ -55,6 +55,13 @@ def missing(codec: Codec) -> str:
             f"(apt-get install {codec.debian}); available: {usable}")
 
 
+def library(codec: Codec) -> str | None:
+    """The library that compresses for codec: libdeflate's zlib streams where it loads."""
+    if codec.cid == lib.KC_CODEC_ZLIB and lib.kc_zlib_fast():
+        return "libdeflate.so.0"
+    return codec.soname
+
+
 def flag(codec: Codec) -> int:
     """The DUMP_DH_COMPRESSED_* flag of a codec (0 for none)."""
     return int(lib.kc_codec_flag(codec.cid))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import os
 import struct
 import zlib
@@ -57,6 +58,34 @@ def test_pages_decode_with_the_codecs_python_bindings(name):
             page = zlib.decompress(blob)
         assert page == data[i * PAGE:(i + 1) * PAGE]
     assert dst[:PAGE] == data[:PAGE]
+
+
+def test_zlib_pages_of_real_memory_are_zlibs_within_5_percent():
+    """--compress zlib (libdeflate where it loads): every page of 16 MiB of the fixture's RAM
+    inflates with zlib itself, and the whole is at most 1.05x zlib's own level-1 pages."""
+    if not codecs.available("zlib"):
+        pytest.skip(codecs.missing(codecs.CODECS["zlib"]))
+    from helpers import FIXTURE_NAMES, fixture_memory
+
+    with open(fixture_memory(FIXTURE_NAMES[0]), "rb") as f:
+        f.seek(64 << 20)
+        data = f.read(16 << 20)
+    dst, descs, _used = compress("zlib", data)
+    ours = theirs = 0
+    for i, (off, size, flags, _pf) in enumerate(descs):
+        page = data[i * PAGE:(i + 1) * PAGE]
+        if off == 0xFFFFFFFFFFFFFFFF:
+            assert page == bytes(PAGE)
+            continue
+        blob = bytes(dst[off:off + size])
+        assert (zlib.decompress(blob) if flags else blob) == page
+        ours += size
+        theirs += min(PAGE, len(zlib.compress(page, 1)))
+    assert theirs and ours <= 1.05 * theirs, (ours, theirs)
+    library = codecs.library(codecs.CODECS["zlib"])
+    assert library in ("libdeflate.so.0", "libz.so.1")
+    if ctypes.util.find_library("deflate"):  # installed: it is the one that compressed
+        assert library == "libdeflate.so.0"
 
 
 def test_rebase_places_data_and_points_zero_pages_at_the_shared_one():

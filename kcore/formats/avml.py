@@ -137,7 +137,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     if direct and out.hasher is not None:
         hash_file(out.hasher, out.fd, pos)
     stats.bytes_written = pos
-    result = Compression("snappy", sum(n for _p, n in todo), pos)
+    result = Compression("snappy", sum(n for _p, n in todo), pos, library="libsnappy.so.1")
     return Plan([], pos, ranges, elided, scan, compression=result.as_dict()), stats
 
 

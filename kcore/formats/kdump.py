@@ -180,6 +180,7 @@ class Compression:
     output_bytes: int
     zero_pages: int = 0
     raw_pages: int = 0
+    library: str | None = None  # the shared library that compressed
 
     @property
     def ratio(self) -> float:
@@ -190,7 +191,8 @@ class Compression:
         """For the summary, --json and the manifest."""
         return {"codec": self.codec, "input_bytes": self.input_bytes,
                 "output_bytes": self.output_bytes, "ratio": self.ratio,
-                "zero_pages": self.zero_pages, "raw_pages": self.raw_pages}
+                "zero_pages": self.zero_pages, "raw_pages": self.raw_pages,
+                "library": self.library}
 
 
 def write(req: Request, out: Any, progress: Callable[[int], None] | None = None) -> tuple[
@@ -268,7 +270,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
               bytearray(BATCH_PAGES * codecs.PAGE_DESC_SIZE)) for _ in range(depth)]
     stats = engine.CopyStats()
     data_pos = zero_offset + page
-    result = Compression(codec.name, npages * page, 0)
+    result = Compression(codec.name, npages * page, 0, library=codecs.library(codec))
 
     chain = Chain(data_pos) if seekable else None
 
