@@ -148,7 +148,7 @@ def test_unpacking_goes_to_kcore_tmpdir(made, tmp_path, monkeypatch):
 def test_a_batch_failing_mid_dump_stops_it_with_one_line(failing, tmp_path, monkeypatch,
                                                           capsys):
     """A batch whose compression fails (here the 1st, 2nd or 6th) ends the threaded dump with
-    its error while the batches around it write side by side: exit 1, nothing left behind."""
+    its error while the batches around it run: exit 1, one line, nothing left behind."""
     import errno
     import faulthandler
     import sys

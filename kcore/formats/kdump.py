@@ -84,33 +84,6 @@ class FileSink:
         return 0
 
 
-class Chain:
-    """Where each batch's data starts, handed from batch to batch as each learns its size.
-
-    A batch waits only for the one before it to be compressed, not written: the writes of a
-    seekable output then run on the threads side by side (to tmpfs or a fast disk the copy
-    into the page cache costs as much as the compression).
-    """
-
-    def __init__(self, first: int) -> None:
-        import threading
-
-        self._starts: dict[int, int | None] = {0: first}
-        self._cond = threading.Condition()
-
-    def start(self, number: int) -> int | None:
-        """Batch number's first data offset, once known (None: an earlier batch failed)."""
-        with self._cond:
-            self._cond.wait_for(lambda: number in self._starts)
-            return self._starts.pop(number)
-
-    def publish(self, number: int, start: int | None) -> None:
-        """Hand batch number its start (None: this batch failed, so will the later ones)."""
-        with self._cond:
-            self._starts[number] = start
-            self._cond.notify_all()
-
-
 class FlatSink:
     """Writes makedumpfile's flattened format to a stream: each put() is one record."""
 
@@ -272,34 +245,15 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     data_pos = zero_offset + page
     result = Compression(codec.name, npages * page, 0, library=codecs.library(codec))
 
-    chain = Chain(data_pos) if seekable else None
-
     def work(number: int, m: int, slot: int) -> tuple[Any, int]:
         src, dst, descs = slots[slot]
         view = memoryview(src)[:m * page]
         st = engine.CopyStats()
-        turn = False  # whether this batch took its start from the chain
-        try:
-            at = 0
-            for pfn, n in batches[number]:
-                st += req.source.readinto_phys(pfn * page, view[at:at + n * page],
-                                               strict=req.strict)
-                at += n * page
-            used = codecs.compress_pages(codec, view, m, page, dst, descs)
-            if chain is None:
-                return st, used
-            start, turn = chain.start(number), True
-            if start is None:
-                raise OutputError("an earlier batch failed")  # that batch's error is raised
-            chain.publish(number + 1, start + used)
-        except BaseException:
-            if chain is not None:
-                if not turn:  # the batch before has started (FIFO): it will hand its turn on
-                    chain.start(number)
-                chain.publish(number + 1, None)
-            raise
-        sink.put(start, memoryview(dst)[:used])
-        return st, used
+        at = 0
+        for pfn, n in batches[number]:
+            st += req.source.readinto_phys(pfn * page, view[at:at + n * page], strict=req.strict)
+            at += n * page
+        return st, codecs.compress_pages(codec, view, m, page, dst, descs)
 
     def done(number: int, m: int, slot: int, res: tuple[Any, int]) -> None:
         nonlocal data_pos, stats, next_desc
@@ -312,8 +266,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
         codecs.rebase(descs, m, data_pos, zero_offset)
         sink.put(geo.desc_offset + first_desc * codecs.PAGE_DESC_SIZE,
                  memoryview(descs)[:m * codecs.PAGE_DESC_SIZE])
-        if chain is None:
-            sink.put(data_pos, memoryview(dst)[:used])
+        sink.put(data_pos, memoryview(dst)[:used])
         _count(result, descs, m, zero_offset, page)
         data_pos += used
         if progress is not None:
