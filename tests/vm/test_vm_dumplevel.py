@@ -125,18 +125,24 @@ def test_crash_runs_log_and_ps_on_it(kaslr_guest: Guest, level_dump: LevelDump, 
     assert "swapper/0" in r.stdout
 
 
-@pytest.mark.parametrize("fmt", ["elf", "kdump"])
-def test_drgn_walks_the_task_list(kaslr_guest: Guest, level_dump: LevelDump, fmt: str) -> None:
+def _drgn_program(guest: Guest, level_dump: LevelDump, fmt: str):
+    """drgn on one of the dumps with the guest kernel's debug info, or skip."""
     drgn = pytest.importorskip("drgn", reason="drgn is not installed (.ci/run installs it)")
-    from drgn.helpers.linux.pid import for_each_task
-
-    release = kaslr_guest.vm.kernel.release
+    release = guest.vm.kernel.release
     vmlinux = debug_vmlinux()
     if release not in vmlinux.name:
         pytest.skip(f"the debug vmlinux is {vmlinux.name}, the guest runs {release}")
     prog = drgn.Program()
     prog.set_core_dump(str(_dump_file(level_dump, fmt)))
     prog.load_debug_info([str(vmlinux)])
+    return prog
+
+
+@pytest.mark.parametrize("fmt", ["elf", "kdump"])
+def test_drgn_walks_the_task_list(kaslr_guest: Guest, level_dump: LevelDump, fmt: str) -> None:
+    from drgn.helpers.linux.pid import for_each_task
+
+    prog = _drgn_program(kaslr_guest, level_dump, fmt)
     comms = {t.comm.string_().decode() for t in for_each_task(prog)}
     assert "kthreadd" in comms and len(comms) > 10, comms
 
@@ -146,16 +152,10 @@ def test_every_task_struct_and_kernel_stack_is_kept(kaslr_guest: Guest, level_du
                                                    fmt: str) -> None:
     """-d 31 of a live kernel keeps each task's task_struct and kernel stack (crash reads both
     for every task), those of the dumping process's own threads included."""
-    drgn = pytest.importorskip("drgn", reason="drgn is not installed (.ci/run installs it)")
+    prog = _drgn_program(kaslr_guest, level_dump, fmt)
+    import drgn
     from drgn.helpers.linux.pid import for_each_task
 
-    release = kaslr_guest.vm.kernel.release
-    vmlinux = debug_vmlinux()
-    if release not in vmlinux.name:
-        pytest.skip(f"the debug vmlinux is {vmlinux.name}, the guest runs {release}")
-    prog = drgn.Program()
-    prog.set_core_dump(str(_dump_file(level_dump, fmt)))
-    prog.load_debug_info([str(vmlinux)])
     size = drgn.sizeof(prog.type("struct task_struct"))
     thread_size = 16 << 10  # x86-64 THREAD_SIZE, no KASAN (arch/x86/include/asm/page_64_types.h)
     lost, names = [], []
