@@ -36,6 +36,21 @@ def run_kcore(*args: str, check: bool = False, **kw) -> subprocess.CompletedProc
     return subprocess.run([sys.executable, "-m", "kcore", *args], env=env, check=check, **kw)
 
 
+def elf_read(path: Path, vaddr: int, length: int) -> bytes:
+    """Bytes [vaddr, vaddr+length) of an ELF core as its PT_LOADs give them (past p_filesz:
+    zeros), read with pyelftools' view of the headers."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        for seg in ELFFile(f).iter_segments():
+            va, memsz = seg["p_vaddr"], seg["p_memsz"]
+            if seg["p_type"] == "PT_LOAD" and va <= vaddr and vaddr + length <= va + memsz:
+                f.seek(seg["p_offset"] + vaddr - va)
+                data = f.read(max(0, min(length, va + seg["p_filesz"] - vaddr)))
+                return data + bytes(length - len(data))
+    raise AssertionError(f"{path}: no PT_LOAD holds {vaddr:#x}+{length:#x}")
+
+
 def scratch_dir(request: pytest.FixtureRequest, name: str) -> Path:
     """A new folder under pytest's temp dir, removed when the requesting fixture is torn down.
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from kcore.addrmap import ALL_ONES
 from kcore.errors import FaultError, InputError
 from kcore.formats import Format
-from kcore.formats.pages import mapped_segment
+from kcore.formats.pages import mapped_segment, text_segment
 from kcore.formats.plan import Blob, Copy, Item, Plan, Request
 from kcore.formats.segments import (
     Segment,
@@ -43,7 +43,7 @@ def segments(req: Request) -> list[Segment]:
     for e in system.kclist.entries:
         kind = kind_of(e, system.addrmap)
         if kind == "text" and req.text:
-            out.append(Segment.linear("text", e.vaddr, e.paddr, e.size))
+            out.append(text_segment(req, e))
         elif kind in ("vmalloc", "modules") and getattr(req, kind):
             seg = mapped_segment(req, kind, e.vaddr, e.size)
             if seg is None:

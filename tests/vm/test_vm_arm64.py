@@ -11,6 +11,7 @@ from guests import Guest
 from qemu_vm import host_kcore
 
 import kcore
+from tests.helpers import elf_read, run_kcore
 
 EM_AARCH64 = 183
 ALL_ONES = (1 << 64) - 1
@@ -103,19 +104,27 @@ def _alike(a: bytes, b: bytes) -> bool:
     return sum(x != y for x, y in zip(wa, wb, strict=True)) <= len(wa) // 8
 
 
-def test_reads_equal_real_arm64_kcore(arm64_guest: Guest) -> None:
+def test_reads_equal_real_arm64_kcore(arm64_guest: Guest, tmp_path: Path) -> None:
     """kcore's reads through the arm64 page tables (text, vmalloc, modules, vmemmap) and the
     linear map equal the guest's own /proc/kcore page by page: text and its linear alias
     exactly; vmalloc, module and struct page areas change while the guest runs, so at most a
-    quarter of their pages may differ by more than live fields (see _alike)."""
+    quarter of their pages may differ by more than live fields (see _alike). The text of an
+    elf dump equals the real kcore's too."""
     g = arm64_guest
     regions = _regions(g)
     offsets = [kcore_offset(g, va) for _, va, _, _ in regions]
     real = guest_read(g, [(off, pages, 0) for off, (_, _, pages, _) in
                           zip(offsets, regions, strict=True)])
+    dump = tmp_path / "mem.elf"
     with g.vm.paused(), g.vm.physical_image() as image, \
             kcore.open(str(g.root), f"raw:{image}") as f:
         ours = [f.pread(len(r), off) for off, r in zip(offsets, real, strict=True)]
+        r = run_kcore("dump", "--root", str(g.root), "--source", f"raw:{image}", "--format",
+                      "elf", "--no-digest", "-q", "-o", str(dump))
+        assert r.returncode == 0, r.stderr.decode()
+    for (what, va, pages, strict), b in zip(regions, real, strict=True):
+        if what.startswith("text") and strict:
+            assert elf_read(dump, va, pages * PAGE) == b, f"elf dump, {what} at {va:#x}"
     for (what, va, pages, strict), a, b in zip(regions, ours, real, strict=True):
         assert len(a) == len(b) == pages * PAGE, what
         same = (bytes.__eq__ if strict else _alike)
