@@ -148,15 +148,18 @@ def started_threads(threads: int) -> Iterator[None]:
         yield
         return
     ex = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_POOL_PREFIX)
+    # the executor starts a thread per submit while none is idle: hold each until all run
+    barrier = threading.Barrier(threads + 1)
     try:
-        # the executor starts a thread per submit while none is idle: hold each until all run
-        barrier = threading.Barrier(threads + 1)
         for _ in range(threads):
             ex.submit(barrier.wait, 30)
         barrier.wait(30)
         _POOLS[threads] = ex
         yield
     finally:
+        # a signal's exception while they start: the threads still held go at once (else
+        # each waited out its 30 s, and Ctrl-C or SIGTERM took that long to end the dump)
+        barrier.abort()
         _POOLS.pop(threads, None)
         ex.shutdown(wait=True)
 

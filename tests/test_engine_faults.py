@@ -399,3 +399,21 @@ def test_interrupt_is_seen_between_chunks(threads, to_stream, monkeypatch):
     assert elapsed < 10
     assert seen and all(n == engine.CHUNK for n in seen)
     assert not [t for t in threading.enumerate() if t.name.startswith("kcore-copy")]
+
+
+def test_an_interrupt_while_the_copy_threads_start_ends_them_at_once(monkeypatch):
+    """Ctrl-C or SIGTERM landing while started_threads() waits for its threads to run: the
+    exception goes out at once and no thread is left waiting (a CI run waited 30 s each)."""
+    real_wait = threading.Barrier.wait
+
+    def wait(self, timeout=None):
+        if threading.current_thread() is threading.main_thread():
+            raise KeyboardInterrupt  # as the signal handler's exception would, right there
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(threading.Barrier, "wait", wait)
+    t = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), engine.started_threads(2):
+        pass
+    assert time.monotonic() - t < 5
+    assert not [t for t in threading.enumerate() if t.name.startswith("kcore-copy")]
