@@ -466,10 +466,10 @@ int kc_snappy_frame(const void *src, size_t n, void *dst, size_t dst_cap, uint64
 int kc_snappy_unframe(const void *src, size_t n, void *dst, size_t dst_cap,
                       uint64_t *written_ret, uint64_t *consumed_ret)
 {
+    int rc = kc_snappy_begin(written_ret);
     const unsigned char *s = src;
     unsigned char *d = dst;
     size_t pos = 0, out = 0;
-    int rc = kc_snappy_begin(written_ret);
 
     *consumed_ret = 0;
     if (rc)

@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from kcore import __version__
 from kcore.errors import KcoreError
@@ -38,6 +39,15 @@ def int_arg(text: str) -> int:
         return int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal or 0x hex)") from None
+
+
+def subcommand(sub: Any, name: str, help_text: str, description: str,
+               epilog: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand's parser, its description and epilog printed as written."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=description, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
 
 
 def add_system_args(parser: argparse.ArgumentParser, *, flavour: bool = True) -> None:

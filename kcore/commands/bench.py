@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from kcore import engine
-from kcore.cli import int_arg
+from kcore.cli import int_arg, subcommand
 from kcore.errors import InputError, KcoreError
 from kcore.sources.base import Extent
 from kcore.sources.kcore import KcoreSource
@@ -35,20 +35,21 @@ class Run:
         return self.bytes / MIB / self.seconds if self.seconds > 0 else float("inf")
 
 
-def add_parser(
-    sub: argparse._SubParsersAction, name: str, help_text: str
-) -> argparse.ArgumentParser:
-    """Register the subcommand."""
-    p = sub.add_parser(
-        name, help=help_text,
-        description="Read every RAM segment of a real /proc/kcore several ways and compare: GNU "
-        "dd with 1 MiB and with 4 KiB blocks (what AVML does), kcore's copy engine to /dev/null "
-        "(on one thread, and on --threads threads with an open file each), and `kcore dump "
-        "--source kcore:KCORE` to /dev/null. Prints each speed and kcore's "
-        "speedups over dd (a ratio above 1 means kcore was faster), best of --rounds "
-        "interleaved rounds. Needs root.",
+DESCRIPTION = """\
+Read every RAM segment of a real /proc/kcore several ways and compare: GNU dd with 1 MiB and
+with 4 KiB blocks (what AVML does), kcore's copy engine to /dev/null (on one thread, and on
+--threads threads with an open file each), and `kcore dump --source kcore:KCORE` to /dev/null.
+Prints each speed and kcore's speedups over dd (a ratio above 1 means kcore was faster), best
+of --rounds interleaved rounds. Needs root."""
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str,
+               help_text: str) -> argparse.ArgumentParser:
+    """Register `kcore bench` and its options."""
+    p = subcommand(
+        sub, name, help_text,
+        description=DESCRIPTION,
         epilog="example: sudo kcore bench --against /proc/kcore --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--root", default="/", metavar="DIR",
                    help="system root where proc/ and sys/ files are read (default: /)")

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from kcore.cli import add_system_args, subcommand
 from kcore.output import human
 
 DESCRIPTION = """\
@@ -24,12 +25,8 @@ exit status: 0 a dump would work; 2 it would not (one line says what to do)."""
 
 def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     """Register `kcore check` and its options."""
-    p = sub.add_parser(name, help=help_text, description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="/", metavar="DIR",
-                   help="system root where proc/ and sys/ files are read (default: /)")
-    p.add_argument("--source", default="auto", metavar="SPEC",
-                   help="memory to dump (default auto: the live sources; see kcore dump --help)")
+    p = subcommand(sub, name, help_text, description=DESCRIPTION)
+    add_system_args(p, flavour=False)
     p.add_argument("--output-dir", metavar="DIR",
                    help="where the dump would go (free space; default: the current directory)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")

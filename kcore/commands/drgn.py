@@ -10,15 +10,15 @@ import runpy
 import sys
 import traceback
 
-from kcore.cli import add_system_args
+from kcore.cli import add_system_args, subcommand
 from kcore.errors import InputError
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str,
                help_text: str) -> argparse.ArgumentParser:
     """Register the subcommand."""
-    p = sub.add_parser(
-        name, help=help_text, description=help_text + ". Memory is read through kcore from "
+    p = subcommand(
+        sub, name, help_text, description=help_text + ". Memory is read through kcore from "
         "--source (no dump is written); --root describes the kernel. The Program is live "
         "for /proc/kcore, /dev/mem and pid: sources.",
         epilog="examples:\n"
@@ -30,7 +30,6 @@ def add_parser(sub: argparse._SubParsersAction, name: str,
         "After --: drgn's own [-e CODE] [SCRIPT [ARG...]]; without them, drgn's interactive "
         "shell (or the code on standard input when it is not a terminal). drgn is an "
         "optional extra: pip install 'kcore[drgn]'.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_system_args(p, flavour=False)
     p.add_argument("-s", "--symbols", action="append", default=[], metavar="PATH",

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kcore import __version__, engine
-from kcore.cli import add_system_args, int_arg
+from kcore.cli import add_system_args, int_arg, subcommand
 from kcore.codecs import CODECS
 from kcore.codecs import DEFAULT as DEFAULT_CODEC
 from kcore.codecs import get as get_codec
@@ -68,8 +68,7 @@ LEVEL_HELP = (
 
 def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     """Register `kcore dump` and its options."""
-    p = sub.add_parser(name, help=help_text, description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subcommand(sub, name, help_text, description=DESCRIPTION, epilog=EPILOG)
     add_system_args(p)
     p.add_argument("--format", choices=list(FORMATS), default="elf",
                    help="output format (default elf)")

@@ -5,23 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 
-from kcore.cli import add_system_args
+from kcore.cli import add_system_args, subcommand
 from kcore.commands.ranges import discover_header
 from kcore.errors import OutputError
 from kcore.output import stdout_fd, write_small
 
 
-def add_parser(
-    sub: argparse._SubParsersAction, name: str, help_text: str
-) -> argparse.ArgumentParser:
-    """Register the subcommand."""
-    p = sub.add_parser(
-        name, help=help_text,
+def add_parser(sub: argparse._SubParsersAction, name: str,
+               help_text: str) -> argparse.ArgumentParser:
+    """Register `kcore header` and its options."""
+    p = subcommand(
+        sub, name, help_text,
         description="Write the ELF header region (ELF header, program headers, notes, zero "
         "padding up to data_offset) exactly as /proc/kcore would give it. The NT_TASKSTRUCT "
         "note holds zeros unless the source is a real kcore.",
         epilog="example: kcore header --root fixture/root --source elf:vmcore.elf -o head.bin",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_system_args(p)
     p.add_argument("-o", "--output", required=True, metavar="FILE",

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from kcore.cli import add_system_args
+from kcore.cli import add_system_args, subcommand
 from kcore.discover import discover
 from kcore.elfcore import KcoreHeader, build_header, phdr_paddr
 
@@ -15,12 +15,11 @@ def add_parser(
     sub: argparse._SubParsersAction, name: str, help_text: str
 ) -> argparse.ArgumentParser:
     """Register the subcommand."""
-    p = sub.add_parser(
-        name, help=help_text, description=help_text + ".",
+    p = subcommand(
+        sub, name, help_text, description=help_text + ".",
         epilog="Addresses are printed in hex; --json gives them as \"0x...\" strings "
         "(64-bit values do not survive JSON numbers in most parsers).\n\n"
         "example: kcore ranges --root /mnt/snapshot --source raw:/var/lib/vm/ram.bin --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_system_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from kcore.cli import add_system_args, int_arg
+from kcore.cli import add_system_args, int_arg, subcommand
 from kcore.errors import InputError, OutputError
 from kcore.output import open_output
 
@@ -16,13 +16,12 @@ CHUNK = 1 << 20  # bytes read and written per step
 def add_parser(sub: argparse._SubParsersAction, name: str,
                help_text: str) -> argparse.ArgumentParser:
     """Register the subcommand."""
-    p = sub.add_parser(
-        name, help=help_text, description=help_text + ".",
+    p = subcommand(
+        sub, name, help_text, description=help_text + ".",
         epilog="Offsets are kcore file offsets, as `kcore ranges` prints them (decimal or 0x "
         "hex); bytes past the end of the file are not written.\n\n"
         "example: kcore read --root /mnt/snap --source raw:ram.bin --offset 0x7fff81004000 "
         "--length 0x200000 -o text.bin",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_system_args(p)
     p.add_argument("--offset", type=int_arg, required=True, metavar="N",

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from kcore.cli import subcommand
 from kcore.errors import InputError
 from kcore.formats.write import hash_file
 from kcore.output import human, open_output
@@ -15,15 +16,14 @@ from kcore.wire import flattened
 
 def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     """Register `kcore rebuild`."""
-    p = sub.add_parser(
-        name, help=help_text,
+    p = subcommand(
+        sub, name, help_text,
         description="Write each record of a flattened dump (makedumpfile -F, kcore dump "
         "--format kdump -o -) at its offset: the result is the kdump-compressed file crash, "
         "drgn and makedumpfile open, as `makedumpfile -R OUT < IN` makes it. The output is "
         "created 0600 and lands only when complete.",
         epilog="examples:\n  kcore rebuild mem.flat mem.kdump\n"
-               "  sudo kcore dump --format kdump -o - | ssh host kcore rebuild - mem.kdump",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  sudo kcore dump --format kdump -o - | ssh host kcore rebuild - mem.kdump")
     p.add_argument("input", metavar="IN", help="the flattened dump, or - for standard input")
     p.add_argument("output", metavar="OUT", help="the dump file to write")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")

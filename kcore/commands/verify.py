@@ -8,6 +8,7 @@ import struct
 import sys
 from typing import Any
 
+from kcore.cli import subcommand
 from kcore.output import human
 
 DESCRIPTION = """\
@@ -28,8 +29,7 @@ exit status: 0 intact; 1 damaged (where it breaks is said); 2 not a dump file.""
 
 def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     """Register `kcore verify` and its options."""
-    p = sub.add_parser(name, help=help_text, description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subcommand(sub, name, help_text, description=DESCRIPTION)
     p.add_argument("dump", metavar="DUMP", help="the dump file (DUMP.sha256 and DUMP.json "
                    "beside it are used when present)")
     p.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")

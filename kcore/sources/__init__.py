@@ -3,7 +3,7 @@
 Each kind of source is a MemorySource subclass in its own module: `kind` (the KIND: prefix
 of --source KIND:PATH), `open(path, spec, root)`, and `detect(probe)` which recognises its
 own magic when --source names a bare PATH. Adding a source: write `kcore/sources/NAME.py`
-with such a class (open it with `base.opened(path)`, which closes the fd if opening fails)
+with such a class (open it with `files.opened(path)`, which closes the fd if opening fails)
 and add the class to SOURCES below, where the order is the order of detection.
 """
 
@@ -16,15 +16,10 @@ import stat
 from kcore.addrmap import PAGE_SIZE
 from kcore.errors import InputError, SourceError
 from kcore.sources.avml import AvmlSource
-from kcore.sources.base import (
-    PROBE_BYTES,
-    Extent,
-    MemorySource,
-    Probe,
-    open_readonly,
-)
+from kcore.sources.base import PROBE_BYTES, Extent, MemorySource, Probe
 from kcore.sources.devmem import DevmemSource
 from kcore.sources.elf import ElfSource
+from kcore.sources.files import open_readonly
 from kcore.sources.kcore import KcoreSource
 from kcore.sources.kdump import KdumpSource
 from kcore.sources.lime import LimeSource

@@ -5,14 +5,8 @@ from __future__ import annotations
 import os
 
 from kcore.errors import LimeFormatError
-from kcore.sources.base import (
-    Extent,
-    MemorySource,
-    Probe,
-    check_extents,
-    file_size,
-    open_readonly,
-)
+from kcore.sources.base import Extent, MemorySource, Probe, check_extents
+from kcore.sources.files import file_size, open_readonly
 from kcore.sources.kdump import temp_file
 from kcore.wire import avml
 

@@ -7,7 +7,8 @@ import stat
 
 from kcore.errors import InputError, SourceError
 from kcore.iomem import parse_iomem
-from kcore.sources.base import Extent, MemorySource, Probe, check_extents, opened
+from kcore.sources.base import Extent, MemorySource, Probe, check_extents
+from kcore.sources.files import opened
 
 
 def system_ram(root: str) -> list[Extent]:

@@ -7,15 +7,8 @@ import os
 
 from kcore.addrmap import ALL_ONES
 from kcore.errors import ElfFormatError, SourceError
-from kcore.sources.base import (
-    Extent,
-    MemorySource,
-    Probe,
-    check_extents,
-    file_size,
-    opened,
-    pread_exact,
-)
+from kcore.sources.base import Extent, MemorySource, Probe, check_extents
+from kcore.sources.files import file_size, opened, pread_exact
 from kcore.wire.elf import (
     EHDR,
     ELF_MAGIC,

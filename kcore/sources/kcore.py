@@ -6,16 +6,9 @@ from typing import NamedTuple
 
 from kcore.addrmap import ALL_ONES, X86_64_START_KERNEL_MAP
 from kcore.errors import ElfFormatError
-from kcore.sources.base import (
-    CopyStats,
-    Extent,
-    MemorySource,
-    Probe,
-    WritableBuffer,
-    check_extents,
-    opened,
-)
+from kcore.sources.base import CopyStats, Extent, MemorySource, Probe, WritableBuffer, check_extents
 from kcore.sources.elf import parse_elf_core
+from kcore.sources.files import opened
 from kcore.wire.elf import ELF_MAGIC, PT_LOAD, ElfCore, vmcoreinfo_of
 
 KERNEL_HALF = 0xFFFF800000000000  # lowest canonical kernel address with 4-level paging

@@ -11,15 +11,8 @@ from __future__ import annotations
 import os
 
 from kcore.errors import SourceError
-from kcore.sources.base import (
-    Extent,
-    MemorySource,
-    Probe,
-    check_extents,
-    file_size,
-    open_readonly,
-    pread_exact,
-)
+from kcore.sources.base import Extent, MemorySource, Probe, check_extents
+from kcore.sources.files import file_size, open_readonly, pread_exact
 from kcore.wire import diskdump, flattened
 
 BATCH_PAGES = 512

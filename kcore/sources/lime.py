@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 from kcore.errors import LimeFormatError, SourceError
-from kcore.sources.base import (
-    Extent,
-    MemorySource,
-    Probe,
-    check_extents,
-    file_size,
-    opened,
-    pread_exact,
-)
+from kcore.sources.base import Extent, MemorySource, Probe, check_extents
+from kcore.sources.files import file_size, opened, pread_exact
 from kcore.wire.lime import AVML_MAGIC, HEADER, LIME_MAGIC, LIME_VERSION, MAX_RANGES, unpack_header
 
 _WINDOW = 64 << 10  # bytes read at a time while walking the range headers

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 from kcore.errors import SourceError
-from kcore.sources.base import Extent, MemorySource, check_extents, opened
+from kcore.sources.base import Extent, MemorySource, check_extents
+from kcore.sources.files import opened
 
 _NUM = r"(?:0[xX][0-9a-fA-F]+|[0-9a-fA-F]+)"
 _RANGE = re.compile(rf"^({_NUM})-({_NUM})@({_NUM})$")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import stat
 
 from kcore.errors import SourceError
-from kcore.sources.base import Extent, MemorySource, Probe, file_size, opened
+from kcore.sources.base import Extent, MemorySource, Probe
+from kcore.sources.files import file_size, opened
 
 
 class RawSource(MemorySource):
