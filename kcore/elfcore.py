@@ -33,7 +33,7 @@ from kcore.wire.elf import (
 )
 
 if TYPE_CHECKING:
-    from kcore.discover import System
+    from kcore.system import System
 
 FLAVOURS = ("modern", "2.6")
 

@@ -9,14 +9,15 @@ import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from kcore.arch import walker_for
 from kcore.elfcore import KcoreHeader, build_header
 from kcore.engine import readinto_range
 from kcore.kclist import KcoreType
 from kcore.sources.kcore import KcoreSource
-from kcore.vmem import PageWalker, walker_for, zero_fill
+from kcore.vmem import PageWalker, zero_fill
 
 if TYPE_CHECKING:
-    from kcore.discover import System
+    from kcore.system import System
 
 FAST_MAX = 64 << 20  # one read() call at most this long, so Ctrl-C is seen between calls
 PID_FAST_MAX = 64 << 10  # larger reads of a process go through process_vm_readv (engine)

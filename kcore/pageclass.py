@@ -166,7 +166,7 @@ class Translator:
     """Kernel virtual to physical for the mem_map: the page tables, else the direct map."""
 
     def __init__(self, system: Any) -> None:
-        from kcore.vmem import walker_for
+        from kcore.arch import walker_for
 
         self.system = system
         self.walker = walker_for(system)

@@ -236,20 +236,3 @@ def clip_runs(runs: list[Run], starts: list[int], ends: list[int]) -> list[Run]:
                 out.append((va + lo - pa, lo, hi - lo))
             i += 1
     return out
-
-
-def walker_for(system: Any, source: Any = None) -> PageWalker | None:
-    """The page walker of a discovered system (cached on it), or None without a PGD."""
-    from kcore import arch
-
-    source = source if source is not None else system.source
-    amap = system.addrmap
-    if amap.pgd_paddr is None:
-        return None
-    cached = getattr(system, "_page_walker", None)
-    if cached is not None and cached[0] is source:
-        return cached[1]
-    walker = arch.get(getattr(amap, "arch", "x86_64")).walker(system, source)
-    system._page_walker = (source, walker)
-    return walker
-

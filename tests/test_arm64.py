@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,29 @@ def test_kcore_format_dump_is_the_real_kcore(fx: Fixture) -> None:
     finally:
         for p in (out, Path(f"{out}.sha256"), Path(f"{out}.json")):
             p.unlink(missing_ok=True)
+
+
+def test_dump_without_slabinfo(fx: Fixture, tmp_path: Path) -> None:
+    """Only NT_TASKSTRUCT's size needs proc/slabinfo (root only on a live system): without it a
+    raw dump still holds the fixture's memory (the guest's real kcore reads of the linear map
+    found in it), and what needs the size says so in one line."""
+    root = tmp_path / "root"
+    shutil.copytree(fx.root, root)
+    (root / "proc/slabinfo").unlink()
+    out = tmp_path / "mem.raw"
+    r = run_kcore("dump", "--quiet", "--no-digest", "--root", str(root), "--source", fx.source,
+                  "--format", "raw", "-o", str(out))
+    assert r.returncode == 0, r.stderr.decode()
+    linear = [(reg, real) for reg, real in zip(fx.reads["regions"], fx.real, strict=True)
+              if reg["what"] == "linear map"]
+    assert linear, "the fixture has no linear-map read"
+    with open(out, "rb") as f:
+        for reg, real in linear:  # the real kcore's PT_LOAD gives the physical address
+            load = next(p for p in fx.kcore["phdrs"] if p["p_type"] == 1
+                        and p["p_vaddr"] <= reg["vaddr"] < p["p_vaddr"] + p["p_memsz"])
+            f.seek(load["p_paddr"] + reg["vaddr"] - load["p_vaddr"])
+            assert f.read(len(real)) == real, reg["what"]
+    r = run_kcore("header", "--root", str(root), "--source", fx.source,
+                  "-o", str(tmp_path / "head.bin"))
+    err = r.stderr.decode()
+    assert r.returncode == 2 and err.count("\n") == 1 and "slabinfo" in err, err

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from kcore.addrmap import x86_64_map
-from kcore.discover import online_memory_blocks, online_memory_end_pfn
 from kcore.iomem import parse_iomem
 from kcore.kclist import (
     KcoreList,
@@ -15,6 +14,7 @@ from kcore.kclist import (
     ram_entries,
     ram_ranges_from_resources,
 )
+from kcore.system import online_memory_blocks, online_memory_end_pfn
 
 TEXT = dict(text_start=0xFFFFFFFF81000000, text_end=0xFFFFFFFF84430000)
 L4 = x86_64_map(**TEXT)

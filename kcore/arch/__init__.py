@@ -12,14 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kcore.arch import arm64, x86_64
 from kcore.errors import InputError
 from kcore.wire.elf import EM_BY_ARCH, PRPSINFO, PRSTATUS_SIZE
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from kcore.discover import System
     from kcore.sources.base import MemorySource
+    from kcore.system import System
+    from kcore.vmem import PageWalker
 
 
 @dataclass(frozen=True)
@@ -38,47 +40,6 @@ class Arch:
     kcore_map: Callable[[Any, list], Any]
 
 
-def _x86_discover(root: Path, src: MemorySource, flavour: str) -> System:
-    from kcore.discover import _discover_x86_64
-
-    return _discover_x86_64(root, src, flavour)
-
-
-def _x86_walker(system: Any, source: Any) -> Any:
-    from kcore.vmem import PageWalker
-
-    amap = system.addrmap
-    if amap.pgd_paddr is None:
-        return None
-    info = getattr(system, "vmcoreinfo", None)
-    sme = (info.number("sme_mask") if info is not None else 0) or 0
-    return PageWalker.for_source(source, amap.pgd_paddr, amap.pgtable_levels, sme_mask=sme)
-
-
-def _x86_kcore_map(info: Any, segs: list) -> Any:
-    from kcore.discover import x86_64_kcore_map
-
-    return x86_64_kcore_map(info, segs)
-
-
-def _arm64_kcore_map(info: Any, segs: list) -> Any:
-    from kcore.arch.arm64 import kcore_map
-
-    return kcore_map(info, segs)
-
-
-def _arm64_discover(root: Path, src: MemorySource, flavour: str) -> System:
-    from kcore.arch.arm64 import discover
-
-    return discover(root, src, flavour)
-
-
-def _arm64_walker(system: Any, source: Any) -> Any:
-    from kcore.arch.arm64 import walker
-
-    return walker(system, source)
-
-
 def _arch(name: str, discover: Callable, walker: Callable, kcore_map: Callable) -> Arch:
     """A record whose ELF numbers come from the wire module (kcore.elf)."""
     return Arch(name, EM_BY_ARCH[name], PRSTATUS_SIZE[name], PRPSINFO.size, discover, walker,
@@ -88,8 +49,8 @@ def _arch(name: str, discover: Callable, walker: Callable, kcore_map: Callable) 
 # arm64's struct elf_prstatus (34 registers: x0-x30, sp, pc, pstate) is 392 bytes, as the
 # real /proc/kcore of Debian's 6.1 and 6.12 arm64 kernels shows.
 ARCHES: dict[str, Arch] = {
-    "x86_64": _arch("x86_64", _x86_discover, _x86_walker, _x86_kcore_map),
-    "aarch64": _arch("aarch64", _arm64_discover, _arm64_walker, _arm64_kcore_map),
+    "x86_64": _arch("x86_64", x86_64.discover, x86_64.walker, x86_64.kcore_map),
+    "aarch64": _arch("aarch64", arm64.discover, arm64.walker, arm64.kcore_map),
 }
 ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 
@@ -112,3 +73,17 @@ def by_machine(e_machine: int, where: str = "") -> Arch:
     known = ", ".join(f"{a.name} ({a.e_machine})" for a in ARCHES.values())
     raise InputError(f"{where + ': ' if where else ''}ELF machine {e_machine} is not an "
                      f"architecture kcore knows ({known})")
+
+
+def walker_for(system: Any, source: Any = None) -> PageWalker | None:
+    """The page walker of a discovered system (cached on it), or None without a PGD."""
+    source = source if source is not None else system.source
+    amap = system.addrmap
+    if amap.pgd_paddr is None:
+        return None
+    cached = getattr(system, "_page_walker", None)
+    if cached is not None and cached[0] is source:
+        return cached[1]
+    walker = get(getattr(amap, "arch", "x86_64")).walker(system, source)
+    system._page_walker = (source, walker)
+    return walker

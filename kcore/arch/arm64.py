@@ -32,6 +32,17 @@ from typing import Any
 
 from kcore.addrmap import ULONG_MAX, AddressMap
 from kcore.errors import InputError
+from kcore.iomem import parse_iomem
+from kcore.kallsyms import parse_kallsyms
+from kcore.kclist import KcoreList, RamRange, ram_ranges_from_resources
+from kcore.system import (
+    PhysReader,
+    System,
+    load_vmcoreinfo,
+    online_memory_blocks,
+    online_memory_end_pfn,
+    read_root_text,
+)
 from kcore.vmem import PageWalker, add_run
 
 PAGE_SIZE = 4096
@@ -228,37 +239,32 @@ def kcore_map(info: Any, segs: list) -> AddressMap:
     return address_map(info, syms, "")
 
 
-def discover(root: Path, src: Any, flavour: str) -> Any:
+def discover(root: Path, src: Any, flavour: str) -> System:
     """An arm64 System from a system root (proc/, sys/ files) and a memory source."""
-    from kcore import discover as d
-    from kcore.iomem import parse_iomem
-    from kcore.kallsyms import parse_kallsyms
-    from kcore.kclist import KcoreList, RamRange, ram_ranges_from_resources
-
     iomem_path = root / "proc/iomem"
-    iomem_text = d._read_text(root, "proc/iomem") or ""
+    iomem_text = read_root_text(root, "proc/iomem") or ""
     iomem = parse_iomem(iomem_text, str(iomem_path))
-    kallsyms = d._read_text(root, "proc/kallsyms") or ""
+    kallsyms = read_root_text(root, "proc/kallsyms") or ""
     syms = parse_kallsyms(kallsyms, where=str(root / "proc/kallsyms"), required=("_stext",))
-    cmdline = (d._read_text(root, "proc/cmdline") or "").rstrip("\n")
-    reader = d._Reader(src)
-    info = d._load_vmcoreinfo(root, reader)
-    osrelease = (d._read_text(root, "proc/sys/kernel/osrelease", required=False) or "").strip()
+    cmdline = (read_root_text(root, "proc/cmdline") or "").rstrip("\n")
+    reader = PhysReader(src)
+    info = load_vmcoreinfo(root, reader)
+    osrelease = (read_root_text(root, "proc/sys/kernel/osrelease", required=False) or "").strip()
     if osrelease and info.osrelease and osrelease != info.osrelease:
         raise InputError(f"the root runs {osrelease} but the memory holds {info.osrelease}: "
                          "root and source are from different kernels")
     amap = address_map(info, syms, iomem_text)
-    task_size = task_struct_size(root)
 
     def ram_source() -> list[RamRange]:
-        text = d._read_text(root, "proc/iomem") or ""
+        text = read_root_text(root, "proc/iomem") or ""
         return ram_ranges_from_resources(parse_iomem(text, str(iomem_path)).system_ram(),
                                          amap.page_size,
-                                         d.online_memory_end_pfn(root, amap.page_size))
+                                         online_memory_end_pfn(root, amap.page_size))
 
     del iomem
     kclist = KcoreList(amap, ram_source, flavour=flavour,
-                       hotplug_state=lambda: d.online_memory_blocks(root))
-    return d.System(root=root, source=src, addrmap=amap, vmcoreinfo=info, cmdline=cmdline,
-                    osrelease=osrelease or info.osrelease or "", task_struct_size=task_size,
-                    kclist=kclist, symbols=syms, flavour=flavour)
+                       hotplug_state=lambda: online_memory_blocks(root))
+    return System(root=root, source=src, addrmap=amap, vmcoreinfo=info, cmdline=cmdline,
+                    osrelease=osrelease or info.osrelease or "",
+                    task_struct_size_of=lambda: task_struct_size(root), kclist=kclist,
+                    symbols=syms, flavour=flavour)

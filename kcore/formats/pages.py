@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from kcore.addrmap import ALL_ONES
+from kcore.arch import walker_for
 from kcore.formats.plan import Request
 from kcore.formats.segments import Segment, kind_of
-from kcore.vmem import clip_runs, walker_for
+from kcore.vmem import clip_runs
 
 
 def entry_segment(req: Request, entry: Any) -> Segment | None:

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kcore.discover import System
     from kcore.sources.base import MemorySource
+    from kcore.system import System
 
 DEFAULT_GRANULE = 1 << 16  # zero runs shorter than this are kept (bounds the range count)
 SCAN_CHUNK = 256 << 20  # bytes per zero-run scan call (a multiple of any granule <= 256 MiB)

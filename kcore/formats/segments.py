@@ -11,9 +11,9 @@ from kcore.formats.plan import Copy, Item, Zeros
 
 if TYPE_CHECKING:
     from kcore.addrmap import AddressMap
-    from kcore.discover import System
     from kcore.kclist import KcoreEntry
     from kcore.sources.base import MemorySource
+    from kcore.system import System
 
 
 @dataclass(frozen=True)

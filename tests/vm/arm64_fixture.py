@@ -87,7 +87,7 @@ def trim_kallsyms(text: str) -> str:
 
 def pages_needed(system: object, regs: list[dict], g: guests.Guest) -> set[int]:
     """Physical page numbers behind the regions, page tables and VMCOREINFO included."""
-    from kcore.vmem import walker_for
+    from kcore.arch import walker_for
 
     walker = walker_for(system)
     amap = system.addrmap  # type: ignore[attr-defined]
