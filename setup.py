@@ -25,7 +25,9 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff", "mypy", "zstandard",
                  "drgn", "volatility3",
                  # an ISF of the fixtures' kernel for Volatility's linux.pslist (from its BTF)
-                 "pakunoda"],
+                 "pakunoda",
+                 # a FUSE pass-through returning short reads (tests/shortread_fs.py; fuse3)
+                 "mfusepy"],
     },
     entry_points={"console_scripts": ["kcore = kcore.cli:main"]},
     zip_safe=False,

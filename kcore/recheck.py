@@ -8,11 +8,11 @@ that changed says how far the dump is from one instant.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from kcore.formats.plan import Copy, Plan
+from kcore.sources.files import pread_full
 
 BLOCK = 1 << 20
 
@@ -56,7 +56,7 @@ def recheck(out_fd: int, source: Any, plan: Plan, page: int = 4096,
         pos = 0
         while pos < item.length:
             n = min(BLOCK, item.length - pos)
-            written = os.pread(out_fd, n, item.dst + pos)
+            written = pread_full(out_fd, n, item.dst + pos)
             source._read_at(item.src + pos, view[:n], False)
             differ = 0
             base = _paddr_of(source, item.src + pos)

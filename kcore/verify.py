@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kcore.errors import InputError, KcoreError
+from kcore.sources.files import pread_full
 from kcore.wire.flattened import is_flattened
 
 CHUNK = 64 << 20  # the manifest's chunk digests cover this many bytes each
@@ -82,6 +83,9 @@ class Result:
     vmcoreinfo: dict[str, Any] = field(default_factory=dict)
     ranges: dict[str, Any] = field(default_factory=dict)
     pages: dict[str, Any] = field(default_factory=dict)
+    # an ELF core's text load against the RAM loads holding the same frames: overlap_pages,
+    # pages (differing: a live kernel read twice), first (their physical addresses)
+    smear: dict[str, Any] = field(default_factory=dict)
     consumers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -105,7 +109,7 @@ def _read(fd: int, offset: int, length: int, size: int, what: str) -> bytes:
     if offset < 0 or length < 0 or offset + length > size:
         raise Broken(offset, f"truncated {what}: needs {length:#x} bytes at {offset:#x}, "
                              f"the file ends at {size:#x}")
-    data = os.pread(fd, length, offset)
+    data = pread_full(fd, length, offset)
     if len(data) != length:
         raise Broken(offset, f"short read of {what}")
     return data
@@ -151,8 +155,8 @@ def _elf(fd: int, path: str, res: Result) -> tuple[list[Region], Any]:
     phys = [ph for ph in loads if ph.p_filesz and ph.p_paddr not in (ALL_ONES, 0)
             or ph.p_filesz and ph.p_paddr == 0 and ph.p_vaddr == 0]
     if res.format != "kcore" and phys:
-        try:
-            resolve_aliases(fd, path, phys)  # overlapping loads must hold the same bytes
+        try:  # RAM loads that overlap must hold the same bytes; the text load may not
+            res.smear = resolve_aliases(fd, path, phys)[1].as_dict()
         except KcoreError as exc:
             raise Broken(_offset_in(str(exc)), str(exc).removeprefix(f"{path}: ")) from None
     regions = [Region(ph.p_offset, ph.p_filesz, ph.p_memsz, ph.p_paddr,
@@ -182,7 +186,7 @@ def _vmcoreinfo_offset(fd: int, core: Any) -> int | None:
 
     for ph in core.phdrs:
         if ph.p_type == PT_NOTE and ph.p_filesz:
-            at, size = vmcoreinfo_span(os.pread(fd, ph.p_filesz, ph.p_offset))
+            at, size = vmcoreinfo_span(pread_full(fd, ph.p_filesz, ph.p_offset))
             if size:
                 return ph.p_offset + at
     return None
@@ -190,7 +194,7 @@ def _vmcoreinfo_offset(fd: int, core: Any) -> int | None:
 
 def _sections_end(fd: int, size: int) -> int:
     """Where the section header table and its sections end (QEMU writes a .shstrtab)."""
-    ehdr = os.pread(fd, 64, 0)
+    ehdr = pread_full(fd, 64, 0)
     if len(ehdr) < 64:
         return 0
     shoff, = struct.unpack_from("<Q", ehdr, 40)
@@ -198,7 +202,7 @@ def _sections_end(fd: int, size: int) -> int:
     if not shoff or shentsize != 64 or not 0 < shnum < 4096 or shoff + shnum * 64 > size:
         return 0
     end = shoff + shnum * 64
-    table = os.pread(fd, shnum * 64, shoff)
+    table = pread_full(fd, shnum * 64, shoff)
     for i in range(1, shnum):
         sh_type, = struct.unpack_from("<I", table, i * 64 + 4)
         sh_offset, sh_size = struct.unpack_from("<QQ", table, i * 64 + 24)
@@ -343,7 +347,7 @@ def _avml(fd: int, res: Result) -> list[Region]:
                              f"{at - stream:#x} bytes")
         if want <= AVML_CHECK_MAX:  # decompress it (CRC-32C of each chunk checked)
             out = bytearray(want)
-            rc, got, bad = codecs.snappy_unframe(os.pread(fd, at - stream, stream), out)
+            rc, got, bad = codecs.snappy_unframe(pread_full(fd, at - stream, stream), out)
             if rc != 0 or got != want:
                 raise Broken(stream + bad, f"AVML block at {pos:#x}: its snappy stream does "
                                            f"not decompress ({os.strerror(-rc) if rc else ''}"
@@ -400,7 +404,7 @@ def _kdump(fd: int, res: Result) -> list[Region]:
         raise Broken(0x214, f"max_mapnr {mapnr} does not fit bitmaps of {half} bytes")
     bitmap_at = (1 + hdr.sub_hdr_size) * bs
     _read(fd, bitmap_at, 2 * half, res.size, "bitmaps")  # bounds only
-    dumped = dd.runs_of(os.pread(fd, half, bitmap_at + half), mapnr)
+    dumped = dd.runs_of(pread_full(fd, half, bitmap_at + half), mapnr)
     npages = sum(n for _f, n in dumped)
     desc_at = bitmap_at + 2 * half
     data_at = desc_at + npages * dd.PAGE_DESC.size
@@ -413,7 +417,7 @@ def _kdump(fd: int, res: Result) -> list[Region]:
     try:
         for first in range(0, npages, KDUMP_BATCH):
             count = min(KDUMP_BATCH, npages - first)
-            raw = os.pread(fd, count * dd.PAGE_DESC.size, desc_at + first * dd.PAGE_DESC.size)
+            raw = pread_full(fd, count * dd.PAGE_DESC.size, desc_at + first * dd.PAGE_DESC.size)
             for i in range(count):
                 offset, size, flags, _pf = dd.PAGE_DESC.unpack_from(raw, i * dd.PAGE_DESC.size)
                 at = desc_at + (first + i) * dd.PAGE_DESC.size
@@ -598,7 +602,7 @@ def _read_block(fd: int, pos: int, n: int, hole_end: int) -> bytes:
     """n bytes at pos; a hole is not read (zeros)."""
     if hole_end >= pos + n:
         return ZERO_BLOCK[:n] if n <= BLOCK else bytes(n)
-    data = os.pread(fd, n, pos)
+    data = pread_full(fd, n, pos)
     if len(data) < n:
         raise Broken(pos + len(data), "the file shrank while it was read")
     return data
@@ -705,6 +709,7 @@ def verify(path: str) -> Result:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InputError(f"{path}: not a regular file (verify checks dump files)")
+        os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO from hanging the open
         res = Result(path=path, size=st.st_size)
         return _verify(fd, path, res)
     finally:
@@ -715,7 +720,7 @@ def _verify(fd: int, path: str, res: Result) -> Result:
     manifest, sidecar = _sidecars(path, res)
     if res.size == 0:
         raise InputError(f"{path}: empty file (no dump to verify)")
-    head = os.pread(fd, 64, 0)
+    head = pread_full(fd, 64, 0)
     regions: list[Region] = []
     try:
         if head[:4] == b"\x7fELF":

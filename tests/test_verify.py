@@ -197,6 +197,42 @@ def test_volatility_rule(tmp_path: Path, capsys) -> None:
     assert not layer.is_valid(paddr + PAGE)  # that load's memory is gone to Volatility
 
 
+def test_live_smear_is_counted_not_damage(tmp_path: Path, capsys) -> None:
+    """The text load read at another moment than the RAM loads (a live kernel): pages where
+    the two copies differ are smear in verify's findings, and the ELF source reads RAM's copy
+    (the capture's memory) and converts the dump."""
+    from kcore.sources import open_source
+
+    mem = fixture_memory(KASLR)
+    root = str(shared_fixture(KASLR) / "root")
+    out = tmp_path / "live.elf"
+    r = run_kcore("dump", "-q", "--no-digest", "--root", root, "--source", f"elf:{mem}",
+                  "-o", str(out))
+    assert r.returncode == 0, r.stderr.decode()
+    head = out.read_bytes()[:1 << 16]
+    phoff, = struct.unpack_from("<Q", head, 32)
+    phnum, = struct.unpack_from("<H", head, 56)
+    texts = [ph for ph in (PHDR.unpack_from(head, phoff + i * PHDR.size) for i in range(phnum))
+             if ph[0] == 1 and ph[3] >= START_KERNEL_MAP and ph[5]]  # split at zero runs
+    offset, paddr, filesz = texts[0][2], texts[0][4], texts[0][5]
+    changed = [paddr + k * PAGE for k in (1, 7, filesz // PAGE - 1)]
+    for at in changed:
+        _flip(out, offset + at - paddr + 100)  # a kernel variable written between the reads
+    rc, res, err = verify(out, capsys)
+    assert rc == 0 and res["ok"], (err, res["problems"])
+    assert res["smear"] == {"overlap_pages": sum(ph[5] for ph in texts) // PAGE, "pages": 3,
+                            "first": [hex(a) for a in changed]}
+    assert main(["verify", str(out)]) == 0
+    assert "smear       3 of the" in capsys.readouterr().out
+    with open_source(f"elf:{out}") as dump, open_source(f"elf:{mem}") as real:
+        assert dump.smear.pages == 3
+        for at in changed:
+            assert dump.read_phys(at, PAGE)[0] == real.read_phys(at, PAGE)[0]
+    r = run_kcore("dump", "-q", "--no-digest", "--root", root, "--source", f"elf:{out}",
+                  "--format", "lime", "-o", str(tmp_path / "again.lime"))
+    assert r.returncode == 0, r.stderr.decode()
+
+
 # ---- hostile input -------------------------------------------------------------------------
 
 def _tiny_elf() -> bytes:

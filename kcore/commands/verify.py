@@ -89,6 +89,12 @@ def _print_human(r: Any) -> None:
         unread = pg["unreadable"] if pg["unreadable"] is not None else "unknown"
         lines.append(f"  pages       {pg['memory']}: {100 * (pg['zero_share'] or 0):.1f}% zero, "
                      f"{unread} unreadable (from the manifest)")
+    if r.smear.get("overlap_pages"):
+        sm = r.smear
+        lines.append(f"  smear       {sm['pages']} of the {sm['overlap_pages']} pages the text "
+                     f"load repeats from RAM differ (a live kernel read twice; RAM's copy is "
+                     f"the memory)" + (f", first at {', '.join(sm['first'][:4])}"
+                                       if sm["first"] else ""))
     for name, c in r.consumers.items():
         lines.append(f"  {name:<11} {'ok' if c['ok'] else 'NO'}: {c['why']}")
     for w in r.warnings:

@@ -19,7 +19,7 @@ from kcore.sources.avml import AvmlSource
 from kcore.sources.base import PROBE_BYTES, Extent, MemorySource, Probe
 from kcore.sources.devmem import DevmemSource
 from kcore.sources.elf import ElfSource
-from kcore.sources.files import open_readonly
+from kcore.sources.files import open_readonly, pread_full
 from kcore.sources.kcore import KcoreSource
 from kcore.sources.kdump import KdumpSource
 from kcore.sources.lime import LimeSource
@@ -82,7 +82,7 @@ def detect(path: str, root: str = "/") -> MemorySource:
         head = b""
         if not stat.S_ISCHR(st.st_mode):  # a device's offset 0 is not read to guess
             try:
-                head = os.pread(fd, PROBE_BYTES, 0)
+                head = pread_full(fd, PROBE_BYTES, 0)
             except OSError as exc:
                 raise SourceError(f"{path}: cannot read at offset 0x0: "
                                   f"{os.strerror(exc.errno or 0)}") from None

@@ -6,7 +6,7 @@ import os
 
 from kcore.errors import LimeFormatError
 from kcore.sources.base import Extent, MemorySource, Probe, check_extents
-from kcore.sources.files import file_size, open_readonly
+from kcore.sources.files import file_size, open_readonly, pread_full
 from kcore.sources.kdump import temp_file
 from kcore.wire import avml
 
@@ -60,7 +60,7 @@ def unpack(fd: int, path: str, out: int) -> list[Extent]:
     while pos < size:
         if len(extents) >= MAX_BLOCKS:
             raise LimeFormatError(f"{path}: more than {MAX_BLOCKS} blocks at offset {pos:#x}")
-        head = os.pread(fd, avml.HEADER.size, pos)
+        head = pread_full(fd, avml.HEADER.size, pos)
         if len(head) < avml.HEADER.size:
             raise LimeFormatError(f"{path}: truncated AVML header at offset {pos:#x}")
         magic, version, start, end, _ = avml.HEADER.unpack(head)
@@ -76,7 +76,7 @@ def unpack(fd: int, path: str, out: int) -> list[Extent]:
         left = length
         out_at = at
         while left:
-            data = os.pread(fd, WINDOW, cur)
+            data = pread_full(fd, WINDOW, cur)
             window[:len(data)] = data
             want = min(left, len(dst))
             rc, got, used = codecs.snappy_unframe(memoryview(window)[:len(data)],
@@ -92,7 +92,7 @@ def unpack(fd: int, path: str, out: int) -> list[Extent]:
             out_at += got
             left -= got
             cur += used
-        trailer = os.pread(fd, avml.TRAILER.size, cur)
+        trailer = pread_full(fd, avml.TRAILER.size, cur)
         if len(trailer) < avml.TRAILER.size:
             raise LimeFormatError(f"{path}: truncated block trailer at offset {cur:#x}")
         (stream_len,) = avml.TRAILER.unpack(trailer)

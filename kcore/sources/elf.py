@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import bisect
-import os
+from typing import Any, NamedTuple
 
 from kcore.addrmap import ALL_ONES
 from kcore.errors import ElfFormatError, SourceError
 from kcore.sources.base import Extent, MemorySource, Probe, check_extents
-from kcore.sources.files import file_size, opened, pread_exact
+from kcore.sources.files import file_size, opened, pread_exact, pread_full
 from kcore.wire.elf import (
     EHDR,
     ELF_MAGIC,
@@ -31,6 +31,8 @@ from kcore.wire.elf import (
 MAX_PHNUM = 1 << 20
 MAX_NOTES_SIZE = 64 << 20
 MAX_ALIAS_BYTES = 4 << 30  # overlapping (aliased) PT_LOAD bytes compared when opening
+SMEAR_FIRST = 16  # differing pages listed by address
+PAGE = 4096
 
 
 def parse_elf_core(fd: int, path: str, *, size: int | None = None) -> ElfCore:
@@ -85,49 +87,131 @@ def parse_elf_core(fd: int, path: str, *, size: int | None = None) -> ElfCore:
     return ElfCore(e_machine, e_phoff, phdrs, notes, size)
 
 
-def resolve_aliases(fd: int, path: str, loads: list[Phdr]) -> list[Extent]:
-    """Extents of PT_LOADs by p_paddr, where overlaps must hold the same bytes (aliases).
+class Smear(NamedTuple):
+    """Where a second mapping of RAM (the kernel text PT_LOAD) overlaps the RAM loads."""
+
+    overlap_pages: int  # pages both copies hold
+    pages: int  # of those, pages whose two copies differ (read at different moments)
+    first: list[int]  # the first differing pages' physical addresses
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, addresses as hex strings."""
+        return {"overlap_pages": self.overlap_pages, "pages": self.pages,
+                "first": [hex(a) for a in self.first]}
+
+
+NO_SMEAR = Smear(0, 0, [])
+
+
+def resolve_aliases(fd: int, path: str, loads: list[Phdr]) -> tuple[list[Extent], Smear]:
+    """Extents of PT_LOADs by p_paddr, and the smear between RAM and its second mapping.
 
     kcore's TEXT load repeats RAM at __pa_symbol(_text), in /proc/kcore and in dumps made
-    from it; such an overlap is the same memory twice and is kept once. Overlapping loads
-    whose bytes differ are an ElfFormatError naming both program headers.
+    from it. The loads of the mapping that holds the most bytes (the same p_vaddr - p_paddr:
+    the direct map), and those without a p_vaddr, are the memory; a load of another mapping
+    fills only what they leave out, and where it overlaps them it is a second read of the
+    same frames: on a live system some of its pages differ (kernel data in the image, freed
+    init pages), counted as smear. Loads of the same mapping that overlap with different
+    bytes are an
+    ElfFormatError naming both program headers.
     """
+    weight: dict[int, int] = {}
+    for ph in loads:
+        delta = (ph.p_vaddr - ph.p_paddr) & ALL_ONES
+        weight[delta] = weight.get(delta, 0) + ph.p_filesz
+    main = max(weight, key=lambda d: weight[d])
+    primary: list[Phdr] = []
+    second: list[Phdr] = []
+    for ph in loads:  # a load without a virtual address (QEMU's) maps nothing twice
+        same = (ph.p_vaddr - ph.p_paddr) & ALL_ONES == main or not ph.p_vaddr
+        (primary if same else second).append(ph)
     out: list[Extent] = []
     ends: list[int] = []
     ats: list[int] = []  # the program header each extent came from
-    compared = 0
-    for ph in sorted(loads, key=lambda ph: (ph.p_paddr, -ph.p_filesz)):
+    budget = [MAX_ALIAS_BYTES]
+    for ph in sorted(primary, key=lambda ph: (ph.p_paddr, -ph.p_filesz)):
         start, end = ph.p_paddr, ph.p_paddr + ph.p_filesz
         for i in range(bisect.bisect_right(ends, start), len(out)):
-            e, at = out[i], ats[i]
+            e = out[i]
             if e.paddr >= end:
                 break
             lo, hi = max(start, e.paddr), min(end, ends[i])
-            compared += hi - lo
-            if compared > MAX_ALIAS_BYTES:
-                raise ElfFormatError(f"{path}: PT_LOADs overlap by more than "
-                                     f"{MAX_ALIAS_BYTES:#x} bytes (program header at {ph.at:#x})")
-            if not _same_bytes(fd, e.offset + lo - e.paddr, ph.p_offset + lo - start, hi - lo):
+            if _differ(fd, path, e.offset + lo - e.paddr, ph.p_offset + lo - start, hi - lo,
+                       lo, budget, ph.at, stop=True):
                 raise ElfFormatError(
-                    f"{path}: PT_LOADs at offsets {at:#x} and {ph.at:#x} overlap at physical "
-                    f"{lo:#x} with different contents")
+                    f"{path}: PT_LOADs at offsets {ats[i]:#x} and {ph.at:#x} overlap at "
+                    f"physical {lo:#x} with different contents")
         covered = out[-1].paddr + out[-1].length if out else 0
         if end > covered:
             lo = max(start, covered)
             out.append(Extent(lo, end - lo, ph.p_offset + lo - start))
             ends.append(end)
             ats.append(ph.at)
-    return out
+    overlap = differ = 0
+    first: list[int] = []
+    starts = [e.paddr for e in out]
+    extra: list[Extent] = []  # kept sorted by paddr, as out is
+    extra_starts: list[int] = []
+    for ph in sorted(second, key=lambda ph: ph.p_paddr):
+        start, end = ph.p_paddr, ph.p_paddr + ph.p_filesz
+        hits = sorted(_meeting(out, starts, start, end) + _meeting(extra, extra_starts, start,
+                                                                   end))
+        pos = start
+        gaps = []
+        for e in hits:
+            lo, hi = max(start, e.paddr), min(end, e.paddr + e.length)
+            overlap += (hi - lo) // PAGE
+            differ += _differ(fd, path, e.offset + lo - e.paddr, ph.p_offset + lo - start,
+                              hi - lo, lo, budget, ph.at, first=first)
+            if lo > pos:
+                gaps.append(Extent(pos, lo - pos, ph.p_offset + pos - start))
+            pos = max(pos, hi)
+        if pos < end:
+            gaps.append(Extent(pos, end - pos, ph.p_offset + pos - start))
+        for g in gaps:
+            i = bisect.bisect_left(extra_starts, g.paddr)
+            extra.insert(i, g)
+            extra_starts.insert(i, g.paddr)
+    return sorted(out + extra), Smear(overlap, differ, first[:SMEAR_FIRST])
 
 
-def _same_bytes(fd: int, a: int, b: int, length: int) -> bool:
-    """Whether the file holds the same bytes at offsets a and b (compared in 1 MiB steps)."""
-    step = 1 << 20
+def _meeting(extents: list[Extent], starts: list[int], start: int, end: int) -> list[Extent]:
+    """The extents of a sorted, disjoint list (starts: their paddrs) that meet [start, end)."""
+    hits = []
+    for i in range(max(bisect.bisect_right(starts, start) - 1, 0), len(extents)):
+        e = extents[i]
+        if e.paddr >= end:
+            break
+        if e.paddr + e.length > start:
+            hits.append(e)
+    return hits
+
+
+def _differ(fd: int, path: str, a: int, b: int, length: int, paddr: int, budget: list[int],
+            at: int, *, stop: bool = False, first: list[int] | None = None) -> int:
+    """How many pages of the file's bytes at offsets a and b differ (paddr names the first).
+
+    Compared in 1 MiB steps, page by page where a step differs; `stop` returns at the first
+    difference. The bytes compared over one open are capped (budget) against hostile files.
+    """
+    budget[0] -= length
+    if budget[0] < 0:
+        raise ElfFormatError(f"{path}: PT_LOADs overlap by more than {MAX_ALIAS_BYTES:#x} "
+                             f"bytes (program header at {at:#x})")
+    step, count = 1 << 20, 0
     for pos in range(0, length, step):
         n = min(step, length - pos)
-        if os.pread(fd, n, a + pos) != os.pread(fd, n, b + pos):
-            return False
-    return True
+        x, y = pread_full(fd, n, a + pos), pread_full(fd, n, b + pos)
+        if x == y:
+            continue
+        if stop:
+            return 1
+        for i in range(0, n, PAGE):
+            if x[i:i + PAGE] != y[i:i + PAGE]:
+                count += 1
+                if first is not None and len(first) < SMEAR_FIRST:
+                    first.append(paddr + pos + i)
+    return count
 
 
 class ElfSource(MemorySource):
@@ -135,6 +219,7 @@ class ElfSource(MemorySource):
 
     kind = "elf"
     core: ElfCore  # the parsed headers and notes
+    smear: Smear = NO_SMEAR  # pages the text load holds differently from the RAM loads
 
     @classmethod
     def open(cls, path: str, spec: str | None = None, root: str = "/") -> ElfSource:
@@ -146,10 +231,11 @@ class ElfSource(MemorySource):
             if not loads:
                 raise ElfFormatError(f"{path}: no PT_LOAD with a physical address (p_paddr) in "
                                      f"the program headers at offset {core.phoff:#x}")
-            extents = resolve_aliases(fd, path, loads)
+            extents, smear = resolve_aliases(fd, path, loads)
             src = cls(spec or f"elf:{path}", path, fd,
                       check_extents(extents, path, ElfFormatError), vmcoreinfo_of(core))
             src.core = core
+            src.smear = smear
             return src
 
     @classmethod

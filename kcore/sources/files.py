@@ -61,6 +61,26 @@ def file_size(fd: int) -> int:
     return 0
 
 
+def pread_full(fd: int, length: int, offset: int) -> bytes:
+    """Up to `length` bytes at `offset`, fewer only at the end of the file.
+
+    os.pread may return less than asked where no error happened (9p, FUSE, NFS return a
+    few hundred KiB or less per read); this reads on until the length or the end of file.
+    """
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)  # EINTR is retried by os.pread
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
 def pread_exact(fd: int, offset: int, length: int, path: str, what: str) -> bytes:
     """Read exactly `length` bytes of metadata at `offset`, or raise SourceError naming both."""
     if offset < 0 or length < 0 or offset + length > (1 << 63) - 1:
@@ -71,7 +91,7 @@ def pread_exact(fd: int, offset: int, length: int, path: str, what: str) -> byte
         raise SourceError(f"{path}: truncated {what} at offset {offset:#x} (needs {length:#x} "
                           f"bytes, the file ends at {size:#x})")
     try:
-        data = os.pread(fd, length, offset)
+        data = pread_full(fd, length, offset)
     except OSError as exc:
         raise SourceError(f"{path}: cannot read {what} at offset {offset:#x}: "
                           f"{describe_errno(exc.errno)}", exc.errno) from None

@@ -12,7 +12,7 @@ import os
 
 from kcore.errors import SourceError
 from kcore.sources.base import Extent, MemorySource, Probe, check_extents
-from kcore.sources.files import file_size, open_readonly, pread_exact
+from kcore.sources.files import file_size, open_readonly, pread_exact, pread_full
 from kcore.wire import diskdump, flattened
 
 BATCH_PAGES = 512
@@ -49,7 +49,7 @@ def rebuild_flattened(fd: int, path: str) -> int:
 
     def read(n: int) -> bytes:
         nonlocal pos
-        data = os.pread(fd, n, pos)
+        data = pread_full(fd, n, pos)
         pos += len(data)
         return data
 
@@ -81,7 +81,7 @@ class KdumpSource(MemorySource):
         dump = fd
         out = -1
         try:
-            head = os.pread(fd, diskdump.HEADER.size, 0)
+            head = pread_full(fd, diskdump.HEADER.size, 0)
             if flattened.is_flattened(head):
                 dump = rebuild_flattened(fd, path)
             out = temp_file(path)
@@ -167,7 +167,7 @@ def unpack(fd: int, path: str, out: int) -> tuple[list[Extent], bytes | None]:
     def work(j: int, _n: int, slot: int) -> None:
         first_desc, m, out_off = jobs[j]
         desc_at = geo.desc_offset + first_desc * diskdump.PAGE_DESC.size
-        descs = os.pread(fd, m * diskdump.PAGE_DESC.size, desc_at)
+        descs = pread_full(fd, m * diskdump.PAGE_DESC.size, desc_at)
         window, dst = slots[slot]
         rc, bad = codecs.kdump_unpack(fd, descs, m, block, window, dst, out, out_off)
         if rc == 0:
