@@ -28,6 +28,7 @@ def dumps(request):
     folder = scratch_dir(request, "consumers")
     dump(name, folder / "mem.elf")
     dump(name, folder / "mem.lime", "--format", "lime")
+    dump(name, folder / "d31.elf", "-d", "31")  # 600 PT_LOADs, most without file bytes
     return name, folder
 
 
@@ -96,12 +97,13 @@ def vmlinux():
     return debug_vmlinux()
 
 
-def test_crash_opens_it(dumps, vmlinux):
+@pytest.mark.parametrize("file", ("mem.elf", "d31.elf"))
+def test_crash_opens_it(dumps, vmlinux, file):
     """crash with the kernel's debug info: release, command line (as /proc/cmdline), log, tasks."""
     crash = need("crash")
     name, folder = dumps
     cmdline = (shared_fixture(name) / "root" / "proc" / "cmdline").read_text().strip()
-    r = subprocess.run([crash, "-s", str(vmlinux), str(folder / "mem.elf")],
+    r = subprocess.run([crash, "-s", str(vmlinux), str(folder / file)],
                        input="sys\np saved_command_line\nlog\nps\nquit\n",
                        capture_output=True, text=True, timeout=600)
     out = r.stdout

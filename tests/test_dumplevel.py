@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pagesets
@@ -266,19 +267,50 @@ def test_bad_levels_are_refused():
 
 
 def test_makedumpfile_reads_the_filtered_elf(dense, tmp_path):
-    """makedumpfile re-filters kcore's -d 31 core (it takes it for a kdump ELF vmcore).
+    """makedumpfile opens kcore's -d 31 core as it opens the dense core (its mmap path on):
+    --dump-dmesg gives the same log, -E -d 31 keeps the same pages, and -F -d 31 piped to -R
+    rebuilds the same kdump bitmap.
 
-    --non-mmap: makedumpfile 1.7.2 sizes its mmap windows by p_memsz (offset_to_pt_load_end,
-    max_file_offset), and on this core, whose zero-fill loads reach past the end of the file,
-    its mmap path dies of SIGBUS in readmem(); read() works.
+    Before the zero-fill loads' p_offset moved to the end of the file, 1.7.2's mmap windows,
+    sized by the first load whose [p_offset, p_offset + p_memsz) held a file offset, ran into
+    other loads' bytes: it read the top page table as zeros (--dump-dmesg failed) or died.
     """
     need_makedumpfile()
-    _name, root, core, _npfn = dense
+    _name, root, core, npfn = dense
     mine = tmp_path / "k31.elf"
     kcore_dump(root, core, mine, "-d", "31")
-    out = tmp_path / "again.kdump"
-    pagesets.makedumpfile(["--non-mmap", "-d", "31"], mine, out)
-    assert out.read_bytes()[:8] == b"KDUMP   "
+    logs = []
+    for src in (core, mine):
+        out = tmp_path / f"{src.stem}.dmesg"
+        pagesets.makedumpfile(["--dump-dmesg"], src, out)
+        logs.append(out.read_bytes())
+    assert logs[0] == logs[1] and b"Linux version" in logs[0]
+    again = tmp_path / "again.elf"
+    pagesets.makedumpfile(["-E", "-d", "31"], mine, again)
+    held = int.from_bytes(pagesets.elf_held(again, npfn), "little")
+    assert held and not held & ~int.from_bytes(pagesets.elf_held(mine, npfn), "little")
+    from elftools.elf.elffile import ELFFile
+
+    from kcore.sources import open_source
+
+    with open(again, "rb") as f, open_source(f"elf:{core}") as dense_src:
+        for seg in ELFFile(f).iter_segments():  # every page it wrote is the memory's
+            if seg["p_type"] == "PT_LOAD" and seg["p_filesz"]:
+                pa = seg["p_paddr"]
+                assert seg.data() == dense_src.read_phys(pa, seg["p_filesz"])[0], hex(pa)
+    flat = subprocess.run(["makedumpfile", "-F", "-d", "31", str(mine)], capture_output=True,
+                          timeout=600)
+    assert flat.returncode == 0, flat.stderr.decode()[-2000:]
+    rebuilt, ref = tmp_path / "again.kdump", tmp_path / "theirs.kdump"
+    r = subprocess.run(["makedumpfile", "-R", str(rebuilt)], input=flat.stdout,
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    pagesets.makedumpfile(["-d", "31"], core, ref)
+    # its bitmap is the dense core's less the pages kcore's core holds no bytes for (zero
+    # pages; makedumpfile's exclude_nodata_pages drops what lies past p_filesz)
+    want = int.from_bytes(pagesets.kdump_held(ref), "little") & int.from_bytes(
+        pagesets.elf_held(mine, npfn), "little")
+    assert int.from_bytes(pagesets.kdump_held(rebuilt), "little") == want
 
 
 def _need_kdump_format() -> None:

@@ -135,13 +135,18 @@ def _load_headers(segs: list[Segment], loads: list[tuple[Segment, int, int, int]
                   data_offset: int) -> list[bytes]:
     """The PT_LOADs for (segment, offset, length, file offset) runs, in file order.
 
-    A linear segment's gaps between runs get zero-fill PT_LOADs (p_filesz 0).
+    A linear segment's gaps between runs get zero-fill PT_LOADs (p_filesz 0) whose p_offset
+    is the end of the file: makedumpfile (offset_to_pt_load_end, 1.7.2 to 1.7.9) takes the
+    first PT_LOAD whose [p_offset, p_offset + p_memsz) holds a file offset for the one that
+    holds its bytes, so a zero-fill load at the next load's offset made it map, and cache as
+    that load's memory, the file bytes of the loads after it: it read dumped pages (a page
+    table) as zeros or as other pages, or crashed. At the end of the file no data lies there.
     """
     by_seg: dict[int, list[tuple[int, int, int]]] = {}
     for seg, off, n, dst in loads:
         by_seg.setdefault(id(seg), []).append((off, n, dst))
     out: list[bytes] = []
-    file_end = data_offset
+    file_end = max([data_offset, *(dst + n for _s, _o, n, dst in loads)])
     for seg in segs:
         linear = seg.paddr != ALL_ONES
         cursor = 0
@@ -152,11 +157,10 @@ def _load_headers(segs: list[Segment], loads: list[tuple[Segment, int, int, int]
 
         for off, n, dst in by_seg.get(id(seg), []):
             if linear and off > cursor:
-                out.append(zero(cursor, off - cursor, dst))
+                out.append(zero(cursor, off - cursor, file_end))
             paddr = seg.paddr + off if linear else ALL_ONES
             out.append(phdr(PT_LOAD, PF_RWX, dst, seg.vaddr + off, paddr, n, n, 0))
             cursor = off + n
-            file_end = max(file_end, dst + n)
         if linear and cursor < seg.size:
             out.append(zero(cursor, seg.size - cursor, file_end))
     return out
