@@ -383,12 +383,18 @@ def check(root: str = "/", output_dir: str | None = None, source: str = "auto") 
 
 
 def estimate_sizes(system: Any) -> dict[str, dict[str, int]]:
-    """Per format: the output's size without zero elision and the disk space it may take."""
+    """Per format: the output's size and the disk space it may take.
+
+    elf and elf -d 31 (classified from the mem_map, as dump --estimate does) are estimates
+    of the core then written, zero granules and zero pages left out as the dump leaves them
+    (kcore.formats.elf.estimate_size: a sample of the memory); the other formats' sizes are
+    without zero elision (upper bounds).
+    """
     from kcore.formats import FORMATS
+    from kcore.formats.elf import estimate_size
     from kcore.formats.plan import Request
 
     out: dict[str, dict[str, int]] = {}
-    text = 0
     for name, fmt in FORMATS.items():
         if getattr(fmt, "write", None) is not None:
             continue  # compressing formats (kdump, avml) write themselves: no plan to size
@@ -399,15 +405,18 @@ def estimate_sizes(system: Any) -> dict[str, dict[str, int]]:
             continue
         space = plan.size if not fmt.sparse else plan.space_needed  # zeros written
         out[name] = {"size": plan.size, "space": space}
-        if name == "elf":
-            text = sum(r["size"] for r in plan.ranges if r.get("kind") == "text")
+    if "elf" in out:
+        size, read = estimate_size(Request(system, system.source))
+        out["elf"] = {"size": size, "space": size, "at_most": out["elf"]["size"],
+                      "sampled_bytes": read * Request.granule}
     try:  # -d 31 (the kernel's own pages): classify the mem_map, as dump --estimate does
         from kcore import dumplevel
 
         filtered = dumplevel.apply(system, system.source, 31)
-        size = (filtered.held_pages() * filtered.classes.page_size
-                + dumplevel.header_bytes(filtered, "elf") + text)  # text is dumped twice
-        out["elf -d 31"] = {"size": size, "space": size}
+        page = filtered.classes.page_size
+        size, read = estimate_size(Request(system, filtered.source, granule=page,
+                                           dump_level=31))
+        out["elf -d 31"] = {"size": size, "space": size, "sampled_bytes": read * page}
     except (KcoreError, OSError, AttributeError, ValueError):
         pass  # a kernel whose VMCOREINFO lacks what -d needs: no estimate
     return out
@@ -422,10 +431,13 @@ def _command(rep: Report, root: str, output_dir: str | None) -> str:
         words += ["--source", rep.source]
     elif chosen is not None and chosen.name != "kcore":
         words += ["--source", f"devmem:{chosen.path}"]
-    space = rep.sizes.get("elf", {}).get("space")
     target = os.path.join(output_dir or ".", "mem.elf")
+    fits = {k: rep.free_bytes is None or v["space"] * 21 // 20 <= rep.free_bytes
+            for k, v in rep.sizes.items()}  # 5% to spare: the sizes are estimates
+    if not fits.get("elf", True) and fits.get("elf -d 31"):
+        words += ["-d", "31"]  # the kernel's own pages fit where the whole RAM does not
     words += ["-o", target]
-    if space is not None and rep.free_bytes is not None and space > rep.free_bytes:
+    if not fits.get("elf", True) and not fits.get("elf -d 31"):
         words[-1] = "- | zstd -T0 > /elsewhere/mem.elf.zst"
     return " ".join(words)
 

@@ -70,10 +70,12 @@ def _print_human(rep: Any) -> None:
     if rep.verdict:
         lines.append(f"verdict     a dump would work (source {rep.chosen})")
         if rep.sizes:
-            lines.append("sizes       (upper bounds: zero runs take less in elf and lime; "
-                         "-d 31 keeps the kernel's own pages)")
+            lines.append("sizes       (elf and elf -d 31, the kernel's own pages: estimated "
+                         "from a sample of memory; the others at most, zero runs included)")
         for fmt, s in rep.sizes.items():
             extra = f", {human(s['space'])} on disk at most" if s["space"] != s["size"] else ""
+            if "sampled_bytes" in s:
+                extra = f" (~, {human(s['sampled_bytes'])} sampled)"
             lines.append(f"  {fmt:<9} {human(s['size'])}{extra}")
         free = human(rep.free_bytes) if rep.free_bytes is not None else "unknown"
         lines.append(f"free        {free} in {rep.output_dir}")
