@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 CHUNK = 64 << 20  # the manifest holds a SHA-256 of each CHUNK bytes of the output
-MAX_BYTES = 64 << 20  # a 16 TiB dump's chunk digests take ~20 MiB
+MAX_BYTES = 64 << 20  # the most of any manifest (a 16 TiB dump's chunk digests take ~20 MiB)
+BASE_BYTES = 4 << 20  # what a manifest holds besides chunk digests (iomem, modules: < 1 MiB)
+CHUNK_BYTES = 128  # a chunk digest's share of a manifest (70 bytes in kcore's indented JSON)
 MAX_DEPTH = 8  # the deepest kcore writes is 4 (dump_level.pages_excluded)
 U64 = 1 << 64
 
@@ -169,10 +171,16 @@ def _depth(text: str) -> int:
     return deepest
 
 
-def parse(data: bytes) -> dict[str, Any]:
+def limit_for(dump_size: int) -> int:
+    """The most bytes the manifest of a dump_size-byte dump can take."""
+    return min(MAX_BYTES, BASE_BYTES + CHUNK_BYTES * (dump_size // CHUNK + 1))
+
+
+def parse(data: bytes, limit: int = MAX_BYTES) -> dict[str, Any]:
     """A manifest from its bytes: bounded, valid JSON, by the schema; ManifestError if not."""
-    if len(data) > MAX_BYTES:
-        raise ManifestError(f"larger than {MAX_BYTES >> 20} MiB: not a kcore manifest")
+    if len(data) > limit:
+        raise ManifestError(f"{len(data)} bytes, more than a manifest of this dump takes "
+                            f"({limit}): not a kcore manifest")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -189,16 +197,18 @@ def parse(data: bytes) -> dict[str, Any]:
     return validate(doc)
 
 
-def load(path: str) -> dict[str, Any] | None:
-    """The manifest at path (None when there is none); ManifestError when it is unreadable."""
+def load(path: str, dump_size: int) -> dict[str, Any] | None:
+    """The manifest at path of a dump_size-byte dump (None when there is none); ManifestError
+    when it is unreadable or not a manifest."""
+    limit = limit_for(dump_size)
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+            data = f.read(limit + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ManifestError(f"cannot read: {exc.strerror}") from None
-    return parse(data)
+    return parse(data, limit)
 
 
 def dumps(doc: dict[str, Any]) -> bytes:

@@ -643,7 +643,7 @@ def sparse_chunk_digests(fd: int, size: int) -> dict[str, str]:
 def _sidecars(path: str, res: Result) -> tuple[dict[str, Any] | None, str | None]:
     manifest = None
     try:
-        manifest = load_manifest(sidecar_path(path))
+        manifest = load_manifest(sidecar_path(path), res.size)
     except ManifestError as exc:
         res.problem(None, f"{sidecar_path(path)} (the manifest) is unusable: {exc}")
     sidecar = None
