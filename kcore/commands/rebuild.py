@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from kcore.cli import subcommand
+from kcore.cli import os_error_line, subcommand
 from kcore.errors import InputError, OutputError
 from kcore.formats.write import hash_file
 from kcore.output import human, open_output
@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
             except flattened.FlatFormatError as exc:
                 raise InputError(f"{args.input}: {exc}") from None
             except OSError as exc:
+                exc.filename = None
                 raise OutputError(f"{args.output}: cannot write the rebuilt dump: "
-                                  f"{exc.strerror or exc}") from None
+                                  f"{os_error_line(exc, 'rebuild').split(': ', 1)[1]}") from None
             out.start_digest()
             if out.hasher is not None:
                 hash_file(out.hasher, out.fd, size)

@@ -7,7 +7,6 @@ big-endian. `makedumpfile -R` (and `kcore rebuild`) writes each record's bytes a
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 from collections.abc import Callable
@@ -97,12 +96,10 @@ def rebuild(read: Callable[[int], bytes], dst_fd: int,
             while view:
                 try:
                     n = os.pwrite(dst_fd, view, at)
-                except OSError as exc:
-                    if exc.errno != errno.EFBIG:
-                        raise
-                    raise FlatFormatError(f"the record at offset {rec_at:#x} puts "
-                                          f"data at {at:#x}, past the largest file the "
-                                          "output's filesystem holds") from None
+                except OSError as exc:  # say which record was being written
+                    exc.strerror = (f"{exc.strerror} (writing the record at stream offset "
+                                    f"{rec_at:#x}, at {at:#x})")
+                    raise
                 view = view[n:]
                 at += n
             pos += len(chunk)
