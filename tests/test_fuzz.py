@@ -19,7 +19,7 @@ pytestmark = pytest.mark.fuzz
 
 EXAMPLES = int(os.environ.get("KCORE_FUZZ_EXAMPLES", "0"))
 # Slow parsers (each input decompresses pages) get fewer examples in the brief run.
-BRIEF = {"kdump": 40, "flattened": 40, "avml": 25, "rebuild": 60, "dl-iomem": 80}
+BRIEF = {"kdump": 40, "flattened": 40, "avml": 25, "rebuild": 40, "dl-iomem": 80}
 
 
 @pytest.fixture(scope="module")
