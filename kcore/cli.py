@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -119,6 +120,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"kcore: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"kcore: error: {os_error_line(exc, args.command)}", file=sys.stderr)
         return 1
+
+
+# What to do about an OS error that reached the top without a file named by kcore.
+OS_ERROR_ADVICE = {
+    errno.EFBIG: "the file is larger than its filesystem or `ulimit -f` allows: write "
+                 "elsewhere (not FAT's 4 GiB), or raise the limit",
+    errno.ENOSPC: "the filesystem is full: free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted: free space or write elsewhere",
+    errno.EROFS: "the filesystem is read-only: write elsewhere",
+    errno.ENOMEM: "out of memory: close other programs or use fewer --threads",
+}
+
+
+def os_error_line(exc: OSError, command: str | None) -> str:
+    """One line for an OSError: the file (or the command), the problem and what to do."""
+    what = exc.strerror or type(exc).__name__
+    where = os.fsdecode(exc.filename) if exc.filename else f"kcore {command or ''}".strip()
+    advice = OS_ERROR_ADVICE.get(exc.errno or 0)
+    line = f"{where}: {what}" + (f" ({advice})" if advice else "")
+    return " ".join(line.split())

@@ -11,7 +11,7 @@ from kcore.errors import InputError
 from kcore.kclist import KcoreEntry, KcoreType
 from kcore.sources import open_source
 from kcore.sources.base import MemorySource
-from kcore.system import System, read_root_text
+from kcore.system import System, root_word
 from kcore.vmcoreinfo import VmcoreInfo
 from kcore.wire.elf import (
     CORE_NAME,
@@ -47,7 +47,7 @@ def discover(root: str | Path = "/", source: str | MemorySource = "auto", *,
 
 def _discover(root: Path, src: MemorySource, flavour: str) -> System:
     """The System of a root and a memory source, by its architecture's builder (kcore.arch)."""
-    name = (read_root_text(root, "proc/sys/kernel/arch", required=False) or "x86_64").strip()
+    name = root_word(root, "proc/sys/kernel/arch") or "x86_64"
     a = arch.get(name, str(root / "proc/sys/kernel/arch"))
     core = getattr(src, "core", None)  # an ELF core says which machine it is from
     if core is not None and core.e_machine:
@@ -125,7 +125,7 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
             out.append(KcoreEntry(s.vaddr, s.size, t, paddr=s.paddr, label=label))
         return out
 
-    osrelease = (read_root_text(root, "proc/sys/kernel/osrelease", required=False) or "").strip()
+    osrelease = root_word(root, "proc/sys/kernel/osrelease") or ""
     return System(root=root, source=src, addrmap=amap, vmcoreinfo=info, cmdline=cmdline,
                   osrelease=osrelease or info.osrelease or "",
                   task_struct_size_of=len(task) if task else 0,

@@ -30,6 +30,16 @@ def ram_ranges(system: Any) -> list[tuple[int, int]]:
     return sorted(out)
 
 
+def below_source_end(ranges: list[tuple[int, int]], source: Any) -> list[tuple[int, int]]:
+    """The (paddr, length) ranges cut at the end of what the source holds.
+
+    RAM past the source's last byte cannot be dumped, and iomem's claims must not size a
+    bitmap (one bit a page) by themselves: a hostile iomem claiming RAM at 2^52 would.
+    """
+    end = max((e.paddr + e.length for e in source.extents), default=0)
+    return [(a, min(n, end - a)) for a, n in ranges if a < end]
+
+
 @dataclass
 class Filtered:
     """A dump level applied to a system: the classes, and the source view holding kept pages."""
@@ -73,7 +83,7 @@ class Filtered:
 def apply(system: Any, source: Any, level: int) -> Filtered:
     """Classify the system's RAM pages for a level; the source view holding the kept ones."""
     ram = ram_ranges(system)
-    classes = classify(system, level, ram)
+    classes = classify(system, level, below_source_end(ram, source))
     # the view holds RAM pages only: no format dumps the others (reserved areas, ROMs)
     view = kept_source(source, classes)
     return Filtered(level, classes, view, ram)
@@ -131,7 +141,8 @@ def level_table(system: Any, level: int, filtered: Filtered) -> dict[str, int]:
     which only a scan of the pages a level keeps can count.
     """
     full = level | DL_CACHE | DL_CACHE_PRI | DL_USER | DL_FREE
-    classes = filtered.classes if full == level else classify(system, full, filtered.ram)
+    classes = filtered.classes if full == level else classify(
+        system, full, below_source_end(filtered.ram, system.source))
     c = classes.counts
     ram = sum(n for _a, n in filtered.ram) // classes.page_size
     always = c["hwpoison"] + c["offline"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import queue
 import re
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kcore.errors import OutputError
+from kcore.manifest import CHUNK, sidecar_path
+from kcore.manifest import dumps as manifest_bytes
 
 FILE_MODE = 0o600
 HASH_CHUNK = 1 << 20  # bytes of one hasher buffer
@@ -199,7 +200,6 @@ def _unlink_quietly(path: str, dir_fd: int | None = None) -> None:
         pass
 
 
-CHUNK = 64 << 20  # the manifest holds a SHA-256 of each CHUNK bytes of the output
 
 
 class ChunkedSha256:
@@ -400,7 +400,7 @@ class Output:
     @property
     def manifest_path(self) -> str:
         """Where the JSON manifest goes."""
-        return self.path + ".json"
+        return sidecar_path(self.path)
 
     def check_space(self, needed: int, *, estimate: bool = False) -> None:
         """Refuse to start when the output filesystem has less than needed bytes free."""
@@ -502,8 +502,7 @@ class Output:
                                                              "sha256": self.chunk_sha256}
             full = dict(manifest, sha256=self.sha256)
             full.setdefault("chunks", chunks)  # the kcore image brings its sparse ones
-            text = json.dumps(full, indent=2) + "\n"
-            sidecars.append((self.manifest_path, text.encode()))
+            sidecars.append((self.manifest_path, manifest_bytes(full)))
         for path, data in sidecars:
             try:
                 write_small(path, data, self.force, self._dir_fd)

@@ -8,6 +8,7 @@ set means kept. That bitmap is the only structure here that grows with RAM.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +29,15 @@ SECTION_MAP_LAST_BIT = 1 << 5  # 1 << 2 before Linux 4.13 (makedumpfile: the sam
 SECTION_MAP_MASK = ~(SECTION_MAP_LAST_BIT - 1) & ((1 << 64) - 1)
 X86_64_SECTION_SIZE_BITS = 27
 X86_64_MAX_PHYSMEM_BITS = (46, 52)  # 4- and 5-level paging
+# What a real kernel can have (checked before a value sizes a buffer, a shift or a loop):
+STRUCT_PAGE_SIZES = range(32, 257)  # SIZE(page): 40-80 bytes on every 64-bit config
+MEM_SECTION_SIZES = range(8, 257)  # SIZE(mem_section): 16-32 bytes (usage, page_ext)
+# SECTION_SIZE_BITS and MAX_PHYSMEM_BITS per architecture (arch/*/include/asm/sparsemem.h):
+# x86-64 27 and 46/52; arm64 27 (30 before 5.12, 29 with 64 KiB pages) and 48/52.
+SECTION_BITS = {"x86_64": range(27, 28), "aarch64": range(27, 31)}
+PHYSMEM_BITS = {"x86_64": (46, 52), "aarch64": (48, 52)}
+FREE_AREA_LENGTHS = range(1, 65)  # LENGTH(zone.free_area): MAX_ORDER + 1 (11-16)
+MAPCOUNT_VALUES = range(-(1 << 31), 1 << 32)  # page_type values compared with a 32-bit field
 PGMM_CACHED = 512  # makedumpfile reads struct pages in groups of 512 (compound heads)
 SECTION_CHUNK_PAGES = 1 << 15  # struct pages classified per C call (2 MiB of 64-byte ones)
 RUNS_BATCH = 4096  # runs fetched from the bitmap per C call
@@ -89,47 +99,92 @@ def _kernel_version(release: str | None) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (99, 0)
 
 
+def _bad(key: str, value: int, why: str) -> InputError:
+    """The one-line error for a VMCOREINFO value no real kernel has."""
+    return InputError(f"VMCOREINFO {key}={value} {why}: the VMCOREINFO is corrupt or not this "
+                      "kernel's (-d needs it to read the mem_map; dump without -d)")
+
+
+def struct_page_size(info: Any) -> int:
+    """SIZE(page), checked against what a kernel can have (32-256 bytes)."""
+    size = info.size("page")
+    if size is None:
+        raise InputError("VMCOREINFO has no SIZE(page): the mem_map cannot be read "
+                         "(dump without -d)")
+    if size not in STRUCT_PAGE_SIZES:
+        raise _bad("SIZE(page)", size, "is not the size of a struct page (32-256 bytes)")
+    return size
+
+
 def page_rules(info: Any, level: int) -> Any:
-    """The struct kc_page_rules for a level, from VMCOREINFO (missing fields: -1 / unknown)."""
+    """The struct kc_page_rules for a level, from VMCOREINFO (missing fields: -1 / unknown).
+
+    Every value is checked against what a kernel can have before it reaches C: a field past
+    the end of struct page, a flag bit past 63 or a count no kernel has is an InputError
+    naming it.
+    """
     from kcore._native import ffi, lib
+
+    size = struct_page_size(info)
+    version = _kernel_version(info.osrelease)
+    order_width = 1 if version >= (4, 16) else 2
+    dtor_width = 1 if version >= (4, 16) else 2 if version >= (4, 4) else 8
+
+    def off(name: str, limit: int = size) -> int:
+        """OFFSET(name) inside a structure of limit bytes, or -1 when the kernel has none."""
+        v = info.offset(name)
+        if v is None:
+            return -1
+        if v >= limit:
+            raise _bad(f"OFFSET({name})", v, f"lies past the end of its structure ({limit} "
+                       "bytes)")
+        return v
+
+    def inside(key: str, v: int, width: int) -> int:
+        """A field offset v of width bytes that must lie inside struct page (-1: none)."""
+        if v >= 0 and v + width > size:
+            raise _bad(key, v, f"leaves a {width}-byte field past the end of struct page "
+                       f"(SIZE(page)={size})")
+        return v
 
     r = ffi.new("struct kc_page_rules *")
     r.dump_level = level
-
-    def off(name: str) -> int:
-        v = info.offset(name)
-        return v if v is not None else -1
-
-    def num(name: str) -> int | None:
-        return info.number(name)
-
-    r.struct_size = info.size("page") or 0
-    r.off_flags = off("page.flags")
-    r.off_mapping = off("page.mapping")
-    r.off_mapcount = off("page._mapcount")
-    r.off_private = off("page.private")
-    r.off_compound_head = off("page.compound_head")
-    version = _kernel_version(info.osrelease)
-    size = r.struct_size
-    # init_compound_offset: folio fields (6.3+) sit in the folio's second page
-    order, dtor = off("folio._folio_order"), off("folio._folio_dtor")
-    r.off_order = order - size if order >= 0 else off("page.compound_order")
-    r.off_dtor = dtor - size if dtor >= 0 else off("page.compound_dtor")
+    r.struct_size = size
+    flags = off("page.flags")
+    if flags < 0:
+        raise InputError("VMCOREINFO has no OFFSET(page.flags): the mem_map cannot be "
+                         "classified (dump without -d)")
+    r.off_flags = inside("OFFSET(page.flags)", flags, 8)
+    r.off_mapping = inside("OFFSET(page.mapping)", off("page.mapping"), 8)
+    r.off_mapcount = inside("OFFSET(page._mapcount)", off("page._mapcount"), 4)
+    r.off_private = inside("OFFSET(page.private)", off("page.private"), 8)
+    r.off_compound_head = inside("OFFSET(page.compound_head)", off("page.compound_head"), 8)
+    # init_compound_offset: folio fields (6.3+) sit in the folio's second page (a folio is
+    # at most four struct pages)
+    order, dtor = off("folio._folio_order", 4 * size), off("folio._folio_dtor", 4 * size)
+    off_order = order - size if order >= 0 else off("page.compound_order")
+    off_dtor = dtor - size if dtor >= 0 else off("page.compound_dtor")
     if version < (4, 4):
-        lru, nxt, prev = off("page.lru"), off("list_head.next"), off("list_head.prev")
-        if r.off_order < 0 and lru >= 0 and prev >= 0:
-            r.off_order = lru + prev
-        if r.off_dtor < 0 and lru >= 0 and nxt >= 0:
-            r.off_dtor = lru + nxt
-    r.order_width = 1 if version >= (4, 16) else 2
-    r.dtor_width = 1 if version >= (4, 16) else 2 if version >= (4, 4) else 8
+        lru, nxt, prev = off("page.lru"), off("list_head.next", 16), off("list_head.prev", 16)
+        if off_order < 0 and lru >= 0 and prev >= 0:
+            off_order = lru + prev
+        if off_dtor < 0 and lru >= 0 and nxt >= 0:
+            off_dtor = lru + nxt
+    r.off_order = inside("the compound order's offset", max(off_order, -1), order_width)
+    r.off_dtor = inside("the compound destructor's offset", max(off_dtor, -1), dtor_width)
+    r.order_width, r.dtor_width = order_width, dtor_width
     for name, attr in (("PG_lru", "pg_lru"), ("PG_private", "pg_private"),
                        ("PG_swapcache", "pg_swapcache"), ("PG_swapbacked", "pg_swapbacked"),
                        ("PG_slab", "pg_slab"), ("PG_hwpoison", "pg_hwpoison"),
                        ("PG_buddy", "pg_buddy"), ("PG_hugetlb", "pg_hugetlb")):
-        v = num(name)
-        setattr(r, attr, v if v is not None and 0 <= v < 64 else -1)
-    r.head_mask = (num("PG_head_mask") or 0) & ((1 << 64) - 1)
+        v = info.number(name)
+        if v is not None and not 0 <= v < 64:
+            raise _bad(f"NUMBER({name})", v, "is not a bit of the 64-bit page.flags")
+        setattr(r, attr, v if v is not None else -1)
+    head_mask = info.number("PG_head_mask") or 0
+    if head_mask < 0 or head_mask & (head_mask - 1):
+        raise _bad("NUMBER(PG_head_mask)", head_mask, "is not one bit of page.flags")
+    r.head_mask = head_mask
     known = 0
     for name, attr, bit in (
             ("PAGE_BUDDY_MAPCOUNT_VALUE", "buddy_mapcount", lib.KC_KNOW_BUDDY_MAPCOUNT),
@@ -138,19 +193,52 @@ def page_rules(info: Any, level: int) -> Any:
             ("PAGE_HUGETLB_MAPCOUNT_VALUE", "hugetlb_mapcount", lib.KC_KNOW_HUGETLB_MAPCOUNT),
             ("PAGE_UNACCEPTED_MAPCOUNT_VALUE", "unaccepted_mapcount",
              lib.KC_KNOW_UNACCEPTED_MAPCOUNT)):
-        v = num(name)
+        v = info.number(name)
         if v is not None:
+            if v not in MAPCOUNT_VALUES:
+                raise _bad(f"NUMBER({name})", v, "does not fit the 32-bit page._mapcount")
             setattr(r, attr, v)
             known |= bit
-    dtor_id = num("HUGETLB_PAGE_DTOR")
+    dtor_id = info.number("HUGETLB_PAGE_DTOR")
     if dtor_id is None:
         dtor_id = info.symbol("free_huge_page")  # before 4.4 the destructor was a function
     if dtor_id is not None:
         r.hugetlb_dtor = dtor_id & ((1 << 64) - 1)
         known |= lib.KC_KNOW_HUGETLB_DTOR
     r.known = known
-    r.free_area_length = info.length("zone.free_area") or 0
+    length = info.length("zone.free_area")
+    if length is not None and length not in FREE_AREA_LENGTHS:
+        raise _bad("LENGTH(zone.free_area)", length, "is not a count of buddy orders (1-64)")
+    r.free_area_length = length or 0
     return r
+
+
+def sparsemem_bits(system: Any) -> tuple[int, int]:
+    """(SECTION_SIZE_BITS, MAX_PHYSMEM_BITS), checked against the architecture's range."""
+    info = system.vmcoreinfo
+    arch = getattr(system.addrmap, "arch", "x86_64")
+    l5 = 1 if info.number("pgtable_l5_enabled") else 0
+    physmem_choices = PHYSMEM_BITS.get(arch, X86_64_MAX_PHYSMEM_BITS)
+    section_range = SECTION_BITS.get(arch, range(X86_64_SECTION_SIZE_BITS,
+                                                 X86_64_SECTION_SIZE_BITS + 1))
+    section_bits = info.number("SECTION_SIZE_BITS")
+    if section_bits is None:
+        section_bits = X86_64_SECTION_SIZE_BITS
+    elif section_bits not in section_range:
+        raise _bad("NUMBER(SECTION_SIZE_BITS)", section_bits,
+                   f"is not {arch}'s ({section_range.start}-{section_range.stop - 1})")
+    physmem_bits = info.number("MAX_PHYSMEM_BITS")
+    if physmem_bits is None:
+        physmem_bits = physmem_choices[l5] if arch == "x86_64" else physmem_choices[-1]
+    elif physmem_bits not in physmem_choices:
+        raise _bad("NUMBER(MAX_PHYSMEM_BITS)", physmem_bits,
+                   f"is not {arch}'s ({' or '.join(map(str, physmem_choices))})")
+    page_bits = system.addrmap.page_size.bit_length() - 1
+    if not page_bits < section_bits < physmem_bits:
+        raise _bad("NUMBER(SECTION_SIZE_BITS)", section_bits,
+                   f"is not between the page shift {page_bits} and MAX_PHYSMEM_BITS "
+                   f"{physmem_bits}")
+    return section_bits, physmem_bits
 
 
 @dataclass(frozen=True)
@@ -210,13 +298,20 @@ def mem_map_sections(system: Any, max_pfn: int) -> list[Section]:
     sec_size = info.size("mem_section")
     map_off = info.offset("mem_section.section_mem_map") or 0
     page_size = system.addrmap.page_size
-    struct_page = info.size("page") or 64
-    section_bits = info.number("SECTION_SIZE_BITS") or X86_64_SECTION_SIZE_BITS
-    l5 = 1 if info.number("pgtable_l5_enabled") else 0
-    physmem_bits = info.number("MAX_PHYSMEM_BITS") or X86_64_MAX_PHYSMEM_BITS[l5]
+    struct_page = struct_page_size(info)
+    section_bits, physmem_bits = sparsemem_bits(system)
     if mem_section is None or not sec_size:
         raise InputError("VMCOREINFO has no SYMBOL(mem_section)/SIZE(mem_section): "
                          "this kernel's mem_map cannot be found (not SPARSEMEM?)")
+    if sec_size not in MEM_SECTION_SIZES:
+        raise _bad("SIZE(mem_section)", sec_size, "is not the size of a struct mem_section "
+                   "(8-256 bytes)")
+    if map_off + 8 > sec_size:
+        raise _bad("OFFSET(mem_section.section_mem_map)", map_off,
+                   f"lies past the end of struct mem_section ({sec_size} bytes)")
+    if max_pfn > 1 << (physmem_bits - page_size.bit_length() + 1):
+        raise InputError(f"RAM reaches page frame {max_pfn:#x}, past MAX_PHYSMEM_BITS "
+                         f"{physmem_bits}: the RAM ranges are not this kernel's")
     pfn_shift = section_bits - page_size.bit_length() + 1
     per_section = 1 << pfn_shift
     nr_sections = -(-max_pfn // per_section)
@@ -405,7 +500,8 @@ def classify(system: Any, level: int, ranges: Iterable[tuple[int, int]],
 
 def _check(rc: int) -> None:
     if rc:
-        raise ValueError(f"kc_classify_pages: invalid page rules (rc {rc})")
+        raise InputError(f"VMCOREINFO's struct page layout is inconsistent (the classifier "
+                         f"refused it: {os.strerror(-rc)}): dump without -d")
 
 
 def _overlaps(spans: list[tuple[int, int]], lo: int, hi: int) -> Iterator[tuple[int, int]]:

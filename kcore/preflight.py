@@ -85,8 +85,15 @@ def _read(root: Path, rel: str, limit: int = 1 << 22) -> str | None:
     try:
         with open(root / rel, "rb") as f:
             return f.read(limit).decode("utf-8", "replace")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the root's path
         return None
+
+
+def _word(root: Path, rel: str) -> str | None:
+    """A one-line value (osrelease, arch, kptr_restrict); None when missing or not one line of
+    printable text (discovery then says what is wrong with it)."""
+    text = (_read(root, rel) or "").strip()
+    return text if text and text.isprintable() and text.isascii() else None
 
 
 def lockdown_mode(root: Path) -> tuple[str | None, str]:
@@ -161,13 +168,16 @@ def _ram_bytes(root: Path) -> int | None:
             ram = parse_iomem(text).system_ram()
         except KcoreError:
             ram = []
-        total = sum(n for _start, n in ram) if ram and any(s for s, _ in ram) else 0
+        total = sum(end + 1 - start for start, end in ram) if any(e for _s, e in ram) else 0
         if total:
             return total
     meminfo = _read(root, "proc/meminfo") or ""
     for line in meminfo.splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
+        words = line.split()
+        if words[:1] == ["MemTotal:"]:  # "MemTotal:  16307612 kB"
+            kib = words[1] if len(words) > 1 else ""
+            return int(kib) * 1024 if kib.isascii() and kib.isdigit() and len(kib) < 16 \
+                else None
     return None
 
 
@@ -319,7 +329,8 @@ def _strict_devmem(root: Path, release: str | None, probes: list[SourceProbe]) -
         return "on (reading RAM through /dev/mem fails with EPERM)"
     if mem is not None and mem.works:
         return "off (/dev/mem reads RAM)"
-    config = _read(root, f"boot/config-{release}") if release else None
+    sane = release and "/" not in release and release.isprintable()
+    config = _read(root, f"boot/config-{release}") if sane else None
     if config is not None:
         on = "CONFIG_STRICT_DEVMEM=y" in config
         return ("on" if on else "off") + f" (boot/config-{release})"
@@ -331,15 +342,15 @@ def check(root: str = "/", output_dir: str | None = None, source: str = "auto") 
     rootp = Path(root)
     euid = os.geteuid()
     rep = Report(root=root, euid=euid, source=source)
-    rep.release = ((_read(rootp, "proc/sys/kernel/osrelease") or "").strip()
+    rep.release = (_word(rootp, "proc/sys/kernel/osrelease")
                    or (os.uname().release if root == "/" else None))
-    rep.arch = ((_read(rootp, "proc/sys/kernel/arch") or "").strip()
+    rep.arch = (_word(rootp, "proc/sys/kernel/arch")
                 or (os.uname().machine if root == "/" else None))
     rep.ram_bytes = _ram_bytes(rootp)
     mode, how = lockdown_mode(rootp)
     rep.lockdown = f"{mode or 'unknown'} ({how})"
     rep.secure_boot = secure_boot(rootp)
-    kptr = (_read(rootp, "proc/sys/kernel/kptr_restrict") or "").strip()
+    kptr = _word(rootp, "proc/sys/kernel/kptr_restrict")
     rep.kptr_restrict = kptr or "unknown"
     rep.kallsyms, text_addr = _kallsyms_state(rootp)
     rep.kcore_masked = kcore_mask(rootp) or "no"

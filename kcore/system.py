@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from kcore.addrmap import AddressMap
 from kcore.errors import InputError
@@ -30,6 +30,39 @@ if TYPE_CHECKING:
 TASK_STRUCT_SANE = range(1024, 1 << 17)
 
 
+MAX_ROOT_FILE = 1 << 28  # bytes read of a root file at most (kallsyms: ~10 MiB a big kernel)
+
+
+@overload
+def read_root(root: Path, rel: str, *, required: Literal[True] = True) -> bytes: ...
+
+
+@overload
+def read_root(root: Path, rel: str, *, required: bool) -> bytes | None: ...
+
+
+def read_root(root: Path, rel: str, *, required: bool = True) -> bytes | None:
+    """A file under the root, as bytes (decoded where parsed); None if missing and optional."""
+    path = root / rel
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ROOT_FILE + 1)
+    except FileNotFoundError:
+        if required:
+            raise InputError(
+                f"{path}: missing (is --root a system root with proc/ and sys/?)"
+            ) from None
+        return None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    except ValueError:  # a NUL byte in the root's own path
+        raise InputError(f"{root}: not a usable --root (a NUL byte in the path)") from None
+    if len(data) > MAX_ROOT_FILE:
+        raise InputError(f"{path}: larger than {MAX_ROOT_FILE >> 20} MiB: not a /proc or /sys "
+                         "file")
+    return data
+
+
 @overload
 def read_root_text(root: Path, rel: str, *, required: Literal[True] = True) -> str: ...
 
@@ -39,18 +72,29 @@ def read_root_text(root: Path, rel: str, *, required: bool) -> str | None: ...
 
 
 def read_root_text(root: Path, rel: str, *, required: bool = True) -> str | None:
-    """A text file under the root; None if it is missing and not required."""
-    path = root / rel
-    try:
-        return path.read_text(errors="surrogateescape")
-    except FileNotFoundError:
-        if required:
-            raise InputError(
-                f"{path}: missing (is --root a system root with proc/ and sys/?)"
-            ) from None
+    """A text file under the root (undecodable bytes kept as surrogates for its parser)."""
+    data = read_root(root, rel, required=required)
+    return None if data is None else data.decode("utf-8", "surrogateescape")
+
+
+def root_word(root: Path, rel: str) -> str | None:
+    """A one-line /proc value (osrelease, arch), checked: printable ASCII; None if missing."""
+    data = read_root(root, rel, required=False)
+    if data is None:
         return None
-    except OSError as exc:
-        raise InputError(f"{path}: {exc.strerror}") from None
+    word = data.strip()
+    if not all(0x20 <= b < 0x7F for b in word):
+        raise InputError(f"{root / rel}: {word[:40]!r} is not one line of printable text "
+                         "(a kernel writes one)")
+    return word.decode("ascii")
+
+
+def check_same_release(root: Path, osrelease: str, src: Any, info: VmcoreInfo) -> None:
+    """The root's osrelease and the memory's VMCOREINFO name the same kernel."""
+    if osrelease and info.osrelease and osrelease != info.osrelease:
+        raise InputError(f"{root / 'proc/sys/kernel/osrelease'} says {osrelease}, but the "
+                         f"VMCOREINFO in {src.spec} says {info.osrelease}: root and source "
+                         "are from different kernels")
 
 
 def online_memory_blocks(root: Path) -> frozenset[str] | None:
@@ -63,12 +107,12 @@ def online_memory_blocks(root: Path) -> frozenset[str] | None:
     base = root / "sys/devices/system/memory"
     try:
         names = [p.name for p in base.iterdir() if p.name.startswith("memory")]
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the root's path
         return None
     online = set()
     for name in names:
         try:
-            if (base / name / "state").read_text().strip() == "online":
+            if (base / name / "state").read_bytes().strip() == b"online":
                 online.add(name)
         except OSError:
             continue
@@ -87,7 +131,7 @@ def online_memory_end_pfn(root: Path, page_size: int = 4096) -> int | None:
     if not online:
         return None
     try:
-        block = int((base / "block_size_bytes").read_text().strip(), 16)
+        block = int((base / "block_size_bytes").read_bytes().strip(), 16)
     except (OSError, ValueError):
         return None
     numbers = [int(n[len("memory"):]) for n in online if n[len("memory"):].isdigit()]

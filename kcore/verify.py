@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import stat
 import struct
@@ -26,10 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kcore.errors import InputError, KcoreError
+from kcore.manifest import CHUNK, ManifestError, sidecar_path
+from kcore.manifest import load as load_manifest
+from kcore.manifest import ranges as manifest_ranges
 from kcore.sources.files import pread_full
 from kcore.wire.flattened import is_flattened
 
-CHUNK = 64 << 20  # the manifest's chunk digests cover this many bytes each
 BLOCK = 4 << 20
 PAGE = 4096
 ZERO_PAGE = bytes(PAGE)
@@ -511,11 +512,10 @@ def _raw(res: Result, manifest: dict[str, Any] | None) -> list[Region]:
     res.detail = ("physical image, file offset = physical address" if fmt == "raw"
                   else "physical image with zeros written (LiME padded)")
     regions = []
-    for r in (manifest or {}).get("ranges") or []:
-        try:
-            paddr, size = int(r["paddr"], 16), int(r["size"])
-        except (KeyError, TypeError, ValueError):
-            raise Broken(None, f"the manifest's range {r!r} is malformed") from None
+    for i, r in enumerate(manifest_ranges(manifest or {})):
+        paddr, size = r.paddr, r.size
+        if paddr is None:
+            raise Broken(None, f"the manifest's ranges[{i}] has no paddr")
         if paddr + size > res.size:
             raise Broken(res.size, f"range {paddr:#x}+{size:#x} ends past the end of the file "
                                    f"({res.size:#x}): truncated")
@@ -647,16 +647,9 @@ def sparse_chunk_digests(fd: int, size: int) -> dict[str, str]:
 def _sidecars(path: str, res: Result) -> tuple[dict[str, Any] | None, str | None]:
     manifest = None
     try:
-        with open(path + ".json", "rb") as f:
-            text = f.read(64 << 20)
-        manifest = json.loads(text)
-        if not isinstance(manifest, dict):
-            raise ValueError("not an object")
-    except FileNotFoundError:
-        manifest = None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        res.problem(None, f"{path}.json (the manifest) is unreadable: {exc}")
-        manifest = None
+        manifest = load_manifest(sidecar_path(path), res.size)
+    except ManifestError as exc:
+        res.problem(None, f"{sidecar_path(path)} (the manifest) is unusable: {exc}")
     sidecar = None
     try:
         with open(path + ".sha256", "rb") as f:
@@ -673,16 +666,12 @@ def _compare_ranges(res: Result, manifest: dict[str, Any], regions: list[Region]
     want = manifest.get("ranges")
     if not isinstance(want, list) or res.format not in ("elf", "lime"):
         return
-    try:
-        if res.format == "elf":
-            expect = {(int(r["offset"]), int(r["size"])) for r in want}
-            have = {(r.offset, r.filesz) for r in regions if r.filesz}
-        else:
-            expect = {(int(r["offset"]), int(r["size"])) for r in want}
-            have = {(r.offset, r.filesz) for r in regions}
-    except (KeyError, TypeError, ValueError):
-        res.problem(None, "the manifest's ranges are malformed")
+    listed = manifest_ranges(manifest)
+    if any(r.offset is None for r in listed):
+        res.problem(None, "the manifest's ranges have no file offsets")
         return
+    expect = {(r.offset, r.size) for r in listed}
+    have = {(r.offset, r.filesz) for r in regions if r.filesz or res.format != "elf"}
     if expect == have:
         res.ranges["manifest"] = "match"
         return

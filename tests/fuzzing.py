@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 import resource
+import signal
 import struct
 import sys
 import tempfile
@@ -289,9 +290,17 @@ class Parser:
 
     def __init__(self, name: str, seeds: Callable[[], list[bytes]],
                  fields: Callable[[bytes], list[tuple[int, int]]],
-                 run: Callable[[bytes, Scratch], None], text: bool = False) -> None:
+                 run: Callable[[bytes, Scratch], None], text: bool = False,
+                 mutator: Callable[[bytes, random.Random], bytes] | None = None) -> None:
         self.name, self._seeds, self.fields, self._run, self.text = name, seeds, fields, run, text
+        self._mutator = mutator
         self._cached: list[bytes] | None = None
+
+    def mutate(self, seed: bytes, rnd: random.Random) -> bytes:
+        """One mutated input: the target's own mutator, else the field-aware one."""
+        if self._mutator is not None:
+            return self._mutator(seed, rnd)
+        return mutate(seed, rnd, self.fields, self.text)
 
     def seeds(self) -> list[bytes]:
         """The seed inputs (empty when they cannot be made here)."""
@@ -321,7 +330,9 @@ def _dumped(fmt: str) -> Callable[[], list[bytes]]:
     return lambda: [d for d in (_dumped_seed(fmt),) if d]
 
 
-PARSERS: dict[str, Parser] = {p.name: p for p in (
+from fuzz_targets import TARGETS  # noqa: E402 - the whole-command targets (second round)
+
+PARSERS: dict[str, Parser] = {p.name: p for p in (*(Parser(**t) for t in TARGETS),
     Parser("elf", _seed_file("kcore-head.bin"), elf_fields, _file("elf")),
     Parser("kcore", _seed_file("kcore-head.bin"), elf_fields, _file("kcore")),
     Parser("lime", lambda: [_lime_seed()], lime_fields, _file("lime")),
@@ -376,10 +387,13 @@ def long_run(name: str, count: int, seconds: float, seed: int) -> dict[str, obje
     scratch = Scratch()
     failures, slowest, done = [], (0.0, b""), 0
     start = time.monotonic()
+    stop: list[int] = []  # SIGTERM or SIGINT: stop after this input and report what was done
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
     try:
-        while done < count and time.monotonic() - start < seconds:
+        while done < count and time.monotonic() - start < seconds and not stop:
             data = seeds[done % len(seeds)] if done < len(seeds) else \
-                mutate(rnd.choice(seeds), rnd, parser.fields, parser.text)
+                parser.mutate(rnd.choice(seeds), rnd)
             t0 = time.monotonic()
             try:
                 parser.run(data, scratch)

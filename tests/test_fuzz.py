@@ -11,7 +11,7 @@ import os
 import random
 
 import pytest
-from fuzzing import PARSERS, Scratch, crash_inputs, mutate
+from fuzzing import PARSERS, Scratch, crash_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.fuzz
 
 EXAMPLES = int(os.environ.get("KCORE_FUZZ_EXAMPLES", "0"))
 # Slow parsers (each input decompresses pages) get fewer examples in the brief run.
-BRIEF = {"kdump": 40, "flattened": 40, "avml": 25}
+BRIEF = {"kdump": 40, "flattened": 40, "avml": 25, "rebuild": 40, "dl-iomem": 80}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_parser_takes_mutated_seeds_without_a_traceback(name: str, scratch: Scra
               suppress_health_check=list(HealthCheck))
     @given(st.randoms(use_true_random=False), st.integers(0, len(seeds) - 1))
     def fuzz(rnd: random.Random, which: int) -> None:
-        parser.run(mutate(seeds[which], rnd, parser.fields, parser.text), scratch)
+        parser.run(parser.mutate(seeds[which], rnd), scratch)
 
     fuzz()
 

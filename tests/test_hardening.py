@@ -596,3 +596,253 @@ def test_a_lime_file_of_many_ranges_is_read_in_few_reads(
         os.close(fd)
     assert len(extents) == n and extents[-1].paddr == 2 * (n - 1) and extents[-1].length == 1
     assert len(calls) < 1000
+
+
+# ---- issue #27: -d, root files, check, verify's manifests and rebuild -------------------------
+
+
+def _one_line(r: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    """r's stderr, asserted one line without a traceback, with every word, exit code."""
+    err = r.stderr.decode()
+    assert r.returncode == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert all(w in err for w in words), err
+    return err
+
+
+@pytest.mark.parametrize("old,new,field", [
+    ("SIZE(page)=64\n", "SIZE(page)=4294967296\n", "SIZE(page)=4294967296"),
+    ("NUMBER(SECTION_SIZE_BITS)=27\n", "NUMBER(SECTION_SIZE_BITS)=5\n",
+     "NUMBER(SECTION_SIZE_BITS)=5"),
+    ("NUMBER(MAX_PHYSMEM_BITS)=46\n", "NUMBER(MAX_PHYSMEM_BITS)=4096\n",
+     "NUMBER(MAX_PHYSMEM_BITS)=4096"),
+    ("SIZE(mem_section)=32\n", "SIZE(mem_section)=8192\n", "SIZE(mem_section)=8192"),
+    ("OFFSET(page.mapping)=24\n", "OFFSET(page.mapping)=4294967296\n",
+     "OFFSET(page.mapping)=4294967296"),
+    ("NUMBER(PG_private)=13\n", "NUMBER(PG_private)=99\n", "NUMBER(PG_private)=99"),
+    ("NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=-129\n",
+     "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=9223372036854775807\n",
+     "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)=9223372036854775807"),
+    ("LENGTH(zone.free_area)=11\n", "LENGTH(zone.free_area)=4294967296\n",
+     "LENGTH(zone.free_area)=4294967296"),
+], ids=["struct-page-4g", "section-bits-5", "physmem-bits-4096", "mem-section-8k",
+        "mapping-4g", "flag-bit-99", "mapcount-2^63", "free-area-4g"])
+def test_dump_level_refuses_vmcoreinfo_values_no_kernel_has(
+        old: str, new: str, field: str) -> None:
+    """The real kernel's VMCOREINFO with one value no kernel has: -d 31 is an InputError (exit
+    2) naming the field (an OverflowError, a negative shift, a ZeroDivisionError, a
+    MemoryError or the C core's -EINVAL before)."""
+    import dataclasses
+
+    from kcore import dumplevel
+    from kcore.discover import discover
+    from kcore.errors import InputError
+    from kcore.vmcoreinfo import VmcoreInfo
+
+    system = discover(*_nokaslr())
+    try:
+        text = system.vmcoreinfo.data.decode()
+        assert old in text
+        hostile = dataclasses.replace(system, vmcoreinfo=VmcoreInfo.parse(
+            text.replace(old, new).encode()))
+        with pytest.raises(InputError) as exc:
+            dumplevel.apply(hostile, system.source, 31)
+        assert field in str(exc.value) and "\n" not in str(exc.value)
+        assert dumplevel.apply(system, system.source, 31).classes.classified  # as it was
+    finally:
+        system.close()
+
+
+def _root_file(tmp_path: Path, rel: str, data: bytes) -> Path:
+    """A copy of the nokaslr root with rel's bytes replaced (or added)."""
+    import shutil
+
+    root = tmp_path / "root"
+    if not root.exists():
+        shutil.copytree(shared_fixture(NOKASLR) / "root", root)
+    f = root / rel
+    f.parent.mkdir(parents=True, exist_ok=True)
+    if f.exists():
+        f.chmod(0o644)
+    f.write_bytes(data)
+    return root
+
+
+def test_dump_level_bitmaps_follow_the_source_not_iomems_claims(tmp_path: Path) -> None:
+    """An iomem claiming System RAM up to 2^52 beside 512 MiB of memory: a kdump -d 31 dump
+    of what the source holds, in bounded memory (its bitmaps took 4 GB), that crash's
+    libkdumpfile-free reader, makedumpfile, opens (--dump-dmesg)."""
+    import shutil
+
+    text = (shared_fixture(NOKASLR) / "root/proc/iomem").read_text()
+    assert "00100000-1ffdffff : System RAM\n" in text
+    root = _root_file(tmp_path, "proc/iomem", text.replace(
+        "00100000-1ffdffff : System RAM\n", "00100000-fffffffffffff : System RAM\n").encode())
+    out = tmp_path / "mem.kdump"
+    # the dump in a process that reports its own peak RSS
+    code = ("import resource, sys; from kcore.cli import main; rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+            "sys.exit(rc)")
+    r = subprocess.run(
+        [sys.executable, "-c", code, "dump", "--root", str(root), "--source",
+         f"raw:{fixture_memory(NOKASLR)}", "-d", "31", "--format", "kdump", "--compress",
+         "zlib", "-q", "-o", str(out)], capture_output=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    assert r.returncode == 0, r.stderr.decode()
+    peak_kib = int(r.stderr.split()[-1])
+    assert peak_kib < 256 << 10, f"peak RSS {peak_kib} KiB"
+    if shutil.which("makedumpfile") is None:
+        pytest.skip("makedumpfile is not installed (.ci/run installs it)")
+    log = tmp_path / "dmesg.txt"
+    m = subprocess.run(["makedumpfile", "--dump-dmesg", str(out), str(log)],
+                       capture_output=True)
+    assert m.returncode == 0, m.stderr.decode()
+    assert b"Linux version 6.1.0-56-amd64" in log.read_bytes()
+
+
+@pytest.mark.parametrize("rel,data,code,words", [
+    ("proc/sys/kernel/osrelease", b"6.1.0-56-amd64\0\n", 2, ("osrelease", "printable")),
+    ("proc/sys/kernel/osrelease", b"6.1.0-56-amd64\nx\n", 2, ("osrelease", "printable")),
+    ("proc/sys/kernel/arch", b"x86_\xff64\n", 2, ("arch", "printable")),
+], ids=["osrelease-nul", "osrelease-two-lines", "arch-not-utf8"])
+def test_root_files_with_nul_or_other_bytes_are_one_line_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], rel: str, data: bytes, code: int,
+        words: tuple[str, ...]) -> None:
+    """A NUL, a second line or a non-UTF-8 byte in a one-line root file: exit 2 naming it."""
+    from kcore.cli import main
+
+    root = _root_file(tmp_path, rel, data)
+    rc = main(["ranges", "--root", str(root), "--source", f"raw:{fixture_memory(NOKASLR)}"])
+    err = capsys.readouterr().err
+    assert rc == code and len(err.strip().splitlines()) == 1, err
+    assert all(w in err for w in words), err
+
+
+def test_a_memory_block_state_that_is_not_utf8_is_not_online(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """sysfs memory blocks whose state is not UTF-8 (a UnicodeDecodeError): not online, so
+    the kclist follows the online ones, as the kernel's node spans do."""
+    import json
+
+    root = _root_file(tmp_path, "sys/devices/system/memory/block_size_bytes", b"8000000\n")
+    for i in range(4):
+        _root_file(tmp_path, f"sys/devices/system/memory/memory{i}/state",
+                   b"online\n" if i < 2 else b"onl\xffine\n")
+    from kcore.cli import main
+
+    rc = main(["ranges", "--json", "--root", str(root), "--source",
+               f"raw:{fixture_memory(NOKASLR)}"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    ram = [e for e in json.loads(out.out)["ranges"] if e["type"] == "RAM"]
+    # two online blocks of 128 MiB: RAM ends at 256 MiB (kcore_ram_list's end_pfn)
+    assert max(int(e["paddr"], 16) + int(e["size"], 16) for e in ram) == 256 << 20
+
+
+@pytest.mark.parametrize("meminfo", [b"MemTotal:\n", b"MemTotal: abc kB\n",
+                                     b"MemTotal: \xff\0 kB\n"],
+                         ids=["no-value", "a-word", "nul-and-ff"])
+def test_check_takes_a_malformed_meminfo(tmp_path: Path, meminfo: bytes) -> None:
+    """check with a meminfo line it cannot read (IndexError, ValueError): no traceback, and
+    the RAM is what iomem's System RAM lines add up to."""
+    from kcore.preflight import check
+
+    root = _root_file(tmp_path, "proc/meminfo", meminfo)
+    rep = check(str(root), str(tmp_path), f"raw:{fixture_memory(NOKASLR)}")
+    assert rep.verdict, rep.problem
+    total = 0
+    for line in (shared_fixture(NOKASLR) / "root/proc/iomem").read_text().splitlines():
+        if line.endswith(" : System RAM") and not line.startswith(" "):
+            lo, hi = line.split(" : ")[0].split("-")
+            total += int(hi, 16) + 1 - int(lo, 16)
+    assert rep.ram_bytes == total == 536341504
+
+
+def _small_dump(tmp_path: Path) -> Path:
+    """kcore's own elf dump of the capture's pages that discovery reads (small), copied."""
+    import shutil
+
+    from fuzz_targets import _small_dump as made
+
+    src = made("elf")
+    if src is None:
+        pytest.skip("the nokaslr capture is not here")
+    dump = tmp_path / "dump.elf"
+    for suffix in ("", ".json", ".sha256"):
+        shutil.copyfile(str(src) + suffix, str(dump) + suffix)
+    return dump
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: dict(m, ranges=7), ("'ranges' is a number",)),
+    (lambda m: dict(m, size="big"), ("'size' is a string",)),
+    (lambda m: "[" * 100000 + "]" * 100000, ("nested deeper than 8",)),
+    (lambda m: dict(m, ranges=[{"paddr": "0xzz", "size": 1}]), ("ranges[0].paddr",)),
+], ids=["ranges-a-number", "size-a-string", "deep", "paddr-not-hex"])
+def test_verify_names_the_bad_field_of_a_hostile_manifest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: object,
+        words: tuple[str, ...]) -> None:
+    """A manifest beside kcore's own dump, broken one way: exit 1, one line naming the field
+    (a RecursionError, a TypeError and Python's text before)."""
+    import json
+
+    from kcore.cli import main
+
+    dump = _small_dump(tmp_path)
+    assert main(["verify", str(dump)]) == 0  # intact as written
+    capsys.readouterr()
+    doc = edit(json.loads(Path(str(dump) + ".json").read_text()))  # type: ignore[operator]
+    Path(str(dump) + ".json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    assert main(["verify", str(dump)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "manifest" in err, err
+    assert all(w in err for w in words), err
+
+
+def test_rebuild_refuses_a_stream_that_would_be_mostly_holes(tmp_path: Path) -> None:
+    """kcore's own flattened stream with one record moved to 8 TiB: exit 2 at once (it hashed
+    8 TiB of holes), nothing left at OUT; the stream as written rebuilds into the file
+    makedumpfile -R makes."""
+    from fuzz_targets import _records, _stream
+
+    stream = _stream("zstd")
+    if stream is None:
+        pytest.skip("the nokaslr capture is not here")
+    good, bad = tmp_path / "good.flat", tmp_path / "bad.flat"
+    good.write_bytes(stream)
+    data = bytearray(stream)
+    at = _records(stream)[-2]  # the last data record (the end record follows)
+    struct.pack_into(">q", data, at, 1 << 43)  # 8 TiB: inside what ext4 and tmpfs hold
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out.kdump"
+    _one_line(run_kcore("rebuild", str(bad), str(out), timeout=60), 2, str(bad), "holes")
+    assert not out.exists()
+    r = run_kcore("rebuild", str(good), str(out), "-q")
+    assert r.returncode == 0, r.stderr.decode()
+    import shutil
+
+    if shutil.which("makedumpfile") is None:
+        pytest.skip("makedumpfile is not installed (.ci/run installs it)")
+    ref = tmp_path / "ref.kdump"
+    with open(good, "rb") as f:
+        subprocess.run(["makedumpfile", "-R", str(ref)], stdin=f, check=True,
+                       capture_output=True)
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_rebuild_past_the_file_size_limit_names_the_output(tmp_path: Path) -> None:
+    """`ulimit -f` below the rebuilt size: "File too large" names OUT and says what to do."""
+    from fuzz_targets import _stream
+
+    stream = _stream("zstd")
+    if stream is None:
+        pytest.skip("the nokaslr capture is not here")
+    flat = tmp_path / "s.flat"
+    flat.write_bytes(stream)
+    out = tmp_path / "out.kdump"
+    r = subprocess.run(  # the shell's ulimit: preexec_fn is unsafe in a threaded pytest
+        ["sh", "-c", 'ulimit -f 1024 && exec "$@"', "sh", sys.executable, "-m", "kcore",
+         "rebuild", str(flat), str(out)], capture_output=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))
+    _one_line(r, 1, str(out), "File too large", "ulimit -f")
+    assert not out.exists()

@@ -38,10 +38,12 @@ from kcore.kclist import KcoreList, RamRange, ram_ranges_from_resources
 from kcore.system import (
     PhysReader,
     System,
+    check_same_release,
     load_vmcoreinfo,
     online_memory_blocks,
     online_memory_end_pfn,
     read_root_text,
+    root_word,
 )
 from kcore.vmem import PageWalker, add_run
 
@@ -139,7 +141,7 @@ def task_struct_size(root: Path) -> int:
     """sizeof(struct task_struct): the task_struct slab's object size in proc/slabinfo."""
     path = root / "proc/slabinfo"
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("ascii", "replace")
     except OSError as exc:
         raise InputError(f"{path}: {exc.strerror}: arm64 needs it for the size of struct "
                          "task_struct (NT_TASKSTRUCT); run as root") from None
@@ -249,10 +251,8 @@ def discover(root: Path, src: Any, flavour: str) -> System:
     cmdline = (read_root_text(root, "proc/cmdline") or "").rstrip("\n")
     reader = PhysReader(src)
     info = load_vmcoreinfo(root, reader)
-    osrelease = (read_root_text(root, "proc/sys/kernel/osrelease", required=False) or "").strip()
-    if osrelease and info.osrelease and osrelease != info.osrelease:
-        raise InputError(f"the root runs {osrelease} but the memory holds {info.osrelease}: "
-                         "root and source are from different kernels")
+    osrelease = root_word(root, "proc/sys/kernel/osrelease") or ""
+    check_same_release(root, osrelease, src, info)
     amap = address_map(info, syms, iomem_text)
 
     def ram_source() -> list[RamRange]:

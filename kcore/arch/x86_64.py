@@ -26,11 +26,13 @@ from kcore.system import (
     TASK_STRUCT_SANE,
     PhysReader,
     System,
+    check_same_release,
     check_source_size,
     load_vmcoreinfo,
     online_memory_blocks,
     online_memory_end_pfn,
     read_root_text,
+    root_word,
 )
 from kcore.vmcoreinfo import VmcoreInfo
 from kcore.vmem import PageWalker
@@ -49,10 +51,8 @@ def discover(root: Path, src: MemorySource, flavour: str) -> System:
     check_source_size(src, iomem)
     reader = PhysReader(src)
     info = load_vmcoreinfo(root, reader)
-    osrelease = (read_root_text(root, "proc/sys/kernel/osrelease", required=False) or "").strip()
-    if osrelease and info.osrelease and osrelease != info.osrelease:
-        raise InputError(f"the root runs {osrelease} but the memory holds {info.osrelease}: "
-                         "root and source are from different kernels")
+    osrelease = root_word(root, "proc/sys/kernel/osrelease") or ""
+    check_same_release(root, osrelease, src, info)
     stext = info.symbol("_stext")
     if stext is not None and "_stext" in syms and stext != syms["_stext"]:
         raise InputError(f"kallsyms _stext {syms['_stext']:#x} != VMCOREINFO {stext:#x}: "

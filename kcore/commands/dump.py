@@ -255,7 +255,8 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
         smear = _recheck(args, out, req.source, plan, system) if args.recheck else None
         summary = _summary(args, out, system, plan, stats, seconds, started)
         if fmt.name == "kcore" and out.kind == "file" and args.digest:
-            from kcore.verify import CHUNK, sparse_chunk_digests
+            from kcore.manifest import CHUNK
+            from kcore.verify import sparse_chunk_digests
 
             # no whole-file digest of ~128 TiB, but one per 64 MiB chunk that holds data
             summary["manifest"]["chunks"] = {"size": CHUNK, "sparse": True,

@@ -7,8 +7,8 @@ import os
 import sys
 from typing import Any
 
-from kcore.cli import subcommand
-from kcore.errors import InputError
+from kcore.cli import os_error_line, subcommand
+from kcore.errors import InputError, OutputError
 from kcore.formats.write import hash_file
 from kcore.output import human, open_output
 from kcore.wire import flattened
@@ -46,10 +46,20 @@ def run(args: argparse.Namespace) -> int:
         with open_output(args.output, force=args.force, digest=True) as out:
             if not out.seekable:
                 raise InputError(f"{args.output}: not a seekable file")
+            def read(n: int) -> bytes:
+                try:
+                    return os.read(fd, n)
+                except OSError as exc:
+                    raise InputError(f"{args.input}: cannot read: {exc.strerror}") from None
+
             try:
-                size = flattened.rebuild(lambda n: os.read(fd, n), out.fd)
+                size = flattened.rebuild(read, out.fd)
             except flattened.FlatFormatError as exc:
                 raise InputError(f"{args.input}: {exc}") from None
+            except OSError as exc:
+                exc.filename = None
+                raise OutputError(f"{args.output}: cannot write the rebuilt dump: "
+                                  f"{os_error_line(exc, 'rebuild').split(': ', 1)[1]}") from None
             out.start_digest()
             if out.hasher is not None:
                 hash_file(out.hasher, out.fd, size)

@@ -42,10 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         res = verify(args.dump)
-    except (struct.error, ValueError, OverflowError, UnicodeDecodeError, MemoryError) as exc:
+    except MemoryError:
+        print(f"kcore: error: {args.dump}: out of memory while verifying it", file=sys.stderr)
+        return 1
+    except (struct.error, ValueError, OverflowError, UnicodeDecodeError):
         # A hostile file that got past the checks: still one line, never a traceback.
-        print(f"kcore: error: {args.dump}: malformed ({type(exc).__name__}: {exc})",
-              file=sys.stderr)
+        print(f"kcore: error: {args.dump}: malformed in a way verify does not name (a "
+              "structure past its checks; please report it with the file)", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))

@@ -48,9 +48,12 @@ def keep_runs(req: Request) -> list[tuple[int, int]]:
 
 def ram_runs(req: Request) -> list[tuple[int, int]]:
     """(first PFN, count) runs of the RAM ranges' pages (the first bitmap)."""
+    from kcore.dumplevel import below_source_end
+
     page = req.system.addrmap.page_size
-    return _merged(sorted((s.paddr // page, -(-(s.paddr + s.size) // page))
-                          for s in ram_segments(req.system)))
+    ram = below_source_end([(s.paddr, s.size) for s in ram_segments(req.system)],
+                           req.system.source)
+    return _merged(sorted((pa // page, -(-(pa + n) // page)) for pa, n in ram))
 
 
 def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

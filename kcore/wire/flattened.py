@@ -20,6 +20,7 @@ RECORD = struct.Struct(">qq")  # offset, buf_size
 END_FLAG = -1
 COPY_BLOCK = 1 << 20
 MAX_OFFSET = 1 << 52  # larger than any dump; bounds what a hostile record makes us write
+MAX_HOLES = 64 << 20  # bytes of a rebuilt file no record wrote, at most (beyond half of it)
 
 
 class FlatFormatError(ValueError):
@@ -73,22 +74,32 @@ def rebuild(read: Callable[[int], bytes], dst_fd: int,
     if ftype != TYPE_FLAT_HEADER or version != VERSION_FLAT_HEADER:
         raise FlatFormatError(f"unknown flattened type {ftype} / version {version} at offset 0x10")
     pos = HEADER_SIZE
-    size = 0
+    size = written = 0
     while True:
         offset, length = RECORD.unpack(_read_exactly(read, RECORD.size, pos, "record header"))
         if offset == END_FLAG:
+            if size - written > max(written, MAX_HOLES):
+                # a dump file is dense (headers, bitmaps, descriptors, pages): records that
+                # leave most of it unwritten are not a dump (and would be hashed for hours)
+                raise FlatFormatError(f"the records write {written:#x} bytes but reach offset "
+                                      f"{size:#x}: most of the file would be holes")
             return size
         if offset < 0 or length <= 0 or offset + length > MAX_OFFSET:
             raise FlatFormatError(f"bad record (offset {offset:#x}, size {length:#x}) at offset "
                                   f"{pos:#x}")
-        pos += RECORD.size
+        rec_at, pos = pos, pos + RECORD.size
         at = offset
         left = length
         while left:
             chunk = _read_exactly(read, min(left, COPY_BLOCK), pos, "record data")
             view = memoryview(chunk)
             while view:
-                n = os.pwrite(dst_fd, view, at)
+                try:
+                    n = os.pwrite(dst_fd, view, at)
+                except OSError as exc:  # say which record was being written
+                    exc.strerror = (f"{exc.strerror} (writing the record at stream offset "
+                                    f"{rec_at:#x}, at {at:#x})")
+                    raise
                 view = view[n:]
                 at += n
             pos += len(chunk)
@@ -96,3 +107,4 @@ def rebuild(read: Callable[[int], bytes], dst_fd: int,
             if progress is not None:
                 progress(len(chunk))
         size = max(size, offset + length)
+        written += length
