@@ -10,7 +10,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kcore import __version__
 from kcore.errors import KcoreError
 
 # name -> one-line help; each lives in kcore/commands/<name>.py with add_parser() and run().
@@ -65,6 +64,17 @@ def add_system_args(parser: argparse.ArgumentParser, *, flavour: bool = True) ->
         )
 
 
+class _Version(argparse.Action):
+    """--version: the lines of bundle.version_text as they are (argparse's would rewrap them)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from kcore.bundle import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """Build the top-level parser with one subparser per available command.
 
@@ -76,7 +86,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="The Linux kernel's /proc/kcore rebuilt in userspace, "
         "and fast full-memory dumps that drgn, crash, gdb and Volatility open.",
     )
-    parser.add_argument("--version", action="version", version=f"kcore {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the version (and the one file's commit and libraries)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         if only is not None and name != only:
@@ -98,6 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kcore.output import guard_std_streams
 
     guard_std_streams()
+    if argv is None:
+        from kcore import bundle
+
+        wrong = bundle.machine_mismatch(bundle.record(), bundle.kernel_machine())
+        if wrong:
+            print(f"kcore: error: {wrong}", file=sys.stderr)
+            return 2
     words = sys.argv[1:] if argv is None else list(argv)
     chosen = next((w for w in words if not w.startswith("-")), "")
     parser = build_parser(chosen if chosen in COMMANDS else "")

@@ -48,6 +48,7 @@ DESCRIPTION = DESCRIPTION_TEMPLATE.format(streams=", ".join(names(lambda f: f.st
 EPILOG = """\
 examples:
   sudo kcore dump -o mem.elf                         live system, compact ELF core
+  sudo kcore dump mem.elf                            the same: OUTPUT without -o
   sudo kcore dump --format lime -o - | zstd > mem.lime.zst
   kcore dump --root capture/root --source elf:vmcore.elf --format lime -o mem.lime
   kcore dump --source devmem:/dev/crash -o mem.elf   when lockdown forbids /proc/kcore
@@ -75,6 +76,8 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUTPUT",
                    help=f"output file, or - for stdout "
                         f"({', '.join(names(lambda f: f.streamable))}); default kcore-TIME.EXT")
+    p.add_argument("output_arg", nargs="?", metavar="OUTPUT",
+                   help="the output, as -o OUTPUT (as `avml OUTPUT` takes it)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
     p.add_argument("--json", action="store_true",
@@ -118,6 +121,11 @@ def _level_arg(text: str) -> int:
 
 
 def _check_args(args: argparse.Namespace, fmt: Format) -> None:
+    if getattr(args, "output_arg", None) is not None:
+        if args.output is not None and args.output != args.output_arg:
+            raise InputError(f"two outputs given, -o {args.output} and {args.output_arg}: "
+                             f"give one")
+        args.output = args.output_arg
     if args.output == "-" and not fmt.streamable:
         raise InputError(f"--format {fmt.name} cannot go to stdout (it needs seeking); "
                          f"use {' or '.join(names(lambda f: f.streamable))}, or -o FILE")
