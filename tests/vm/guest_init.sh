@@ -2,7 +2,8 @@
 # PID 1 of the vm-test guest: load the 9p modules, mount the host's / read-only as the root
 # (with the guest's own /proc, /sys, /dev and /tmp over it), mount the writable share at the
 # same path as on the host (khshare= on the kernel command line), then run its agent.sh there.
-# With khroot=initramfs (a guest of another architecture) it stays in the initramfs instead.
+# With khroot=initramfs (a guest of another architecture, or x86-64 with busybox only) it
+# stays in the initramfs instead; khro then makes that root read-only, /dev/shm a tmpfs.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -31,6 +32,11 @@ if grep -qw khroot=initramfs /proc/cmdline; then
         done
         [ -n "$CTL" ] && [ -e "$CTL" ] || { CTL=; sleep 0.05; i=$((i+1)); }
     done
+    if grep -qw khro /proc/cmdline; then
+        # A read-only root whose /tmp is read-only too; /dev/shm is the one writable tmpfs.
+        mkdir -p /dev/shm && mount -t tmpfs -o mode=1777,size=256m tmpfs /dev/shm
+        mount -o remount,ro / || echo "KV: remount / read-only failed"
+    fi
     echo "KV: mounts done uptime=$(cut -d' ' -f1 /proc/uptime) ctl=$CTL"
     exec /bin/sh "$SHARE/agent.sh" "$SHARE" "$CTL"
 fi

@@ -64,6 +64,12 @@ ARCHES = {
                        "linux-image-6.1.0-56-arm64", "linux-image-arm64", "ttyAMA0", 0x40000000,
                        ("virtio_pci", "9pnet_virtio", "9p", "qemu_fw_cfg", "virtio_console"),
                        False),
+    # x86-64 with nothing of the host: busybox-static (Debian's amd64 package) and the files a
+    # test adds in the initramfs, only the share mounted, "run N" over a virtio serial port as
+    # on arm64 (the one-file kcore of `make dist` runs there: tests/vm/test_vm_onefile.py).
+    "x86_64-initramfs": GuestArch("x86_64-initramfs", "amd64", QEMU, PINNED_PACKAGE,
+                                  "linux-image-amd64", "ttyS0", 0,
+                                  (*GUEST_MODULES, "virtio_console"), False),
 }
 # The arm64 kernels of the tests: Debian 12's 6.1 and the 6.12 of bookworm-backports.
 ARM64_KERNELS = {"6.1": "linux-image-6.1.0-56-arm64", "6.12": "linux-image-6.12-arm64"}
@@ -77,7 +83,7 @@ def unavailable_reason(arch: str = "x86_64") -> str | None:
     """Why QEMU cannot run `arch` guests on this machine (None when it can)."""
     qemu = ARCHES[arch].qemu
     if shutil.which(qemu) is None:
-        pkg = "qemu-system-x86" if arch == "x86_64" else "qemu-system-arm"
+        pkg = "qemu-system-x86" if arch.startswith("x86_64") else "qemu-system-arm"
         return f"{qemu} is not installed (apt-get install {pkg})"
     if arch != "x86_64" and not (CACHE / "kernels").is_dir() and shutil.which("apt-get") is None:
         return f"no cached kernel and no apt-get to download linux-image-*-{arch}"
@@ -335,11 +341,14 @@ def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
     return out.getvalue()
 
 
-def build_initramfs(kernel: Kernel) -> Path:
+def build_initramfs(kernel: Kernel, extra: tuple[tuple[str, Path], ...] = (),
+                    out_dir: Path | None = None) -> Path:
     """The guest initramfs (busybox, /init, 9p modules), cached per kernel and init script.
 
     A guest of another architecture than the host's also gets the agent and the tmp
-    directory: it stays in its initramfs (busybox only) and mounts just the share.
+    directory: it stays in its initramfs (busybox only) and mounts just the share. `extra`
+    (name in the initramfs, host file) adds executables; such an initramfs is not cached
+    but written into out_dir.
     """
     arch = ARCHES[kernel.arch]
     init = (HERE / "guest_init.sh").read_bytes()
@@ -349,7 +358,9 @@ def build_initramfs(kernel: Kernel) -> Path:
                             + busybox.read_bytes())
     key = f"{kernel.release}-{digest.hexdigest()[:12]}"
     out = CACHE / "initramfs" / f"{key}.cpio.gz"
-    if out.exists():
+    if extra and out_dir is not None:
+        out = out_dir / "initramfs.cpio.gz"
+    elif out.exists():
         return out
     mods = module_load_order(kernel, arch.modules)
     entries: list[tuple[str, int, bytes]] = [
@@ -357,6 +368,7 @@ def build_initramfs(kernel: Kernel) -> Path:
     ]
     entries += [("bin/busybox", 0o100755, busybox.read_bytes()), ("init", 0o100755, init),
                 ("bin/agent.sh", 0o100755, agent)]
+    entries += [(name, 0o100755, path.read_bytes()) for name, path in extra]
     entries += [(f"modules/{name}.ko", 0o100644, data) for name, data in mods]
     order = "".join(f"{name}\n" for name, _ in mods).encode()
     entries.append(("modules/order", 0o100644, order))
@@ -448,6 +460,8 @@ class VmConfig:
     kernel: str | None = None  # another kernel package (meta packages resolved), else pinned
     numa_nodes: int = 0  # >1: RAM split evenly over that many NUMA nodes (one file each)
     cpu: str = ""  # -cpu model (default: the arch's)
+    # (name in the initramfs, host file): executables added to a busybox-only guest's initramfs
+    extra_files: tuple[tuple[str, Path], ...] = ()
 
 
 def _set_pdeathsig() -> None:
@@ -523,11 +537,14 @@ class Vm:
         """The QEMU command line."""
         if self.config.arch == "arm64":
             return self._qemu_argv_arm64()
+        # x86_64 and x86_64-initramfs
         c = self.config
         mem = f"{c.mem_mib}M"
         if c.hotplug_slots:
             mem += f",slots={c.hotplug_slots},maxmem={c.maxmem_mib}M"
         append = f"console=ttyS0 panic=-1 loglevel=4 khshare={self.share} khrepo={REPO}"
+        if not self.arch.host_root:
+            append += " khroot=initramfs"
         if not c.kaslr:
             append += " nokaslr"
         if c.extra_append:
@@ -540,15 +557,24 @@ class Vm:
             "-device", "vmcoreinfo",
             "-display", "none", "-vga", "none", "-nic", "none", "-monitor", "none",
             "-serial", f"file:{self.serial_log}", "-no-reboot",
-            # ttyS1: the host says "run N" here, so the idle agent blocks instead of polling
-            "-serial", f"unix:{self.workdir / 'ctl.sock'},server=on,wait=off",
+            *self._ctl_argv(),
             "-qmp", f"unix:{self.workdir / 'qmp.sock'},server=on,wait=off",
             "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initramfs),
             "-append", append,
-            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
-                       "multidevs=remap",
+            *(["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
+                          "multidevs=remap"] if self.arch.host_root else []),
             "-virtfs", f"local,path={self.share},mount_tag=share,security_model=none",
         ]
+
+    def _ctl_argv(self) -> list[str]:
+        """Where the host says "run N": ttyS1 (x86-64 with the host's root, so the idle
+        agent blocks instead of polling), else a virtio serial port named kcorectl."""
+        sock = self.workdir / "ctl.sock"
+        if self.arch.host_root:
+            return ["-serial", f"unix:{sock},server=on,wait=off"]
+        return ["-device", "virtio-serial-pci",
+                "-chardev", f"socket,id=ctl,path={sock},server=on,wait=off",
+                "-device", "virtserialport,chardev=ctl,name=kcorectl"]
 
     def _qemu_argv_arm64(self) -> list[str]:
         """The QEMU command line of an arm64 guest: virt, TCG, -cpu max, busybox initramfs."""
@@ -573,10 +599,7 @@ class Vm:
             "-device", "vmcoreinfo",
             "-display", "none", "-nic", "none", "-monitor", "none",
             "-serial", f"file:{self.serial_log}", "-no-reboot",
-            # a virtio serial port: the host says "run N" there (virt has one UART)
-            "-device", "virtio-serial-pci",
-            "-chardev", f"socket,id=ctl,path={self.workdir / 'ctl.sock'},server=on,wait=off",
-            "-device", "virtserialport,chardev=ctl,name=kcorectl",
+            *self._ctl_argv(),  # virt has one UART
             "-qmp", f"unix:{self.workdir / 'qmp.sock'},server=on,wait=off",
             "-kernel", str(self.kernel.vmlinuz), "-initrd", str(self.initramfs),
             "-append", append,
@@ -814,8 +837,9 @@ def guest_env(arch: str = "x86_64") -> dict[str, str]:
 def boot(config: VmConfig) -> Vm:
     """Fetch the kernel, build the initramfs and boot one guest (closed again on failure)."""
     kernel = fetch_kernel(config.arch, config.kernel)
-    vm = Vm(config, kernel, build_initramfs(kernel))
+    vm = Vm(config, kernel, Path())
     try:
+        vm.initramfs = build_initramfs(kernel, config.extra_files, vm.workdir)
         vm.start()
     except BaseException:
         vm.close()

@@ -1,0 +1,130 @@
+"""The one-file kcore (make dist) where nothing of the build host exists: x86-64 guests whose
+initramfs holds Debian's busybox-static and that file only (no libc, no Python, no codec
+library), the root read-only with its /tmp, on Debian's 6.1 and 6.12 kernels; what it
+reads and writes there is checked against the guest's real /proc/kcore."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from arm64 import PAGE, guest_read, kcore_offset, symbol
+from elftools.elf.elffile import ELFFile
+from guests import Guest, assert_same_header
+from qemu_vm import host_kcore
+
+from tests.helpers import elf_read
+
+# Every file and directory of the guest but /proc, /sys and the share (other filesystems).
+LIST = "find / /dev /dev/shm -xdev | sort"
+# What the guest runs: kcore's commands with the output in OUT (a folder of the share).
+# (Every start of the file unpacks it and starts Python under TCG, seconds each: the script
+# keeps to the runs the issue names. The elf dump keeps its text segment, read live after the
+# RAM that holds it: its .data and .bss pages differ from the RAM's copy, which verify calls
+# damage; the -d 31 dump goes without it. The header holds every range: no `ranges` run.)
+SCRIPT = """\
+S={share}; O=$S/out; mkdir -p $O
+t() {{ echo "$(cut -d' ' -f1 /proc/uptime) $*" >> $S/times.txt; }}
+{list} > $S/before.txt
+export TMPDIR=/dev/shm
+t start; kcore --version > $S/version.txt
+t version; kcore check --output-dir $O --json > $S/check.json
+t check; kcore header -o $O/head.bin
+t header; kcore dump -q --no-digest $O/mem.elf
+t elf; kcore dump -q --no-digest --json --format kdump -o $O/mem.kdump > $S/kdump.json
+t kdump; kcore dump -q -d 31 --no-text --json -o $O/d31.elf > $S/d31.json
+t d31; kcore verify --json $O/d31.elf > $S/verify-d31.elf.json
+t verify; {list} > $S/after.txt
+unset TMPDIR
+rc=0; kcore --version > $S/notmp.out 2> $S/notmp.err || rc=$?; echo $rc > $S/notmp.rc
+t notmp
+"""
+
+
+def _run_all(g: Guest) -> Path:
+    """Run SCRIPT in the guest once (the guest is shared by this module's tests)."""
+    share = g.vm.share
+    if not (share / "notmp.rc").exists():
+        g.vm.run(SCRIPT.format(share=share, list=LIST), timeout=900).check()
+    return share
+
+
+def test_onefile_runs_with_nothing_installed(onefile_guest: Guest, onefile: Path) -> None:
+    """The guest has no libc, Python or codec library: --version names the commit and the
+    bundled libraries; check's verdict is go; the kdump (zstd) is written from the file's own
+    libzstd; every dump verifies intact inside the guest and again on the host."""
+    g = onefile_guest
+    share = _run_all(g)
+    version = (share / "version.txt").read_text()
+    assert version.startswith(f"kcore {onefile.name.split('-')[1]} (commit ")
+    for soname in ("libzstd.so.1", "liblzo2.so.2", "libsnappy.so.1", "libz.so.1",
+                   "libdeflate.so.0"):
+        assert soname in version
+    check = json.loads((share / "check.json").read_text())
+    assert check["verdict"] is True and check["chosen"] == "/proc/kcore", check
+    report = json.loads((share / "verify-d31.elf.json").read_text())
+    assert report["ok"] is True and not report["problems"], report
+    for name in ("mem.kdump", "d31.elf"):  # every page of the kdump decompressed
+        r = host_kcore("verify", str(share / "out" / name))
+        assert r.returncode == 0, r.stderr.decode()
+    kdump = json.loads((share / "kdump.json").read_text())
+    assert kdump["format"] == "kdump" and kdump["compression"]["codec"] == "zstd", kdump
+    d31 = json.loads((share / "d31.json").read_text())
+    assert d31["bytes"] < (share / "out" / "mem.elf").stat().st_size
+
+
+def test_onefile_header_pages_equal_real_kcore(onefile_guest: Guest,
+                                                      tmp_path: Path) -> None:
+    """The file's `header`, run live in the guest, is the real kcore's (every range in its
+    program headers; the reading task's NT_TASKSTRUCT aside); the kernel text of its elf,
+    -d 31 and kdump dumps is the real kcore's, read with dd in the guest."""
+    g = onefile_guest
+    share = _run_all(g)
+    assert_same_header(g, (share / "out" / "head.bin").read_bytes())
+    stext = symbol(g, "_stext")
+    (text,) = guest_read(g, [(kcore_offset(g, stext), 16, 0)])
+    assert text != bytes(len(text))
+    assert elf_read(share / "out" / "mem.elf", stext, 16 * PAGE) == text
+    # d31.elf has no text segment: the same bytes where its RAM segments hold them
+    text_load = next(p for p in g.kcore["phdrs"] if p["p_type"] == 1 and
+                     p["p_vaddr"] <= stext < p["p_vaddr"] + p["p_memsz"])
+    phys = text_load["p_paddr"] + stext - text_load["p_vaddr"]
+    ram = next(p for p in g.kcore["phdrs"] if p["p_type"] == 1 and p is not text_load and
+               p["p_paddr"] <= phys < p["p_paddr"] + p["p_memsz"])
+    assert elf_read(share / "out" / "d31.elf", ram["p_vaddr"] + phys - ram["p_paddr"],
+                    16 * PAGE) == text
+    # the kdump's pages, read back through kcore on the host as /proc/kcore offsets
+    out = tmp_path / "text.bin"
+    r = host_kcore("read", "--root", str(g.root), "--source", f"kdump:{share / 'out/mem.kdump'}",
+                   "--offset", hex(kcore_offset(g, stext)), "--length", hex(16 * PAGE),
+                   "-o", str(out))
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.read_bytes() == text
+
+
+def test_onefile_footprint(onefile_guest: Guest) -> None:
+    """Nothing new in the guest outside the output's folder after all those runs (the file
+    unpacks into $TMPDIR, here the /dev/shm tmpfs, and removes it); without TMPDIR, on the
+    read-only root, it fails in one line and leaves nothing."""
+    g = onefile_guest
+    share = _run_all(g)
+    before = (share / "before.txt").read_text().splitlines()
+    after = (share / "after.txt").read_text().splitlines()
+    assert "/bin/kcore" in before and "/dev/shm" in before
+    assert not {"/usr", "/lib", "/lib64"} & set(before), "a guest with busybox and the file only"
+    assert after == before
+    assert int((share / "notmp.rc").read_text()) != 0
+    err = (share / "notmp.err").read_text().strip().splitlines()
+    assert len(err) == 1 and "/tmp" in err[0], err
+
+
+def test_onefile_sha256_and_size(onefile: Path) -> None:
+    """make dist's file: at most 40 MiB, an ELF executable that needs no interpreter
+    (staticx's loader is static), and runs here too."""
+    assert onefile.stat().st_size <= 40 << 20
+    with open(onefile, "rb") as f:
+        kinds = [seg["p_type"] for seg in ELFFile(f).iter_segments()]
+    assert "PT_LOAD" in kinds and "PT_INTERP" not in kinds and "PT_DYNAMIC" not in kinds
+    r = subprocess.run([str(onefile), "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "libzstd.so.1" in r.stdout, r.stderr
