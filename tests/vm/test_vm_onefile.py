@@ -127,7 +127,7 @@ def test_onefile_footprint(onefile_guest: Guest) -> None:
     assert len(err) == 1 and "/tmp" in err[0], err
 
 
-def test_onefile_sha256_and_size(onefile: Path) -> None:
+def test_onefile_is_static_and_small(onefile: Path) -> None:
     """make dist's file: at most 40 MiB, an ELF executable that needs no interpreter
     (staticx's loader is static), and runs here too."""
     assert onefile.stat().st_size <= 40 << 20
