@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 from kcore.addrmap import AddressMap
 from kcore.errors import InputError
@@ -31,6 +31,21 @@ TASK_STRUCT_SANE = range(1024, 1 << 17)
 
 
 MAX_ROOT_FILE = 1 << 28  # bytes read of a root file at most (kallsyms: ~10 MiB a big kernel)
+READ_CHUNK = 1 << 20
+
+
+def _read_bounded(f: BinaryIO, limit: int) -> bytes:
+    """At most limit bytes of f, read 1 MiB at a time: f.read(limit) allocates limit bytes at
+    once for a /proc file (size 0), 256 MiB that a small host or guest does not have."""
+    chunks: list[bytes] = []
+    total = 0
+    while total < limit:
+        chunk = f.read(min(READ_CHUNK, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 @overload
@@ -46,7 +61,7 @@ def read_root(root: Path, rel: str, *, required: bool = True) -> bytes | None:
     path = root / rel
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_ROOT_FILE + 1)
+            data = _read_bounded(f, MAX_ROOT_FILE + 1)
     except FileNotFoundError:
         if required:
             raise InputError(

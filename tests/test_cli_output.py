@@ -72,3 +72,22 @@ def test_machine_check(tmp_path: Path) -> None:
     assert "linux-x86_64" in line and "kcore-0.1.0-linux-aarch64" in line
     assert bundle.machine_mismatch(rec, "x86_64") is None
     assert bundle.machine_mismatch(None, "aarch64") is None  # kcore run from Python
+
+
+def test_root_files_read_in_little_memory(tmp_path: Path) -> None:
+    """A /proc file (size 0) is read 1 MiB at a time up to the 256 MiB bound, not with one
+    256 MiB buffer: a 256 MiB guest ran the one file into MemoryError in `kcore check`.
+    Here: 200 MB of address space (ulimit -v), `kcore ranges` on a real capture."""
+    import resource
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (200_000_000, 200_000_000))
+
+    r = subprocess.run([sys.executable, "-m", "kcore", "ranges", "--root", str(FIXTURE / "root"),
+                        "--source", _source(tmp_path), "--json"], capture_output=True,
+                       preexec_fn=limit, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
