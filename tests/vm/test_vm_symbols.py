@@ -130,8 +130,8 @@ def test_pslist_and_lsmod_with_no_symbols_given(dumped: SelfDump, fmt: str,
 
 def test_symbols_isf_and_verify(dumped: SelfDump, tmp_path: Path) -> None:
     """`kcore symbols` writes the ISF of the kept BTF and kallsyms: init_task at its
-    link-time address (kallsyms' minus KERNELOFFSET); `kcore verify` reports the symbols and
-    that they match the dump's VMCOREINFO."""
+    link-time address (kallsyms' minus KERNELOFFSET); `kcore verify` reports the LiME dump's
+    symbols (its sidecar) and that they match the kernel's VMCOREINFO."""
     pytest.importorskip("pakunoda", reason="pakunoda builds the ISF (kcore[symbols])")
     r = run_kcore("symbols", str(dumped.elf), "-o", str(tmp_path), "--json", text=True)
     assert r.returncode == 0, r.stderr
@@ -144,7 +144,7 @@ def test_symbols_isf_and_verify(dumped: SelfDump, tmp_path: Path) -> None:
     assert isf["symbols"]["init_task"]["address"] == dumped.kallsyms["init_task"] - offset
     assert isf["user_types"]["task_struct"]["fields"]["pid"]["offset"] > 0
     assert made["release"] == dumped.guest.vm.kernel.release
-    r = run_kcore("verify", str(dumped.elf), "--json", text=True)
+    r = run_kcore("verify", str(dumped.lime), "--json", text=True)
     assert r.returncode == 0, r.stderr
     sym = json.loads(r.stdout)["symbols"]
     assert sym["present"] and sym["match"], sym
