@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from guests import Guest, Pool
 
 from tests.conftest import volatility_cmd
-from tests.helpers import REPO, run_kcore
+from tests.helpers import CACHE, REPO, run_kcore
 
 # ps's view of the guest before and after its dump: PID and the task's comm
 _PS = ('for d in /proc/[0-9]*; do printf "%s\\t" "${d#/proc/}"; '
@@ -80,14 +82,25 @@ def dumped(request: pytest.FixtureRequest, vm_pool: Pool) -> SelfDump:
     return self_dump(vm_pool, request.param)
 
 
+VOL_CACHE = CACHE / "vol-cache"  # Volatility's symbol index: built once (slow), then reused
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_built_isfs() -> Iterator[None]:
+    """The ISFs kcore's stacker builds into Volatility's cache (one per guest boot) go after."""
+    yield
+    shutil.rmtree(VOL_CACHE / "kcore-isf", ignore_errors=True)
+
+
 def vol(tmp_path: Path, image: Path, *args: str) -> subprocess.CompletedProcess:
-    """`vol -p <kcore's plugin folder> -f image ARGS` in a fresh cache: no -s anywhere."""
+    """`vol -p <kcore's plugin folder> -f image ARGS`: no -s anywhere, no ISF in the cache
+    but those kcore's stacker builds."""
     from kcore.integrations.volatility import plugin_dir
 
     env = dict(os.environ, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    (tmp_path / "cache").mkdir(exist_ok=True)
-    return subprocess.run([*volatility_cmd(), "-q", "--cache-path", str(tmp_path / "cache"),
+    VOL_CACHE.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([*volatility_cmd(), "-q", "--cache-path", str(VOL_CACHE),
                            "-p", plugin_dir(), "-f", str(image), *args], capture_output=True,
                           text=True, timeout=900, env=env)
 
