@@ -56,16 +56,19 @@ def comm(name: str) -> str:
 
 
 def self_dump(pool: Pool, name: str) -> SelfDump:
-    """The guest `name` runs ps, dumps itself (elf, then lime), runs ps again."""
+    """The guest `name` runs ps, dumps itself (elf), runs ps again; on the host its elf dump
+    becomes a LiME one whose sidecar comes from the guest's captured root (a saved root's
+    files: its BTF and kallsyms)."""
     guest = pool.get(name)
     vm = guest.vm
     elf, lime = vm.share / "self.elf", vm.share / "self.lime"
     r = vm.run(f"{_PS}echo ==\n"
                f'"$KCORE_PY" -m kcore dump -q --no-digest -o {elf} || exit 1\n'
                f"{_PS}echo ==\n"
-               f'"$KCORE_PY" -m kcore dump -q --no-digest --format lime -o {lime} || exit 1\n'
-               "cat /proc/modules; echo ==; cat /proc/kallsyms\n", timeout=600).check()
+               "cat /proc/modules; echo ==; cat /proc/kallsyms\n", timeout=1800).check()
     before, after, modules, syms = r.stdout.split("==\n")
+    run_kcore("dump", "-q", "--no-digest", "--root", str(guest.root), "--source", f"elf:{elf}",
+              "--format", "lime", "-o", str(lime), check=True)
     kallsyms = {}
     for line in syms.splitlines():
         parts = line.split()
@@ -78,7 +81,7 @@ def self_dump(pool: Pool, name: str) -> SelfDump:
 
 @pytest.fixture(scope="module", params=["kaslr", "kaslr-6.12"])
 def dumped(request: pytest.FixtureRequest, vm_pool: Pool) -> SelfDump:
-    """Each guest's dump of itself (6.1, then bookworm-backports' 6.12)."""
+    """Each guest's dump of itself (Debian 12's 6.1, then bookworm-backports' 6.12)."""
     return self_dump(vm_pool, request.param)
 
 
