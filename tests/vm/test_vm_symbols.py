@@ -56,9 +56,9 @@ def comm(name: str) -> str:
 
 
 def self_dump(pool: Pool, name: str) -> SelfDump:
-    """The guest `name` runs ps, dumps itself (elf), runs ps again; on the host its elf dump
-    becomes a LiME one whose sidecar comes from the guest's captured root (a saved root's
-    files: its BTF and kallsyms)."""
+    """The guest `name` runs ps, dumps itself (elf), runs ps again; then on the host QEMU's
+    core of it becomes a LiME dump whose sidecar comes from the guest's captured root (a
+    saved root's files: its BTF and kallsyms)."""
     guest = pool.get(name)
     vm = guest.vm
     elf, lime = vm.share / "self.elf", vm.share / "self.lime"
@@ -67,8 +67,15 @@ def self_dump(pool: Pool, name: str) -> SelfDump:
                f"{_PS}echo ==\n"
                "cat /proc/modules; echo ==; cat /proc/kallsyms\n", timeout=1800).check()
     before, after, modules, syms = r.stdout.split("==\n")
-    run_kcore("dump", "-q", "--no-digest", "--root", str(guest.root), "--source", f"elf:{elf}",
-              "--format", "lime", "-o", str(lime), check=True)
+    core = vm.share / "qemu.core"
+    try:
+        with vm.paused():
+            vm.dump_guest_memory(core)
+        r = run_kcore("dump", "-q", "--no-digest", "--root", str(guest.root), "--source",
+                      f"elf:{core}", "--format", "lime", "-o", str(lime), text=True)
+        assert r.returncode == 0, r.stderr
+    finally:
+        core.unlink(missing_ok=True)
     kallsyms = {}
     for line in syms.splitlines():
         parts = line.split()
