@@ -31,6 +31,7 @@ TASK_STRUCT_SANE = range(1024, 1 << 17)
 
 
 MAX_ROOT_FILE = 1 << 28  # bytes read of a root file at most (kallsyms: ~10 MiB a big kernel)
+READ_CHUNK = 1 << 20  # bytes a read() of a root file asks for
 
 
 @overload
@@ -46,7 +47,17 @@ def read_root(root: Path, rel: str, *, required: bool = True) -> bytes | None:
     path = root / rel
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_ROOT_FILE + 1)
+            # at most READ_CHUNK a read: a sysctl file (proc_sys_call_handler) fails a read of
+            # KMALLOC_MAX_SIZE (4 MiB on x86-64) or more with ENOMEM
+            parts: list[bytes] = []
+            size = 0
+            while size <= MAX_ROOT_FILE:
+                chunk = f.read(READ_CHUNK)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+            data = b"".join(parts)
     except FileNotFoundError:
         if required:
             raise InputError(
