@@ -178,3 +178,14 @@ def test_symbols_without_btf_says_so(dumps: dict[str, Path], tmp_path: Path) -> 
     r = run_kcore("symbols", str(dumps["bare"]), "-o", str(tmp_path), text=True)
     assert r.returncode == 2
     assert "no symbol files kept" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_live_root_files_read() -> None:
+    """This machine's own sysctl files read through read_root (a read of 4 MiB or more of a
+    sysctl file fails with ENOMEM), and gather() takes uname's line from them."""
+    from kcore.system import read_root
+
+    release = os.uname().release
+    assert read_root(Path("/"), "proc/sys/kernel/osrelease") == f"{release}\n".encode()
+    files = symbols.gather("/")
+    assert files.text("uname").split()[2] == release
