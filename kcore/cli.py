@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "check": "say whether a dump would work here, how big it would be, and the command",
     "verify": "check a dump file: structure, digests, ranges, what drgn/crash/Volatility need",
     "drgn": "run drgn's shell (or a script) on the kernel, its memory read through kcore",
+    "symbols": "write a Volatility 3 ISF from the BTF and kallsyms a dump keeps",
 }
 
 SOURCE_HELP = (

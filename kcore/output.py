@@ -35,7 +35,7 @@ def human(n: int) -> str:
 
 
 NAME_MAX = 255  # the longest file name Linux filesystems take
-SIDECARS = (".sha256", ".json")
+SIDECARS = (".sha256", ".json", ".symbols")
 _TMP = re.compile(r"^\.(?P<name>.*)\.kcore-(?P<pid>[0-9]+)-[0-9a-f]{12}\.tmp$")
 
 
@@ -374,6 +374,7 @@ class Output:
     chunk_sha256: list[str] | None = None
     sidecars: list[str] = field(default_factory=list)
     with_sidecars: bool = True  # OUTPUT.sha256 and OUTPUT.json beside a file (not `kcore read`)
+    extra_sidecars: dict[str, bytes] = field(default_factory=dict)  # suffix -> bytes (.symbols)
     _closed: bool = False
     _directory: str = ""
     _name: str = ""
@@ -503,6 +504,9 @@ class Output:
             full = dict(manifest, sha256=self.sha256)
             full.setdefault("chunks", chunks)  # the kcore image brings its sparse ones
             sidecars.append((self.manifest_path, manifest_bytes(full)))
+        if self.with_sidecars:
+            sidecars.extend((self.path + suffix, data)
+                            for suffix, data in self.extra_sidecars.items())
         for path, data in sidecars:
             try:
                 write_small(path, data, self.force, self._dir_fd)

@@ -36,7 +36,8 @@ READ_CHUNK = 1 << 20
 
 def _read_bounded(f: BinaryIO, limit: int) -> bytes:
     """At most limit bytes of f, read 1 MiB at a time: f.read(limit) allocates limit bytes at
-    once for a /proc file (size 0), 256 MiB that a small host or guest does not have."""
+    once for a /proc file (size 0), 256 MiB that a small host or guest does not have, and a
+    sysctl file (proc_sys_call_handler) fails a read of KMALLOC_MAX_SIZE or more with ENOMEM."""
     chunks: list[bytes] = []
     total = 0
     while total < limit:

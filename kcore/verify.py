@@ -88,6 +88,7 @@ class Result:
     # pages (differing: a live kernel read twice), first (their physical addresses)
     smear: dict[str, Any] = field(default_factory=dict)
     consumers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    symbols: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -218,6 +219,63 @@ def _offset_in(message: str) -> int | None:
 
     m = re.search(r"at (?:offset |offsets |physical )?(0x[0-9a-f]+)", message)
     return int(m.group(1), 16) if m else None
+
+
+def check_symbols(path: str, res: Result, release: str | None) -> None:
+    """Whether the dump keeps the kernel's symbol files (kcore.symbols), and whether they are
+    this kernel's: the release they name and VMCOREINFO's OSRELEASE (or the manifest's), and
+    kallsyms' address of every SYMBOL() VMCOREINFO lists (which carry KERNELOFFSET)."""
+    from kcore import isf, symbols
+    from kcore.vmcoreinfo import VmcoreInfo
+
+    try:
+        found = symbols.read_dump(path)
+    except KcoreError as exc:
+        res.symbols = {"present": False}
+        res.problem(None, f"the kept symbols cannot be read: {exc}")
+        return
+    if found is None:
+        res.symbols = {"present": False}
+        return
+    files, where = found
+    info = None
+    data = files.get(symbols.VMCOREINFO)
+    try:
+        info = VmcoreInfo.parse(data) if data else None
+    except KcoreError:
+        info = None
+    words = (files.text(symbols.UNAME) or files.text(symbols.VERSION) or "").split()
+    named = words[2] if len(words) > 2 else None
+    noted = res.vmcoreinfo.get("osrelease") or (info.osrelease if info else None) or release
+    checked, differ = 0, []
+    kallsyms = files.text(symbols.KALLSYMS)
+    if kallsyms is not None and info is not None:
+        # VMCOREINFO_SYMBOL_ARRAY(mem_section) gives the array's address: with
+        # SPARSEMEM_EXTREME that is the pointer's value, not the symbol's
+        wanted = {k[len("SYMBOL("):-1]: v for k, v in info.values.items()
+                  if k.startswith("SYMBOL(") and k != "SYMBOL(mem_section)"}
+        from kcore.kallsyms import parse_kallsyms
+
+        try:
+            found_at = parse_kallsyms(kallsyms, wanted, required=())
+        except KcoreError:
+            found_at = {}
+        for name, addr in found_at.items():
+            checked += 1
+            if addr != int(wanted[name], 16):
+                differ.append(name)
+    match = (named is None or noted is None or named == noted) and not differ
+    res.symbols = {
+        "present": True, "where": where, "files": files.summary()["files"],
+        "release": named, "kerneloffset": info.get("KERNELOFFSET") if info else None,
+        "symbols_checked": checked, "match": match,
+        "isf": isf.file_name(files) if files.btf is not None else None,
+    }
+    if named and noted and named != noted:
+        res.problem(None, f"the kept symbols are of release {named}, the dump of {noted}")
+    if differ:
+        res.problem(None, f"the kept kallsyms disagree with VMCOREINFO on {len(differ)} of "
+                          f"{checked} symbols ({', '.join(differ[:3])}): another boot's")
 
 
 def _vmcoreinfo(res: Result, data: bytes | None) -> None:
@@ -779,6 +837,8 @@ def _verify(fd: int, path: str, res: Result) -> Result:
             res.pages["memory"] += left_out // PAGE
             res.pages["zero"] += left_out // PAGE
             res.pages["zero_share"] = round(res.pages["zero"] / res.pages["memory"], 4)
+    if res.structure != "broken":
+        check_symbols(path, res, (manifest or {}).get("kernel_release"))
     if res.structure != "broken" and regions:
         memory = pages + elided // PAGE
         unreadable = (manifest or {}).get("pages_zero_filled")

@@ -285,6 +285,23 @@ def _pagetables(data: bytes) -> None:
     walker.read(0xFFFFFFFF80000000, 8192)
 
 
+def _symbols_seed() -> bytes:
+    """A sidecar (OUTPUT.symbols) holding the kallsyms seed and a modules line."""
+    from kcore.symbols import SymbolFiles, sidecar
+
+    return sidecar(SymbolFiles({"proc/kallsyms": (SEEDS / "kallsyms.txt").read_bytes(),
+                                "proc/modules": b"9p 90112 0 - Live 0xffffffffc0a6c000\n"}), 62)
+
+
+def _symbols(data: bytes, scratch: Scratch) -> None:
+    """Read the symbol files a dump (here the sidecar ELF itself) keeps, and their summary."""
+    from kcore.symbols import read_dump
+
+    found = read_dump(scratch.write(data))
+    if found is not None:
+        found[0].summary()
+
+
 class Parser:
     """A parser to fuzz: its seeds, where their fields are, and how to run one input."""
 
@@ -352,6 +369,7 @@ PARSERS: dict[str, Parser] = {p.name: p for p in (*(Parser(**t) for t in TARGETS
     Parser("iomem", _seed_file("iomem.txt"), text_fields, lambda d, _s: _iomem(d), text=True),
     Parser("kallsyms", _seed_file("kallsyms.txt"), text_fields, lambda d, _s: _kallsyms(d),
            text=True),
+    Parser("symbols", lambda: [_symbols_seed()], elf_fields, _symbols),
     Parser("pagetables", lambda: [_pagetable_seed()],
            lambda d: [(i, 8) for i in range(0, len(d), 8)], lambda d, _s: _pagetables(d)),
 )}

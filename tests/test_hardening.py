@@ -289,7 +289,9 @@ def test_a_signal_after_the_dump_landed_does_not_fail_it(
         stop.set()
         other.join()
     assert rc == 0
-    assert sorted(os.listdir(tmp_path)) == ["mem.lime", "mem.lime.json", "mem.lime.sha256"]
+    # every sidecar lands, the kernel's symbol files (written after the manifest) too
+    assert sorted(os.listdir(tmp_path)) == ["mem.lime", "mem.lime.json", "mem.lime.sha256",
+                                            "mem.lime.symbols"]
 
 
 # ---- sparse sources --------------------------------------------------------------------------

@@ -26,7 +26,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str,
         "  kcore drgn --root snap/root --source raw:ram.bin -s vmlinux-6.1.0-56-amd64\n"
         "  kcore drgn --root guest/root --source pid:4242:7f0000000000-7f0020000000@0 "
         "-- script.py ARG\n"
-        "  kcore drgn --root snap/root --source mem.lime -- -e 'print(prog[\"jiffies\"])'\n\n"
+        "  kcore drgn --root snap/root --source mem.lime -- -e 'print(prog[\"jiffies\"])'\n"
+        "  kcore drgn mem.elf -- -e 'print(prog.symbol(\"init_task\"))'  # a dump kcore wrote\n\n"
+        "DUMP (an ELF core or kdump file, told by its first bytes) is opened by drgn itself, "
+        "with the kallsyms kcore kept in it as a symbol finder: symbols and memory without "
+        "debug info; types still need it (-s). "
         "After --: drgn's own [-e CODE] [SCRIPT [ARG...]]; without them, drgn's interactive "
         "shell (or the code on standard input when it is not a terminal). drgn is an "
         "optional extra: pip install 'kcore[drgn]'.",
@@ -37,8 +41,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str,
     p.add_argument("--no-default-symbols", action="store_true",
                    help="only load the --symbols files, not drgn's usual places")
     p.add_argument("-q", "--quiet", action="store_true", help="no banner, no warnings")
-    p.add_argument("drgn_args", nargs=argparse.REMAINDER, metavar="-- [-e CODE] [SCRIPT ARG...]",
-                   help="what drgn runs: -e CODE, or a script and its arguments")
+    p.add_argument("drgn_args", nargs=argparse.REMAINDER,
+                   metavar="[DUMP] -- [-e CODE] [SCRIPT ARG...]",
+                   help="a dump kcore wrote (elf or kdump; else --root/--source give the "
+                        "kernel), then what drgn runs: -e CODE, or a script and its arguments")
     return p
 
 
@@ -55,11 +61,26 @@ def _split(words: list[str]) -> tuple[str | None, list[str]]:
     return None, words
 
 
+def _dump_arg(words: list[str]) -> tuple[str | None, list[str]]:
+    """A dump file given first (ELF or kdump, by its magic), and the words after it."""
+    if not words or words[0] in ("--", "-e"):
+        return None, words
+    try:
+        with open(words[0], "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None, words
+    if head.startswith(b"\x7fELF") or head == b"KDUMP   ":
+        return words[0], words[1:]
+    return None, words
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the Program through kcore, then hand it to drgn's shell, a script or -e code."""
-    from kcore.integrations.drgn import _import_drgn, program
+    from kcore.integrations.drgn import _import_drgn, dump_program, program
 
-    code, script = _split(list(args.drgn_args))
+    dump, words = _dump_arg(list(args.drgn_args))
+    code, script = _split(words)
     _import_drgn()  # drgn installed, or an error that says how to install it
     import drgn
     import drgn.cli
@@ -73,8 +94,12 @@ def run(args: argparse.Namespace) -> int:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("kcore: warning: %(message)s"))
         ours.addHandler(handler)
-    prog = program(args.root, args.source, symbols=args.symbols,
-                   default_symbols=not args.no_default_symbols)
+    if dump is not None:
+        prog = dump_program(dump, symbols=args.symbols,
+                            default_symbols=bool(args.symbols) and not args.no_default_symbols)
+    else:
+        prog = program(args.root, args.source, symbols=args.symbols,
+                       default_symbols=not args.no_default_symbols)
     if code is None and not script and sys.stdin.isatty():
         drgn.cli.run_interactive(prog)
         return 0

@@ -105,6 +105,9 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--compress", metavar="CODEC",
                    help=f"{', '.join(names(lambda f: f.compresses))}: the page codec, one of "
                         f"{', '.join(CODECS)} (default {DEFAULT_CODEC})")
+    p.add_argument("--no-symbols", dest="symbols", action="store_false",
+                   help="leave out the kernel's symbol files (BTF, kallsyms, modules, release), "
+                        "kept by default: in the elf and kdump files, else in OUTPUT.symbols")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="threads for the zero-run scan and unhashed copies (default 0: one "
                         f"per CPU, at most {MAX_THREADS}; up to 16); the output is the same")
@@ -224,6 +227,8 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
                   granule=args.granule, strict=args.strict, flavour=args.flavour,
                   threads=args.threads or default_threads(),
                   compress=args.compress or DEFAULT_CODEC)
+    symbols = _symbols(args, system)
+    req.symbols = symbols if fmt.notes else None
     want_digest = args.digest and fmt.digest
     # What the dump allocates (the output file, its threads) is allocated before -d classifies
     # a live kernel's pages: else their pages were free to the classification, left out, and
@@ -276,6 +281,21 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
         if filtered is not None:
             summary["result"]["dump_level"] = summary["manifest"]["dump_level"] = (
                 _level_report(filtered, plan, fmt))
+        if symbols is not None:
+            if not fmt.notes and out.kind == "file":
+                from kcore.formats.elf import machine_of
+                from kcore.symbols import SIDECAR, sidecar
+
+                out.extra_sidecars[SIDECAR] = sidecar(symbols, machine_of(system))
+            elif not fmt.notes:
+                plan.warnings.append(f"the kernel's symbols are not kept: --format "
+                                     f"{fmt.name} keeps them in OUTPUT.symbols, and "
+                                     f"{path} is not a file")
+            kept = symbols.summary()
+            kept["where"] = "notes" if fmt.notes else "sidecar"
+            summary["manifest"]["symbols"] = kept
+            summary["result"]["symbols"] = {"files": len(kept["files"]),
+                                            "missing": kept["missing"], "where": kept["where"]}
         out.commit(plan.size, summary["manifest"] if out.kind == "file" else None,
                    landed=lambda: landed.append(True))
     if args.json:
@@ -283,6 +303,15 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     elif not args.quiet:
         _print_human(summary["result"], plan)
     return 0
+
+
+def _symbols(args: argparse.Namespace, system: Any) -> Any:
+    """The kernel's symbol files to keep with the dump (kcore.symbols), or None."""
+    if not args.symbols:
+        return None
+    from kcore.symbols import gather
+
+    return gather(args.root, system)
 
 
 def _apply_level(args: argparse.Namespace, req: Request, fmt: Format) -> Any:
@@ -526,6 +555,11 @@ def _print_human(r: dict[str, Any], plan: Plan) -> None:
         out = ", ".join(f"{k} {v}" for k, v in level["pages_excluded"].items() if v)
         lines.append(f"  dump level {level['level']}: {level['pages_kept']} pages kept; "
                      f"left out: {out or 'none'}")
+    sym = r.get("symbols")
+    if sym is not None:
+        where = "in the file" if sym["where"] == "notes" else f"in {r['output']}.symbols"
+        lines.append(f"  symbols: {sym['files']} files kept {where}"
+                     + (f" (missing: {'; '.join(sym['missing'])})" if sym["missing"] else ""))
     for w in r["warnings"]:
         lines.append(f"  warning: {w}")
     print("\n".join(lines), file=sys.stderr)

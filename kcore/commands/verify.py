@@ -98,6 +98,16 @@ def _print_human(r: Any) -> None:
                      f"load repeats from RAM differ (a live kernel read twice; RAM's copy is "
                      f"the memory)" + (f", first at {', '.join(sm['first'][:4])}"
                                        if sm["first"] else ""))
+    sym = r.symbols
+    if sym.get("present"):
+        btf = "BTF" if "sys/kernel/btf/vmlinux" in sym["files"] else "no BTF"
+        lines.append(f"  symbols     {len(sym['files'])} files in {sym['where']} ({btf}), release "
+                     f"{sym['release']}: {'match' if sym['match'] else 'DO NOT match'} the "
+                     f"dump ({sym['symbols_checked']} VMCOREINFO symbols, KERNELOFFSET "
+                     f"{sym['kerneloffset']})")
+    elif sym:
+        lines.append("  symbols     none kept (kcore symbols and vol need them: dump without "
+                     "--no-symbols)")
     for name, c in r.consumers.items():
         lines.append(f"  {name:<11} {'ok' if c['ok'] else 'NO'}: {c['why']}")
     for w in r.warnings:

@@ -54,6 +54,7 @@ class Format:
     help: str = ""  # its paragraph in `kcore dump --help` (lines of at most 82 characters)
     write: Writer | None = None  # writes itself instead of planning items (then no plan)
     compresses: bool = False  # --compress applies
+    notes: bool = False  # carries kcore's symbol notes itself (others: an OUTPUT.symbols sidecar)
 
 
 def _registered() -> dict[str, Format]:

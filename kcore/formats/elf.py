@@ -58,6 +58,18 @@ def segments(req: Request) -> list[Segment]:
     return out
 
 
+def dump_notes(req: Request) -> bytes:
+    """The PT_NOTE: the kernel's notes (VMCOREINFO whatever --layout: consumers need it),
+    then kcore's KCORE notes of the kernel's symbol files unless --no-symbols."""
+    from kcore.elfcore import build_notes
+    from kcore.symbols import elf_notes
+
+    notes = build_notes(req.system, "modern")
+    if req.symbols is not None:
+        notes += elf_notes(req.symbols)
+    return notes
+
+
 def machine_of(system: Any) -> int:
     """The e_machine of a system's architecture."""
     machine = EM_BY_ARCH.get(system.addrmap.arch)
@@ -68,8 +80,6 @@ def machine_of(system: Any) -> int:
 
 def plan(req: Request) -> Plan:
     """Lay out the compact ELF core for a request."""
-    from kcore.elfcore import build_notes
-
     system = req.system
     page = system.addrmap.page_size
     segs = segments(req)
@@ -101,7 +111,7 @@ def plan(req: Request) -> Plan:
             raise InputError(f"too many ranges ({len(segs)}) for one ELF file")
         runs = [(s, 0, s.size) for s in segs]
     machine = machine_of(system)
-    notes = build_notes(system, "modern")  # VMCOREINFO whatever --layout: consumers need it
+    notes = dump_notes(req)
     loads: list[tuple[Segment, int, int, int]] = []
     at = 0
     for s, off, n in runs:
@@ -213,8 +223,6 @@ class Frame:
 
 def frame(req: Request) -> Frame | None:
     """Reserve the header for a packed core; None when the chunks outnumber the loads allowed."""
-    from kcore.elfcore import build_notes
-
     system = req.system
     page = system.addrmap.page_size
     segs = segments(req)
@@ -226,7 +234,7 @@ def frame(req: Request) -> Frame | None:
     max_loads = min(max_data_loads(segs), bound)
     if len(chunks) > max_loads:
         return None  # too many pieces for one run each: split_runs coarsens globally
-    notes = build_notes(system, "modern")  # VMCOREINFO whatever --layout: consumers need it
+    notes = dump_notes(req)
     # room for the PT_NOTE, the data loads, and in linear segments a zero-fill load before
     # each and after the last
     linear = sum(1 for s in segs if s.paddr != ALL_ONES)
@@ -385,7 +393,7 @@ def write_packed(req: Request, out: Output, progress: Callable[[int], None] | No
 
 
 FORMAT = Format(
-    "elf", "elf", plan, streamable=True, elides=True, segment_options=True,
+    "elf", "elf", plan, streamable=True, elides=True, segment_options=True, notes=True,
     one_pass=write_packed,
     help=("(default) a compact ELF core: PT_NOTE (NT_PRSTATUS, NT_PRPSINFO, NT_TASKSTRUCT,\n"
           "VMCOREINFO) then packed PT_LOADs for RAM and kernel text with real p_vaddr and\n"

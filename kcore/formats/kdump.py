@@ -176,6 +176,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     """Write the kdump-compressed dump of req to out (flattened when out cannot seek)."""
     from kcore import engine
     from kcore.elfcore import build_notes
+    from kcore.symbols import elf_notes as symbol_notes
 
     codec = codecs.get(req.compress)
     system = req.system
@@ -187,7 +188,10 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
     max_mapnr = max(first + n for first, n in present)
     npages = sum(n for _f, n in keep)
     notes = build_notes(system, "modern")
-    geo = diskdump.Geometry.of(page, max_mapnr, len(notes), npages)
+    # kcore's symbol notes go after the notes size_note counts, in the sub header blocks
+    # that every reader jumps past (to the bitmaps): kcore.symbols finds them there
+    kept = symbol_notes(req.symbols) if req.symbols is not None else b""
+    geo = diskdump.Geometry.of(page, max_mapnr, len(notes) + len(kept), npages)
     vi_off, vi_size = diskdump.vmcoreinfo_span(notes)
     now = time.time()
     header = diskdump.DiskDumpHeader(
@@ -201,7 +205,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
         offset_vmcoreinfo=geo.notes_offset + vi_off if vi_size else 0, size_vmcoreinfo=vi_size,
         offset_note=geo.notes_offset, size_note=len(notes), max_mapnr=max_mapnr)
     head = bytearray(header.pack().ljust(page, b"\0"))
-    head += sub.pack() + notes
+    head += sub.pack() + notes + kept
     head += bytes(geo.bitmap_offset - len(head))
 
     seekable = out.seekable
@@ -301,7 +305,7 @@ def _count(result: Compression, descs: bytearray, m: int, zero_offset: int, page
 
 
 FORMAT = Format(
-    "kdump", "kdump", write=write, streamable=True, compresses=True,
+    "kdump", "kdump", write=write, streamable=True, compresses=True, notes=True,
     help="makedumpfile's kdump-compressed format: each page compressed (--compress zstd,\n"
          "lzo, snappy, zlib or none; default zstd), zero pages sharing one descriptor.\n"
          "Opens in crash, drgn, libkdumpfile and makedumpfile. -o - writes makedumpfile's\n"

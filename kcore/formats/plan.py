@@ -95,3 +95,4 @@ class Request:
     threads: int = 1  # copy/scan threads (engine)
     dump_level: int | None = None  # -d N, applied (req.source holds only the kept pages)
     compress: str = "zstd"  # the page codec of compressed formats (kcore.codecs)
+    symbols: Any = None  # kcore.symbols.SymbolFiles kept with the memory (None: --no-symbols)

@@ -153,4 +153,65 @@ def program(root: str = "/", source: Any = "auto", *, symbols: Iterable[str] = (
     return prog
 
 
-__all__ = ["LIVE_KINDS", "attach", "is_live", "load_debug_info", "program"]
+def kallsyms_index(text: str) -> Any:
+    """A drgn.SymbolIndex of /proc/kallsyms text (modules' symbols included): each symbol's
+    size runs to the next address, its binding and kind come from nm's type letter."""
+    drgn = _import_drgn()
+    entries: list[tuple[int, str, str]] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or len(parts[1]) != 1:
+            continue
+        try:
+            entries.append((int(parts[0], 16), parts[1], parts[2]))
+        except ValueError:
+            continue
+    entries.sort()
+    out = []
+    for i, (addr, letter, name) in enumerate(entries):
+        size = entries[i + 1][0] - addr if i + 1 < len(entries) else 0
+        if letter in "wWvV":
+            binding = drgn.SymbolBinding.WEAK
+        elif letter.isupper():
+            binding = drgn.SymbolBinding.GLOBAL
+        else:
+            binding = drgn.SymbolBinding.LOCAL
+        kind = (drgn.SymbolKind.FUNC if letter in "tT" else drgn.SymbolKind.OBJECT
+                if letter.lower() in "dbrgsvc" else drgn.SymbolKind.UNKNOWN)
+        out.append(drgn.Symbol(name, addr, size, binding, kind))
+    return drgn.SymbolIndex(out)
+
+
+def dump_program(path: str, *, symbols: Iterable[str] = (), default_symbols: bool = False
+                 ) -> drgn_types.Program:
+    """A drgn.Program on a dump drgn opens itself (an ELF core or a kdump file), with the
+    kallsyms kcore kept in it as a symbol finder: symbols resolve with no debug info.
+
+    Debug info is loaded only from `symbols` (and drgn's usual places with
+    `default_symbols`); without it drgn has symbols and memory, not types.
+    """
+    drgn = _import_drgn()
+    from kcore import symbols as kept
+
+    prog = drgn.Program()
+    try:
+        prog.set_core_dump(path)
+    except (OSError, ValueError) as exc:
+        raise KcoreError(f"{path}: drgn cannot open it ({exc})") from None
+    found = kept.read_dump(path)
+    text = found[0].text(kept.KALLSYMS) if found is not None else None
+    if text is None:
+        log.warning("%s keeps no kallsyms (dumped with --no-symbols, or not by kcore): "
+                    "symbols need the kernel's debug info", path)
+    else:
+        prog.register_symbol_finder("kcore-kallsyms", kallsyms_index(text), enable_index=0)
+    wanted = list(symbols)
+    if wanted or default_symbols:
+        why = load_debug_info(prog, wanted, default=default_symbols)
+        if why is not None:
+            log.info("no debug info for the kernel: %s (kallsyms only)", why)
+    return prog
+
+
+__all__ = ["LIVE_KINDS", "attach", "dump_program", "is_live", "kallsyms_index",
+           "load_debug_info", "program"]

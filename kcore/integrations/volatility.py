@@ -213,6 +213,49 @@ class KcoreLayer(interfaces.layers.DataLayerInterface):
         return [base] if base else []
 
 
+_registered: dict[str, str | None] = {}  # dump path -> the ISF folder added (None: none)
+
+
+def isf_cache() -> Path:
+    """Where ISFs built from dumps' own symbols are kept: Volatility's cache folder."""
+    return Path(constants.CACHE_PATH) / "kcore-isf"
+
+
+def register_symbols(path: str) -> str | None:
+    """Make the ISF of the symbols a kcore dump keeps (in it, or in PATH.symbols) known to
+    Volatility: built once into isf_cache(), that folder added to Volatility's symbol
+    paths and the identifier cache updated, so its Linux stackers match the banner with no
+    -s. Returns the ISF's path, or None when the dump keeps no symbols (or they fail)."""
+    if path in _registered:
+        return _registered[path]
+    _registered[path] = None
+    import logging
+
+    from volatility3 import symbols as vol_symbols
+    from volatility3.framework.automagic import symbol_cache
+
+    from kcore import isf, symbols
+
+    log = logging.getLogger(__name__)
+    try:
+        found = symbols.read_dump(path)
+        if found is None or found[0].btf is None:
+            return None
+        folder = isf_cache()
+        target = isf.cached(found[0], folder)
+    except (KcoreError, OSError) as exc:
+        log.warning("kcore: the symbols kept in %s give no ISF: %s", path, exc)
+        return None
+    if str(folder) not in vol_symbols.__path__:
+        vol_symbols.__path__.append(str(folder))
+    cache = symbol_cache.SqliteCache(os.path.join(constants.CACHE_PATH,
+                                                  constants.IDENTIFIERS_FILENAME))
+    cache.update()
+    log.info("kcore: symbols of %s from its own BTF and kallsyms: %s", path, target)
+    _registered[path] = str(target)
+    return str(target)
+
+
 class KcoreStacker(interfaces.automagic.StackerLayerInterface):
     """Stack a KcoreLayer on a local file that kcore can read as physical memory."""
 
@@ -229,6 +272,7 @@ class KcoreStacker(interfaces.automagic.StackerLayerInterface):
         path = local_path(layer.location)
         if path is None or not os.path.isfile(path):
             return None
+        register_symbols(path)
         try:
             with open(path, "rb") as f:
                 head = f.read(8)

@@ -22,6 +22,13 @@ PN_XNUM = 0xFFFF  # e_phnum of a core with more headers: the count is in section
 NT_PRSTATUS, NT_PRPSINFO, NT_TASKSTRUCT = 1, 3, 4
 CORE_NAME = b"CORE"
 VMCOREINFO_NAME = b"VMCOREINFO"
+# kcore's own notes: one file of the dumped system each (its BTF, kallsyms...). Readers skip
+# notes whose owner they do not know (crash, drgn, gdb, makedumpfile, Volatility: tested).
+KCORE_NAME = b"KCORE"
+# desc: the file's path under the root, NUL, then its bytes as a zlib stream. The type is
+# "KSYM" in ASCII, a number no core-note type takes: BFD (gdb, readelf) reads types 1-6 as
+# NT_PRSTATUS... whatever the owner, and a KCORE note of type 1 looked to them like a thread.
+NT_KCORE_FILE = 0x4D59534B
 
 # e_machine per architecture (uname -m, and the arm64 spelling)
 EM_BY_ARCH = {"x86_64": 62, "aarch64": 183, "arm64": 183, "riscv64": 243, "s390x": 22}

@@ -19,6 +19,7 @@ ROOT_FILES = (
     "proc/iomem", "proc/kallsyms", "proc/cmdline", "proc/meminfo", "proc/modules",
     "proc/vmallocinfo", "proc/version", "proc/sys/kernel/osrelease", "proc/sys/kernel/arch",
     "sys/kernel/vmcoreinfo",
+    "sys/kernel/btf/vmlinux",  # the kernel's types, kept by dumps made from this root
 )
 KPTR_RESTRICT = "/proc/sys/kernel/kptr_restrict"
 

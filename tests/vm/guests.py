@@ -25,6 +25,11 @@ CONFIGS = {
     "lockdown-confidentiality": VmConfig("lockdown-confidentiality", mem_mib=384,
                                          extra_append="lockdown=confidentiality"),
 }
+# Guests only some tests boot (not in the `guest` fixture's round): bookworm-backports' 6.12
+# with KASLR (tests/vm/test_vm_symbols.py)
+EXTRA_CONFIGS = {
+    "kaslr-6.12": VmConfig("kaslr-6.12", mem_mib=512, kaslr=True, kernel=qemu_vm.X86_KERNEL_612),
+}
 # Guests whose /proc/kcore cannot be read (no capture is taken after boot).
 NO_CAPTURE = {"lockdown-confidentiality"}
 # arm64 guests (qemu-system-aarch64 -M virt, TCG, -cpu max): Debian 12's 6.1 and the 6.12 of
@@ -125,7 +130,7 @@ class Pool:
         if self.current is not None and self.current.name == name:
             return self.current
         self.close()
-        config = config or CONFIGS.get(name) or ARM64_CONFIGS[name]
+        config = config or CONFIGS.get(name) or EXTRA_CONFIGS.get(name) or ARM64_CONFIGS[name]
         for attempt in range(3):
             vm = qemu_vm.boot(config)
             try:

@@ -73,6 +73,8 @@ ARCHES = {
 }
 # The arm64 kernels of the tests: Debian 12's 6.1 and the 6.12 of bookworm-backports.
 ARM64_KERNELS = {"6.1": "linux-image-6.1.0-56-arm64", "6.12": "linux-image-6.12-arm64"}
+# bookworm-backports' 6.12 for x86-64 (the symbols tests: a second BTF and kallsyms layout)
+X86_KERNEL_612 = "linux-image-6.12-amd64"
 
 
 class VmError(RuntimeError):
@@ -242,13 +244,13 @@ def _unpack(deb: Path, root: Path) -> None:
 def fetch_kernel(arch: str = "x86_64", package: str | None = None) -> Kernel:
     """Download (apt-get download) and unpack the kernel package once into the cache.
 
-    x86_64: KCORE_VM_KERNEL, else the pinned package (remembered in the cache).  Other
-    architectures: `package` (a linux-image package or meta package such as
-    linux-image-6.12-arm64), else the arch's pinned one.
+    `package`: a linux-image package or meta package such as linux-image-6.12-arm64
+    (resolved once, remembered in the cache). Without it, x86_64: KCORE_VM_KERNEL, else the
+    pinned package (remembered in the cache); other architectures: the arch's pinned one.
     """
     a = ARCHES[arch]
     with _locked(CACHE / "kernel.lock"):
-        if a.host_root:
+        if a.host_root and package is None:
             pin = CACHE / "kernel-package"
             package = os.environ.get("KCORE_VM_KERNEL") or (pin.read_text().strip()
                                                             if pin.exists() else _apt_package(a))

@@ -1,0 +1,196 @@
+"""Dumps that carry their own symbols: Debian's 6.1 and 6.12 guests dump themselves, and on
+the host Volatility lists their processes and modules with no debug package, no -s and no
+dwarf2json (the ISF comes from the BTF and kallsyms kcore kept in the dump), drgn resolves
+symbols from the kept kallsyms, and `kcore verify` says the symbols match the dump."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from guests import Guest, Pool
+
+from tests.conftest import volatility_cmd
+from tests.helpers import CACHE, REPO, run_kcore
+
+# ps's view of the guest before and after its dump: PID and the task's comm
+_PS = ('for d in /proc/[0-9]*; do printf "%s\\t" "${d#/proc/}"; '
+       'cat "$d/comm" 2>/dev/null || echo; done\n')
+
+
+@dataclass
+class SelfDump:
+    """A guest's dump of itself (elf, and lime with its sidecar), and what ps showed."""
+
+    guest: Guest
+    elf: Path
+    lime: Path
+    before: dict[int, str]
+    after: dict[int, str]
+    modules: list[str]
+    kallsyms: dict[str, int]
+
+
+def _ps(text: str) -> dict[int, str]:
+    out = {}
+    for line in text.splitlines():
+        pid, _, comm = line.partition("\t")
+        if pid.isdigit() and comm:
+            out[int(pid)] = comm
+    return out
+
+
+def comm(name: str) -> str:
+    """A task's comm as task_struct holds it: /proc/PID/comm adds a kworker's workqueue
+    ("kworker/0:1H-kblockd") and is cut at 15 characters either way."""
+    if name.startswith("kworker/"):
+        name = name.split("-", 1)[0]
+    return name[:15]
+
+
+def self_dump(pool: Pool, name: str) -> SelfDump:
+    """The guest `name` runs ps, dumps itself (elf), runs ps again; then on the host QEMU's
+    core of it becomes a LiME dump whose sidecar comes from the guest's captured root (a
+    saved root's files: its BTF and kallsyms)."""
+    guest = pool.get(name)
+    vm = guest.vm
+    elf, lime = vm.share / "self.elf", vm.share / "self.lime"
+    r = vm.run(f"{_PS}echo ==\n"
+               f'"$KCORE_PY" -m kcore dump -q --no-digest -o {elf} || exit 1\n'
+               f"{_PS}echo ==\n"
+               "cat /proc/modules; echo ==; cat /proc/kallsyms\n", timeout=1800).check()
+    before, after, modules, syms = r.stdout.split("==\n")
+    core = vm.share / "qemu.core"
+    try:
+        with vm.paused():
+            vm.dump_guest_memory(core)
+        r = run_kcore("dump", "-q", "--no-digest", "--root", str(guest.root), "--source",
+                      f"elf:{core}", "--format", "lime", "-o", str(lime), text=True)
+        assert r.returncode == 0, r.stderr
+    finally:
+        core.unlink(missing_ok=True)
+    kallsyms = {}
+    for line in syms.splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            kallsyms.setdefault(parts[2], int(parts[0], 16))
+    return SelfDump(guest, elf, lime, _ps(before), _ps(after),
+                    [line.split()[0] for line in modules.splitlines() if line.strip()],
+                    kallsyms)
+
+
+@pytest.fixture(scope="module", params=["kaslr", "kaslr-6.12"])
+def dumped(request: pytest.FixtureRequest, vm_pool: Pool) -> SelfDump:
+    """Each guest's dump of itself (Debian 12's 6.1, then bookworm-backports' 6.12)."""
+    return self_dump(vm_pool, request.param)
+
+
+VOL_CACHE = CACHE / "vol-cache"  # Volatility's symbol index: built once (slow), then reused
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_built_isfs() -> Iterator[None]:
+    """The ISFs kcore's stacker builds into Volatility's cache (one per guest boot) go after."""
+    yield
+    shutil.rmtree(VOL_CACHE / "kcore-isf", ignore_errors=True)
+
+
+def vol(tmp_path: Path, image: Path, *args: str) -> subprocess.CompletedProcess:
+    """`vol -p <kcore's plugin folder> -f image ARGS`: no -s anywhere, no ISF in the cache
+    but those kcore's stacker builds."""
+    from kcore.integrations.volatility import plugin_dir
+
+    env = dict(os.environ, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path),
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    VOL_CACHE.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([*volatility_cmd(), "-q", "--cache-path", str(VOL_CACHE),
+                           "-p", plugin_dir(), "-f", str(image), *args], capture_output=True,
+                          text=True, timeout=900, env=env)
+
+
+def rows(r: subprocess.CompletedProcess, pid_col: int, name_col: int) -> dict[int, str]:
+    """A Volatility table's (PID -> name) rows."""
+    out = {}
+    for line in r.stdout.splitlines():
+        cols = line.split("\t")
+        if len(cols) > max(pid_col, name_col) and cols[pid_col].isdigit():
+            out[int(cols[pid_col])] = cols[name_col]
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["elf", "lime"])
+def test_pslist_with_no_symbols_given(dumped: SelfDump, fmt: str, tmp_path: Path) -> None:
+    """linux.pslist over the guest's own dump (elf: symbols in its notes; lime: in its
+    sidecar) lists the PIDs and names ps showed, with nothing but the dump: processes started
+    or ended while it dumped aside (the dumping python among them), counted."""
+    pytest.importorskip("pakunoda", reason="pakunoda builds the ISF (kcore[volatility])")
+    image = dumped.elf if fmt == "elf" else dumped.lime
+    if fmt == "lime":
+        assert image.with_name(image.name + ".symbols").exists()
+    r = vol(tmp_path, image, "linux.pslist")
+    tasks = rows(r, 1, 4)
+    assert tasks, r.stdout[-2000:] + r.stderr[-3000:]
+    steady = {pid: comm(name) for pid, name in dumped.before.items()
+              if dumped.after.get(pid) == name}
+    assert {pid: tasks.get(pid) for pid in steady} == steady
+    changing = set(dumped.before) ^ set(dumped.after)
+    extra = set(tasks) - set(steady)
+    assert len(extra) <= len(changing) + 4, (extra, changing)  # the dump's own processes
+    assert len(steady) > 20 and tasks[1] == steady[1]
+
+
+def test_lsmod_with_no_symbols_given(dumped: SelfDump, tmp_path: Path) -> None:
+    """linux.lsmod over the guest's own elf dump lists the modules of /proc/modules."""
+    pytest.importorskip("pakunoda", reason="pakunoda builds the ISF (kcore[volatility])")
+    r = vol(tmp_path, dumped.elf, "linux.lsmod")
+    listed = {cols[1] for cols in (line.split("\t") for line in r.stdout.splitlines())
+              if len(cols) > 2 and cols[0].startswith("0x")}
+    assert listed == set(dumped.modules), (dumped.modules, r.stdout[-2000:], r.stderr[-2000:])
+
+
+def test_symbols_isf_and_verify(dumped: SelfDump, tmp_path: Path) -> None:
+    """`kcore symbols` writes the ISF of the kept BTF and kallsyms: init_task at its
+    link-time address (kallsyms' minus KERNELOFFSET); `kcore verify` reports the LiME dump's
+    symbols (its sidecar) and that they match the kernel's VMCOREINFO."""
+    pytest.importorskip("pakunoda", reason="pakunoda builds the ISF (kcore[symbols])")
+    r = run_kcore("symbols", str(dumped.elf), "-o", str(tmp_path), "--json", text=True)
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    offset = int(made["kernel_offset"], 16)
+    assert offset != 0  # KASLR guests
+    import gzip
+
+    isf = json.loads(gzip.decompress(Path(made["isf"]).read_bytes()))
+    assert isf["symbols"]["init_task"]["address"] == dumped.kallsyms["init_task"] - offset
+    assert isf["user_types"]["task_struct"]["fields"]["pid"]["offset"] > 0
+    assert made["release"] == dumped.guest.vm.kernel.release
+    r = run_kcore("verify", str(dumped.lime), "--json", text=True)
+    assert r.returncode == 0, r.stderr
+    sym = json.loads(r.stdout)["symbols"]
+    assert sym["present"] and sym["match"], sym
+    assert sym["release"] == dumped.guest.vm.kernel.release
+    assert "sys/kernel/btf/vmlinux" in sym["files"]
+
+
+def test_drgn_resolves_symbols_from_the_dump(dumped: SelfDump) -> None:
+    """`kcore drgn DUMP` loads the dump's own kallsyms: symbols resolve at their run-time
+    addresses with no debug info, and memory reads at them."""
+    pytest.importorskip("drgn", reason="drgn is not installed (kcore[drgn])")
+    code = ("s = prog.symbol('init_task'); print(hex(s.address)); "
+            "print(prog.symbol(s.address + 8).name); "
+            "print(prog.read(prog.symbol('linux_banner').address, 14).decode())")
+    r = subprocess.run([sys.executable, "-m", "kcore", "drgn", "-q", str(dumped.elf), "--",
+                        "-e", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split()
+    assert int(lines[0], 16) == dumped.kallsyms["init_task"]
+    assert lines[1] == "init_task"
+    assert r.stdout.rstrip().endswith("Linux version")
