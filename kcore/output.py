@@ -468,10 +468,7 @@ class Output:
         except ValueError:  # not the main thread: no Python handler runs here anyway
             before = {}
         try:
-            if self.kind == "file":
-                self._commit_file(manifest)
-            else:
-                self._close()
+            self._complete(manifest)
             if landed is not None:
                 landed()
         finally:
@@ -485,6 +482,13 @@ class Output:
                 handler(sig, None)
             elif handler == signal.SIG_DFL:
                 signal.raise_signal(sig)
+
+    def _complete(self, manifest: dict[str, Any] | None) -> None:
+        """Put the finished output in place (a file: with its sidecars)."""
+        if self.kind == "file":
+            self._commit_file(manifest)
+        else:
+            self._close()
 
     def _commit_file(self, manifest: dict[str, Any] | None) -> None:
         """commit() of a file: land it under its final name, then its sidecars."""
@@ -612,13 +616,19 @@ def guard_std_streams() -> None:
 
 
 def open_output(path: str, *, force: bool = False, digest: bool = True,
-                sidecars: bool = True, tty_ok: bool = False) -> Output:
+                sidecars: bool = True, tty_ok: bool = False, remote: Any = None) -> Output:
     """Open a dump destination: '-' (stdout), an existing device/FIFO, or a new 0600 file.
 
     A new file is created (unnamed where the filesystem allows, else under a temporary
     name) when the result's with block is entered, and named when committed. sidecars:
     OUTPUT.sha256 and OUTPUT.json go beside it. tty_ok: stdout may be a terminal.
+    remote: the destinations.RemoteOptions that let path be a URL (kcore.destinations).
     """
+    if remote is not None:
+        from kcore import destinations
+
+        if destinations.is_remote(path):
+            return destinations.open_remote(path, remote, force=force, digest=digest)
     if path == "-":
         fd = stdout_fd()
         if not tty_ok and os.isatty(fd):
