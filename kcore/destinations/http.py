@@ -59,6 +59,7 @@ class Http:
         """One request, retried as the policy says; the response, or an UploadError."""
         tries = self.retries + 1 if retry else 1
         last = ""
+        attempt = 0
         for attempt in range(tries):
             if attempt:
                 backoff(attempt - 1)
@@ -73,7 +74,7 @@ class Http:
             last = f"HTTP {r.status} {r.reason or ''}".rstrip() + _detail(r.data)
             if r.status not in RETRIED_STATUS:
                 break
-        again = f" (after {tries} tries)" if tries > 1 else ""
+        again = f" (after {attempt + 1} tries)" if attempt else ""
         raise UploadError(f"{what} at {redact(url)} failed{again}: {last}")
 
     def close(self) -> None:
