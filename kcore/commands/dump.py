@@ -76,8 +76,9 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=list(FORMATS), default="elf",
                    help="output format (default elf)")
     p.add_argument("-o", "--output", metavar="OUTPUT",
-                   help=f"output file, or - for stdout "
-                        f"({', '.join(names(lambda f: f.streamable))}); default kcore-TIME.EXT")
+                   help=f"output file, - for stdout, or a destination: a URL, multipart:FILE, "
+                        f"tcp://HOST:PORT, tcp-listen:PORT (below) (those: "
+                        f"{', '.join(names(lambda f: f.streamable))}); default kcore-TIME.EXT")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
     p.add_argument("--json", action="store_true",
@@ -282,6 +283,7 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     if isinstance(out, destinations.RemoteOutput):
         summary["result"]["uploaded"] = out.where
         summary["result"]["parts_resumed"] = out.resumed_parts
+        summary["result"]["warnings"] = summary["result"]["warnings"] + out.notes
     if args.json:
         print(json.dumps(summary["result"], indent=2))
     elif not args.quiet:

@@ -99,6 +99,7 @@ class RemoteOutput(Output):
     sink: Sink = field(default_factory=Sink)
     options: RemoteOptions = field(default_factory=RemoteOptions)
     where: list[str] = field(default_factory=list)  # the object, then its files beside it
+    notes: list[str] = field(default_factory=list)  # warnings for the summary
     _rfd: int = -1
     _error: BaseException | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
@@ -305,6 +306,9 @@ class RemoteOutput(Output):
             if at is not None:
                 self.where.append(at)
                 self.sidecars.append(at)
+            elif suffix == ".json":
+                self.notes.append(f"the manifest was not uploaded: no URL signs one beside "
+                                  f"{self.path} (give --manifest-url)")
         self._close()
 
     def abort(self) -> None:
