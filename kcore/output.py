@@ -203,15 +203,16 @@ def _unlink_quietly(path: str, dir_fd: int | None = None) -> None:
 
 
 class ChunkedSha256:
-    """The SHA-256 of a whole output and of each CHUNK bytes of it (a second thread hashes
-    the chunks beside the whole, so the two cost one hash's time on two cores)."""
+    """The SHA-256 of a whole output and of each chunk bytes of it (CHUNK by default; a second
+    thread hashes the chunks beside the whole, so the two cost one hash's time on two cores)."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = CHUNK) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        self.size = chunk
         self._total = hashlib.sha256()
         self._chunk = hashlib.sha256()
-        self._left = CHUNK
+        self._left = chunk
         self.chunks: list[str] = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kcore-sha256-chunks")
 
@@ -230,7 +231,7 @@ class ChunkedSha256:
             view = view[take:]
             if self._left == 0:
                 self.chunks.append(self._chunk.hexdigest())
-                self._chunk, self._left = hashlib.sha256(), CHUNK
+                self._chunk, self._left = hashlib.sha256(), self.size
 
     def close(self) -> None:
         """Stop the chunk thread (an abandoned output)."""
@@ -238,9 +239,9 @@ class ChunkedSha256:
 
     def hexdigest(self) -> str:
         """The whole output's SHA-256; the last partial chunk's digest is added to chunks."""
-        if self._left != CHUNK:
+        if self._left != self.size:
             self.chunks.append(self._chunk.hexdigest())
-            self._chunk, self._left = hashlib.sha256(), CHUNK
+            self._chunk, self._left = hashlib.sha256(), self.size
         self._pool.shutdown()
         return self._total.hexdigest()
 

@@ -11,10 +11,12 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +30,30 @@ AZ_ACCOUNT = "devstoreaccount1"
 AZ_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
           "KBHBeksoGMGw==")
 S3_KEY, S3_SECRET = "kcoretest", "kcoretestsecret"
+
+
+MEASURE = """\
+import sys
+from kcore.cli import main
+rc = main(sys.argv[1:])
+io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")]
+print(f"measured write_bytes={io['write_bytes']} VmHWM={int(hwm[0]) * 1024}", file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def measured_cmd(*args: str) -> list[str]:
+    """The command of `kcore ARGS` in a process that says, as it ends, the bytes it wrote to
+    storage (/proc/self/io write_bytes) and its peak RSS (VmHWM): see measured()."""
+    return [sys.executable, "-c", MEASURE, *args]
+
+
+def measured(stderr: bytes) -> dict[str, int]:
+    """write_bytes and VmHWM (bytes) from the stderr of a measured_cmd() run."""
+    m = re.search(r"^measured write_bytes=(\d+) VmHWM=(\d+)$", stderr.decode(), re.M)
+    assert m is not None, stderr.decode()[-2000:]
+    return {"write_bytes": int(m[1]), "VmHWM": int(m[2])}
 
 
 def free_ports(n: int) -> list[int]:

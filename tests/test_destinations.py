@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers import FIXTURE_NAMES, REPO, fixture_memory, run_kcore, scratch_dir, shared_fixture
-from servers import Azurite, Nginx, SeaweedS3, free_ports, running
+from servers import Azurite, Nginx, SeaweedS3, free_ports, measured, measured_cmd, running
 
 NOKASLR = FIXTURE_NAMES[0]
 MiB = 1 << 20
@@ -37,26 +37,13 @@ def dump(dest: str, *args: str, **kw) -> subprocess.CompletedProcess:
     return run_kcore("dump", *system_args(), "-o", dest, "-q", *args, **kw)
 
 
-MEASURE = """\
-import sys
-from kcore.cli import main
-rc = main(sys.argv[1:])
-io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
-hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")]
-print(f"measured write_bytes={io['write_bytes']} VmHWM={int(hwm[0]) * 1024}", file=sys.stderr)
-sys.exit(rc)
-"""
-
-
 def dump_measured(dest: str, *args: str) -> tuple[subprocess.CompletedProcess, dict[str, int]]:
-    """kcore dump in a process that says, as it ends, the bytes it wrote to storage
-    (/proc/self/io write_bytes) and its peak RSS (VmHWM)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
-    r = subprocess.run([sys.executable, "-c", MEASURE, "dump", *system_args(), "-q", "-o",
-                        dest, *args], env=env, capture_output=True)
-    m = re.search(r"^measured write_bytes=(\d+) VmHWM=(\d+)$", r.stderr.decode(), re.M)
-    assert m is not None, r.stderr.decode()
-    return r, {"write_bytes": int(m[1]), "VmHWM": int(m[2])}
+    """kcore dump of the capture to dest; with the bytes the process wrote to storage and
+    its peak RSS (servers.measured)."""
+    r = subprocess.run(measured_cmd("dump", *system_args(), "-q", "-o", dest, *args),
+                       env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1"),
+                       capture_output=True)
+    return r, measured(r.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +91,13 @@ def check_manifest(manifest: dict, data: bytes) -> None:
 # TCP
 
 
+def receive_all(sock: socket.socket, into: bytearray) -> None:
+    """Read sock to its end into into, then close it."""
+    with sock:
+        while chunk := sock.recv(1 << 20):
+            into.extend(chunk)
+
+
 def test_tcp_listen_serves_one_client(streams: dict[str, bytes]) -> None:
     """tcp-listen: waits for a receiver (nc HOST PORT > mem.lime) and sends it the lime."""
     port = free_ports(1)[0]
@@ -116,9 +110,7 @@ def test_tcp_listen_serves_one_client(streams: dict[str, bytes]) -> None:
                 break
             except ConnectionRefusedError:
                 time.sleep(0.05)
-        with s:
-            while chunk := s.recv(1 << 20):
-                got.extend(chunk)
+        receive_all(s, got)
 
     t = threading.Thread(target=receive)
     t.start()
@@ -139,9 +131,7 @@ def test_tcp_connect_and_stalled_receiver_bound_memory(streams: dict[str, bytes]
     def serve() -> None:
         conn, _ = server.accept()
         time.sleep(3)
-        with conn:
-            while chunk := conn.recv(1 << 20):
-                got.extend(chunk)
+        receive_all(conn, got)
 
     t = threading.Thread(target=serve)
     t.start()

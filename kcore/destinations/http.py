@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import Any
 
-from kcore.destinations.remote import RemoteOptions, Sink, UploadError, backoff
+from kcore.destinations.remote import RemoteOptions, Sink, UploadError, backoff, send_all
 from kcore.errors import InputError
 
 AZURE_VERSION = "2021-12-02"  # x-ms-version, where the SAS does not name one
@@ -160,14 +160,8 @@ class PutStream(Sink):
 
     def send(self, data: memoryview) -> None:
         """One chunk of the body."""
-        try:
-            self._conn.send(b"%x\r\n" % len(data))
-            self._conn.send(data)
-            self._conn.send(b"\r\n")
-        except OSError as exc:
-            raise UploadError(f"{self.display} dropped the upload after {self._sent} bytes "
-                              f"({exc.strerror or exc}); a single PUT cannot resume: "
-                              f"nothing was committed") from None
+        send_all(self._conn.send, (b"%x\r\n" % len(data), data, b"\r\n"), self.display,
+                 self._sent, "a single PUT cannot resume: nothing was committed")
         self._sent += len(data)
 
     def finish(self, parts: list[str], sha256: str | None) -> None:

@@ -10,12 +10,13 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from kcore.errors import KcoreError, OutputError
-from kcore.output import Output
+from kcore.output import ChunkedSha256, Output
 
 PIPE_SIZE = 1 << 20  # the writer's pipe (F_SETPIPE_SZ; 1 MiB is every kernel's default cap)
 STREAM_CHUNK = 1 << 20  # what a streaming sink is sent at a time
@@ -27,6 +28,17 @@ RETRY_CAP = 8.0
 def backoff(attempt: int) -> None:
     """Sleep before try attempt + 2: exponential, capped, with a little jitter."""
     time.sleep(min(RETRY_CAP, RETRY_BASE * 2 ** attempt) * random.uniform(1, 1.25))
+
+
+@dataclass
+class _Done:
+    """A digest computed already, read like a hashlib object's."""
+
+    digest: str
+
+    def hexdigest(self) -> str:
+        """The digest."""
+        return self.digest
 
 
 class UploadError(OutputError):
@@ -79,6 +91,17 @@ class RemoteOptions:
     resume: bool = False
     retries: int = 5
     manifest_url: str | None = None
+
+
+def send_all(send: Callable[[Any], Any], pieces: tuple[Any, ...], where: str, sent: int,
+             lost: str) -> None:
+    """send() each piece; a dropped connection is an UploadError saying lost."""
+    try:
+        for piece in pieces:
+            send(piece)
+    except OSError as exc:
+        raise UploadError(f"{where}: the receiver dropped the connection after {sent} bytes "
+                          f"({exc.strerror or exc}); {lost}") from None
 
 
 def _read_full(fd: int, view: memoryview) -> int:
@@ -146,8 +169,7 @@ class RemoteOutput(Output):
         return self
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc_type is not None or self._open:
-            self.abort()
+        super().__exit__(exc_type, exc, tb)  # abort() unless committed
         err = self._error
         if exc is None or isinstance(exc, KeyboardInterrupt | SystemExit):
             return
@@ -176,27 +198,21 @@ class RemoteOutput(Output):
 
     def _run_stream(self) -> None:
         buf = bytearray(STREAM_CHUNK)
-        part = hashlib.sha256()
-        left = self.part_size
-        while not self._cancel.is_set():
-            n = os.readv(self._rfd, [buf])
-            if n == 0:
-                break
-            view = memoryview(buf)[:n]
-            self.sink.send(view)
-            self._received += n
-            if self._whole is not None:
-                self._whole.update(view)
-            while view:
-                take = min(left, len(view))
-                part.update(view[:take])
-                left -= take
-                view = view[take:]
-                if left == 0:
-                    self._parts.append(part.hexdigest())
-                    part, left = hashlib.sha256(), self.part_size
-        if left != self.part_size:
-            self._parts.append(part.hexdigest())
+        hasher = ChunkedSha256(self.part_size)  # the whole and each part, on two threads
+        try:
+            while not self._cancel.is_set():
+                n = os.readv(self._rfd, [buf])
+                if n == 0:
+                    break
+                view = memoryview(buf)[:n]
+                self.sink.send(view)
+                self._received += n
+                hasher.update(view)
+        finally:
+            whole = hasher.hexdigest()
+        if self._whole is not None:
+            self._whole = _Done(whole)
+        self._parts = hasher.chunks
 
     def _run_parts(self) -> None:
         size = self.part_size

@@ -9,7 +9,7 @@ import sys
 import termios
 import time
 
-from kcore.destinations.remote import RemoteOptions, Sink, UploadError, backoff
+from kcore.destinations.remote import RemoteOptions, Sink, UploadError, backoff, send_all
 from kcore.errors import InputError
 
 SIOCOUTQ = termios.TIOCOUTQ  # bytes the socket has not had acknowledged yet
@@ -90,12 +90,8 @@ class TcpSink(Sink):
     def send(self, data: memoryview) -> None:
         """The next bytes, all of them."""
         assert self.sock is not None
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            raise UploadError(f"{self.display}: the receiver dropped the connection after "
-                              f"{self._sent} bytes ({exc.strerror or exc}); what it got is "
-                              f"incomplete") from None
+        send_all(self.sock.sendall, (data,), self.display, self._sent,
+                 "what it got is incomplete")
         self._sent += len(data)
 
     def finish(self, parts: list[str], sha256: str | None) -> None:
