@@ -206,10 +206,11 @@ class ChunkedSha256:
     """The SHA-256 of a whole output and of each chunk bytes of it (CHUNK by default; a second
     thread hashes the chunks beside the whole, so the two cost one hash's time on two cores)."""
 
-    def __init__(self, chunk: int = CHUNK) -> None:
+    def __init__(self, chunk: int = CHUNK, whole: bool = True) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.size = chunk
+        self.whole = whole  # False: the chunks' digests only (hexdigest() gives "")
         self._total = hashlib.sha256()
         self._chunk = hashlib.sha256()
         self._left = chunk
@@ -219,6 +220,9 @@ class ChunkedSha256:
     def update(self, data: Any) -> None:
         """Hash the next bytes of the output."""
         view = memoryview(data).cast("B")
+        if not self.whole:
+            self._update_chunks(view)
+            return
         job = self._pool.submit(self._update_chunks, view)
         self._total.update(view)
         job.result()
@@ -243,7 +247,7 @@ class ChunkedSha256:
             self.chunks.append(self._chunk.hexdigest())
             self._chunk, self._left = hashlib.sha256(), self.size
         self._pool.shutdown()
-        return self._total.hexdigest()
+        return self._total.hexdigest() if self.whole else ""
 
 
 class BufferHasher:

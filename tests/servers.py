@@ -70,7 +70,7 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
     """Wait until url answers (any HTTP status), or fail saying what the server printed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -247,7 +247,7 @@ class SeaweedS3:
             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             cwd=folder)
         try:
-            wait_http(f"http://127.0.0.1:{self.port}/", self.proc, "SeaweedFS", timeout=60)
+            wait_http(f"http://127.0.0.1:{self.port}/", self.proc, "SeaweedFS")
             self.client.create_bucket(Bucket="dumps")
         except BaseException:
             stop(self.proc)

@@ -160,8 +160,8 @@ class PutStream(Sink):
 
     def send(self, data: memoryview) -> None:
         """One chunk of the body."""
-        send_all(self._conn.send, (b"%x\r\n" % len(data), data, b"\r\n"), self.display,
-                 self._sent, "a single PUT cannot resume: nothing was committed")
+        send_all(self._conn.sock, (b"%x\r\n" % len(data), data, b"\r\n"), self.display,
+                 self._sent, "a single PUT cannot resume: nothing was committed", self.cancel)
         self._sent += len(data)
 
     def finish(self, parts: list[str], sha256: str | None) -> None:

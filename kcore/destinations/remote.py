@@ -8,9 +8,9 @@ import json
 import os
 import queue
 import random
+import socket
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,11 +18,12 @@ from typing import Any
 from kcore.errors import KcoreError, OutputError
 from kcore.output import ChunkedSha256, Output
 
-PIPE_SIZE = 1 << 20  # the writer's pipe (F_SETPIPE_SZ; 1 MiB is every kernel's default cap)
-STREAM_CHUNK = 1 << 20  # what a streaming sink is sent at a time
+PIPE_SIZE = 4 << 20  # the writer's pipe (F_SETPIPE_SZ; else 1 MiB, pipe-max-size's default)
+STREAM_CHUNK = 4 << 20  # what a streaming sink is sent at a time, at most
 BUFFER_BUDGET = 128 << 20  # part buffers held at once, at most (peak RSS stays bounded)
 RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, up to RETRY_CAP
 RETRY_CAP = 8.0
+SEND_POLL = 0.25  # seconds a stream's send waits before it looks for a cancel again
 
 
 def backoff(attempt: int) -> None:
@@ -50,6 +51,7 @@ class Sink:
     stream sinks take the bytes in order from one thread."""
 
     display: str = ""  # where, for messages (never a signature or token)
+    cancel: threading.Event  # set when the upload stops (RemoteOutput.make gives its own)
     parallel: bool = False
     resumable: bool = False
 
@@ -93,15 +95,27 @@ class RemoteOptions:
     manifest_url: str | None = None
 
 
-def send_all(send: Callable[[Any], Any], pieces: tuple[Any, ...], where: str, sent: int,
-             lost: str) -> None:
-    """send() each piece; a dropped connection is an UploadError saying lost."""
+def send_all(sock: socket.socket, pieces: tuple[Any, ...], where: str, sent: int, lost: str,
+             cancel: threading.Event) -> None:
+    """Send each piece on sock (plain or TLS); a dropped connection is an UploadError saying
+    lost. Never blocks for long: a cancelled upload (Ctrl-C) stops between two waits."""
+    before = sock.gettimeout()
+    sock.settimeout(SEND_POLL)  # send() then waits at most that long, and sends what fits
     try:
         for piece in pieces:
-            send(piece)
+            view = memoryview(piece).cast("B")
+            while view:
+                if cancel.is_set():
+                    raise UploadError(f"{where}: the upload was cancelled")
+                try:
+                    view = view[sock.send(view):]
+                except TimeoutError:
+                    continue
     except OSError as exc:
         raise UploadError(f"{where}: the receiver dropped the connection after {sent} bytes "
                           f"({exc.strerror or exc}); {lost}") from None
+    finally:
+        sock.settimeout(before)
 
 
 def _read_full(fd: int, view: memoryview) -> int:
@@ -125,6 +139,8 @@ class RemoteOutput(Output):
     notes: list[str] = field(default_factory=list)  # warnings for the summary
     _rfd: int = -1
     _error: BaseException | None = None
+    _failed: BaseException | None = None  # the pump's error, when it stopped the dump
+    _aborted: bool = False
     _cancel: threading.Event = field(default_factory=threading.Event)
     _pump: threading.Thread | None = None
     _received: int = 0
@@ -136,9 +152,10 @@ class RemoteOutput(Output):
     def make(cls, sink: Sink, options: RemoteOptions, *, force: bool, digest: bool
              ) -> RemoteOutput:
         """A destination for sink (opened when its with block is entered)."""
-        return cls(path=sink.display, fd=-1, kind="remote", force=force, digest=digest,
-                   sink=sink, options=options,
-                   _whole=hashlib.sha256() if digest else None)
+        out = cls(path=sink.display, fd=-1, kind="remote", force=force, digest=digest,
+                  sink=sink, options=options, _whole=hashlib.sha256() if digest else None)
+        sink.cancel = out._cancel
+        return out
 
     @property
     def seekable(self) -> bool:
@@ -155,10 +172,12 @@ class RemoteOutput(Output):
             try:
                 self.sink.open()
                 self._rfd, self.fd = os.pipe2(os.O_CLOEXEC)
-                try:
-                    fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-                except OSError:
-                    pass  # a lower pipe-max-size: the default pipe does too
+                for size in (PIPE_SIZE, 1 << 20):
+                    try:
+                        fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, size)
+                        break
+                    except OSError:
+                        continue  # above pipe-max-size (unprivileged): try smaller
                 self._open = True
                 self._pump = threading.Thread(target=self._run, name="kcore-upload",
                                               daemon=True)
@@ -170,7 +189,7 @@ class RemoteOutput(Output):
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         super().__exit__(exc_type, exc, tb)  # abort() unless committed
-        err = self._error
+        err = self._failed
         if exc is None or isinstance(exc, KeyboardInterrupt | SystemExit):
             return
         if err is not None and err is not exc:
@@ -198,16 +217,22 @@ class RemoteOutput(Output):
 
     def _run_stream(self) -> None:
         buf = bytearray(STREAM_CHUNK)
-        hasher = ChunkedSha256(self.part_size)  # the whole and each part, on two threads
+        # each part, and the whole (on a second thread) unless --no-digest; hashed on a
+        # thread of its own while the same bytes are sent
+        hasher = ChunkedSha256(self.part_size, whole=self._whole is not None)
         try:
-            while not self._cancel.is_set():
-                n = os.readv(self._rfd, [buf])
-                if n == 0:
-                    break
-                view = memoryview(buf)[:n]
-                self.sink.send(view)
-                self._received += n
-                hasher.update(view)
+            with ThreadPoolExecutor(1, thread_name_prefix="kcore-upload-sha256") as pool:
+                while not self._cancel.is_set():
+                    n = os.readv(self._rfd, [buf])
+                    if n == 0:
+                        break
+                    view = memoryview(buf)[:n]
+                    hashed = pool.submit(hasher.update, view)
+                    try:
+                        self.sink.send(view)
+                    finally:
+                        hashed.result()
+                    self._received += n
         finally:
             whole = hasher.hexdigest()
         if self._whole is not None:
@@ -329,6 +354,8 @@ class RemoteOutput(Output):
 
     def abort(self) -> None:
         """Stop the upload; the object is never made."""
+        if not self._aborted:  # a failure of the pump's own, if it came first
+            self._aborted, self._failed = True, self._error
         self._cancel.set()
         if self.fd >= 0:
             os.close(self.fd)

@@ -90,8 +90,8 @@ class TcpSink(Sink):
     def send(self, data: memoryview) -> None:
         """The next bytes, all of them."""
         assert self.sock is not None
-        send_all(self.sock.sendall, (data,), self.display, self._sent,
-                 "what it got is incomplete")
+        send_all(self.sock, (data,), self.display, self._sent, "what it got is incomplete",
+                 self.cancel)
         self._sent += len(data)
 
     def finish(self, parts: list[str], sha256: str | None) -> None:
