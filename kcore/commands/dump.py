@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from kcore import __version__, engine
+from kcore import __version__, destinations, engine
 from kcore.cli import add_system_args, int_arg, subcommand
 from kcore.codecs import CODECS
 from kcore.codecs import DEFAULT as DEFAULT_CODEC
@@ -58,7 +58,10 @@ examples:
   drgn -c mem.elf; vol -f mem.lime banners.Banners; gdb -c mem.elf; crash vmlinux mem.kdump
   sudo kcore dump -d 31 -o small.elf                 kernel pages only, as makedumpfile -d 31
   sudo kcore dump --estimate -d 31                   what -d 31 leaves out, writing nothing
-"""
+  sudo kcore dump --format lime -o tcp-listen:4444   then, elsewhere: nc HOST 4444 > mem.lime
+  sudo kcore dump -o 'https://ACCOUNT.blob.core.windows.net/dumps/mem.elf?sv=...&sig=...'
+
+""" + destinations.HELP + "\n"
 
 LEVEL_HELP = (
     "leave out pages as makedumpfile -d N does (0-31, a sum of: 1 zero pages, 2 page cache "
@@ -74,8 +77,9 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--format", choices=list(FORMATS), default="elf",
                    help="output format (default elf)")
     p.add_argument("-o", "--output", metavar="OUTPUT",
-                   help=f"output file, or - for stdout "
-                        f"({', '.join(names(lambda f: f.streamable))}); default kcore-TIME.EXT")
+                   help=f"output file, - for stdout, or a destination: a URL, multipart:FILE, "
+                        f"tcp://HOST:PORT, tcp-listen:PORT (below) (those: "
+                        f"{', '.join(names(lambda f: f.streamable))}); default kcore-TIME.EXT")
     p.add_argument("output_arg", nargs="?", metavar="OUTPUT",
                    help="the output, as -o OUTPUT (as `avml OUTPUT` takes it)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
@@ -111,6 +115,7 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="threads for the zero-run scan and unhashed copies (default 0: one "
                         f"per CPU, at most {MAX_THREADS}; up to 16); the output is the same")
+    destinations.add_args(p)
     return p
 
 
@@ -129,9 +134,13 @@ def _check_args(args: argparse.Namespace, fmt: Format) -> None:
             raise InputError(f"two outputs given, -o {args.output} and {args.output_arg}: "
                              f"give one")
         args.output = args.output_arg
-    if args.output == "-" and not fmt.streamable:
-        raise InputError(f"--format {fmt.name} cannot go to stdout (it needs seeking); "
+    remote = args.output is not None and destinations.is_remote(args.output)
+    if (args.output == "-" or remote) and not fmt.streamable:
+        where = "stdout" if args.output == "-" else "a remote destination"
+        raise InputError(f"--format {fmt.name} cannot go to {where} (it needs seeking); "
                          f"use {' or '.join(names(lambda f: f.streamable))}, or -o FILE")
+    if not remote and (args.resume or args.manifest_url):
+        raise InputError("--resume and --manifest-url apply to a remote -o (URL, multipart:)")
     if args.output == "-" and args.recheck:
         raise InputError("--recheck reads the output back: give a file (-o FILE), not stdout")
     if args.output == "-" and args.json:
@@ -233,7 +242,8 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     # What the dump allocates (the output file, its threads) is allocated before -d classifies
     # a live kernel's pages: else their pages were free to the classification, left out, and
     # crash would find the task list pointing into them.
-    with (open_output(path, force=args.force, digest=want_digest) as out,
+    remote = destinations.options(args, req.threads) if destinations.is_remote(path) else None
+    with (open_output(path, force=args.force, digest=want_digest, remote=remote) as out,
           engine.started_threads(req.threads)):
         filtered = _apply_level(args, req, fmt)
         if args.recheck and out.kind != "file":
@@ -296,8 +306,12 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
             summary["manifest"]["symbols"] = kept
             summary["result"]["symbols"] = {"files": len(kept["files"]),
                                             "missing": kept["missing"], "where": kept["where"]}
-        out.commit(plan.size, summary["manifest"] if out.kind == "file" else None,
+        out.commit(plan.size, summary["manifest"] if out.kind in ("file", "remote") else None,
                    landed=lambda: landed.append(True))
+    if isinstance(out, destinations.RemoteOutput):
+        summary["result"]["uploaded"] = out.where
+        summary["result"]["parts_resumed"] = out.resumed_parts
+        summary["result"]["warnings"] = summary["result"]["warnings"] + out.notes
     if args.json:
         print(json.dumps(summary["result"], indent=2))
     elif not args.quiet:
@@ -549,7 +563,9 @@ def _print_human(r: dict[str, Any], plan: Plan) -> None:
                      f"({100 * c['share']:.2f}%) changed while the dump ran (per range in "
                      f"the manifest)")
     if r["sha256"]:
-        lines.append(f"  sha256 {r['sha256']} (also in {r['output']}.sha256)")
+        beside = r["uploaded"][1:] if "uploaded" in r else [r["output"] + ".sha256"]
+        lines.append(f"  sha256 {r['sha256']}" + (f" (also in {', '.join(beside)})"
+                                                  if beside else ""))
     level = r.get("dump_level")
     if level is not None:
         out = ", ".join(f"{k} {v}" for k, v in level["pages_excluded"].items() if v)
