@@ -15,7 +15,7 @@ import os
 import struct
 import sys
 
-from guest_capture import KPTR_RESTRICT, pread_all
+from guest_capture import copy_root, pread_all, real_pointers
 
 KCORE = "/proc/kcore"
 # The files of a shared fixture's root/ (the shared captures have exactly these).
@@ -33,25 +33,6 @@ EHDR_FIELDS = ("e_ident", "e_type", "e_machine", "e_version", "e_entry", "e_phof
 PHDR_FIELDS = ("p_type", "p_flags", "p_offset", "p_vaddr", "p_paddr", "p_filesz", "p_memsz",
                "p_align")
 BASES = ("page_offset_base", "vmalloc_base", "vmemmap_base", "phys_base")
-
-
-def copy_root(out: str) -> None:
-    """The shared layout's root files, read with kptr_restrict=1 (root sees real addresses)."""
-    with open(KPTR_RESTRICT) as f:
-        saved = f.read()
-    with open(KPTR_RESTRICT, "w") as f:
-        f.write("1\n")
-    try:
-        for rel in ROOT_FILES:
-            dst = os.path.join(out, "root", rel)
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            with open("/" + rel, "rb") as src:
-                data = src.read()
-            with open(dst, "wb") as f:
-                f.write(data)
-    finally:
-        with open(KPTR_RESTRICT, "w") as f:
-            f.write(saved)
 
 
 def header(fd: int) -> tuple[dict, list[dict], list[dict]]:
@@ -100,22 +81,14 @@ def header(fd: int) -> tuple[dict, list[dict], list[dict]]:
 
 
 def kallsyms(names: tuple[str, ...]) -> dict[str, int]:
-    """The addresses of names in /proc/kallsyms (root with the default kptr_restrict)."""
-    with open(KPTR_RESTRICT) as f:
-        saved = f.read()
-    with open(KPTR_RESTRICT, "w") as f:
-        f.write("1\n")
-    try:
-        out = {}
-        with open("/proc/kallsyms") as f:
-            for line in f:
-                addr, _kind, name = line.split()[:3]
-                if name in names and name not in out:
-                    out[name] = int(addr, 16)
-        return out
-    finally:
-        with open(KPTR_RESTRICT, "w") as f:
-            f.write(saved)
+    """The addresses of names in /proc/kallsyms (read with real pointers)."""
+    out = {}
+    with real_pointers(), open("/proc/kallsyms") as f:
+        for line in f:
+            addr, _kind, name = line.split()[:3]
+            if name in names and name not in out:
+                out[name] = int(addr, 16)
+    return out
 
 
 def offset_of(phdrs: list[dict], vaddr: int) -> int:
@@ -131,7 +104,7 @@ def main() -> None:
     out = sys.argv[1]
     expected = os.path.join(out, "expected")
     os.makedirs(expected, exist_ok=True)
-    copy_root(out)
+    copy_root(out, ROOT_FILES, memory_blocks=False)
     fd = os.open(KCORE, os.O_RDONLY)
     st_size = os.fstat(fd).st_size
     ehdr, phdrs, notes = header(fd)
