@@ -15,7 +15,7 @@ import os
 import struct
 import sys
 
-from guest_capture import copy_root, pread_all, real_pointers
+from guest_capture import copy_root, parse_kcore, pread_all, real_pointers
 
 KCORE = "/proc/kcore"
 # The files of a shared fixture's root/ (the shared captures have exactly these).
@@ -41,10 +41,9 @@ def header(fd: int) -> tuple[dict, list[dict], list[dict]]:
     ehdr = dict(zip(EHDR_FIELDS, values, strict=True))
     ehdr["e_ident"] = ehdr["e_ident"].hex()
     ehdr["e_entry"] = hex(ehdr["e_entry"])
-    raw = pread_all(fd, ehdr["e_phoff"], ehdr["e_phnum"] * ehdr["e_phentsize"])
+    parsed = parse_kcore(fd)  # program headers, and notes with their descriptors in hex
     phdrs: list[dict] = []
-    for i in range(ehdr["e_phnum"]):
-        p = dict(zip(PHDR_FIELDS, struct.unpack_from("<IIQQQQQQ", raw, i * 56), strict=True))
+    for p in parsed["phdrs"]:
         p = {"p_type": p["p_type"], "type": {1: "PT_LOAD", 4: "PT_NOTE"}.get(p["p_type"], "?"),
              **{k: p[k] for k in PHDR_FIELDS[1:]}}
         if p["p_type"] == 1:
@@ -58,25 +57,16 @@ def header(fd: int) -> tuple[dict, list[dict], list[dict]]:
                 p["kind"] = "KCORE_VMALLOC(vmalloc area)"
         phdrs.append(p)
     notes = []
-    for ph in phdrs:
-        if ph["p_type"] != 4:
-            continue
-        data = pread_all(fd, ph["p_offset"], ph["p_filesz"])
-        pos = 0
-        while pos + 12 <= len(data):
-            namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
-            name = data[pos + 12:pos + 12 + namesz].rstrip(b"\0").decode()
-            at = pos + 12 + (namesz + 3) // 4 * 4
-            desc = data[at:at + descsz]
-            note = dict(name=name, namesz=namesz, type=ntype, descsz=descsz,
-                        desc_sha256=hashlib.sha256(desc).hexdigest())
-            if name == "CORE" and ntype == 3:  # struct elf_prpsinfo: pr_fname at 40, psargs at 56
-                note["pr_fname"] = desc[40:56].split(b"\0")[0].decode(errors="replace")
-                note["pr_psargs"] = desc[56:136].split(b"\0")[0].decode(errors="replace")
-            if name == "VMCOREINFO":
-                note["text"] = desc.split(b"\0")[0].decode(errors="replace")
-            notes.append(note)
-            pos = at + (descsz + 3) // 4 * 4
+    for n in parsed["notes"]:
+        desc = bytes.fromhex(n["desc"])
+        note = dict(name=n["name"], namesz=len(n["name"]) + 1, type=n["type"],
+                    descsz=n["descsz"], desc_sha256=hashlib.sha256(desc).hexdigest())
+        if n["name"] == "CORE" and n["type"] == 3:  # elf_prpsinfo: pr_fname at 40, psargs at 56
+            note["pr_fname"] = desc[40:56].split(b"\0")[0].decode(errors="replace")
+            note["pr_psargs"] = desc[56:136].split(b"\0")[0].decode(errors="replace")
+        if n["name"] == "VMCOREINFO":
+            note["text"] = desc.split(b"\0")[0].decode(errors="replace")
+        notes.append(note)
     return ehdr, phdrs, notes
 
 
