@@ -9,9 +9,10 @@
 - rebuild: `kcore rebuild` of kcore's own flattened kdump streams (zstd, snappy) with hostile
   records
 
-Each works on the nokaslr capture (../shared/fixtures) and its RAM; without them there are no
-seeds and the targets are skipped. Inputs are bytes (a root is packed as name/content pairs);
-each target has its own structure-aware mutator. fuzzing.py wraps them in its Parser.
+Each works on the nokaslr capture (../shared/fixtures, or the same capture made in QEMU) and its
+RAM; without them there are no seeds and the targets are skipped. Inputs are bytes (a root is
+packed as name/content pairs); each target has its own structure-aware mutator. fuzzing.py
+wraps them in its Parser.
 """
 
 from __future__ import annotations
@@ -45,22 +46,20 @@ def _ram() -> Path | None:
     """The capture's RAM image (decompressed once into the test cache), or None."""
     if "ram" not in _STATE:
         import pytest
-        from helpers import SHARED_FIXTURES, fixture_memory
+        from helpers import fixture_memory
 
-        ram = None
-        if (SHARED_FIXTURES / FIXTURE).is_dir():
-            try:
-                ram = fixture_memory(FIXTURE)
-            except pytest.skip.Exception:
-                ram = None
+        try:  # the shared capture, or the same one made in QEMU (helpers.shared_fixture)
+            ram = fixture_memory(FIXTURE)
+        except pytest.skip.Exception:
+            ram = None
         _STATE["ram"] = ram
     return _STATE["ram"]
 
 
 def _fixture_root() -> Path:
-    from helpers import SHARED_FIXTURES
+    from helpers import shared_fixture
 
-    return SHARED_FIXTURES / FIXTURE / "root"
+    return shared_fixture(FIXTURE) / "root"
 
 
 def _system() -> Any:

@@ -175,11 +175,16 @@ def _dumped_seed(fmt: str) -> bytes | None:
         return _GENERATED[fmt]
     import subprocess
 
-    fx = HERE.parent.parent / "shared" / "fixtures" / "linux-6.1.0-56-nokaslr-512M"
+    import pytest
+    from helpers import fixture_memory, shared_fixture
+
     cache = Path(os.environ.get("KCORE_TEST_CACHE", "/tmp/kcore-test-cache"))
-    ram = cache / fx.name / "guestram.bin"
-    if not fx.is_dir() or not ram.exists():
+    try:  # the nokaslr capture: shared, or made in QEMU and cached
+        fx = shared_fixture("linux-6.1.0-56-nokaslr-512M")
+        ram = fixture_memory(fx.name)
+    except pytest.skip.Exception:
         return None
+    cache.mkdir(parents=True, exist_ok=True)
     out = cache / f"fuzz-seed-{fmt}"
     if not out.exists():
         args = ["--format", "kdump", "-d", "31"] if fmt != "avml" else ["--format", "avml"]

@@ -17,16 +17,33 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+# The real-kernel captures: ../shared/fixtures beside the project when it is there (KCORE_FIXTURES
+# names another folder; one that does not exist makes the suite use its own captures).
+SHARED_FIXTURES = Path(os.environ.get("KCORE_FIXTURES", REPO.parent / "shared" / "fixtures"))
 FIXTURE_NAMES = ("linux-6.1.0-56-nokaslr-512M", "linux-6.1.0-56-kaslr-512M")
+_CAPTURE_FAILED: dict[str, str] = {}  # a capture that failed once this session is not retried
 
 
 def shared_fixture(name: str) -> Path:
-    """The folder of one real-kernel capture under ../shared/fixtures, or skip."""
+    """The folder of one real-kernel capture: ../shared/fixtures/NAME, else the same capture made
+    once in QEMU and cached (tests/vm/fixture_capture.py), else skip saying why."""
     path = SHARED_FIXTURES / name
-    if not path.is_dir():
-        pytest.skip(f"{path} is not here (real-kernel captures live beside the project)")
-    return path
+    if path.is_dir():
+        return path
+    if str(REPO / "tests" / "vm") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests" / "vm"))
+    import fixture_capture
+
+    why = fixture_capture.unavailable_reason(name)
+    if why:
+        pytest.skip(f"{path} is not here and cannot be made: {why}")
+    if name in _CAPTURE_FAILED:
+        pytest.fail(_CAPTURE_FAILED[name], pytrace=False)
+    try:
+        return fixture_capture.capture(name)
+    except Exception as e:  # a VmError, a full disk: say it once, fail each test that needs it
+        _CAPTURE_FAILED[name] = f"capturing {name} in QEMU failed: {str(e)[-3000:]}"
+        raise
 
 
 def run_kcore(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
@@ -67,8 +84,11 @@ CACHE = Path(os.environ.get("KCORE_TEST_CACHE", "/tmp/kcore-test-cache"))
 
 
 def fixture_memory(name: str) -> Path:
-    """The decompressed memory image of a capture (cached under KCORE_TEST_CACHE), or skip."""
+    """The memory image of a capture (a shared one decompressed under KCORE_TEST_CACHE), or skip."""
     folder = shared_fixture(name) / "memory"
+    for plain in ("guestram.bin", "vmcore.elf"):  # a capture made here keeps it as it is
+        if (folder / plain).is_file():
+            return folder / plain
     packed = next(folder.glob("*.zst"), None)
     if packed is None:
         pytest.skip(f"no memory image in {folder}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 from elftools.elf.elffile import ELFFile
 
@@ -37,7 +38,9 @@ def test_seed_flavour_header_follows_the_seed_formulas():
     segs = list(elf.iter_segments())
     nphdr = len(segs)
     assert nphdr == 8 and elf["e_phnum"] == 8
-    task = 8392  # the fixture kernel's arch_task_struct_size (its real NT_TASKSTRUCT descsz)
+    # the kernel's arch_task_struct_size: its real kcore's NT_TASKSTRUCT descsz
+    real = json.loads((fx / "expected/kcore.json").read_text())
+    task = next(n["descsz"] for n in real["notes"] if (n["name"], n["type"]) == ("CORE", 4))
     # elf_buflen = PAGE_ALIGN(ehdr + (nphdr+2)*phdr + 3*(nhdr + "CORE" padded) + prstatus
     #                         + prpsinfo + task_struct)
     buflen = 64 + (nphdr + 2) * 56 + 3 * (12 + 8) + 336 + 136 + task

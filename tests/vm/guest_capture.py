@@ -12,6 +12,8 @@ import os
 import shutil
 import struct
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 KCORE = "/proc/kcore"
 PAGE = 4096
@@ -67,21 +69,30 @@ def parse_kcore(fd: int) -> dict:
                 st_size=os.fstat(fd).st_size)
 
 
-def copy_root(out: str) -> None:
-    """Copy the system files into OUTDIR/root, with kptr_restrict=1 so root sees real pointers."""
+@contextmanager
+def real_pointers() -> Iterator[None]:
+    """kptr_restrict=1 for the body, so root reads real addresses (restored afterwards)."""
     with open(KPTR_RESTRICT) as f:
         saved = f.read()
     with open(KPTR_RESTRICT, "w") as f:
         f.write("1\n")
     try:
-        for rel in ROOT_FILES:
+        yield
+    finally:
+        with open(KPTR_RESTRICT, "w") as f:
+            f.write(saved)
+
+
+def copy_root(out: str, files: tuple[str, ...] = ROOT_FILES, memory_blocks: bool = True) -> None:
+    """Copy the system files into OUTDIR/root, with real pointers (and the memory blocks)."""
+    with real_pointers():
+        for rel in files:
             dst = os.path.join(out, "root", rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             with open("/" + rel, "rb") as src, open(dst, "wb") as f:
                 shutil.copyfileobj(src, f)
-    finally:
-        with open(KPTR_RESTRICT, "w") as f:
-            f.write(saved)
+    if not memory_blocks:
+        return
     # memory blocks (hotplug): block size and each block's online/offline state
     memory = "sys/devices/system/memory"
     for name in ["block_size_bytes"] + sorted(n + "/state" for n in os.listdir("/" + memory)
