@@ -80,6 +80,36 @@ def fixture_memory(name: str) -> Path:
     return out
 
 
+def punch_hole(path: Path, offset: int, length: int) -> None:
+    """Deallocate [offset, offset + length) of a file, keeping its size (fallocate
+    PUNCH_HOLE | KEEP_SIZE); OSError where the filesystem cannot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if libc.fallocate(fd, 0x02 | 0x01, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{path}: fallocate(PUNCH_HOLE): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def filled_copy(src: Path, dst: Path, page: int = 4096) -> None:
+    """dst: src with every hole filled (as after a tool read it on tmpfs), then its last page
+    of zeros punched out, so the file still has holes and its data runs are long."""
+    shutil.copyfile(src, dst)  # dense: Python writes every byte
+    size = dst.stat().st_size
+    at = (size // page - 1) * page
+    with open(dst, "rb") as f:
+        while at > 0 and os.pread(f.fileno(), page, at) != bytes(page):
+            at -= page
+    punch_hole(dst, at, page)
+    st = dst.stat()
+    assert st.st_blocks * 512 < st.st_size, f"{dst}: no hole after punching one"
+
+
 def _unzstd(packed: Path, out: Path) -> None:
     """Decompress a zstd file made with --long=30: the zstd tool, else the zstandard module."""
     if shutil.which("zstd"):
