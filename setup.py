@@ -28,6 +28,8 @@ setup(
                  "pakunoda",
                  # a FUSE pass-through returning short reads (tests/shortread_fs.py; fuse3)
                  "mfusepy"],
+        # bench/ only (not the tests): the big-guest bench's plot
+        "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
     entry_points={"console_scripts": ["kcore = kcore.cli:main"]},
     zip_safe=False,
