@@ -135,23 +135,25 @@ DEBUG_PACKAGE = "linux-image-6.1.0-56-amd64-dbg"  # the fixtures' kernel, with i
 VM_CACHE = Path(os.environ.get("KCORE_VM_CACHE", "/var/tmp/kcore-vm-cache"))
 
 
-def debug_vmlinux() -> Path:
-    """The fixtures' vmlinux with DWARF (from Debian's -dbg package, cached), or skip."""
-    release = DEBUG_PACKAGE.removeprefix("linux-image-").removesuffix("-dbg")
+def debug_vmlinux(package: str | None = None) -> Path:
+    """The vmlinux with DWARF of a kernel (Debian's -dbg package, cached; default: the
+    fixtures'), or skip."""
+    package = package or DEBUG_PACKAGE
+    release = package.removeprefix("linux-image-").removesuffix("-dbg")
     member = f"./usr/lib/debug/boot/vmlinux-{release}"
     out = VM_CACHE / "dbg" / f"vmlinux-{release}"
     if out.exists():
         return out
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        pytest.skip(f"no apt-get to download {DEBUG_PACKAGE}")
+        pytest.skip(f"no apt-get to download {package}")
     debs = VM_CACHE / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    if not list(debs.glob(f"{DEBUG_PACKAGE}_*.deb")):
-        r = subprocess.run(["apt-get", "download", DEBUG_PACKAGE], cwd=debs, capture_output=True,
+    if not list(debs.glob(f"{package}_*.deb")):
+        r = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True,
                            text=True)
         if r.returncode:
-            pytest.fail(f"apt-get download {DEBUG_PACKAGE} failed: {r.stderr[-1000:]}")
-    deb = sorted(debs.glob(f"{DEBUG_PACKAGE}_*.deb"))[-1]
+            pytest.fail(f"apt-get download {package} failed: {r.stderr[-1000:]}")
+    deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
     tmp = out.parent / f"unpack-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     try:
