@@ -128,8 +128,10 @@ def build_makedumpfile() -> Path:
         here = PEERS / "makedumpfile-1.7.8" / "root"
         wrapper.write_text(
             "#!/bin/sh\n# Debian unstable's makedumpfile 1.7.8 with its own libraries "
-            "(bench/peers.py)\n"
-            f'exec "{here}/{lib}/ld-linux-x86-64.so.2" --library-path "{here}/{lib}" '
+            "(bench/peers.py; LD_LIBRARY_PATH too: glibc dlopens libgcc_s for its threads)\n"
+            f'export LD_LIBRARY_PATH="{here}/{lib}"\n'
+            f'exec "{here}/{lib}/ld-linux-x86-64.so.2" '
+            f'--library-path "{here}/{lib}" '
             f'"{here}/usr/bin/makedumpfile" "$@"\n')
         wrapper.chmod(0o755)
         _manifest(folder, f"{name} {version} and its runtime from Debian unstable", sums)
