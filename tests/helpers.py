@@ -101,6 +101,39 @@ def fixture_memory(name: str) -> Path:
     return out
 
 
+def punch_hole(path: Path, offset: int, length: int) -> None:
+    """Deallocate [offset, offset + length) of a file, keeping its size (fallocate
+    PUNCH_HOLE | KEEP_SIZE); OSError where the filesystem cannot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if libc.fallocate(fd, 0x02 | 0x01, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{path}: fallocate(PUNCH_HOLE): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def filled_copy(src: Path, dst: Path, page: int = 4096) -> None:
+    """dst: src with every hole filled (as after a tool read it on tmpfs), then its last page
+    of zeros punched out, so the file still has holes and its data runs are long."""
+    shutil.copyfile(src, dst)  # dense: Python writes every byte
+    size = dst.stat().st_size
+    at = (size // page - 1) * page
+    with open(dst, "rb") as f:
+        while at > 0 and os.pread(f.fileno(), page, at) != bytes(page):
+            at -= page
+    punch_hole(dst, at, page)
+    fd = os.open(dst, os.O_RDONLY)
+    try:  # (st_blocks cannot tell: ext4 counts its extent tree's blocks too)
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == at, f"{dst}: no hole after punching one"
+    finally:
+        os.close(fd)
+
+
 def _unzstd(packed: Path, out: Path) -> None:
     """Decompress a zstd file made with --long=30: the zstd tool, else the zstandard module."""
     if shutil.which("zstd"):
@@ -126,23 +159,25 @@ DEBUG_PACKAGE = "linux-image-6.1.0-56-amd64-dbg"  # the fixtures' kernel, with i
 VM_CACHE = Path(os.environ.get("KCORE_VM_CACHE", "/var/tmp/kcore-vm-cache"))
 
 
-def debug_vmlinux() -> Path:
-    """The fixtures' vmlinux with DWARF (from Debian's -dbg package, cached), or skip."""
-    release = DEBUG_PACKAGE.removeprefix("linux-image-").removesuffix("-dbg")
+def debug_vmlinux(package: str | None = None) -> Path:
+    """The vmlinux with DWARF of a kernel (Debian's -dbg package, cached; default: the
+    fixtures'), or skip."""
+    package = package or DEBUG_PACKAGE
+    release = package.removeprefix("linux-image-").removesuffix("-dbg")
     member = f"./usr/lib/debug/boot/vmlinux-{release}"
     out = VM_CACHE / "dbg" / f"vmlinux-{release}"
     if out.exists():
         return out
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        pytest.skip(f"no apt-get to download {DEBUG_PACKAGE}")
+        pytest.skip(f"no apt-get to download {package}")
     debs = VM_CACHE / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    if not list(debs.glob(f"{DEBUG_PACKAGE}_*.deb")):
-        r = subprocess.run(["apt-get", "download", DEBUG_PACKAGE], cwd=debs, capture_output=True,
+    if not list(debs.glob(f"{package}_*.deb")):
+        r = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True,
                            text=True)
         if r.returncode:
-            pytest.fail(f"apt-get download {DEBUG_PACKAGE} failed: {r.stderr[-1000:]}")
-    deb = sorted(debs.glob(f"{DEBUG_PACKAGE}_*.deb"))[-1]
+            pytest.fail(f"apt-get download {package} failed: {r.stderr[-1000:]}")
+    deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
     tmp = out.parent / f"unpack-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     try:

@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -464,6 +465,8 @@ class VmConfig:
     cpu: str = ""  # -cpu model (default: the arch's)
     # (name in the initramfs, host file): executables added to a busybox-only guest's initramfs
     extra_files: tuple[tuple[str, Path], ...] = ()
+    ram_on_disk: bool = False  # RAM file in the work directory (CACHE, a disk), not /dev/shm:
+    # a sparse file there keeps a big guest's RAM out of the host's memory (bench/)
 
 
 def _set_pdeathsig() -> None:
@@ -516,7 +519,8 @@ class Vm:
         self.workdir = Path(tempfile.mkdtemp(prefix=tag, dir=CACHE / "runs"))
         self.share = self.workdir / "share"
         (self.share / "cmd").mkdir(parents=True)
-        self.ram_path = SHM / (self.workdir.name + ".ram")
+        self.ram_path = (self.workdir / "guest.ram" if self.config.ram_on_disk
+                         else SHM / (self.workdir.name + ".ram"))
 
     @property
     def arch(self) -> GuestArch:
@@ -806,6 +810,26 @@ class Vm:
                 print(f"kept {self.workdir}", file=sys.stderr)
             else:
                 shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def phdrs_after_ehdr(path: Path) -> None:
+    """Move a QEMU core's program headers right after its ELF header, section headers dropped:
+    makedumpfile (1.7.2 and 1.7.8) reads them at sizeof(Elf64_Ehdr) whatever e_phoff says, and
+    QEMU puts its section headers there ("Can't get the number of PT_LOAD")."""
+    with open(path, "r+b") as f:
+        ehdr = bytearray(f.read(64))
+        phoff, = struct.unpack_from("<Q", ehdr, 32)
+        phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
+        if phoff == 64:
+            return
+        f.seek(phoff)
+        phdrs = f.read(phentsize * phnum)
+        first = min(struct.unpack_from("<Q", phdrs, i * phentsize + 8)[0] for i in range(phnum))
+        assert 64 + len(phdrs) <= first, "no room for the program headers after the ELF header"
+        struct.pack_into("<QQ", ehdr, 32, 64, 0)  # e_phoff, e_shoff
+        struct.pack_into("<HHHHHH", ehdr, 52, 64, phentsize, phnum, 0, 0, 0)
+        f.seek(0)
+        f.write(ehdr + phdrs)
 
 
 def _copy_data(src: int, dst: int, size: int, at: int) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from guests import Guest, Pool
+from qemu_vm import phdrs_after_ehdr
 
 from tests import pagesets
 from tests.helpers import debug_vmlinux, scratch_dir
@@ -26,23 +26,6 @@ class LevelDump:
     kdump: Path | None  # --format kdump --compress none, where this kcore has it
     md_elf_size: int  # makedumpfile -E -d 31 of QEMU's core
     md_kdump_size: int  # makedumpfile -d 31
-
-
-def phdrs_after_ehdr(path: Path) -> None:
-    """Move a QEMU core's program headers right after its ELF header (makedumpfile 1.7.2 reads
-    them at sizeof(Elf64_Ehdr) whatever e_phoff says; QEMU 8 puts section headers there)."""
-    with open(path, "r+b") as f:
-        ehdr = bytearray(f.read(64))
-        phoff, = struct.unpack_from("<Q", ehdr, 32)
-        phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
-        if phoff == 64:
-            return
-        f.seek(phoff)
-        phdrs = f.read(phentsize * phnum)
-        struct.pack_into("<QQ", ehdr, 32, 64, 0)
-        struct.pack_into("<HHHHHH", ehdr, 52, 64, phentsize, phnum, 0, 0, 0)
-        f.seek(0)
-        f.write(ehdr + phdrs)
 
 
 @pytest.fixture(scope="module")
