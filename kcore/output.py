@@ -374,6 +374,7 @@ class Output:
     chunk_sha256: list[str] | None = None
     sidecars: list[str] = field(default_factory=list)
     with_sidecars: bool = True  # OUTPUT.sha256 and OUTPUT.json beside a file (not `kcore read`)
+    extra_sidecars: list[tuple[str, bytes]] = field(default_factory=list)  # (path, data): more
     _closed: bool = False
     _directory: str = ""
     _name: str = ""
@@ -493,7 +494,7 @@ class Output:
         self._open = False
         self.tmp_path = None
         self._close()
-        sidecars = []
+        sidecars = list(self.extra_sidecars) if self.with_sidecars else []
         if self.sha256 is not None and self.with_sidecars:
             line = f"{self.sha256}  {os.path.basename(self.path)}\n"
             sidecars.append((self.sha256_path, line.encode()))

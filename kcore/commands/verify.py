@@ -98,6 +98,12 @@ def _print_human(r: Any) -> None:
                      f"load repeats from RAM differ (a live kernel read twice; RAM's copy is "
                      f"the memory)" + (f", first at {', '.join(sm['first'][:4])}"
                                        if sm["first"] else ""))
+    t = r.times
+    if t.get("dump"):
+        crit = t.get("critical")
+        lines.append(f"  read times  the dump's reads spanned {t['dump']['seconds']:.3f} s"
+                     + (f", the critical set's ({crit['pages']} pages) {crit['seconds']:.6f} s "
+                        f"({100 * (t.get('critical_share') or 0):.3f}%)" if crit else ""))
     for name, c in r.consumers.items():
         lines.append(f"  {name:<11} {'ok' if c['ok'] else 'NO'}: {c['why']}")
     for w in r.warnings:
