@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "check": "say whether a dump would work here, how big it would be, and the command",
     "verify": "check a dump file: structure, digests, ranges, what drgn/crash/Volatility need",
     "drgn": "run drgn's shell (or a script) on the kernel, its memory read through kcore",
+    "smear": "how far apart in time a dump read the pages a Volatility plugin used",
 }
 
 SOURCE_HELP = (

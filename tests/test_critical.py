@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -32,34 +33,40 @@ def root(name: str) -> str:
     return str(shared_fixture(name) / "root")
 
 
-def test_tasks_are_those_volatility_lists(tmp_path):
-    """The walk of the KASLR capture (QEMU's ELF core) finds the tasks Volatility's
-    linux.pslist lists from the same memory, read with its own layers, and pages of every
-    kind. (The nokaslr capture's walk is exercised by the dumps below.)"""
+def test_volatility_follows_the_critical_pages(tmp_path):
+    """On a LiME dump of the KASLR capture (QEMU's ELF core) made with --order critical
+    --times, Volatility's linux.pslist (through kcore's layer, run by `kcore smear`) lists
+    the tasks the walk found, and nearly every page it reads is one the dump read first."""
+    pytest.importorskip("volatility3", reason="volatility3 is not installed")
+    from test_integration_volatility import pslist
+
+    from kcore.commands.smear import measure
+
+    out = tmp_path / "m.lime"
+    r = run_kcore("dump", "--root", root(KASLR), "--source", spec(KASLR), "--format", "lime",
+                  "--order", "critical", "--times", "--json", "-o", str(out), check=True,
+                  text=True)
+    result = json.loads(r.stdout)
+    kinds = result["critical"]["kinds"]
+    for kind in ("page_tables", "task_struct", "mm_struct", "vma", "files", "cred", "modules"):
+        assert kinds.get(kind), (kind, kinds)
+    cache = CACHE / "vol-cache"  # Volatility's symbol index, shared with the integration tests
+    cache.mkdir(parents=True, exist_ok=True)
+    got = measure(str(out), "linux.pslist", ["-s", make_isf()], str(cache))
+    assert got["exit_status"] == 0, got["error"]
+    rows = pslist(subprocess.CompletedProcess([], 0, got["stdout"], ""))
+    assert (1, 0, "init") in rows, rows
     from kcore import critical
     from kcore.discover import discover
 
-    name = KASLR
-    system = discover(root(name), spec(name))
+    system = discover(root(KASLR), spec(KASLR))
     try:
-        found = critical.find(system)
+        walked = {(pid, comm) for pid, comm in critical.find(system).tasks if pid}
     finally:
         system.close()
-    pytest.importorskip("volatility3", reason="volatility3 is not installed")
-    from test_integration_volatility import pslist, vol
-
-    isf = make_isf()
-    cache = CACHE / "vol-cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    rows = pslist(vol(tmp_path, str(fixture_memory(name)), "-s", isf, "linux.pslist",
-                      kcore=False, cache=str(cache)))
-    assert (1, 0, "init") in rows, rows
-    listed = {(pid, comm) for pid, _ppid, comm in rows}
-    walked = {(pid, comm) for pid, comm in found.tasks if pid}
-    assert walked == listed
-    kinds = found.counts
-    for kind in ("page_tables", "task_struct", "mm_struct", "vma", "files", "cred", "modules"):
-        assert kinds.get(kind), (kind, kinds)
+    assert walked == {(pid, comm) for pid, _ppid, comm in rows}
+    assert got["pages"] > 20 and got["pages_without_time"] == 0
+    assert got["pages_critical"] >= 0.9 * got["pages"], got
 
 
 def test_critical_pages_are_the_early_reads(tmp_path, monkeypatch):
