@@ -1,13 +1,14 @@
 """`kcore dump --order critical`: the pages analysis follows, found through the kernel's own data.
 
-The set (Pagani, Fedorov and Balzarotti's "smart" acquisition, ACM TOPS 2019): the kernel's
-page tables (every table page under init_top_pgt), every task_struct on init_task.tasks and
-its threads, and from each task its mm_struct and page-table tree (user half), its VMAs
-(the maple tree of 6.1+, else the mmap list) with their files and dentries, its files_struct,
-fdtable and open files, its credentials; then the module list. Structure offsets come from
-the kernel's BTF (ROOT/sys/kernel/btf/vmlinux, else the BTF section between __start_BTF and
-__stop_BTF read from memory); addresses from kallsyms. Nothing here writes; the walk is
-bounded (a hostile image cannot make it loop or grow without end).
+The set (after Pagani, Fedorov and Balzarotti's "smart" acquisition, ACM TOPS 2019): the
+kernel's global data (.data and .bss: the variables everything hangs from) and page tables
+(every table page under init_top_pgt), every task_struct on init_task.tasks and its threads,
+and from each task its mm_struct and page-table tree (user half), its VMAs (the maple tree
+of 6.1+, else the mmap list) with their files and dentries, its files_struct, fdtable and
+open files, its credentials; then the module list. Structure offsets come from the kernel's
+BTF (ROOT/sys/kernel/btf/vmlinux, else the BTF section between __start_BTF and __stop_BTF
+read from memory); addresses from kallsyms. Nothing here writes; the walk is bounded (a
+hostile image cannot make it loop or grow without end).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ MAX_VMAS = 1 << 16  # VMAs per process at most
 MAX_FDS = 1024  # open files per task looked at
 MAX_PAGES = 1 << 16  # critical pages kept at most (256 MiB); the rest go in address order
 MAX_BTF = 64 << 20  # a BTF blob larger than this is not a kernel's
-SYMBOLS = ("init_task", "init_top_pgt", "modules", "__start_BTF", "__stop_BTF", "_text", "_end")
+SYMBOLS = ("init_task", "init_top_pgt", "modules", "__start_BTF", "__stop_BTF", "_sdata",
+           "_edata", "__bss_start", "_end")
+MAX_KERNEL_DATA = 256 << 20  # a kernel's .data and .bss larger than this are not believed
 
 # BTF (Documentation/bpf/btf.rst): kinds and the bytes each adds after its 12-byte header
 BTF_MAGIC = 0xEB9F
@@ -268,7 +271,12 @@ def find(system: Any, source: Any = None, max_pages: int = MAX_PAGES) -> Critica
 
 
 def _walk_kernel(walk: _Walk, symbols: dict[str, int]) -> None:
-    """The kernel's page tables (kernel half of init_top_pgt) and the module list."""
+    """The kernel's global data (.data, .bss: the variables every structure hangs from), its
+    page tables (kernel half of init_top_pgt) and the module list."""
+    for lo, hi in (("_sdata", "_edata"), ("__bss_start", "_end")):
+        a, b = symbols.get(lo), symbols.get(hi)
+        if a and b and 0 < b - a <= MAX_KERNEL_DATA:
+            walk.add(a, b - a, "kernel_data")
     amap = walk.amap
     if amap.pgd_paddr is not None:
         levels = getattr(amap, "pgtable_levels", 4)
