@@ -172,7 +172,8 @@ def test_times_record_every_page_of_the_dump(tmp_path):
 
 def test_refusals_are_one_line(tmp_path):
     """What cannot be done says why in one line, exit 2: kdump and avml compress in order,
-    --times needs a file, a kernel without BTF has no critical set to find."""
+    --times needs a file, a kernel without BTF has no critical set to find, smear needs the
+    dump's times."""
     base = ["dump", "--root", root(NOKASLR), "--source", spec(NOKASLR), "-q"]
     for args in (("--format", "kdump", "--order", "critical", "-o", str(tmp_path / "a")),
                  ("--format", "avml", "--times", "-o", str(tmp_path / "b")),
@@ -189,6 +190,9 @@ def test_refusals_are_one_line(tmp_path):
                   "critical", "-o", str(tmp_path / "c.elf"), text=True)
     assert r.returncode == 2 and "BTF" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "c.elf").exists()
+    (tmp_path / "plain.lime").write_bytes(b"")
+    r = run_kcore("smear", str(tmp_path / "plain.lime"), "linux.pslist", text=True)
+    assert r.returncode == 2 and "plain.lime.times: missing" in r.stderr
 
 
 def test_hostile_btf_is_one_error():

@@ -94,10 +94,10 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
                    help="read every range again after the dump and count the pages that "
                         "changed meanwhile (the smear; in the summary and the manifest)")
     p.add_argument("--order", choices=("address", "critical"), default="address",
-                   help="critical: read first the pages analysis follows (page tables, tasks "
-                        "and their mm, VMAs, files and credentials, the module list; found "
-                        "through the kernel's BTF), then the rest in address order; elf, lime, "
-                        "raw, padded and kcore (default address)")
+                   help="critical: read first the pages analysis follows (the kernel's globals "
+                        "and page tables, tasks and their mm, VMAs, files and credentials, the "
+                        "module list; found through the kernel's BTF), then the rest in address "
+                        "order; elf, lime, raw, padded and kcore (default address)")
     p.add_argument("--times", action="store_true",
                    help="keep when each run of pages was read (ns from the dump's start) in "
                         "OUTPUT.times; the summary gives the window of the critical set and of "

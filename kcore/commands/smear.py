@@ -110,13 +110,17 @@ def measure(dump: str, plugin: str, vol_args: list[str],
 
 def run(args: argparse.Namespace) -> int:
     """Measure one plugin's smear; print it; the plugin's exit status."""
+    from kcore.pagetimes import SUFFIX
+
+    if not os.path.isfile(args.dump):
+        raise InputError(f"{args.dump}: not a file")
+    if not os.path.isfile(args.dump + SUFFIX):
+        raise InputError(f"{args.dump}{SUFFIX}: missing (dump with kcore dump --times)")
     try:
         import volatility3  # noqa: F401
     except ImportError:
         raise InputError("kcore smear runs Volatility 3: pip install 'kcore[volatility]'") \
             from None
-    if not os.path.isfile(args.dump):
-        raise InputError(f"{args.dump}: not a file")
     vol_args = (["-s", args.symbols] if args.symbols else []) + shlex.split(args.vol_args)
     res = measure(args.dump, args.plugin, vol_args, args.cache_path)
     if args.show_output:
