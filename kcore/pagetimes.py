@@ -89,6 +89,18 @@ def summary(recs: list[tuple[int, int, int, int, int]]) -> dict[str, Any]:
     return out
 
 
+def windows_ok(times: dict[str, Any]) -> bool:
+    """Whether a manifest's "times" holds windows as summary() writes them (it may be hostile)."""
+    def window(w: Any) -> bool:
+        return isinstance(w, dict) and all(
+            isinstance(w.get(k), (int, float)) and not isinstance(w.get(k), bool)
+            for k in ("first_ns", "last_ns", "seconds", "pages"))
+
+    share = times.get("critical_share")
+    return (window(times.get("dump")) and ("critical" not in times or window(times["critical"]))
+            and (share is None or isinstance(share, (int, float))))
+
+
 class PageTimes:
     """A parsed OUTPUT.times: when the page at a physical address was read."""
 

@@ -647,10 +647,10 @@ def sparse_chunk_digests(fd: int, size: int) -> dict[str, str]:
 
 def _times(path: str, res: Result, manifest: dict[str, Any] | None) -> None:
     """The read-time windows: the manifest's, checked against DUMP.times where it is."""
-    from kcore.pagetimes import SUFFIX, PageTimes
+    from kcore.pagetimes import SUFFIX, PageTimes, windows_ok
 
     said = (manifest or {}).get("times")
-    if isinstance(said, dict):
+    if isinstance(said, dict) and windows_ok(said):
         res.times = {k: said[k] for k in ("dump", "critical", "critical_share") if k in said}
     if not os.path.exists(path + SUFFIX):
         if isinstance(said, dict) and said.get("sidecar"):
