@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "verify": "check a dump file: structure, digests, ranges, what drgn/crash/Volatility need",
     "drgn": "run drgn's shell (or a script) on the kernel, its memory read through kcore",
     "symbols": "write a Volatility 3 ISF from the BTF and kallsyms a dump keeps",
+    "smear": "how far apart in time a dump read the pages a Volatility plugin used",
 }
 
 SOURCE_HELP = (

@@ -250,7 +250,7 @@ def copy_range(
     src_fd: int, src_offset: int, dst_fd: int, dst_offset: int | None, length: int, *,
     sparse: bool = False, strict: bool = False, page_size: int = 4096,
     progress: Progress | None = None, path: PathArg = None, dst_path: PathArg = None,
-    threads: int = 1, slot_fd: Callable[[int], int] | None = None,
+    threads: int = 1, slot_fd: Callable[[int], int] | None = None, times: Any = None,
 ) -> CopyStats:
     """Copy length bytes of src_fd at src_offset to dst_fd at dst_offset (None: write() in order).
 
@@ -258,7 +258,8 @@ def copy_range(
     progress(n) is called after each chunk with the bytes it covered. threads > 1 reads (and
     pwrites) chunks on that many threads; the output is the same, written in order for None.
     slot_fd(k), if given, is the source fd for job slot k of a threaded call (a source whose
-    one fd two threads must not read at once: MemorySource.slot_fd).
+    one fd two threads must not read at once: MemorySource.slot_fd). times (a
+    kcore.pagetimes.Timeline), if given, notes when each chunk was read.
     """
     _check_args(src_offset, length, page_size)
     if dst_offset is not None and dst_offset < 0:
@@ -270,15 +271,18 @@ def copy_range(
             dst_offset = 0  # /dev/null: no order to keep, every thread writes its own chunks
         if dst_offset is None:
             return _copy_in_order(fds, src_offset, dst_fd, length, flags, page_size,
-                                  progress, path, dst_path, threads)
+                                  progress, path, dst_path, threads, times)
         return _copy_parallel(fds, src_offset, dst_fd, dst_offset, length, flags,
-                              page_size, progress, path, dst_path, threads)
+                              page_size, progress, path, dst_path, threads, times)
     stats = CopyStats()
     st = _native.new_stats()
     keep_alive, buf = _block_buffer(BLOCK)
     for pos, n in _chunks(src_offset, length, page_size):
         out = -1 if dst_offset is None else dst_offset + (pos - src_offset)
+        t0 = times.now() if times is not None else 0
         rc = lib.kc_copy_fd(src_fd, pos, dst_fd, out, n, buf, BLOCK, page_size, flags, st)
+        if times is not None:
+            times.add(pos, n, t0, times.now())
         stats._add_c(st)
         _native.check(rc, st, path=path, dst_path=dst_path)
         if progress is not None:
@@ -289,7 +293,7 @@ def copy_range(
 def _copy_parallel(src_fds: Callable[[int], int], src_offset: int, dst_fd: int,
                    dst_offset: int, length: int, flags: int, page_size: int,
                    progress: Progress | None, path: PathArg, dst_path: PathArg,
-                   threads: int) -> CopyStats:
+                   threads: int, times: Any = None) -> CopyStats:
     """copy_range to an offset on threads: each chunk goes through its own 1 MiB buffer."""
     end = dst_offset + length
     if flags & _native.SPARSE:
@@ -308,8 +312,12 @@ def _copy_parallel(src_fds: Callable[[int], int], src_offset: int, dst_fd: int,
     stats = CopyStats()
 
     def work(pos: int, n: int, slot: int) -> int:
-        return lib.kc_copy_fd(src_fds(slot), pos, dst_fd, dst_offset + (pos - src_offset), n,
-                              bufs[slot][1], BLOCK, page_size, flags, sts[slot])
+        t0 = times.now() if times is not None else 0
+        rc = lib.kc_copy_fd(src_fds(slot), pos, dst_fd, dst_offset + (pos - src_offset), n,
+                            bufs[slot][1], BLOCK, page_size, flags, sts[slot])
+        if times is not None:
+            times.add(pos, n, t0, times.now())
+        return rc
 
     def done(pos: int, n: int, slot: int, rc: int) -> None:
         stats._add_c(sts[slot])
@@ -323,7 +331,7 @@ def _copy_parallel(src_fds: Callable[[int], int], src_offset: int, dst_fd: int,
 
 def _copy_in_order(src_fds: Callable[[int], int], src_offset: int, dst_fd: int, length: int,
                    flags: int, page_size: int, progress: Progress | None, path: PathArg,
-                   dst_path: PathArg, threads: int) -> CopyStats:
+                   dst_path: PathArg, threads: int, times: Any = None) -> CopyStats:
     """copy_range to a stream on threads: they read PIECE-sized buffers, written in order."""
     depth = 2 * threads
     piece = min(PIECE, max(BLOCK, IN_ORDER_BUFFERS // depth // BLOCK * BLOCK))
@@ -335,8 +343,12 @@ def _copy_in_order(src_fds: Callable[[int], int], src_offset: int, dst_fd: int, 
     read_flags = flags & _native.STRICT
 
     def work(pos: int, n: int, slot: int) -> int:
-        return lib.kc_read_fd(src_fds(slot), pos, bufs[slot][1], n, BLOCK, page_size,
-                              read_flags, sts[slot])
+        t0 = times.now() if times is not None else 0
+        rc = lib.kc_read_fd(src_fds(slot), pos, bufs[slot][1], n, BLOCK, page_size,
+                            read_flags, sts[slot])
+        if times is not None:
+            times.add(pos, n, t0, times.now())
+        return rc
 
     def done(pos: int, n: int, slot: int, rc: int) -> None:
         nonlocal written, pending

@@ -503,7 +503,7 @@ class Output:
         self._open = False
         self.tmp_path = None
         self._close()
-        sidecars = []
+        sidecars: list[tuple[str, bytes]] = []
         if self.sha256 is not None and self.with_sidecars:
             line = f"{self.sha256}  {os.path.basename(self.path)}\n"
             sidecars.append((self.sha256_path, line.encode()))

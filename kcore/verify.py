@@ -89,6 +89,7 @@ class Result:
     smear: dict[str, Any] = field(default_factory=dict)
     consumers: dict[str, dict[str, Any]] = field(default_factory=dict)
     symbols: dict[str, Any] = field(default_factory=dict)
+    times: dict[str, Any] = field(default_factory=dict)  # read-time windows (--times, --order)
 
     @property
     def ok(self) -> bool:
@@ -702,6 +703,29 @@ def sparse_chunk_digests(fd: int, size: int) -> dict[str, str]:
 
 # ---- sidecars ----------------------------------------------------------------------------
 
+def _times(path: str, res: Result, manifest: dict[str, Any] | None) -> None:
+    """The read-time windows: the manifest's, checked against DUMP.times where it is."""
+    from kcore.pagetimes import SUFFIX, PageTimes, windows_ok
+
+    said = (manifest or {}).get("times")
+    if isinstance(said, dict) and windows_ok(said):
+        res.times = {k: said[k] for k in ("dump", "critical", "critical_share") if k in said}
+    if not os.path.exists(path + SUFFIX):
+        if isinstance(said, dict) and said.get("sidecar"):
+            res.problem(None, f"{path}{SUFFIX} (the read times the manifest lists) is missing")
+        return
+    try:
+        got = PageTimes.load(path + SUFFIX).summary()
+    except InputError as exc:
+        res.problem(None, str(exc))
+        return
+    res.times = {k: got[k] for k in ("dump", "critical", "critical_share") if k in got}
+    res.times["records"] = got["records"]
+    if isinstance(said, dict) and said.get("records") != got["records"]:
+        res.problem(None, f"{path}{SUFFIX} holds {got['records']} records, the manifest says "
+                          f"{said.get('records')}")
+
+
 def _sidecars(path: str, res: Result) -> tuple[dict[str, Any] | None, str | None]:
     manifest = None
     try:
@@ -804,6 +828,7 @@ def _verify(fd: int, path: str, res: Result) -> Result:
         if release and noted and release != noted:
             res.problem(res.vmcoreinfo.get("offset"), f"VMCOREINFO says OSRELEASE={noted}, "
                                                       f"the manifest {release}")
+    _times(path, res, manifest)
     # Hash only what can be compared: a digest beside the file or in the manifest.
     listed = (manifest or {}).get("chunks")
     hashing = res.format != "kcore" and (sidecar is not None or bool(

@@ -262,3 +262,20 @@ def onefile(cache: Path) -> Path:
             if old != out and old.stat().st_mtime < time.time() - 7 * 86400:
                 shutil.rmtree(old, ignore_errors=True)
         return next(out.glob(f"kcore-*-linux-{platform.machine()}"))
+def make_isf() -> str:
+    """A folder holding an ISF of the fixtures' kernel (pakunoda, from the nokaslr RAM file,
+    cached), or skip."""
+    pakunoda = shutil.which("pakunoda")
+    if pakunoda is None:
+        pytest.skip("pakunoda is not installed (the test extra): no ISF for linux.pslist")
+    folder = CACHE / "isf-6.1.0-56-amd64"
+    out = folder / "linux-6.1.0-56-amd64.isf.json"
+    if not out.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"tmp{os.getpid()}.json"
+        r = subprocess.run([pakunoda, "extract", str(fixture_memory(FIXTURE_NAMES[0])), "-o",
+                            str(tmp), "--offline", "--no-donor", "-q"], capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0 and tmp.exists(), r.stdout[-2000:] + r.stderr[-2000:]
+        os.replace(tmp, out)
+    return str(folder)

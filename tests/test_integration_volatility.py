@@ -20,6 +20,7 @@ from helpers import (
     FIXTURE_NAMES,
     REPO,
     fixture_memory,
+    make_isf,
     run_kcore,
     scratch_dir,
     shared_fixture,
@@ -193,22 +194,7 @@ def test_plugin_folder_and_missing_volatility():
 @pytest.fixture(scope="module")
 def isf() -> str:
     """A folder holding an ISF of the fixtures' kernel (pakunoda, from the nokaslr RAM file)."""
-    import shutil
-
-    pakunoda = shutil.which("pakunoda")
-    if pakunoda is None:
-        pytest.skip("pakunoda is not installed (the test extra): no ISF for linux.pslist")
-    folder = CACHE / "isf-6.1.0-56-amd64"
-    out = folder / "linux-6.1.0-56-amd64.isf.json"
-    if not out.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"tmp{os.getpid()}.json"
-        r = subprocess.run([pakunoda, "extract", str(fixture_memory(NOKASLR)), "-o", str(tmp),
-                            "--offline", "--no-donor", "-q"], capture_output=True, text=True,
-                           timeout=900)
-        assert r.returncode == 0 and tmp.exists(), r.stdout[-2000:] + r.stderr[-2000:]
-        os.replace(tmp, out)
-    return str(folder)
+    return make_isf()
 
 
 def pslist(r: subprocess.CompletedProcess) -> list[tuple[int, int, str]]:

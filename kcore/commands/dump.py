@@ -100,6 +100,15 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--recheck", action="store_true",
                    help="read every range again after the dump and count the pages that "
                         "changed meanwhile (the smear; in the summary and the manifest)")
+    p.add_argument("--order", choices=("address", "critical"), default="address",
+                   help="critical: read first the pages analysis follows (the kernel's globals "
+                        "and page tables, tasks and their mm, VMAs, files and credentials, the "
+                        "module list; found through the kernel's BTF), then the rest in address "
+                        "order; elf, lime, raw, padded and kcore (default address)")
+    p.add_argument("--times", action="store_true",
+                   help="keep when each run of pages was read (ns from the dump's start) in "
+                        "OUTPUT.times; the summary gives the window of the critical set and of "
+                        "the whole dump")
     p.add_argument("--no-digest", dest="digest", action="store_false",
                    help="skip the SHA-256 (and OUTPUT.sha256)")
     p.add_argument("-d", "--dump-level", type=_level_arg, metavar="N", help=LEVEL_HELP)
@@ -159,6 +168,14 @@ def _check_args(args: argparse.Namespace, fmt: Format) -> None:
                          f"{' or '.join(names(lambda f: f.compresses))} only")
     if fmt.compresses:
         get_codec(args.compress or DEFAULT_CODEC)  # unknown or unavailable: exit 2, say which
+    if fmt.write is not None and (args.order == "critical" or args.times):
+        what = "--order critical" if args.order == "critical" else "--times"
+        raise InputError(f"{what}: --format {fmt.name} compresses pages in address order as "
+                         f"it reads them, which this option cannot reorder or time; use elf, "
+                         f"lime, raw, padded or kcore (then convert: --source elf:DUMP)")
+    if args.times and args.output == "-":
+        raise InputError("--times keeps its record beside the output (OUTPUT.times): give a "
+                         "file (-o FILE), not stdout")
     if not 0 <= args.threads <= 16:
         raise InputError(f"--threads {args.threads} must be from 0 (one per CPU) to 16")
 
@@ -243,9 +260,11 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     # a live kernel's pages: else their pages were free to the classification, left out, and
     # crash would find the task list pointing into them.
     remote = destinations.options(args, req.threads) if destinations.is_remote(path) else None
+    timeline = _timeline(args, system)
     with (open_output(path, force=args.force, digest=want_digest, remote=remote) as out,
           engine.started_threads(req.threads)):
         filtered = _apply_level(args, req, fmt)
+        first = _read_critical(args, system, req, timeline)
         if args.recheck and out.kind != "file":
             raise InputError(f"--recheck reads the output back: give a file, not {path}")
         if args.recheck and fmt.write is not None:
@@ -256,12 +275,13 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
         done: tuple[Plan, Any] | None
         if fmt.write is not None:
             done = _write_self(args, req, out, fmt)
-        else:
-            done = None if want_digest else _write_one_pass(args, req, out, fmt)
+        else:  # the one pass places pages as it finds them: no room for --order or --times
+            one = not want_digest and timeline is None
+            done = _write_one_pass(args, req, out, fmt) if one else None
         if done is not None:
             plan, stats = done
         else:
-            plan, stats = _write_two_pass(args, req, out, fmt)
+            plan, stats = _write_two_pass(args, req, out, fmt, first, timeline)
         hashing = out.hasher
         bar = _progress_bar(plan.size, args.quiet, "sha256") if hashing is not None else None
         if bar is not None and hashing is not None:
@@ -306,6 +326,8 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
             summary["manifest"]["symbols"] = kept
             summary["result"]["symbols"] = {"files": len(kept["files"]),
                                             "missing": kept["missing"], "where": kept["where"]}
+        if timeline is not None:
+            _time_report(args, summary, out, req.source, timeline, first)
         out.commit(plan.size, summary["manifest"] if out.kind in ("file", "remote") else None,
                    landed=lambda: landed.append(True))
     if isinstance(out, destinations.RemoteOutput):
@@ -326,6 +348,46 @@ def _symbols(args: argparse.Namespace, system: Any) -> Any:
     from kcore.symbols import gather
 
     return gather(args.root, system)
+
+
+def _timeline(args: argparse.Namespace, system: Any) -> Any:
+    """The read-time record of --times and --order critical (None without either)."""
+    if not args.times and args.order != "critical":
+        return None
+    from kcore.pagetimes import Timeline
+
+    return Timeline(page_size=system.addrmap.page_size)
+
+
+def _read_critical(args: argparse.Namespace, system: Any, req: Request, timeline: Any) -> Any:
+    """--order critical: find the critical pages (through the whole source) and read those
+    the dump holds now; None without the option."""
+    if args.order != "critical":
+        return None
+    from kcore import critical
+
+    cset = critical.find(system, system.source)
+    return critical.read_first(req.source, cset, timeline)
+
+
+def _time_report(args: argparse.Namespace, summary: dict[str, Any], out: Output, source: Any,
+                 timeline: Any, first: Any) -> None:
+    """The windows (and the critical set) in the summary and manifest; OUTPUT.times."""
+    from kcore import pagetimes
+
+    times = pagetimes.summary(timeline.records(source.extents))
+    if args.times and out.kind == "file":
+        out.extra_sidecars[pagetimes.SUFFIX] = timeline.to_bytes(source.extents)
+        times["sidecar"] = out.path + pagetimes.SUFFIX
+    summary["result"]["times"] = summary["manifest"]["times"] = times
+    summary["result"]["order"] = summary["manifest"]["order"] = args.order
+    if first is not None:
+        cset = first.found
+        crit = {"pages": first.pages, "kinds": cset.counts, "tasks": len(cset.tasks),
+                "walk_seconds": round(cset.seconds, 3), "read_seconds": round(first.seconds, 6),
+                "pages_unreadable": first.pages_unreadable,
+                "pages_not_in_output": first.pages_not_placed, "warnings": cset.warnings}
+        summary["result"]["critical"] = summary["manifest"]["critical"] = crit
 
 
 def _apply_level(args: argparse.Namespace, req: Request, fmt: Format) -> Any:
@@ -465,7 +527,7 @@ def _write_self(args: argparse.Namespace, req: Request, out: Output,
 
 
 def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
-                    fmt: Format) -> tuple[Plan, Any]:
+                    fmt: Format, first: Any = None, times: Any = None) -> tuple[Plan, Any]:
     """Plan the dump (a zero-run scan first where elision applies), then write it.
 
     A digest needs a contiguous plan: it is hashed from the writer's own buffers, in order.
@@ -484,7 +546,8 @@ def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
     try:
         stats = write_plan(out, req.source, plan, sparse=fmt.sparse,
                            strict=args.strict, threads=req.threads,
-                           progress=bar.update if bar is not None else None)
+                           progress=bar.update if bar is not None else None,
+                           first=first, times=times)
     finally:
         if bar is not None:
             bar.close()
@@ -557,6 +620,13 @@ def _print_human(r: dict[str, Any], plan: Plan) -> None:
                      f"{human(c['output_bytes'])} ({c['ratio']}x smaller)")
     if r["pages_zero_filled"]:
         lines.append(f"  {r['pages_zero_filled']} unreadable pages dumped as zeros")
+    t = r.get("times")
+    if t and t.get("dump"):
+        crit = t.get("critical")
+        part = (f"; the critical set ({crit['pages']} pages) in {crit['seconds'] * 1e3:.3f} ms, "
+                f"{100 * (t.get('critical_share') or 0):.3f}% of it") if crit else ""
+        lines.append(f"  read times: the dump's reads spanned {t['dump']['seconds']:.3f} s{part}"
+                     + (f" (per run in {t['sidecar']})" if t.get("sidecar") else ""))
     if r.get("recheck"):
         c = r["recheck"]
         lines.append(f"  recheck: {c['changed']} of {c['pages']} copied pages "

@@ -108,6 +108,12 @@ def _print_human(r: Any) -> None:
     elif sym:
         lines.append("  symbols     none kept (kcore symbols and vol need them: dump without "
                      "--no-symbols)")
+    t = r.times
+    if t.get("dump"):
+        crit = t.get("critical")
+        lines.append(f"  read times  the dump's reads spanned {t['dump']['seconds']:.3f} s"
+                     + (f", the critical set's ({crit['pages']} pages) {crit['seconds']:.6f} s "
+                        f"({100 * (t.get('critical_share') or 0):.3f}%)" if crit else ""))
     for name, c in r.consumers.items():
         lines.append(f"  {name:<11} {'ok' if c['ok'] else 'NO'}: {c['why']}")
     for w in r.warnings:

@@ -16,8 +16,14 @@ ZERO_BLOCK = 1 << 20
 
 
 def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bool,
-               progress: Callable[[int], None] | None = None, threads: int = 1) -> Any:
-    """Write a plan's items to out (pwrite + holes if seekable, else in order)."""
+               progress: Callable[[int], None] | None = None, threads: int = 1,
+               first: Any = None, times: Any = None) -> Any:
+    """Write a plan's items to out (pwrite + holes if seekable, else in order).
+
+    first (a kcore.critical.Snapshot): pages read before the copy, which stand in the
+    output for what the copy reads of them (put over it in a file, spliced into a stream).
+    times (a kcore.pagetimes.Timeline): notes when each chunk was read.
+    """
     from kcore import engine
 
     stats = engine.CopyStats()
@@ -26,7 +32,7 @@ def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bo
         out.set_size(plan.size)
     if seekable and out.hasher is not None:
         return _write_hashing(out, source, plan, sparse=sparse, strict=strict,
-                              progress=progress)
+                              progress=progress, first=first, times=times)
     zero = bytes(ZERO_BLOCK)
     pos = 0
     for item in plan.items:
@@ -36,11 +42,16 @@ def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bo
             write_all(out.fd, item.data, item.dst if seekable else None)
             pos = item.dst + len(item.data)
         elif isinstance(item, Copy):
-            stats += engine.copy_range(
-                source.fd, item.src, out.fd, item.dst if seekable else None, item.length,
-                sparse=sparse and seekable, strict=strict, progress=progress, threads=threads,
-                slot_fd=getattr(source, "slot_fd", None),
-            )
+            for piece in _spliced(item, first if not seekable else None):
+                if isinstance(piece, Blob):
+                    write_all(out.fd, piece.data, None)
+                    continue
+                stats += engine.copy_range(
+                    source.fd, piece.src, out.fd, piece.dst if seekable else None,
+                    piece.length, sparse=sparse and seekable, strict=strict,
+                    progress=progress, threads=threads,
+                    slot_fd=getattr(source, "slot_fd", None), times=times,
+                )
             pos = item.dst + item.length
         else:
             if not seekable or not sparse:
@@ -54,11 +65,30 @@ def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bo
             pos = item.dst + item.length
     if not seekable and pos != plan.size:
         raise AssertionError(f"plan ends at {pos:#x}, expected {plan.size:#x}")
+    if seekable and first is not None:
+        first.rewrite(out.fd, plan.items)
     return stats
 
 
+def _spliced(item: Copy, first: Any) -> list[Copy | Blob]:
+    """A copy cut around the pages held in first: those go as their held bytes (a stream)."""
+    if first is None:
+        return [item]
+    out: list[Copy | Blob] = []
+    pos = item.src
+    for off, data in first.within(item.src, item.length):
+        if off > pos:
+            out.append(Copy(item.dst + pos - item.src, pos, off - pos))
+        out.append(Blob(item.dst + off - item.src, bytes(data)))
+        pos = off + len(data)
+    if pos < item.src + item.length:
+        out.append(Copy(item.dst + pos - item.src, pos, item.src + item.length - pos))
+    return out
+
+
 def _write_hashing(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bool,
-                   progress: Callable[[int], None] | None = None) -> Any:
+                   progress: Callable[[int], None] | None = None, first: Any = None,
+                   times: Any = None) -> Any:
     """write_plan to a seekable output whose hasher takes the written buffers, in order."""
     from kcore import engine
 
@@ -79,8 +109,13 @@ def _write_hashing(out: Output, source: Any, plan: Plan, *, sparse: bool, strict
                 # blocks end on page boundaries of the source (as the engine's do)
                 n = min(end - pos, block - pos % page) if end - pos > block else end - pos
                 buf = hasher.buffer()
+                t0 = times.now() if times is not None else 0
                 stats += engine.copy_through(source.fd, pos, out.fd, at, memoryview(buf)[:n],
                                              sparse=sparse, strict=strict)
+                if times is not None:
+                    times.add(pos, n, t0, times.now())
+                if first is not None:
+                    first.overlay(buf, pos, n, out.fd, at)
                 hasher.submit(buf, n)
                 pos += n
                 at += n
@@ -103,7 +138,7 @@ def _write_hashing(out: Output, source: Any, plan: Plan, *, sparse: bool, strict
     return stats
 
 
-def write_all(fd: int, data: bytes, offset: int | None) -> None:
+def write_all(fd: int, data: bytes | memoryview, offset: int | None) -> None:
     """Write all of data at offset (pwrite), or at the fd's position when offset is None."""
     view = memoryview(data)
     while view:

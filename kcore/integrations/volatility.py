@@ -43,6 +43,34 @@ _VOLATILITY_MAGICS = (
 )
 
 
+# `kcore smear`: the physical pages the plugin read (not the stackers' scans), written to
+# $KCORE_SMEAR_PAGES (one hex page address a line) when Volatility exits.
+SMEAR_ENV = "KCORE_SMEAR_PAGES"
+_touched: set[int] = set()
+_scanning = [0]
+
+
+def _save_touched() -> None:
+    path = os.environ.get(SMEAR_ENV)
+    if path:
+        with open(path, "w", encoding="ascii") as f:
+            f.write("".join(f"{p:x}\n" for p in sorted(_touched)))
+
+
+_recording = bool(os.environ.get(SMEAR_ENV))
+if _recording:
+    import atexit
+
+    atexit.register(_save_touched)
+
+
+def page_times(path: str) -> Any:
+    """The read times kept beside a dump (DUMP.times, `kcore dump --times`), or None."""
+    from kcore.pagetimes import SUFFIX, PageTimes
+
+    return PageTimes.load(path + SUFFIX) if os.path.exists(path + SUFFIX) else None
+
+
 # Sources opened by the stacker, reused by the layers Volatility builds from their config
 # (a kdump file is unpacked once per process, not once per layer construction).
 _opened: dict[tuple[str, int, int, int, int], Any] = {}
@@ -112,6 +140,14 @@ class KcoreLayer(interfaces.layers.DataLayerInterface):
             raise exceptions.LayerException(name, f"{self._spec}: no physical memory in it")
         self._starts = [lo for lo, _ in self._ranges]
         self._ends = [hi for _, hi in self._ranges]
+        self._times: Any = False  # the dump's read times, loaded on first use
+
+    def page_time(self, offset: int) -> tuple[int, int] | None:
+        """When the dump read the page at physical offset: (start, end) ns from the dump's
+        start, from DUMP.times (`kcore dump --times`); None without it."""
+        if self._times is False:
+            self._times = page_times(self._spec.partition(":")[2])
+        return None if self._times is None else self._times.when(offset)
 
     @property
     def _source(self) -> Any:
@@ -174,6 +210,8 @@ class KcoreLayer(interfaces.layers.DataLayerInterface):
         if bad is not None and not pad:
             raise exceptions.InvalidAddressException(
                 self.name, bad, f"physical address {bad:#x} is not in {self._spec}")
+        if _recording and not _scanning[0]:
+            _touched.update(range(offset & ~4095, offset + length, 4096))
         try:
             data, _stats = self._source.read_phys(offset, length)  # zeros in the holes
         except KcoreError as exc:
@@ -195,7 +233,12 @@ class KcoreLayer(interfaces.layers.DataLayerInterface):
         """Scan the source's ranges (not the holes between them) unless told otherwise."""
         if sections is None:
             sections = [(lo, hi - lo) for lo, hi in self._ranges]
-        return super().scan(context, scanner, progress_callback, sections)
+        found = super().scan(context, scanner, progress_callback, sections)
+        _scanning[0] += 1  # a scan reads everything: not what a plugin follows
+        try:
+            yield from found
+        finally:
+            _scanning[0] -= 1
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
@@ -298,5 +341,5 @@ if __name__ == "__main__":
     print(plugin_dir())
     sys.exit(0)
 
-__all__ = ["PLUGIN_DIR", "KcoreLayer", "KcoreStacker", "local_path", "plugin_dir",
-           "valid_ranges"]
+__all__ = ["PLUGIN_DIR", "SMEAR_ENV", "KcoreLayer", "KcoreStacker", "local_path", "page_times",
+           "plugin_dir", "valid_ranges"]
