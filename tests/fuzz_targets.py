@@ -577,7 +577,7 @@ def _flat_mutate(seed: bytes, rnd: random.Random) -> bytes:
             i = rnd.randrange(len(recs))
             end = recs[i + 1] if i + 1 < len(recs) else len(data)
             del data[recs[i]:end]
-        elif op < 0.9:
+        elif op < 0.9 and data:
             del data[rnd.randrange(len(data)):]
         elif data:
             data[rnd.randrange(min(len(data), 4096))] ^= 1 << rnd.randrange(8)

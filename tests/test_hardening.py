@@ -672,8 +672,8 @@ def _root_file(tmp_path: Path, rel: str, data: bytes) -> Path:
 
 def test_dump_level_bitmaps_follow_the_source_not_iomems_claims(tmp_path: Path) -> None:
     """An iomem claiming System RAM up to 2^52 beside 512 MiB of memory: a kdump -d 31 dump
-    of what the source holds, in bounded memory (its bitmaps took 4 GB), that crash's
-    libkdumpfile-free reader, makedumpfile, opens (--dump-dmesg)."""
+    of what the source holds, in bounded memory (its bitmaps took 4 GB), that makedumpfile
+    opens (--dump-dmesg finds the kernel's banner)."""
     import shutil
 
     text = (shared_fixture(NOKASLR) / "root/proc/iomem").read_text()
