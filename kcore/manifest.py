@@ -80,6 +80,12 @@ def _chunks(v: Any) -> bool:
     return False
 
 
+def _parts(v: Any) -> bool:
+    """A remote dump's parts (kcore.destinations): their size, count and SHA-256s."""
+    return (isinstance(v, dict) and _u64(v.get("size")) and _u64(v.get("count"))
+            and isinstance(v.get("sha256"), list) and all(_sha256(d) for d in v["sha256"]))
+
+
 SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tool": (_text, "a string"),
     "output": (_text, "a string"),
@@ -98,6 +104,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "warnings": (_texts, "a list of strings"),
     "sha256": (_optional(_sha256), "a SHA-256 in hex or null"),
     "chunks": (_optional(_chunks), "null or {size, sha256: [...] or {index: digest}}"),
+    "parts": (_optional(_parts), "null or {size, count, sha256: [...]}"),
     "compression": (_optional(_object), "an object or null"),
     "dump_level": (_optional(_object), "an object or null"),
     "recheck": (_optional(_object), "an object or null"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import queue
 import random
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kcore.errors import KcoreError, OutputError
+from kcore.manifest import dumps as manifest_bytes
 from kcore.output import ChunkedSha256, Output
 
 PIPE_SIZE = 4 << 20  # the writer's pipe (F_SETPIPE_SZ; else 1 MiB, pipe-max-size's default)
@@ -337,7 +337,7 @@ class RemoteOutput(Output):
             full = dict(manifest, sha256=self.sha256, chunks=None,
                         parts={"size": self.part_size, "count": len(self._parts),
                                "sha256": self._parts, "resumed": self._skipped})
-            beside.append((".json", (json.dumps(full, indent=2) + "\n").encode()))
+            beside.append((".json", manifest_bytes(full)))
         for suffix, data in beside:
             try:
                 at = self.sink.put_beside(suffix, data)
