@@ -215,7 +215,7 @@ def test_kcore_format_dump_is_the_real_kcore(fx: Fixture) -> None:
                     f.seek(reg["offset"])
                     assert f.read(reg["length"]) == data, reg["what"]
     finally:
-        for p in (out, Path(f"{out}.sha256"), Path(f"{out}.json")):
+        for p in (out, *shm.glob(f"{out.name}.*")):  # the sidecars too (.symbols, .json...)
             p.unlink(missing_ok=True)
 
 
