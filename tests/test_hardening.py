@@ -681,10 +681,11 @@ def test_dump_level_bitmaps_follow_the_source_not_iomems_claims(tmp_path: Path) 
     root = _root_file(tmp_path, "proc/iomem", text.replace(
         "00100000-1ffdffff : System RAM\n", "00100000-fffffffffffff : System RAM\n").encode())
     out = tmp_path / "mem.kdump"
-    # the dump in a process that reports its own peak RSS
-    code = ("import resource, sys; from kcore.cli import main; rc = main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
-            "sys.exit(rc)")
+    # the dump in a process that reports its own peak RSS: VmHWM, of its own mm (ru_maxrss
+    # would carry over the forking pytest's, hundreds of MiB late in a full run)
+    code = ("import re, sys; from kcore.cli import main; rc = main(sys.argv[1:]); "
+            "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]; "
+            "print(hwm, file=sys.stderr); sys.exit(rc)")
     r = subprocess.run(
         [sys.executable, "-c", code, "dump", "--root", str(root), "--source",
          f"raw:{fixture_memory(NOKASLR)}", "-d", "31", "--format", "kdump", "--compress",
