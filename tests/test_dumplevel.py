@@ -254,7 +254,7 @@ def test_kcore_format_ignores_the_level(tmp_path):
         summary = json.loads(r.stdout)
         assert any("--dump-level" in w and "kcore" in w for w in summary["warnings"])
     finally:
-        for p in (out, Path(f"{out}.json"), Path(f"{out}.sha256")):
+        for p in (out, *out.parent.glob(f"{out.name}.*")):  # every sidecar (.symbols too)
             p.unlink(missing_ok=True)
 
 

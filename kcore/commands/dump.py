@@ -434,8 +434,14 @@ def _estimate(args: argparse.Namespace, system: Any, fmt: Format) -> int:
     kept = filtered.held_pages() - zero
     page = filtered.classes.page_size
     report = filtered.report(zero, kept)
+    kept_symbols = 0  # the symbol files the dump keeps in its notes (elf, kdump)
+    symbols = _symbols(args, system) if fmt.notes else None
+    if symbols is not None:
+        from kcore.symbols import elf_notes
+
+        kept_symbols = len(elf_notes(symbols))
     result: dict[str, Any] = {"format": fmt.name, "estimate": True,
-              "bytes": kept * page + dumplevel.header_bytes(filtered, fmt.name),
+              "bytes": kept * page + dumplevel.header_bytes(filtered, fmt.name) + kept_symbols,
               "dump_level": report,
               "levels": dumplevel.level_table(system, level, filtered)}
     if args.json:
