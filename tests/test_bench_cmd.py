@@ -32,7 +32,7 @@ def saved_kcore() -> Iterator[tuple[str, int]]:
     try:
         yield str(out), ram
     finally:
-        for path in (out, out.with_name(out.name + ".json")):  # the dump and its manifest
+        for path in (out, *shm.glob(out.name + ".*")):  # the dump and its sidecars
             path.unlink(missing_ok=True)
 
 
