@@ -99,7 +99,9 @@ def dumped(request: pytest.FixtureRequest, vm_pool: Pool) -> SelfDump:
     return self_dump(vm_pool, request.param)
 
 
-VOL_CACHE = CACHE / "vol-cache"  # Volatility's symbol index: built once (slow), then reused
+# Volatility's symbol index, built once (slow), then reused; this file's own: another vol
+# updating a shared index without kcore's ISF folder drops the entry kcore's stacker added
+VOL_CACHE = CACHE / "vol-cache-symbols"
 
 
 @pytest.fixture(scope="module", autouse=True)
