@@ -237,7 +237,7 @@ def test_kcore_format_is_the_real_kcore(name):
                 f.seek(r["kcore_offset"])
                 assert f.read(r["length"]) == expected_bytes(name, r["file"]), r["file"]
     finally:
-        for p in (out, Path(f"{out}.json")):
+        for p in (out, *out.parent.glob(f"{out.name}.*")):  # and every sidecar (.symbols)
             p.unlink(missing_ok=True)
 
 
