@@ -29,6 +29,7 @@ from typing import Any
 
 from kcore.errors import InputError
 from kcore.sources.files import open_readonly
+from kcore.system import read_bounded
 from kcore.wire.elf import (
     EHDR,
     EM_BY_ARCH,
@@ -104,16 +105,10 @@ def _reading(path: str) -> Iterator[int]:
 def _read_file(path: Path) -> bytes:
     """All of a file (proc and sysfs files report no size: read to EOF)."""
     with open(path, "rb", buffering=0) as f:
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                return b"".join(parts)
-            parts.append(chunk)
-            total += len(chunk)
-            if total > MAX_FILE:
-                raise InputError(f"{path}: larger than {MAX_FILE >> 20} MiB")
+        data = read_bounded(f, MAX_FILE + 1)
+    if len(data) > MAX_FILE:
+        raise InputError(f"{path}: larger than {MAX_FILE >> 20} MiB")
+    return data
 
 
 def _uname(root: Path, arch: str | None) -> bytes | None:

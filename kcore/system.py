@@ -34,7 +34,7 @@ MAX_ROOT_FILE = 1 << 28  # bytes read of a root file at most (kallsyms: ~10 MiB 
 READ_CHUNK = 1 << 20
 
 
-def _read_bounded(f: BinaryIO, limit: int) -> bytes:
+def read_bounded(f: BinaryIO, limit: int) -> bytes:
     """At most limit bytes of f, read 1 MiB at a time: f.read(limit) allocates limit bytes at
     once for a /proc file (size 0), 256 MiB that a small host or guest does not have, and a
     sysctl file (proc_sys_call_handler) fails a read of KMALLOC_MAX_SIZE or more with ENOMEM."""
@@ -62,7 +62,7 @@ def read_root(root: Path, rel: str, *, required: bool = True) -> bytes | None:
     path = root / rel
     try:
         with open(path, "rb") as f:
-            data = _read_bounded(f, MAX_ROOT_FILE + 1)
+            data = read_bounded(f, MAX_ROOT_FILE + 1)
     except FileNotFoundError:
         if required:
             raise InputError(
