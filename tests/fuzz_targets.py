@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -495,11 +496,11 @@ def _manifest_mutate(seed: bytes, rnd: random.Random) -> bytes:
         nodes = _nodes(doc, [])
         op = rnd.random()
         if not nodes or op < 0.05:
-            doc = rnd.choice(_JSON_VALUES)
+            doc = copy.deepcopy(rnd.choice(_JSON_VALUES))
             break
         box, key = rnd.choice(nodes)
         if op < 0.75:
-            box[key] = rnd.choice(_JSON_VALUES)
+            box[key] = copy.deepcopy(rnd.choice(_JSON_VALUES))  # the shared [] and {} stay empty
         elif op < 0.9:
             del box[key]
         elif len(json.dumps(box[key])) < 1000:  # a list of copies, at most ~1 MiB
