@@ -443,25 +443,20 @@ def _kdump(fd: int, res: Result) -> list[Region]:
 
     res.format, res.detail = "kdump", "kdump-compressed (makedumpfile's diskdump format)"
     hdr = dd.DiskDumpHeader.unpack(_read(fd, 0, dd.HEADER.size, res.size, "disk_dump_header"))
-    bs = hdr.block_size
-    if bs < 1024 or bs > 1 << 16 or bs & (bs - 1):
-        raise Broken(0x20c, f"block_size {bs} is not a power of two from 1 KiB to 64 KiB")
-    if hdr.sub_hdr_size <= 0 or hdr.bitmap_blocks <= 0 or hdr.bitmap_blocks % 2:
-        raise Broken(0x210, f"sub_hdr_size {hdr.sub_hdr_size}, bitmap_blocks "
-                            f"{hdr.bitmap_blocks}: not a kdump-compressed layout")
-    sub = dd.SubHeader.unpack(_read(fd, bs, dd.SUB_HEADER.size, res.size, "kdump_sub_header"),
-                              hdr.header_version)
+    try:
+        dd.check_header(hdr, res.size)
+        bs = hdr.block_size
+        sub = dd.SubHeader.unpack(_read(fd, bs, dd.SUB_HEADER.size, res.size,
+                                        "kdump_sub_header"), hdr.header_version)
+        mapnr = dd.check_sub(hdr, sub, res.size)
+    except dd.LayoutError as exc:
+        raise Broken(exc.offset, str(exc)) from None
     info = None
     if sub.size_vmcoreinfo:
-        if sub.size_vmcoreinfo > 1 << 20:
-            raise Broken(bs, f"VMCOREINFO of {sub.size_vmcoreinfo} bytes")
         info = _read(fd, sub.offset_vmcoreinfo, sub.size_vmcoreinfo, res.size, "VMCOREINFO")
     _vmcoreinfo(res, info)
     res.vmcoreinfo["offset"] = sub.offset_vmcoreinfo if info is not None else None
-    mapnr = sub.max_mapnr or hdr.max_mapnr
     half = hdr.bitmap_blocks * bs // 2
-    if mapnr > half * 8:
-        raise Broken(0x214, f"max_mapnr {mapnr} does not fit bitmaps of {half} bytes")
     bitmap_at = (1 + hdr.sub_hdr_size) * bs
     _read(fd, bitmap_at, 2 * half, res.size, "bitmaps")  # bounds only
     dumped = dd.runs_of(pread_full(fd, half, bitmap_at + half), mapnr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -134,3 +135,70 @@ def test_geometry_places_every_part(made: Made) -> None:
     assert last[0] + last[1] == len(made.data)
     for _offset, size, flags, _pf in (first, last):
         assert 0 < size <= PAGE and flags & ~diskdump.DH_CODECS == 0
+
+
+# field: (its value in makedumpfile's file, a bad value), the sub header's fields from its block
+BAD_FIELDS = {
+    "signature": (b"KDUMP   ", b"KDUMPX  "),
+    "header_version": (6, 0),
+    "block_size": (PAGE, 3000),
+    "sub_hdr_size": (None, 1 << 30),
+    "bitmap_blocks": (None, 3),
+    "max_mapnr": (None, None),
+    "split": (0, 1),
+    "size_vmcoreinfo": (None, 1 << 40),
+    "max_mapnr_64": (None, 1 << 40),
+}
+
+
+@pytest.mark.parametrize("field", list(BAD_FIELDS))
+def test_header_errors_name_the_field_where_it_is(made: Made, tmp_path: Path, field: str,
+                                                  ) -> None:
+    """A bad value in each disk_dump_header / kdump_sub_header field of makedumpfile's file:
+    kcore verify reports it at the file offset where makedumpfile wrote that field, and the
+    kdump: source refuses the file in one line naming the field and its offset."""
+    from kcore.sources.kdump import KdumpFormatError
+    from kcore.sources import open_source
+    from kcore.verify import verify
+
+    was, bad = BAD_FIELDS[field]
+    at = (diskdump.FIELD_OFFSETS.get(field)
+          if field in diskdump.FIELD_OFFSETS
+          else made.head.block_size + diskdump.SUB_FIELD_OFFSETS[field])
+    data = bytearray(made.data)
+    values = {"signature": made.head.signature, "header_version": made.head.header_version,
+              "block_size": made.head.block_size, "sub_hdr_size": made.head.sub_hdr_size,
+              "bitmap_blocks": made.head.bitmap_blocks, "max_mapnr": made.head.max_mapnr,
+              "split": made.sub.split, "size_vmcoreinfo": made.sub.size_vmcoreinfo,
+              "max_mapnr_64": made.sub.max_mapnr}
+    if field == "signature":
+        assert data[at:at + 8] == was
+        data[at:at + 8] = bad
+    else:
+        width = 8 if field in ("size_vmcoreinfo", "max_mapnr_64") else 4
+        fmt = "<Q" if width == 8 else "<I"
+        # the offset holds what makedumpfile wrote there (and what its other fields imply)
+        assert struct.unpack_from(fmt, data, at)[0] == values[field]
+        if was is not None:
+            assert values[field] == was
+        if field == "max_mapnr":  # version 6 files read max_mapnr_64: clear it to reach this
+            struct.pack_into("<Q", data, made.head.block_size + 96, 0)
+            bad = made.head.bitmap_blocks * made.head.block_size * 4 + 1
+        struct.pack_into(fmt, data, at, bad)
+    path = tmp_path / "bad.kdump"
+    path.write_bytes(data)
+    if field == "signature":  # no kdump signature: verify does not take it for kdump at all
+        from kcore.errors import InputError
+
+        with pytest.raises(InputError, match="not a dump kcore knows"):
+            verify(str(path))
+    else:
+        found = verify(str(path)).as_dict()
+        assert not found["ok"]
+        problem = found["problems"][0]
+        assert int(problem["offset"], 16) == at, (field, problem)
+        assert field in problem["what"], (field, problem)
+    with pytest.raises(KdumpFormatError) as exc:
+        open_source(f"kdump:{path}").close()
+    message = str(exc.value)
+    assert f"{field} at offset {at:#x}" in message and "\n" not in message, message

@@ -17,7 +17,6 @@ from kcore.wire import diskdump, flattened
 
 BATCH_PAGES = 512
 WINDOW = 4 << 20  # file bytes read at once while unpacking
-MAX_BLOCK = 1 << 16  # block sizes (page sizes) kdump files use: 4 KiB to 64 KiB
 
 
 class KdumpFormatError(SourceError):
@@ -116,30 +115,16 @@ def unpack(fd: int, path: str, out: int) -> tuple[list[Extent], bytes | None]:
 
     size = file_size(fd)
     header = diskdump.DiskDumpHeader.unpack(need(0, diskdump.HEADER.size, "disk_dump_header"))
-    if header.signature != diskdump.KDUMP_SIGNATURE:
-        raise KdumpFormatError(f"{path}: not a kdump-compressed file (signature "
-                               f"{header.signature!r} at offset 0x0)")
+    try:
+        geo = diskdump.check_header(header, size)
+        sub = diskdump.SubHeader.unpack(need(header.block_size, diskdump.SUB_HEADER.size,
+                                             "kdump_sub_header"), header.header_version)
+        max_mapnr = diskdump.check_sub(header, sub, size)
+    except diskdump.LayoutError as exc:
+        raise KdumpFormatError(f"{path}: {exc}") from None
     block = header.block_size
-    if block < 4096 or block > MAX_BLOCK or block & (block - 1):
-        raise KdumpFormatError(f"{path}: bad block_size {block} at offset 0x1ac")
-    if header.header_version < 1 or header.sub_hdr_size < 0:
-        raise KdumpFormatError(f"{path}: header_version {header.header_version} at offset 0x8 "
-                               f"has no sub header")
-    sub = diskdump.SubHeader.unpack(need(block, diskdump.SUB_HEADER.size, "kdump_sub_header"),
-                                    header.header_version)
-    if sub.split:
-        raise KdumpFormatError(f"{path}: one part of a split dump (split at offset "
-                               f"{block + 12:#x}); reassemble it with makedumpfile --reassemble")
-    max_mapnr = sub.max_mapnr or header.max_mapnr
-    geo = diskdump.Geometry(block, header.sub_hdr_size, header.bitmap_blocks, 0)
-    if header.bitmap_blocks < 2 or geo.bitmap_len * 8 < max_mapnr:
-        raise KdumpFormatError(f"{path}: bitmap_blocks {header.bitmap_blocks} at offset 0x1b4 "
-                               f"cannot cover max_mapnr {max_mapnr:#x}")
-    if geo.desc_offset > size:
-        raise KdumpFormatError(f"{path}: truncated at offset {size:#x} (the bitmaps end at "
-                               f"{geo.desc_offset:#x})")
     vmcoreinfo = None
-    if sub.size_vmcoreinfo and sub.size_vmcoreinfo < 1 << 20:
+    if sub.size_vmcoreinfo:
         vmcoreinfo = need(sub.offset_vmcoreinfo, sub.size_vmcoreinfo, "VMCOREINFO")
     dumped = need(geo.bitmap_offset + geo.bitmap_len, geo.bitmap_len, "dumpable bitmap")
     runs = diskdump.runs_of(dumped, max_mapnr)

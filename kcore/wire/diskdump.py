@@ -101,6 +101,71 @@ class SubHeader:
         return sub
 
 
+# Where disk_dump_header's fields are (the 64-bit layout above) and, from the sub header's
+# block, the kdump_sub_header's: what a LayoutError names.
+FIELD_OFFSETS = {"signature": 0x0, "header_version": 0x8, "block_size": 0x1AC,
+                 "sub_hdr_size": 0x1B0, "bitmap_blocks": 0x1B4, "max_mapnr": 0x1B8}
+SUB_FIELD_OFFSETS = {"split": 12, "offset_vmcoreinfo": 32, "size_vmcoreinfo": 40,
+                     "max_mapnr_64": 96}
+MIN_BLOCK, MAX_BLOCK = 1 << 12, 1 << 16  # block size = page size: 4 KiB to 64 KiB
+MAX_VMCOREINFO = 1 << 20
+
+
+class LayoutError(ValueError):
+    """An impossible kdump header field: the file offset and name of the field, and why."""
+
+    def __init__(self, offset: int, field: str, why: str) -> None:
+        super().__init__(f"{field} at offset {offset:#x}: {why}")
+        self.offset, self.field, self.why = offset, field, why
+
+
+def check_header(hdr: DiskDumpHeader, size: int) -> Geometry:
+    """The geometry of a file of size bytes with this disk_dump_header, or a LayoutError."""
+    def bad(field: str, why: str) -> LayoutError:
+        return LayoutError(FIELD_OFFSETS[field], field, why)
+
+    if hdr.signature not in (KDUMP_SIGNATURE, DISKDUMP_SIGNATURE):
+        raise bad("signature", f"{hdr.signature!r} is not {KDUMP_SIGNATURE!r}: not a "
+                               "kdump-compressed file")
+    if not 1 <= hdr.header_version <= 1 << 10:
+        raise bad("header_version", f"{hdr.header_version} (a kdump file has a sub header "
+                                    "from version 1)")
+    bs = hdr.block_size
+    if bs < MIN_BLOCK or bs > MAX_BLOCK or bs & (bs - 1):
+        raise bad("block_size", f"{bs} is not a power of two from 4 KiB to 64 KiB")
+    if hdr.sub_hdr_size <= 0 or (1 + hdr.sub_hdr_size) * bs > size:
+        raise bad("sub_hdr_size", f"{hdr.sub_hdr_size} blocks do not fit the file of "
+                                  f"{size:#x} bytes")
+    if hdr.bitmap_blocks < 2 or hdr.bitmap_blocks % 2:
+        raise bad("bitmap_blocks", f"{hdr.bitmap_blocks} is not an even count of blocks "
+                                   "(two bitmaps of equal size)")
+    geo = Geometry(bs, hdr.sub_hdr_size, hdr.bitmap_blocks, 0)
+    if geo.desc_offset > size:
+        raise bad("bitmap_blocks", f"the bitmaps end at {geo.desc_offset:#x}, past the end of "
+                                   f"the file ({size:#x}): truncated")
+    return geo
+
+
+def check_sub(hdr: DiskDumpHeader, sub: SubHeader, size: int) -> int:
+    """max_mapnr of a file whose header passed check_header, or a LayoutError."""
+    at = hdr.block_size
+    if sub.split:
+        raise LayoutError(at + SUB_FIELD_OFFSETS["split"], "split", "one part of a split "
+                          "dump: reassemble it with makedumpfile --reassemble")
+    if sub.size_vmcoreinfo and (sub.size_vmcoreinfo > MAX_VMCOREINFO
+                                or sub.offset_vmcoreinfo + sub.size_vmcoreinfo > size):
+        raise LayoutError(at + SUB_FIELD_OFFSETS["size_vmcoreinfo"], "size_vmcoreinfo",
+                          f"{sub.size_vmcoreinfo} bytes at {sub.offset_vmcoreinfo:#x} lie "
+                          f"outside the file ({size:#x} bytes) or exceed 1 MiB")
+    mapnr = sub.max_mapnr or hdr.max_mapnr
+    half = hdr.bitmap_blocks * hdr.block_size // 2
+    if mapnr > half * 8:
+        field = "max_mapnr_64" if sub.max_mapnr else "max_mapnr"
+        offset = at + SUB_FIELD_OFFSETS[field] if sub.max_mapnr else FIELD_OFFSETS[field]
+        raise LayoutError(offset, field, f"{mapnr:#x} pages do not fit bitmaps of {half} bytes")
+    return mapnr
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where each part of a kdump-compressed file starts, for a block size and sizes."""
