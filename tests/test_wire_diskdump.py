@@ -157,8 +157,8 @@ def test_header_errors_name_the_field_where_it_is(made: Made, tmp_path: Path, fi
     """A bad value in each disk_dump_header / kdump_sub_header field of makedumpfile's file:
     kcore verify reports it at the file offset where makedumpfile wrote that field, and the
     kdump: source refuses the file in one line naming the field and its offset."""
-    from kcore.sources.kdump import KdumpFormatError
     from kcore.sources import open_source
+    from kcore.sources.kdump import KdumpFormatError
     from kcore.verify import verify
 
     was, bad = BAD_FIELDS[field]
