@@ -6,6 +6,7 @@ reads and writes there is checked against the guest's real /proc/kcore."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,29 +18,41 @@ from qemu_vm import host_kcore
 
 from tests.helpers import elf_read
 
-# Every file and directory of the guest but /proc, /sys and the share (other filesystems).
-LIST = "find / /dev /dev/shm -xdev | sort"
+# Every file and directory of the guest but /proc, /sys and the share (other filesystems);
+# /dev/shm, /run and /tmp whichever are mounts of their own.
+LIST = "for d in / /dev /dev/shm /run /tmp; do [ -e $d ] && find $d -xdev; done | sort -u"
+# What busybox's shell says when the kernel refuses the file (another machine's ELF: ENOEXEC):
+# like dash, it then reads the file as a script (POSIX), and fails on its first line; the
+# README quotes it.
+ARM64_MESSAGE = "{}: line 1: syntax error: unexpected"
 # What the guest runs: kcore's commands with the output in OUT (a folder of the share).
 # (Every start of the file unpacks it and starts Python under TCG, seconds each: the script
 # keeps to the runs the issue names. The elf dump keeps its text segment, read live after the
 # RAM that holds it: its .data and .bss pages differ from the RAM's copy, which verify calls
 # damage; the -d 31 dump goes without it. The header holds every range: no `ranges` run.)
+# First without TMPDIR on the read-only root's /tmp, then on a noexec tmpfs there (as CIS
+# hardening mounts it); then with TMPDIR=/dev/shm, listing /dev/shm while the kdump runs.
 SCRIPT = """\
 S={share}; O=$S/out; mkdir -p $O
 t() {{ echo "$(cut -d' ' -f1 /proc/uptime) $*" >> $S/times.txt; }}
+ran() {{ rc=0; kcore --version > $S/$1.out 2> $S/$1.err || rc=$?; echo $rc > $S/$1.rc; }}
 {list} > $S/before.txt
+t start; ran rotmp
+mount -t tmpfs -o noexec,nosuid,nodev,mode=1777,size=64m tmpfs /tmp
+t rotmp; ran noexec
 export TMPDIR=/dev/shm
-t start; kcore --version > $S/version.txt
+t noexec; kcore --version > $S/version.txt
 t version; kcore check --output-dir $O --json > $S/check.json
 t check; kcore header -o $O/head.bin
 t header; kcore dump -q --no-digest $O/mem.elf
-t elf; kcore dump -q --no-digest --json --format kdump -o $O/mem.kdump > $S/kdump.json
+t elf; kcore dump -q --no-digest --json --format kdump -o $O/mem.kdump > $S/kdump.json &
+p=$!; i=0
+while [ $i -lt 600 ] && kill -0 $p && ! ls -d /dev/shm/_MEI* > /dev/null 2>&1; do
+  sleep 1; i=$((i+1)); done
+{list} > $S/during.txt; wait $p
 t kdump; kcore dump -q -d 31 --no-text --json -o $O/d31.elf > $S/d31.json
 t d31; kcore verify --json $O/d31.elf > $S/verify-d31.elf.json
-t verify; {list} > $S/after.txt
-unset TMPDIR
-rc=0; kcore --version > $S/notmp.out 2> $S/notmp.err || rc=$?; echo $rc > $S/notmp.rc
-t notmp
+t verify; unset TMPDIR; {list} > $S/after.txt; umount /tmp
 """
 
 
@@ -49,7 +62,7 @@ def _run_all(g: Guest) -> Path:
     failed = share / "script-failed.txt"
     if failed.exists():  # an earlier test of this guest ran it: one failure, not three runs
         pytest.fail(failed.read_text())
-    if not (share / "notmp.rc").exists():
+    if not (share / "after.txt").exists():
         # ~105 s of CPU on an idle machine; a shared one stretches that many times over
         r = g.vm.run(SCRIPT.format(share=share, list=LIST), timeout=2400)
         if r.rc != 0:
@@ -112,19 +125,27 @@ def test_onefile_header_pages_equal_real_kcore(onefile_guest: Guest,
 
 
 def test_onefile_footprint(onefile_guest: Guest) -> None:
-    """Nothing new in the guest outside the output's folder after all those runs (the file
-    unpacks into $TMPDIR, here the /dev/shm tmpfs, and removes it); without TMPDIR, on the
-    read-only root, it fails in one line and leaves nothing."""
+    """Nothing new in the guest outside the output's folder after all those runs: while one
+    runs, staticx's and PyInstaller's unpacked copies are in $TMPDIR (here the /dev/shm tmpfs),
+    and both are gone after. Without TMPDIR, on the read-only root's /tmp or a noexec tmpfs
+    there, the file fails in one line naming /tmp and leaves nothing."""
     g = onefile_guest
     share = _run_all(g)
     before = (share / "before.txt").read_text().splitlines()
     after = (share / "after.txt").read_text().splitlines()
-    assert "/bin/kcore" in before and "/dev/shm" in before
+    assert {"/bin/kcore", "/dev/shm", "/tmp"} <= set(before), before
     assert not {"/usr", "/lib", "/lib64"} & set(before), "a guest with busybox and the file only"
     assert after == before
-    assert int((share / "notmp.rc").read_text()) != 0
-    err = (share / "notmp.err").read_text().strip().splitlines()
-    assert len(err) == 1 and "/tmp" in err[0], err
+    during = sorted(set((share / "during.txt").read_text().splitlines()) - set(before))
+    assert all(p.startswith("/dev/shm/") for p in during), during[:20]
+    mei, sx = sorted({p.split("/")[3] for p in during})  # PyInstaller's, staticx's
+    assert mei.startswith("_MEI") and sx.startswith("staticx-"), (mei, sx)
+    for case, problem in (("rotmp", "Failed to create temporary directory in /tmp"),
+                          ("noexec", "Permission denied")):
+        assert int((share / f"{case}.rc").read_text()) != 0, case
+        err = (share / f"{case}.err").read_text().strip().splitlines()
+        assert len(err) == 1 and "/tmp" in err[0] and problem in err[0], (case, err)
+        assert not (share / f"{case}.out").read_text(), case
 
 
 def test_onefile_is_static_and_small(onefile: Path) -> None:
@@ -136,3 +157,21 @@ def test_onefile_is_static_and_small(onefile: Path) -> None:
     assert "PT_LOAD" in kinds and "PT_INTERP" not in kinds and "PT_DYNAMIC" not in kinds
     r = subprocess.run([str(onefile), "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "libzstd.so.1" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("arm64_guest", ["arm64-6.1"], indirect=True)
+def test_onefile_on_arm64_host(arm64_guest: Guest, onefile: Path) -> None:
+    """The x86-64 file started on an arm64 machine (an arm64 guest, over its share): the
+    kernel refuses it (ENOEXEC) before any of it runs, and busybox's shell, reading it as a
+    script then, stops at line 1: one line, the one the README tells users to expect."""
+    g = arm64_guest
+    copy = g.vm.share / onefile.name
+    shutil.copyfile(onefile, copy)
+    copy.chmod(0o755)
+    try:
+        r = g.vm.run(f"{copy} --version\n", timeout=60)
+    finally:
+        copy.unlink()
+    assert r.rc != 0 and not r.stdout, r
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(ARM64_MESSAGE.format(copy)), line
