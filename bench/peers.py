@@ -155,8 +155,8 @@ def build_lime(kver: str = GUEST_KVER) -> Path:
     done = lime_module(kver)
     if done:
         return done
-    flavour = kver.split("-")[-1]
-    base = kver[: -len(flavour) - 1]
+    layout = kver.split("-")[-1]
+    base = kver[: -len(layout) - 1]
     series = ".".join(base.split(".")[:2])
     opts = unstable_apt()
     with tempfile.TemporaryDirectory(dir=PEERS) as tmp:

@@ -20,11 +20,11 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def open(root: str = "/", source: Any = "auto", flavour: str = "modern") -> KcoreFile:  # noqa: A001
+def open(root: str = "/", source: Any = "auto", layout: str = "modern") -> KcoreFile:  # noqa: A001
     """Open the /proc/kcore of the system at root, read from source, as a read-only file."""
     from kcore.kcorefile import open_kcore
 
-    return open_kcore(root, source, flavour)
+    return open_kcore(root, source, layout)
 
 
 __all__ = [

@@ -85,9 +85,9 @@ class AddressMap:
         """pfn_to_page() under SPARSEMEM_VMEMMAP: the struct page address of a pfn."""
         return (self.vmemmap_start + pfn * self.struct_page_size) & ULONG_MAX
 
-    def kc_vaddr_to_offset(self, vaddr: int, flavour: str = "modern") -> int:
+    def kc_vaddr_to_offset(self, vaddr: int, layout: str = "modern") -> int:
         """kc_vaddr_to_offset(): where an address's bytes sit, relative to data_offset."""
-        if flavour == "2.6" or self.arch != "x86_64":
+        if layout == "2.6" or self.arch != "x86_64":
             return (vaddr - self.page_offset) & ULONG_MAX  # the seed's default
         return vaddr & ((1 << self.virtual_mask_shift) - 1)  # x86-64: v & __VIRTUAL_MASK
 

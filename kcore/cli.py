@@ -52,17 +52,17 @@ def subcommand(sub: Any, name: str, help_text: str, description: str,
     return parser
 
 
-def add_system_args(parser: argparse.ArgumentParser, *, flavour: bool = True) -> None:
+def add_system_args(parser: argparse.ArgumentParser, *, layout: bool = True) -> None:
     """Add --root, --source and (optionally) --layout, shared by every subcommand."""
     parser.add_argument(
         "--root", default="/", metavar="DIR",
         help="system root where proc/ and sys/ files are read (default: /)",
     )
     parser.add_argument("--source", default="auto", metavar="SPEC", help=SOURCE_HELP)
-    if flavour:
+    if layout:
         parser.add_argument(
-            "--layout", dest="flavour", choices=("modern", "2.6"), default="modern",
-            help="header flavour: modern (Linux >= 4.19, default) or 2.6 (the seed's)",
+            "--layout", dest="layout", choices=("modern", "2.6"), default="modern",
+            help="header layout: modern (Linux >= 4.19, default) or 2.6 (the seed's)",
         )
 
 

@@ -29,23 +29,23 @@ def _open_source(source: str | MemorySource, root: Path) -> MemorySource:
 
 
 def discover(root: str | Path = "/", source: str | MemorySource = "auto", *,
-             flavour: str = "modern") -> System:
+             layout: str = "modern") -> System:
     """Read a system root and a memory source; return the System kcore would show."""
-    if flavour not in ("modern", "2.6"):
-        raise InputError(f"unknown layout {flavour!r}: use modern or 2.6")
+    if layout not in ("modern", "2.6"):
+        raise InputError(f"unknown layout {layout!r}: use modern or 2.6")
     root = Path(root)
     src = _open_source(source, root)
     try:
         if getattr(src, "kind", None) == "kcore":
-            return _discover_from_kcore(root, src, flavour)
-        return _discover(root, src, flavour)
+            return _discover_from_kcore(root, src, layout)
+        return _discover(root, src, layout)
     except BaseException:
         if isinstance(source, str):
             src.close()
         raise
 
 
-def _discover(root: Path, src: MemorySource, flavour: str) -> System:
+def _discover(root: Path, src: MemorySource, layout: str) -> System:
     """The System of a root and a memory source, by its architecture's builder (kcore.arch)."""
     name = root_word(root, "proc/sys/kernel/arch") or "x86_64"
     a = arch.get(name, str(root / "proc/sys/kernel/arch"))
@@ -55,7 +55,7 @@ def _discover(root: Path, src: MemorySource, flavour: str) -> System:
         if theirs is not a:
             raise InputError(f"{src.spec} is a core of an {theirs.name} machine, but "
                              f"{root} describes an {a.name} one")
-    return a.discover(root, src, flavour)
+    return a.discover(root, src, layout)
 
 
 class SegmentKcoreList:
@@ -99,7 +99,7 @@ def classify_segment(vaddr: int, paddr: int, amap: AddressMap) -> tuple[KcoreTyp
     return KcoreType.VMEMMAP, ""
 
 
-def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
+def _discover_from_kcore(root: Path, src: Any, layout: str) -> System:
     """A real /proc/kcore as source: its own headers and notes are the truth."""
     psinfo = find_note(src.core, CORE_NAME, NT_PRPSINFO)
     cmdline = prpsinfo_psargs(psinfo).decode("utf-8", "surrogateescape") if psinfo else ""
@@ -129,7 +129,7 @@ def _discover_from_kcore(root: Path, src: Any, flavour: str) -> System:
     return System(root=root, source=src, addrmap=amap, vmcoreinfo=info, cmdline=cmdline,
                   osrelease=osrelease or info.osrelease or "",
                   task_struct_size_of=len(task) if task else 0,
-                  kclist=SegmentKcoreList(load, amap), task_struct=task, flavour=flavour)
+                  kclist=SegmentKcoreList(load, amap), task_struct=task, layout=layout)
 
 
 __all__ = ["System", "discover"]

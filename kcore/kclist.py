@@ -90,7 +90,7 @@ def _vmemmap_entry(
 
 
 def ram_entries(
-    ranges: Iterable[RamRange], amap: AddressMap, flavour: str = "modern", vmemmap: bool = True
+    ranges: Iterable[RamRange], amap: AddressMap, layout: str = "modern", vmemmap: bool = True
 ) -> list[KcoreEntry]:
     """kcore_ram_list(): RAM entries (each followed by its VMEMMAP entry) by kclist_add_private."""
     head: list[KcoreEntry] = []
@@ -99,7 +99,7 @@ def ram_entries(
         phys = r.pfn << amap.page_shift
         addr = amap.va(phys)
         size = r.nr_pages << amap.page_shift
-        if flavour == "2.6":
+        if layout == "2.6":
             # "Sanity check: Can happen in 32bit arch...maybe"
             if addr < direct_map_base:
                 continue
@@ -110,7 +110,7 @@ def ram_entries(
         # "cut not-mapped area. ....from ppc-32 code."
         if ULONG_MAX - addr < size:
             size = ULONG_MAX - addr
-        if flavour == "2.6":
+        if layout == "2.6":
             # "cut when vmalloc() area is higher than direct-map area"
             if amap.vmalloc_start > direct_map_base:
                 if addr > amap.vmalloc_start:
@@ -176,12 +176,12 @@ class KcoreList:
         amap: AddressMap,
         ram_source: Callable[[], list[RamRange]],
         *,
-        flavour: str = "modern",
+        layout: str = "modern",
         hotplug_state: Callable[[], object] | None = None,
         highmem_max_low_pfn: int | None = None,
     ) -> None:
         self.addrmap = amap
-        self.flavour = flavour
+        self.layout = layout
         self._ram_source = ram_source
         self._hotplug_state = hotplug_state
         self._max_low_pfn = highmem_max_low_pfn
@@ -222,7 +222,7 @@ class KcoreList:
             if self._max_low_pfn is not None:
                 ram = highmem_ram_entries(self._max_low_pfn, self.addrmap)
             else:
-                ram = ram_entries(self._ram_source(), self.addrmap, self.flavour)
+                ram = ram_entries(self._ram_source(), self.addrmap, self.layout)
             # __kcore_update_ram(): replace every RAM/VMEMMAP entry with the new list.
             kept = [e for e in self._entries if e.type not in (KcoreType.RAM, KcoreType.VMEMMAP)]
             self._entries = kept + ram

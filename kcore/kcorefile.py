@@ -46,7 +46,7 @@ class KcoreFile(io.RawIOBase):
     # Slots for what each read touches: io.IOBase's instance dict costs ~4x a slot a lookup.
     __slots__ = ("_pos", "_fd", "_end", "_size", "_fstarts", "_fends", "_fdeltas", "_fast_max")
 
-    def __init__(self, system: System, *, flavour: str | None = None,
+    def __init__(self, system: System, *, layout: str | None = None,
                  owns_system: bool = False) -> None:
         super().__init__()
         self.system = system
@@ -55,11 +55,11 @@ class KcoreFile(io.RawIOBase):
         self._owns = owns_system
         # open_kcore(): rebuild the RAM entries if memory hotplug flagged them.
         self.kclist.refresh()
-        self.header: KcoreHeader = build_header(system, flavour or system.flavour)
+        self.header: KcoreHeader = build_header(system, layout or system.layout)
         self.name = f"kcore:{self.source.spec}"
         self._size = self.header.file_size
         amap = system.addrmap
-        if (flavour or system.flavour) == "modern" and amap.arch == "x86_64":
+        if (layout or system.layout) == "modern" and amap.arch == "x86_64":
             # No EOF since 4.19: read_kcore() maps any offset through kc_offset_to_vaddr()
             # = o | ~__VIRTUAL_MASK, so past data_offset the bytes repeat every 2^47 (2^56)
             # bytes, up to the largest loff_t a read may reach.
@@ -367,13 +367,13 @@ def _null_fd() -> int:
     return _devnull
 
 
-def open_kcore(root: str = "/", source: Any = "auto", flavour: str = "modern") -> KcoreFile:
+def open_kcore(root: str = "/", source: Any = "auto", layout: str = "modern") -> KcoreFile:
     """Discover the system at root with source, and open its /proc/kcore as a file."""
     from kcore.discover import discover
 
-    system = discover(root, source, flavour=flavour)
+    system = discover(root, source, layout=layout)
     try:
-        return KcoreFile(system, flavour=flavour, owns_system=isinstance(source, str))
+        return KcoreFile(system, layout=layout, owns_system=isinstance(source, str))
     except BaseException:
         if isinstance(source, str):
             system.close()

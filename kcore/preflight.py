@@ -21,30 +21,24 @@ What the kernel does (Linux 6.1, security/lockdown, fs/proc/kcore.c, drivers/cha
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
-import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kcore.errors import KcoreError
+from kcore.sources.live import (
+    AUTO_ORDER,
+    SourceProbe,
+    kcore_mask,
+    lockdown_mode,
+    probe,
+    probe_all,
+)
 
 SECURE_BOOT_VAR = "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 DEFAULT_TEXT_BASE = 0xFFFFFFFF81000000  # _text without KASLR (x86-64)
-KCORE_MIN_SIZE = 1 << 20  # a real /proc/kcore is ~128 TiB; anything this small is not one
-ELF_MAGIC = b"\x7fELF"
-
-
-@dataclass
-class SourceProbe:
-    """One live source: whether it can be read, and why not."""
-
-    name: str
-    path: str
-    works: bool
-    reason: str
 
 
 @dataclass
@@ -94,26 +88,6 @@ def _word(root: Path, rel: str) -> str | None:
     printable text (discovery then says what is wrong with it)."""
     text = (_read(root, rel) or "").strip()
     return text if text and text.isprintable() and text.isascii() else None
-
-
-def lockdown_mode(root: Path) -> tuple[str | None, str]:
-    """The lockdown mode ("none", "integrity", "confidentiality") or None, and how it was known."""
-    text = _read(root, "sys/kernel/security/lockdown")
-    if text is not None:
-        start, end = text.find("["), text.find("]")
-        if 0 <= start < end:
-            return text[start + 1:end], "from sys/kernel/security/lockdown"
-        return None, f"sys/kernel/security/lockdown reads {text.strip()!r}"
-    cmdline = (_read(root, "proc/cmdline") or "").split()
-    asked = [w.split("=", 1)[1] for w in cmdline if w.startswith("lockdown=")]
-    if not (root / "sys/kernel/security").is_dir() or not os.listdir(root /
-                                                                     "sys/kernel/security"):
-        how = "securityfs is not mounted at sys/kernel/security"
-    else:
-        how = "no lockdown LSM (sys/kernel/security/lockdown is missing)"
-    if asked:
-        return asked[-1], f"from the boot command line (lockdown={asked[-1]}); {how}"
-    return None, how
 
 
 def secure_boot(root: Path) -> str:
@@ -181,126 +155,6 @@ def _ram_bytes(root: Path) -> int | None:
     return None
 
 
-def _why_errno(err: int | None, lockdown: str | None, euid: int, devmem: bool) -> str:
-    if err in (errno.EPERM, errno.EACCES):
-        if lockdown in ("integrity", "confidentiality") and (devmem or
-                                                             lockdown == "confidentiality"):
-            return f"kernel lockdown ({lockdown}) forbids it"
-        if euid != 0:
-            return f"{os.strerror(err)}: run as root"
-        return f"{os.strerror(err)} as root (an LSM, or a container without CAP_SYS_RAWIO?)"
-    if err == errno.ENOENT:
-        return "missing"
-    return os.strerror(err) if err else "cannot open"
-
-
-def kcore_mask(root: Path) -> str | None:
-    """Why proc/kcore is masked or not a real kcore (None when it looks real)."""
-    path = root / "proc/kcore"
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if stat.S_ISCHR(st.st_mode):
-        dev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-        what = " (/dev/null)" if dev == "1:3" else ""
-        return f"a character device {dev}{what} is mounted over it (a container's mask)"
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
-    if st.st_size < KCORE_MIN_SIZE:
-        return f"{st.st_size} bytes long, not ~128 TiB (masked, or a kernel without kcore)"
-    return None
-
-
-def _first_ram_page(src: Any) -> int | None:
-    """The physical address of a page of RAM above 1 MiB in a source (below when none)."""
-    exts = [e for e in src.extents if e.length >= 4096]
-    above = [e for e in exts if e.paddr + e.length >= 0x100000 + 4096]
-    if above:
-        return max(above[0].paddr, 0x100000)
-    return exts[0].paddr if exts else None
-
-
-def probe_kcore(root: Path, lockdown: str | None, euid: int) -> SourceProbe:
-    """Open proc/kcore and read one page of RAM through it."""
-    from kcore.sources import KcoreSource
-
-    path = root / "proc/kcore"
-    if not os.path.lexists(path):
-        return SourceProbe("kcore", str(path), False, "missing (kernel without CONFIG_PROC_KCORE)")
-    mask = kcore_mask(root)
-    if mask is not None:
-        return SourceProbe("kcore", str(path), False, f"masked: {mask}")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        return SourceProbe("kcore", str(path), False,
-                           _why_errno(exc.errno or 0, lockdown, euid, False))
-    try:
-        head = os.pread(fd, 4, 0)
-    except OSError as exc:
-        return SourceProbe("kcore", str(path), False, f"reading it fails: {exc.strerror}")
-    finally:
-        os.close(fd)
-    if head != ELF_MAGIC:
-        return SourceProbe("kcore", str(path), False,
-                           "masked: reads give no ELF header (a container's mask?)")
-    try:
-        src = KcoreSource.open(str(path))
-    except KcoreError as exc:
-        return SourceProbe("kcore", str(path), False, str(exc))
-    try:
-        paddr = _first_ram_page(src)
-        if paddr is None:
-            return SourceProbe("kcore", str(path), False,
-                               "no RAM segment with a physical address (kernel older than 4.11?)")
-        try:
-            os.pread(src.fd, 4096, next(e.offset + paddr - e.paddr for e in src.extents
-                                          if e.paddr <= paddr < e.paddr + e.length))
-        except OSError as exc:
-            return SourceProbe("kcore", str(path), False,
-                               f"reading RAM at physical {paddr:#x} fails: {exc.strerror}")
-    finally:
-        src.close()
-    return SourceProbe("kcore", str(path), True, "reads RAM")
-
-
-def probe_devmem(root: Path, rel: str, lockdown: str | None, euid: int) -> SourceProbe:
-    """Open dev/crash or dev/mem and read one page of System RAM above 1 MiB."""
-    from kcore.sources import DevmemSource
-
-    path = root / rel
-    name = os.path.basename(rel)
-    if not os.path.lexists(path):
-        what = "the out-of-tree crash driver is not loaded" if name == "crash" else \
-            "kernel without CONFIG_DEVMEM"
-        return SourceProbe(name, str(path), False, f"missing ({what})")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        return SourceProbe(name, str(path), False, _why_errno(exc.errno or 0, lockdown, euid, True))
-    os.close(fd)
-    try:
-        src = DevmemSource.open(str(path), root=str(root))
-    except KcoreError as exc:
-        return SourceProbe(name, str(path), False, str(exc))
-    try:
-        paddr = _first_ram_page(src)
-        if paddr is None:
-            return SourceProbe(name, str(path), False, "no System RAM in proc/iomem")
-        try:
-            os.pread(src.fd, 4096, paddr)
-        except OSError as exc:
-            if exc.errno == errno.EPERM and name == "mem":
-                return SourceProbe(name, str(path), False,
-                                   f"STRICT_DEVMEM forbids reading RAM (physical {paddr:#x})")
-            return SourceProbe(name, str(path), False,
-                               f"reading RAM at physical {paddr:#x} fails: {exc.strerror}")
-    finally:
-        src.close()
-    return SourceProbe(name, str(path), True, "reads RAM")
-
-
 def _paging(root: Path, info: Any) -> str:
     if info is not None and info.get("NUMBER(pgtable_l5_enabled)") is not None:
         return "5-level" if info.number("pgtable_l5_enabled") else "4-level"
@@ -354,9 +208,7 @@ def check(root: str = "/", output_dir: str | None = None, source: str = "auto") 
     rep.kptr_restrict = kptr or "unknown"
     rep.kallsyms, text_addr = _kallsyms_state(rootp)
     rep.kcore_masked = kcore_mask(rootp) or "no"
-    rep.sources = [probe_kcore(rootp, mode, euid),
-                   probe_devmem(rootp, "dev/crash", mode, euid),
-                   probe_devmem(rootp, "dev/mem", mode, euid)]
+    rep.sources = probe_all(rootp, mode, euid)
     rep.strict_devmem = _strict_devmem(rootp, rep.release, rep.sources)
 
     # The verdict: what `kcore dump` itself does (discover over the auto source).
@@ -514,17 +366,14 @@ def manifest_facts(root: str, spec: str, chosen: Any, system: Any = None) -> dic
                               "path": path}
     if spec == "auto":
         euid = os.geteuid()
-        order = ["kcore", "crash", "mem"]
-        probes = {"kcore": lambda: probe_kcore(rootp, mode, euid),
-                  "crash": lambda: probe_devmem(rootp, "dev/crash", mode, euid),
-                  "mem": lambda: probe_devmem(rootp, "dev/mem", mode, euid)}
+        order = [name for name, _rel in AUTO_ORDER]
         kind = os.path.basename(path or "")
         others = {}
         for name in order:
             if name == kind:
                 choice["why"] = "the first live source in auto's order that works"
                 continue
-            p = probes[name]()
+            p = probe(rootp, name, mode, euid)
             others[p.path] = (p.reason if not p.works or order.index(name) < order.index(kind)
                               else "works, but comes after the chosen one")
         choice["others"] = others

@@ -172,7 +172,7 @@ class System:
     kclist: Kclist
     symbols: dict[str, int] = field(default_factory=dict)
     task_struct: bytes | None = None  # known only when the source is a real kcore
-    flavour: str = "modern"
+    layout: str = "modern"
 
     @property
     def task_struct_size(self) -> int:

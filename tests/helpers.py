@@ -46,6 +46,13 @@ def shared_fixture(name: str) -> Path:
         raise
 
 
+def pid1_comm(name: str) -> str:
+    """PID 1's name in capture `name`: the shared captures' initramfs ran /init ("init"); a
+    capture made by tests/vm records its own (the harness's shell agent) in root/proc/1/comm."""
+    recorded = shared_fixture(name) / "root/proc/1/comm"
+    return recorded.read_text().strip() if recorded.exists() else "init"
+
+
 def run_kcore(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
     """Run `python -m kcore ARGS` from this checkout; capture its output."""
     env = dict(os.environ)

@@ -17,7 +17,15 @@ import subprocess
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from helpers import CACHE, FIXTURE_NAMES, fixture_memory, make_isf, run_kcore, shared_fixture
+from helpers import (
+    CACHE,
+    FIXTURE_NAMES,
+    fixture_memory,
+    make_isf,
+    pid1_comm,
+    run_kcore,
+    shared_fixture,
+)
 
 NOKASLR, KASLR = FIXTURE_NAMES
 PAGE = 4096
@@ -55,7 +63,7 @@ def test_volatility_follows_the_critical_pages(tmp_path):
     got = measure(str(out), "linux.pslist", ["-s", make_isf()], str(cache))
     assert got["exit_status"] == 0, got["error"]
     rows = pslist(subprocess.CompletedProcess([], 0, got["stdout"], ""))
-    assert (1, 0, "init") in rows, rows
+    assert (1, 0, pid1_comm(KASLR)) in rows, rows
     from kcore import critical
     from kcore.discover import discover
 

@@ -1,4 +1,4 @@
-"""The 2.6 (seed) header flavour and the psargs rules, checked with pyelftools."""
+"""The 2.6 (seed) header layout and the psargs rules, checked with pyelftools."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ def test_psargs_strncpy_in_the_seed_and_strscpy_since():
     assert modern[56:136] == cmdline.encode()[:79] + b"\0"  # strscpy: always terminated
 
 
-def test_seed_flavour_header_follows_the_seed_formulas():
+def test_seed_layout_header_follows_the_seed_formulas():
     from kcore.discover import discover
     from kcore.elfcore import build_header
 
     name = FIXTURE_NAMES[0]
     fx = shared_fixture(name)
-    system = discover(fx / "root", f"raw:{fixture_memory(name)}", flavour="2.6")
+    system = discover(fx / "root", f"raw:{fixture_memory(name)}", layout="2.6")
     try:
         hdr = build_header(system, "2.6")
         page_offset = system.addrmap.page_offset

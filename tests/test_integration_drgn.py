@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import FIXTURE_NAMES, REPO, debug_vmlinux, run_kcore, shared_fixture
+from helpers import FIXTURE_NAMES, REPO, debug_vmlinux, pid1_comm, run_kcore, shared_fixture
 from test_dump import dump, expected, expected_bytes, source_spec
 
 pytestmark = pytest.mark.consumers
@@ -109,7 +109,7 @@ def test_task_list_is_crash_s(prog, vmlinux, tmp_path):
     the threads counted on each task's signal->thread_head = the kernel's nr_threads."""
     name, p = prog
     leaders, threads = tasks(p)
-    assert (1, leaders[1][1], "init") == leaders[1]
+    assert (1, leaders[1][1], pid1_comm(name)) == leaders[1]
     want, nr_threads = crash_tasks(name, vmlinux, tmp_path)
     assert leaders == want
     assert threads == nr_threads

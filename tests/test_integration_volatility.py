@@ -21,6 +21,7 @@ from helpers import (
     REPO,
     fixture_memory,
     make_isf,
+    pid1_comm,
     run_kcore,
     scratch_dir,
     shared_fixture,
@@ -217,8 +218,8 @@ def test_pslist_through_kcores_layer(images, isf, tmp_path):
                                cache=str(cache))),
            KASLR: pslist(vol(tmp_path, images["qemu-elf"][1], *args, kcore=False,
                              cache=str(cache)))}
-    for rows in own.values():
-        assert (1, 0, "init") in rows and (2, 0, "kthreadd") in rows, rows
+    for fixture, rows in own.items():
+        assert (1, 0, pid1_comm(fixture)) in rows and (2, 0, "kthreadd") in rows, rows
     for kind in ("lime", "raw", "qemu-elf", "kdump"):
         if kind not in images:
             continue

@@ -71,8 +71,8 @@ def test_cut_at_vmalloc_start_and_seed_drops_ranges_above_it():
 
 def test_sanity_check_drops_ranges_that_wrap_below_the_direct_map():
     # __va(0x800000000000) wraps past 2^64 to 0x0000088000000000 < PAGE_OFFSET
-    for flavour in ("modern", "2.6"):
-        assert ram_entries([RamRange(0x800000000, 0x10)], L4, flavour) == []
+    for layout in ("modern", "2.6"):
+        assert ram_entries([RamRange(0x800000000, 0x10)], L4, layout) == []
 
 
 def test_vmemmap_overlap_between_adjacent_small_ranges():

@@ -402,10 +402,10 @@ def test_vm_ram_seen_through_a_process_pid_source() -> None:
 
 
 def test_seed_layout_reads_at_its_own_offsets(kf) -> None:
-    """flavour="2.6": offsets are vaddr - PAGE_OFFSET + elf_buflen; the bytes are the same."""
+    """layout="2.6": offsets are vaddr - PAGE_OFFSET + elf_buflen; the bytes are the same."""
     name, f = kf
     m = meta(name)
-    with kcore.open(str(shared_fixture(name) / "root"), source_spec(name), flavour="2.6") as old:
+    with kcore.open(str(shared_fixture(name) / "root"), source_spec(name), layout="2.6") as old:
         assert old.header.data_offset != f.header.data_offset or old.header.loads != \
             f.header.loads
         for r in m["reads"][:2]:

@@ -14,6 +14,8 @@ from test_dump import source_spec
 
 from kcore import preflight
 from kcore.discover import discover
+from kcore.errors import SourceError
+from kcore.sources import live
 
 LIME_HEADER = 32
 
@@ -87,13 +89,23 @@ def test_probe_kcore_reads_a_kcore_shaped_file(real: Real) -> None:
             f.write((real.folder / "expected/kcore-head-64k.bin").read_bytes())
             f.truncate(real.meta["kcore_st_size"])
         assert preflight.kcore_mask(root) is None
-        probe = preflight.probe_kcore(root, None, 0)
+        probe = live.probe(root, "kcore", None, 0)
         assert (probe.name, probe.works, probe.reason) == ("kcore", True, "reads RAM")
+        with live.open_auto(str(root)) as src:  # auto opens what the probe found working
+            assert src.path == str(root / "proc/kcore")
         (root / "proc/kcore").unlink()
         (root / "proc/kcore").symlink_to("/dev/null")
-        assert preflight.kcore_mask(root) == \
-            "a character device 1:3 (/dev/null) is mounted over it (a container's mask)"
-        assert not preflight.probe_kcore(root, None, 0).works
+        mask = "a character device 1:3 (/dev/null) is mounted over it (a container's mask)"
+        assert preflight.kcore_mask(root) == mask
+        assert not live.probe(root, "kcore", None, 0).works
+        # auto, check and the manifest give the same reason for each source
+        with pytest.raises(SourceError) as exc:
+            live.open_auto(str(root))
+        reasons = [f"{p.path}: {p.reason}" for p in live.probe_all(root)]
+        assert str(exc.value) == "no live memory source works: " + "; ".join(reasons)
+        assert reasons[0] == f"{root}/proc/kcore: masked: {mask}"
+        assert [p.reason for p in preflight.check(str(root)).sources] == \
+            [p.reason for p in live.probe_all(root)]
         (root / "proc/kcore").unlink()
         (root / "proc/kcore").write_bytes(b"\x7fELF")
         assert "4 bytes long" in (preflight.kcore_mask(root) or "")

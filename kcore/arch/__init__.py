@@ -32,7 +32,7 @@ class Arch:
     e_machine: int  # ELF e_machine of its cores
     prstatus_size: int  # sizeof(struct elf_prstatus): kcore's NT_PRSTATUS descriptor
     prpsinfo_size: int  # sizeof(struct elf_prpsinfo)
-    # discover(root, source, flavour) -> System: the address map from a system root + memory
+    # discover(root, source, layout) -> System: the address map from a system root + memory
     discover: Callable[[Path, MemorySource, str], System]
     # walker(system, source) -> a page walker of the kernel's page tables, or None
     walker: Callable[[Any, Any], Any]

@@ -241,7 +241,7 @@ def kcore_map(info: Any, segs: list) -> AddressMap:
     return address_map(info, syms, "")
 
 
-def discover(root: Path, src: Any, flavour: str) -> System:
+def discover(root: Path, src: Any, layout: str) -> System:
     """An arm64 System from a system root (proc/, sys/ files) and a memory source."""
     iomem_path = root / "proc/iomem"
     iomem_text = read_root_text(root, "proc/iomem") or ""
@@ -262,9 +262,9 @@ def discover(root: Path, src: Any, flavour: str) -> System:
                                          online_memory_end_pfn(root, amap.page_size))
 
     del iomem
-    kclist = KcoreList(amap, ram_source, flavour=flavour,
+    kclist = KcoreList(amap, ram_source, layout=layout,
                        hotplug_state=lambda: online_memory_blocks(root))
     return System(root=root, source=src, addrmap=amap, vmcoreinfo=info, cmdline=cmdline,
                     osrelease=osrelease or info.osrelease or "",
                     task_struct_size_of=lambda: task_struct_size(root), kclist=kclist,
-                    symbols=syms, flavour=flavour)
+                    symbols=syms, layout=layout)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from kcore.sources.base import MemorySource
 
 
-def discover(root: Path, src: MemorySource, flavour: str) -> System:
+def discover(root: Path, src: MemorySource, layout: str) -> System:
     """x86-64: the address map from kallsyms, VMCOREINFO and kernel variables in memory."""
     iomem_path = root / "proc/iomem"
     iomem = parse_iomem(read_root_text(root, "proc/iomem"), str(iomem_path))
@@ -102,11 +102,11 @@ def discover(root: Path, src: MemorySource, flavour: str) -> System:
                                          amap.page_size,
                                          online_memory_end_pfn(root, amap.page_size))
 
-    kclist = KcoreList(amap, ram_source, flavour=flavour,
+    kclist = KcoreList(amap, ram_source, layout=layout,
                        hotplug_state=lambda: online_memory_blocks(root))
     return System(root=root, source=src, addrmap=amap, vmcoreinfo=info, cmdline=cmdline,
                   osrelease=osrelease or info.osrelease or "", task_struct_size_of=task_size,
-                  kclist=kclist, symbols=syms, flavour=flavour)
+                  kclist=kclist, symbols=syms, layout=layout)
 
 
 def walker(system: Any, source: Any) -> PageWalker | None:

@@ -26,7 +26,7 @@ exit status: 0 a dump would work; 2 it would not (one line says what to do)."""
 def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     """Register `kcore check` and its options."""
     p = subcommand(sub, name, help_text, description=DESCRIPTION)
-    add_system_args(p, flavour=False)
+    add_system_args(p, layout=False)
     p.add_argument("--output-dir", metavar="DIR",
                    help="where the dump would go (free space; default: the current directory)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")

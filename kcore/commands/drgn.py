@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str,
         "shell (or the code on standard input when it is not a terminal). drgn is an "
         "optional extra: pip install 'kcore[drgn]'.",
     )
-    add_system_args(p, flavour=False)
+    add_system_args(p, layout=False)
     p.add_argument("-s", "--symbols", action="append", default=[], metavar="PATH",
                    help="a vmlinux or module file with debug info to load (repeatable)")
     p.add_argument("--no-default-symbols", action="store_true",

@@ -209,7 +209,7 @@ def _open_system(args: argparse.Namespace) -> Any:
     from kcore.discover import discover
 
     try:
-        return discover(args.root, args.source, flavour=args.flavour)
+        return discover(args.root, args.source, layout=args.layout)
     except SourceError as exc:
         if args.source != "auto":
             raise
@@ -250,7 +250,7 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     source = system.source
     req = Request(system, source, text=args.text, vmalloc=args.vmalloc,
                   modules=args.modules, elide=args.elide and fmt.elides,
-                  granule=args.granule, strict=args.strict, flavour=args.flavour,
+                  granule=args.granule, strict=args.strict, layout=args.layout,
                   threads=args.threads or default_threads(),
                   compress=args.compress or DEFAULT_CODEC)
     symbols = _symbols(args, system)

@@ -28,9 +28,9 @@ def add_parser(
 
 def discover_header(args: argparse.Namespace) -> KcoreHeader:
     """Discover the system --root/--source/--layout name and build its kcore header."""
-    system = discover(args.root, args.source, flavour=args.flavour)
+    system = discover(args.root, args.source, layout=args.layout)
     try:
-        return build_header(system, args.flavour)
+        return build_header(system, args.layout)
     finally:
         system.close()
 
@@ -41,13 +41,13 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         {
             "type": e.type.name, "kind": e.kind, "vaddr": f"{e.vaddr:#x}",
-            "paddr": f"{phdr_paddr(e, args.flavour):#x}", "size": f"{e.size:#x}",
+            "paddr": f"{phdr_paddr(e, args.layout):#x}", "size": f"{e.size:#x}",
             "offset": f"{off:#x}",
         }
         for e, off in header.loads
     ]
     if args.json:
-        json.dump({"layout": args.flavour, "data_offset": f"{header.data_offset:#x}",
+        json.dump({"layout": args.layout, "data_offset": f"{header.data_offset:#x}",
                    "file_size": f"{header.file_size:#x}", "ranges": rows}, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0

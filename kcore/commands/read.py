@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     out = open_output(args.output, force=args.force, digest=False, sidecars=False,
                       tty_ok=True)
     name = "standard output" if args.output == "-" else args.output
-    kf = open_kcore(args.root, args.source, args.flavour)
+    kf = open_kcore(args.root, args.source, args.layout)
     try:
         with out:
             buf = memoryview(bytearray(min(CHUNK, max(args.length, 1))))

@@ -40,7 +40,7 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace files that exist")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no summary")
-    add_system_args(p, flavour=False)
+    add_system_args(p, layout=False)
     return p
 
 

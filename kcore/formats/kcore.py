@@ -14,7 +14,7 @@ def plan(req: Request) -> Plan:
     """Lay out header + every PT_LOAD's bytes at its kcore offset; holes everywhere else."""
     from kcore.elfcore import build_header
 
-    header = build_header(req.system, req.flavour)
+    header = build_header(req.system, req.layout)
     items: list[Item] = [Blob(0, header.data)]
     ranges: list[dict[str, Any]] = []
     missing = []

@@ -90,7 +90,7 @@ class Request:
     elide: bool = True
     granule: int = DEFAULT_GRANULE  # 0: no zero scan (keep every byte the source holds)
     strict: bool = False
-    flavour: str = "modern"
+    layout: str = "modern"
     progress: Callable[[int], None] | None = None  # bytes scanned for zero runs
     threads: int = 1  # copy/scan threads (engine)
     dump_level: int | None = None  # -d N, applied (req.source holds only the kept pages)

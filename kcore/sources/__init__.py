@@ -9,12 +9,10 @@ and add the class to SOURCES below, where the order is the order of detection.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 
-from kcore.addrmap import PAGE_SIZE
-from kcore.errors import InputError, SourceError
+from kcore.errors import SourceError
 from kcore.sources.avml import AvmlSource
 from kcore.sources.base import PROBE_BYTES, Extent, MemorySource, Probe
 from kcore.sources.devmem import DevmemSource
@@ -23,6 +21,7 @@ from kcore.sources.files import open_readonly, pread_full
 from kcore.sources.kcore import KcoreSource
 from kcore.sources.kdump import KdumpSource
 from kcore.sources.lime import LimeSource
+from kcore.sources.live import open_auto
 from kcore.sources.padded import PaddedSource
 from kcore.sources.pid import PidSource
 from kcore.sources.raw import RawSource
@@ -41,6 +40,7 @@ __all__ = [
     "RawSource",
     "SOURCES",
     "detect",
+    "open_auto",
     "open_source",
 ]
 
@@ -57,8 +57,6 @@ SOURCES: tuple[type[MemorySource], ...] = (
     RawSource,
 )
 BY_KIND: dict[str, type[MemorySource]] = {cls.kind: cls for cls in SOURCES}
-# `auto`: the live system's sources, in the order they are tried (root-relative).
-AUTO_ORDER = ("proc/kcore", "dev/crash", "dev/mem")
 
 
 def open_source(spec: str, root: str = "/") -> MemorySource:
@@ -98,70 +96,3 @@ def detect(path: str, root: str = "/") -> MemorySource:
                           f"(KIND:PATH)")
     finally:
         os.close(fd)
-
-
-def _lockdown(root: str) -> str | None:
-    """The active kernel lockdown mode under root, if any ("integrity"/"confidentiality")."""
-    try:
-        with open(os.path.join(root, "sys/kernel/security/lockdown"), encoding="ascii") as f:
-            text = f.read()
-    except OSError:
-        return None
-    start, end = text.find("["), text.find("]")
-    mode = text[start + 1:end] if 0 <= start < end else ""
-    return None if mode in ("", "none") else mode
-
-
-def _why(err: int, root: str, devmem: bool) -> str:
-    """Why opening a live source failed with errno `err`, for the `auto` error."""
-    if err in (errno.EPERM, errno.EACCES):
-        mode = _lockdown(root)
-        if mode and (devmem or mode == "confidentiality"):
-            return f"kernel lockdown ({mode}) forbids it"
-        if os.geteuid() != 0:
-            return f"{os.strerror(err)} (run as root)"
-        return os.strerror(err) + (" (kernel lockdown or an LSM?)" if mode is None else "")
-    if err == errno.ENOENT:
-        return "missing"
-    return os.strerror(err)
-
-
-def _probe_devmem(src: DevmemSource) -> None:
-    """Read one page of RAM above 1 MiB: with STRICT_DEVMEM that fails with EPERM."""
-    above = [e for e in src.extents if e.paddr + e.length > 0x100000]
-    if not above:
-        return
-    paddr = max(above[0].paddr, 0x100000)
-    try:
-        os.pread(src.fd, PAGE_SIZE, paddr)
-    except OSError as exc:
-        if exc.errno == errno.EPERM:
-            raise SourceError("STRICT_DEVMEM forbids reading RAM above 1 MiB "
-                              "(CONFIG_STRICT_DEVMEM / iomem=relaxed)") from None
-        raise SourceError(f"reading {paddr:#x} fails: {os.strerror(exc.errno or 0)}") from None
-
-
-def open_auto(root: str = "/") -> MemorySource:
-    """Open the live system's memory: proc/kcore, then dev/crash, then dev/mem under root."""
-    tried = []
-    for rel in AUTO_ORDER:
-        path = os.path.join(root, rel)
-        if not os.path.exists(path):
-            tried.append(f"{path}: missing")
-            continue
-        devmem = rel.startswith("dev/")
-        try:
-            if devmem:
-                devsrc = DevmemSource.open(path, "auto", root)
-                try:
-                    _probe_devmem(devsrc)
-                except BaseException:
-                    devsrc.close()
-                    raise
-                return devsrc
-            return KcoreSource.open(path, "auto")
-        except (SourceError, InputError) as exc:
-            err = exc.errno if isinstance(exc, SourceError) else None
-            reason = _why(err, root, devmem) if err else str(exc).removeprefix(f"{path}: ")
-            tried.append(f"{path}: {reason}")
-    raise SourceError("no live memory source works: " + "; ".join(tried))

@@ -33,7 +33,7 @@ CONFIGS = {
     "linux-6.1.0-56-nokaslr-512M": qemu_vm.VmConfig("fixture-nokaslr", mem_mib=512),
     "linux-6.1.0-56-kaslr-512M": qemu_vm.VmConfig("fixture-kaslr", mem_mib=512, kaslr=True),
 }
-DONE = "COMPLETE"  # written last: a folder without it is an interrupted capture
+DONE = "COMPLETE-2"  # written last: a folder without it is an interrupted (or older) capture
 
 
 def folder(name: str) -> Path:

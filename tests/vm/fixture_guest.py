@@ -22,7 +22,7 @@ KCORE = "/proc/kcore"
 ROOT_FILES = (
     "proc/iomem", "proc/kallsyms", "proc/cmdline", "proc/meminfo", "proc/modules",
     "proc/vmallocinfo", "proc/sys/kernel/osrelease", "proc/sys/kernel/arch",
-    "sys/kernel/vmcoreinfo",
+    "sys/kernel/vmcoreinfo", "proc/1/comm",
 )
 ALL_ONES = (1 << 64) - 1
 START_KERNEL_MAP = 0xFFFFFFFF80000000

@@ -33,5 +33,5 @@ def test_lockdown_confidentiality_is_reported_for_kcore_and_dev_mem() -> None:
     assert len(lines) == 1, lines
     assert lines[0] == ("kcore: error: no live memory source works: "
                         "/proc/kcore: kernel lockdown (confidentiality) forbids it; "
-                        "/dev/crash: missing; "
+                        "/dev/crash: missing (the out-of-tree crash driver is not loaded); "
                         "/dev/mem: kernel lockdown (confidentiality) forbids it")
