@@ -76,6 +76,46 @@ def elf_read(path: Path, vaddr: int, length: int) -> bytes:
     raise AssertionError(f"{path}: no PT_LOAD holds {vaddr:#x}+{length:#x}")
 
 
+KCORE_NOTE = ("KCORE", 0x4D59534B)  # kcore's own notes: owner, type (NT_KCORE_FILE, "KSYM")
+
+
+def elf_notes(path: Path) -> list[tuple[str, int, bytes]]:
+    """(owner, type, descriptor) of an ELF file's notes, as pyelftools reads them."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        return [(n["n_name"], n["n_type"], n["n_descdata"])
+                for seg in ELFFile(f).iter_segments("PT_NOTE") for n in seg.iter_notes()]
+
+
+def kept_symbol_files(path: Path) -> set[str]:
+    """The paths of the files an ELF dump (or a .symbols sidecar) keeps as KCORE notes."""
+    return {desc.partition(b"\0")[0].decode() for name, ntype, desc in elf_notes(path)
+            if (name, ntype) == KCORE_NOTE}
+
+
+def elf_loads(path: Path) -> list[tuple[int, int, int, int, str]]:
+    """(vaddr, paddr, filesz, memsz, SHA-256 of the file bytes) of an ELF core's PT_LOADs."""
+    import hashlib
+
+    from elftools.elf.elffile import ELFFile
+
+    out = []
+    with open(path, "rb") as f:
+        for seg in ELFFile(f).iter_segments("PT_LOAD"):
+            h = hashlib.sha256()
+            f.seek(seg["p_offset"])
+            left = seg["p_filesz"]
+            while left:
+                chunk = f.read(min(left, 1 << 22))
+                assert chunk, f"{path}: a PT_LOAD runs past the end of the file"
+                h.update(chunk)
+                left -= len(chunk)
+            out.append((seg["p_vaddr"], seg["p_paddr"], seg["p_filesz"], seg["p_memsz"],
+                        h.hexdigest()))
+    return out
+
+
 def scratch_dir(request: pytest.FixtureRequest, name: str) -> Path:
     """A new folder under pytest's temp dir, removed when the requesting fixture is torn down.
 

@@ -1,4 +1,10 @@
-"""kcore dump's outputs opened by the tools people use: drgn, gdb, makedumpfile, Volatility 3."""
+"""kcore dump's outputs opened by the tools people use: drgn, gdb, makedumpfile, Volatility 3.
+
+The dumps under test carry the kernel's symbols (kcore keeps them by default: KCORE notes in
+the ELF, a .symbols sidecar beside the LiME), and test_the_dumps_carry_symbols checks that
+they do, so every consumer test here runs on a dump with symbols; gdb, drgn and makedumpfile
+also give the same answers on a dump made with --no-symbols (issue 22: readers skip the notes).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,17 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import FIXTURE_NAMES, debug_vmlinux, scratch_dir, shared_fixture, volatility_cmd
+from helpers import (
+    FIXTURE_NAMES,
+    KCORE_NOTE,
+    debug_vmlinux,
+    elf_loads,
+    elf_notes,
+    kept_symbol_files,
+    scratch_dir,
+    shared_fixture,
+    volatility_cmd,
+)
 from test_dump import dump
 
 pytestmark = pytest.mark.consumers
@@ -29,7 +45,23 @@ def dumps(request):
     dump(name, folder / "mem.elf")
     dump(name, folder / "mem.lime", "--format", "lime")
     dump(name, folder / "d31.elf", "-d", "31")  # 600 PT_LOADs, most without file bytes
+    dump(name, folder / "bare.elf", "--no-symbols")
     return name, folder
+
+
+# what every capture's root holds and so every dump keeps (the fixtures have no BTF: the
+# guests' dumps of tests/vm/test_vm_symbols.py carry it, and their consumers' tests with them)
+KEPT = {"proc/kallsyms", "proc/modules"}
+
+
+def test_the_dumps_carry_symbols(dumps):
+    """The ELF dumps the consumers open hold KCORE notes (kallsyms, modules), the LiME dump
+    its sidecar; the --no-symbols one none."""
+    _name, folder = dumps
+    for file in ("mem.elf", "d31.elf", "mem.lime.symbols"):
+        assert KEPT <= kept_symbol_files(folder / file), file
+    assert kept_symbol_files(folder / "bare.elf") == set()
+    assert not (folder / "mem.lime.symbols").with_name("bare.elf.symbols").exists()
 
 
 def need(tool: str) -> str:
@@ -46,6 +78,9 @@ def test_drgn_reads_linux_banner(dumps):
     prog.set_core_dump(str(folder / "mem.elf"))
     assert prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL  # it found VMCOREINFO
     assert prog.read(banner_address(name), 64).startswith(b"Linux version 6.1")
+    bare = drgn.Program()  # the same without the kept symbols' notes
+    bare.set_core_dump(str(folder / "bare.elf"))
+    assert bare.read(banner_address(name), 4096) == prog.read(banner_address(name), 4096)
     # Zero runs left out of the file read as zeros (zero-fill PT_LOADs), not as faults.
     from elftools.elf.elffile import ELFFile
 
@@ -59,25 +94,47 @@ def test_drgn_reads_linux_banner(dumps):
 
 
 def test_gdb_reads_linux_banner(dumps):
+    """gdb reads the banner and lists the core's sections; the same with --no-symbols."""
     gdb = need("gdb")
     name, folder = dumps
-    r = subprocess.run([gdb, "-batch", "-nx", "-c", str(folder / "mem.elf"), "-ex",
-                        f"x/s {banner_address(name):#x}"], capture_output=True, text=True,
-                       timeout=120)
-    assert '"Linux version 6.1' in r.stdout, r.stdout + r.stderr
+    out = {}
+    for file in ("mem.elf", "bare.elf"):
+        r = subprocess.run([gdb, "-batch", "-nx", "-c", str(folder / file), "-ex",
+                            f"x/s {banner_address(name):#x}", "-ex", "info files"],
+                           capture_output=True, text=True, timeout=120)
+        out[file] = (r.stdout + r.stderr).replace(str(folder / file), "CORE")
+    assert '"Linux version 6.1' in out["mem.elf"], out["mem.elf"]
+    assert " is load" in out["mem.elf"]  # info files' sections of the core
+    assert out["mem.elf"] == out["bare.elf"]
 
 
-def test_makedumpfile_accepts_it(dumps):
+def test_makedumpfile_accepts_it(dumps, tmp_path):
+    """makedumpfile -E -d 31 filters the dump: the same pages and kernel notes kept with
+    symbols as with --no-symbols (it copies the KCORE notes along); --dump-dmesg prints the
+    same kernel log from both."""
     makedumpfile = need("makedumpfile")
     _name, folder = dumps
-    out = folder / "filtered.elf"
-    out.unlink(missing_ok=True)
-    r = subprocess.run([makedumpfile, "-E", "-d", "31", str(folder / "mem.elf"), str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "makedumpfile Completed" in r.stdout + r.stderr
-    assert out.read_bytes()[:4] == b"\x7fELF"
-    out.unlink()
+    filtered, logs = {}, {}
+    for file in ("mem.elf", "bare.elf"):
+        out = tmp_path / f"filtered-{file}"
+        r = subprocess.run([makedumpfile, "-E", "-d", "31", str(folder / file), str(out)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "makedumpfile Completed" in r.stdout + r.stderr
+        notes = elf_notes(out)
+        filtered[file] = (elf_loads(out), [n for n in notes if n[:2] != KCORE_NOTE],
+                          kept_symbol_files(out))
+        out.unlink()
+        log = tmp_path / f"dmesg-{file}.txt"
+        r = subprocess.run([makedumpfile, "--dump-dmesg", str(folder / file), str(log)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        logs[file] = log.read_text()
+    assert filtered["mem.elf"][:2] == filtered["bare.elf"][:2]
+    assert len(filtered["mem.elf"][0]) > 10
+    assert KEPT <= filtered["mem.elf"][2] and not filtered["bare.elf"][2]
+    assert logs["mem.elf"].startswith("[    0.000000] Linux version 6.1.0-56-amd64")
+    assert logs["mem.elf"] == logs["bare.elf"]
 
 
 @pytest.mark.parametrize("fmt", ["lime", "elf"])

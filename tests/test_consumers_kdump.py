@@ -4,7 +4,9 @@ On both fixtures and for every codec: crash (with the fixtures' debug vmlinux) p
 release, the log and the tasks; drgn reads linux_banner (and walks the tasks with debug
 info); libkdumpfile's Python bindings read every dumped page, compared with the fixture's
 memory; makedumpfile reads the file (--dump-dmesg) and rebuilds the flattened stream (-R).
-Volatility 3 finds the banner in the AVML output.
+Volatility 3 finds the banner in the AVML output. Every file here keeps the kernel's symbols
+(test_the_kdump_files_carry_symbols), and makedumpfile reads one as it reads the same dump made
+with --no-symbols (issue 22).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 from helpers import (
     FIXTURE_NAMES,
     debug_vmlinux,
+    kept_symbol_files,
     run_kcore,
     scratch_dir,
     shared_fixture,
@@ -27,7 +30,7 @@ from helpers import (
 )
 from test_dump import dump, source_spec
 
-from kcore import codecs
+from kcore import codecs, symbols
 from kcore.sources import open_source
 
 pytestmark = pytest.mark.consumers
@@ -117,6 +120,9 @@ def dumps(request):
                           "--format", "kdump", "--compress", codec, "-o", "-", stdout=f,
                           stderr=subprocess.PIPE, capture_output=False)
         assert r.returncode == 0, r.stderr.decode()
+    if codecs.available("lzo"):  # the same without the kept symbols (test_symbols_skipped)
+        dump(name, folder / "bare-lzo.kdump", "--format", "kdump", "--compress", "lzo",
+             "--no-symbols")
     if codecs.available("snappy"):
         dump(name, folder / "mem.avml", "--format", "avml")
         # a file takes each block's frames in place, the header last; a stream, all in order
@@ -126,6 +132,47 @@ def dumps(request):
                           capture_output=False)
         assert r.returncode == 0, r.stderr.decode()
     return name, folder
+
+
+def test_the_kdump_files_carry_symbols(dumps):
+    """Every kdump file the consumers here open keeps the kernel's symbols in its own sub
+    header blocks (after the notes its size_note counts), the AVML in its sidecar; the
+    --no-symbols file none."""
+    _name, folder = dumps
+    files = sorted(folder.glob("mem-*.kdump"))
+    assert files
+    for path in files:
+        found = symbols.read_dump(str(path))
+        assert found is not None and found[1] == str(path), path
+        assert {"proc/kallsyms", "proc/modules"} <= set(found[0].files), path
+    if (folder / "mem.avml").exists():
+        assert "proc/kallsyms" in kept_symbol_files(folder / "mem.avml.symbols")
+    if (folder / "bare-lzo.kdump").exists():
+        assert symbols.read_dump(str(folder / "bare-lzo.kdump")) is None
+
+
+def test_makedumpfile_skips_the_symbols(dumps, tmp_path):
+    """makedumpfile reads a kdump file with symbols as one without: the same kernel log
+    (--dump-dmesg) and the same file out of -d 31 (it copies only the notes size_note
+    counts), but for the header's timestamp."""
+    makedumpfile = need("makedumpfile")
+    need_codec("lzo")
+    _name, folder = dumps
+    logs, filtered = [], []
+    for file in ("mem-lzo.kdump", "bare-lzo.kdump"):
+        log, out = tmp_path / f"{file}.txt", tmp_path / f"{file}.d31"
+        for args in (["--dump-dmesg"], ["-d", "31"]):
+            r = subprocess.run([makedumpfile, *args, str(folder / file),
+                                str(log if args[0] == "--dump-dmesg" else out)],
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        logs.append(log.read_text())
+        data = out.read_bytes()
+        filtered.append(data[:408] + data[424:])  # disk_dump_header.timestamp left out
+        out.unlink()
+    assert logs[0].startswith("[    0.000000] Linux version 6.1.0-56-amd64")
+    assert logs[0] == logs[1]
+    assert filtered[0][:8] == b"KDUMP   " and filtered[0] == filtered[1]
 
 
 @pytest.mark.parametrize("codec", CODECS)

@@ -95,11 +95,20 @@ def run(args: argparse.Namespace) -> int:
             write_small(str(path), blob, args.force)
             written.append(str(path))
     seconds = time.perf_counter() - t0
+    warnings = []
+    if "init_task" not in table.get("symbols", {}):
+        warnings.append("kallsyms has no init_task (only text symbols: a kernel built without "
+                        "CONFIG_KALLSYMS_ALL, as Debian 12's arm64 6.1): the ISF has types but "
+                        "no data symbols, and Volatility's linux.pslist, linux.lsmod and most "
+                        "plugins need them")
     result = {"isf": str(target), "bytes": len(data), "from": where,
               "release": isf.release_of(files), "user_types": len(table.get("user_types", {})),
               "enums": len(table.get("enums", {})), "symbols": len(table.get("symbols", {})),
               "kernel_offset": table["metadata"]["producer"]["kcore"]["kernel_offset"],
-              "files": written[1:], "seconds": round(seconds, 3)}
+              "files": written[1:], "seconds": round(seconds, 3), "warnings": warnings}
+    if not args.quiet and not args.json:
+        for w in warnings:
+            print(f"kcore: warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
     elif not args.quiet:

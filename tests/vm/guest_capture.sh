@@ -15,6 +15,13 @@ for f in proc/iomem proc/kallsyms proc/cmdline proc/meminfo proc/modules proc/vm
     cat "/$f" > "$OUT/root/$f"
 done
 echo "$saved" > /proc/sys/kernel/kptr_restrict
+# the kernel's and the loaded modules' BTF: dumps made from this root keep them (issue 22)
+if [ -d /sys/kernel/btf ]; then
+    mkdir -p "$OUT/root/sys/kernel/btf"
+    for f in /sys/kernel/btf/*; do
+        cat "$f" > "$OUT/root/sys/kernel/btf/${f##*/}"
+    done
+fi
 mem=sys/devices/system/memory
 mkdir -p "$OUT/root/$mem"
 cat "/$mem/block_size_bytes" > "$OUT/root/$mem/block_size_bytes"
