@@ -38,22 +38,25 @@ from kcore.cli import main
 rc = main(sys.argv[1:])
 io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
 hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")]
-print(f"measured write_bytes={io['write_bytes']} VmHWM={int(hwm[0]) * 1024}", file=sys.stderr)
+print(f"measured write_bytes={io['write_bytes']} VmHWM={int(hwm[0]) * 1024} "
+      f"rchar={io['rchar']}", file=sys.stderr)
 sys.exit(rc)
 """
 
 
 def measured_cmd(*args: str) -> list[str]:
     """The command of `kcore ARGS` in a process that says, as it ends, the bytes it wrote to
-    storage (/proc/self/io write_bytes) and its peak RSS (VmHWM): see measured()."""
+    storage (/proc/self/io write_bytes), the bytes its reads returned (rchar: files, pipes,
+    sockets) and its peak RSS (VmHWM): see measured()."""
     return [sys.executable, "-c", MEASURE, *args]
 
 
 def measured(stderr: bytes) -> dict[str, int]:
-    """write_bytes and VmHWM (bytes) from the stderr of a measured_cmd() run."""
-    m = re.search(r"^measured write_bytes=(\d+) VmHWM=(\d+)$", stderr.decode(), re.M)
+    """write_bytes, VmHWM and rchar (bytes) from the stderr of a measured_cmd() run."""
+    m = re.search(r"^measured write_bytes=(\d+) VmHWM=(\d+) rchar=(\d+)$", stderr.decode(),
+                  re.M)
     assert m is not None, stderr.decode()[-2000:]
-    return {"write_bytes": int(m[1]), "VmHWM": int(m[2])}
+    return {"write_bytes": int(m[1]), "VmHWM": int(m[2]), "rchar": int(m[3])}
 
 
 def free_ports(n: int) -> list[int]:

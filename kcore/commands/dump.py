@@ -276,7 +276,7 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
         if fmt.write is not None:
             done = _write_self(args, req, out, fmt)
         else:  # the one pass places pages as it finds them: no room for --order or --times
-            one = not want_digest and timeline is None
+            one = not want_digest and timeline is None and not args.resume
             done = _write_one_pass(args, req, out, fmt) if one else None
         if done is not None:
             plan, stats = done
@@ -548,12 +548,15 @@ def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
     out.check_space(plan.space_needed, estimate=plan.estimate)
     if plan.contiguous:  # hashed from the writer's buffers, in file order
         out.start_digest()
+    # a resumed upload: each output byte maps to a source range, so the copy starts at
+    # the first part the server lacks (a compressed format re-reads: its stream cannot)
+    start = out.resume_at(plan.size) if isinstance(out, destinations.RemoteOutput) else 0
     bar = _progress_bar(plan.copy_bytes, args.quiet, f"dump {fmt.name}")
     try:
         stats = write_plan(out, req.source, plan, sparse=fmt.sparse,
                            strict=args.strict, threads=req.threads,
                            progress=bar.update if bar is not None else None,
-                           first=first, times=times)
+                           first=first, times=times, start=start)
     finally:
         if bar is not None:
             bar.close()

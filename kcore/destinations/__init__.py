@@ -42,7 +42,8 @@ destinations (-o DEST; nothing is written to local disk, peak memory is bounded)
   The manifest (with every part's SHA-256) and DEST.sha256 are uploaded last, beside the
   dump, where the URL allows (a plain URL, an Azure container SAS, the URL set's), else to
   --manifest-url. A failed part is retried with backoff (--retries); then the dump fails
-  (exit 1) and no object is made; --resume sends again only the parts the server lacks."""
+  (exit 1) and no object is made; --resume sends again only the parts the server lacks
+  (to Azure, elf/lime/raw/padded do not read the held parts again)."""
 
 
 def is_remote(dest: str) -> bool:
@@ -91,7 +92,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("remote destinations (-o URL, tcp://, multipart:)")
     g.add_argument("--resume", action="store_true",
                    help="object storage: send only the parts the server does not hold yet "
-                        "(same bytes, same part size); the dump is read again")
+                        "(same part size). To Azure, elf, lime, raw and padded start reading "
+                        "at the first missing part (no whole-dump SHA-256 then); kdump and "
+                        "avml (compressed: a byte depends on all before it) and S3 read the "
+                        "dump again and skip the parts held with the same bytes")
     g.add_argument("--retries", type=int, default=5, metavar="N",
                    help="tries again after a failed request or connection, with backoff "
                         "from 0.5 s doubling up to 8 s (default 5)")

@@ -236,7 +236,7 @@ class AzureBlob(Sink):
         self.version = q.get("sv", [AZURE_VERSION])[0]
         # a container or account SAS also signs NAME.json beside the blob
         self.container_sas = q.get("sr", [""])[0] == "c" or "o" in q.get("srt", [""])[0]
-        self._held: dict[int, bytes] = {}
+        self._held: dict[int, tuple[bytes, int]] = {}
 
     def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         h = {"x-ms-version": self.version}
@@ -256,11 +256,11 @@ class AzureBlob(Sink):
                 "listing the uploaded blocks", headers=self._headers(),
                 ok=lambda s: _2xx(s) or s == 404)
             if r.status != 404:
-                for name in ET.fromstring(r.data).iter("Name"):
-                    raw = base64.b64decode(name.text or "")
+                for block in ET.fromstring(r.data).iter("Block"):
+                    raw = base64.b64decode(block.findtext("Name") or "")
                     if raw.startswith(BLOCK_TAG) and len(raw) == len(BLOCK_TAG) + 8 + 32:
                         index = int(raw[len(BLOCK_TAG):len(BLOCK_TAG) + 8])
-                        self._held[index] = raw[-32:]
+                        self._held[index] = raw[-32:], int(block.findtext("Size") or -1)
 
     @staticmethod
     def block_id(index: int, sha256: str) -> str:
@@ -270,7 +270,12 @@ class AzureBlob(Sink):
 
     def already(self, index: int, data: memoryview, sha256: str) -> bool:
         """Whether an uncommitted block holds this part (same number, same SHA-256)."""
-        return self._held.get(index) == bytes.fromhex(sha256)
+        return self._held.get(index, (b"", 0))[0] == bytes.fromhex(sha256)
+
+    def held(self, index: int, size: int) -> str | None:
+        """The SHA-256 in the id of an uncommitted block index of size bytes, if any."""
+        digest, length = self._held.get(index, (b"", 0))
+        return digest.hex() if digest and length == size else None
 
     def put_part(self, index: int, data: memoryview, sha256: str) -> None:
         """Put Block (Content-MD5 lets the service check the bytes it got)."""

@@ -62,6 +62,11 @@ class Sink:
         """Whether the server holds part index with these bytes (--resume)."""
         return False
 
+    def held(self, index: int, size: int) -> str | None:
+        """The SHA-256 of part index when the server holds it, size bytes long (--resume),
+        known without its bytes; else None."""
+        return None
+
     def put_part(self, index: int, data: memoryview, sha256: str) -> None:
         """Upload part index (parallel sinks; retried inside)."""
         raise NotImplementedError
@@ -146,6 +151,8 @@ class RemoteOutput(Output):
     _received: int = 0
     _parts: list[str] = field(default_factory=list)
     _skipped: int = 0
+    _first_part: int = 0  # parts before it are held, and were not read again (--resume)
+    _held: list[str] = field(default_factory=list)
     _whole: Any = None
 
     @classmethod
@@ -166,6 +173,30 @@ class RemoteOutput(Output):
     def part_size(self) -> int:
         """Bytes per part (the manifest's unit)."""
         return self.options.part_size
+
+    def resume_at(self, size: int) -> int:
+        """Where a resumed stream of size bytes starts: after the parts the server holds from
+        the first one on, whose SHA-256 it knows without their bytes (an Azure block id holds
+        it). Those are neither read nor sent; the last part always is. 0 without --resume."""
+        if not self.options.resume or self._received:
+            return 0
+        part = self.part_size
+        held: list[str] = []
+        while (len(held) + 1) * part < size:
+            digest = self.sink.held(len(held), part)
+            if digest is None:
+                break
+            held.append(digest)
+        if held:
+            self._held, self._first_part = held, len(held)
+            self._skipped = len(held)
+            self._received = len(held) * part
+            if self._whole is not None:  # it needs every byte: the parts' digests stand
+                self._whole = None
+                self.notes.append(f"resumed after {len(held)} parts that were not read "
+                                  f"again: no SHA-256 of the whole dump (the manifest "
+                                  f"holds every part's)")
+        return self._received
 
     def __enter__(self) -> RemoteOutput:
         if self._pump is None:
@@ -247,6 +278,7 @@ class RemoteOutput(Output):
             free.put(bytearray(size))
         digests: dict[int, str] = {}
         jobs: list[Future[None]] = []
+        index = -1  # known once the writer sends: it calls resume_at() first
 
         def upload(index: int, buf: bytearray, n: int) -> None:
             try:
@@ -266,7 +298,6 @@ class RemoteOutput(Output):
             finally:
                 free.put(buf)
 
-        index = 0
         with ThreadPoolExecutor(nbuf - 1, thread_name_prefix="kcore-upload-part") as pool:
             try:
                 while not self._cancel.is_set():
@@ -274,6 +305,9 @@ class RemoteOutput(Output):
                     if buf is None:
                         break
                     n = _read_full(self._rfd, memoryview(buf))
+                    if index < 0:
+                        index = self._first_part
+                        digests.update(enumerate(self._held))
                     if n == 0:
                         free.put(buf)
                         break
@@ -289,7 +323,7 @@ class RemoteOutput(Output):
         if self._error is not None:
             raise self._error
         if not self._cancel.is_set():
-            self._parts = [digests[i] for i in range(index)]
+            self._parts = [digests[i] for i in range(max(index, 0))]
 
     def _take(self, free: queue.SimpleQueue[bytearray]) -> bytearray | None:
         """A free part buffer, or None once the upload is cancelled."""

@@ -17,9 +17,11 @@ ZERO_BLOCK = 1 << 20
 
 def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bool,
                progress: Callable[[int], None] | None = None, threads: int = 1,
-               first: Any = None, times: Any = None) -> Any:
+               first: Any = None, times: Any = None, start: int = 0) -> Any:
     """Write a plan's items to out (pwrite + holes if seekable, else in order).
 
+    start: a stream begins at that output offset (a resumed upload holds the bytes before
+    it): what lies before is neither read nor written.
     first (a kcore.critical.Snapshot): pages read before the copy, which stand in the
     output for what the copy reads of them (put over it in a file, spliced into a stream).
     times (a kcore.pagetimes.Timeline): notes when each chunk was read.
@@ -28,6 +30,7 @@ def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bo
 
     stats = engine.CopyStats()
     seekable = out.seekable
+    assert not (seekable and start), "start applies to a stream"
     if seekable:
         out.set_size(plan.size)
     if seekable and out.hasher is not None:
@@ -35,9 +38,13 @@ def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bo
                               progress=progress, first=first, times=times)
     zero = bytes(ZERO_BLOCK)
     pos = 0
-    for item in plan.items:
-        if not seekable and item.dst != pos:
-            raise AssertionError(f"plan not sequential at {item.dst:#x} (at {pos:#x})")
+    for whole in plan.items:
+        if not seekable and whole.dst != pos:
+            raise AssertionError(f"plan not sequential at {whole.dst:#x} (at {pos:#x})")
+        item = _from(whole, start) if start else whole
+        if item is None:
+            pos = whole.dst + _length(whole)
+            continue
         if isinstance(item, Blob):
             write_all(out.fd, item.data, item.dst if seekable else None)
             pos = item.dst + len(item.data)
@@ -68,6 +75,25 @@ def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bo
     if seekable and first is not None:
         first.rewrite(out.fd, plan.items)
     return stats
+
+
+def _length(item: Any) -> int:
+    """The output bytes an item covers."""
+    return len(item.data) if isinstance(item, Blob) else item.length
+
+
+def _from(item: Any, start: int) -> Any:
+    """The part of item at output offsets from start on (None when it ends before start)."""
+    cut = start - item.dst
+    if cut <= 0:
+        return item
+    if cut >= _length(item):
+        return None
+    if isinstance(item, Blob):
+        return Blob(start, item.data[cut:])
+    if isinstance(item, Copy):
+        return Copy(start, item.src + cut, item.length - cut)
+    return type(item)(start, item.length - cut)
 
 
 def _spliced(item: Copy, first: Any) -> list[Copy | Blob]:
