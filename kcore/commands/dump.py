@@ -123,7 +123,9 @@ def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
                         "kept by default: in the elf and kdump files, else in OUTPUT.symbols")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="threads for the zero-run scan and unhashed copies (default 0: one "
-                        f"per CPU, at most {MAX_THREADS}; up to 16); the output is the same")
+                        f"per CPU, at most {MAX_THREADS}; up to 16), and parts uploaded at "
+                        f"once to object storage (default there: 4, or one per CPU if more); "
+                        f"the output is the same")
     destinations.add_args(p)
     return p
 
@@ -259,7 +261,7 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     # What the dump allocates (the output file, its threads) is allocated before -d classifies
     # a live kernel's pages: else their pages were free to the classification, left out, and
     # crash would find the task list pointing into them.
-    remote = destinations.options(args, req.threads) if destinations.is_remote(path) else None
+    remote = destinations.options(args) if destinations.is_remote(path) else None
     timeline = _timeline(args, system)
     with (open_output(path, force=args.force, digest=want_digest, remote=remote) as out,
           engine.started_threads(req.threads)):

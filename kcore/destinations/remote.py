@@ -20,7 +20,7 @@ from kcore.output import ChunkedSha256, Output
 
 PIPE_SIZE = 4 << 20  # the writer's pipe (F_SETPIPE_SZ; else 1 MiB, pipe-max-size's default)
 STREAM_CHUNK = 4 << 20  # what a streaming sink is sent at a time, at most
-BUFFER_BUDGET = 128 << 20  # part buffers held at once, at most (peak RSS stays bounded)
+BUFFER_BUDGET = 96 << 20  # part buffers held at once, at most (peak RSS stays bounded)
 RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, up to RETRY_CAP
 RETRY_CAP = 8.0
 SEND_POLL = 0.25  # seconds a stream's send waits before it looks for a cancel again
