@@ -7,6 +7,8 @@ import hashlib
 import os
 import queue
 import random
+import select
+import signal
 import socket
 import threading
 import time
@@ -24,6 +26,78 @@ BUFFER_BUDGET = 96 << 20  # part buffers held at once, at most (peak RSS stays b
 RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, up to RETRY_CAP
 RETRY_CAP = 8.0
 SEND_POLL = 0.25  # seconds a stream's send waits before it looks for a cancel again
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+class SignalWatch:
+    """Cancel an upload when Ctrl-C or SIGTERM arrives, whichever thread the kernel gives it.
+
+    Python runs signal handlers in the main thread only, and that thread may sit in the C
+    copy's write() to a full pipe while the upload waits on a receiver that reads nothing:
+    the signal then lands on another thread and nothing returns. Python's own C handler
+    writes each signal's number to the wakeup fd whatever the thread; a thread of ours
+    reads it and sets the upload's cancel event, the pump stops and closes the pipe, the
+    write fails with EPIPE, and the main thread raises KeyboardInterrupt (exit 130).
+    """
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self._cancel = cancel
+        self._old = -1
+        self._fds: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Watch (from the main thread; elsewhere Python cannot, and the watch is skipped)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(r)
+            os.close(w)
+            return
+        self._fds = (r, w)
+        self._thread = threading.Thread(target=self._run, name="kcore-upload-signals",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        assert self._fds is not None
+        r = self._fds[0]
+        while True:
+            select.select([r], [], [])
+            try:
+                data = os.read(r, 64)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            if any(b in STOP_SIGNALS for b in data) or b"\0" in data:
+                if b"\0" not in data:
+                    self._cancel.set()
+                return
+
+    def stop(self) -> None:
+        """Give the wakeup fd back and end the thread."""
+        if self._fds is None:
+            return
+        r, w = self._fds
+        self._fds = None
+        try:
+            signal.set_wakeup_fd(self._old, warn_on_full_buffer=False)
+        except ValueError:
+            pass
+        try:
+            os.write(w, b"\0")  # signal 0 is no signal: it only wakes the thread to end
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(5)
+        os.close(w)
+        os.close(r)
 
 
 def backoff(attempt: int) -> None:
@@ -154,6 +228,7 @@ class RemoteOutput(Output):
     _first_part: int = 0  # parts before it are held, and were not read again (--resume)
     _held: list[str] = field(default_factory=list)
     _whole: Any = None
+    _watch: SignalWatch | None = None
 
     @classmethod
     def make(cls, sink: Sink, options: RemoteOptions, *, force: bool, digest: bool
@@ -213,6 +288,8 @@ class RemoteOutput(Output):
                 self._pump = threading.Thread(target=self._run, name="kcore-upload",
                                               daemon=True)
                 self._pump.start()
+                self._watch = SignalWatch(self._cancel)
+                self._watch.start()
             except BaseException:
                 self.abort()
                 raise
@@ -356,6 +433,9 @@ class RemoteOutput(Output):
             self._drain(size)
             if self._whole is not None:
                 self.sha256 = self._whole.hexdigest()
+        if self._watch is not None:  # every byte is sent: commit() holds Ctrl-C from here
+            self._watch.stop()
+            self._watch = None
         return self.sha256
 
     def _complete(self, manifest: dict[str, Any] | None) -> None:
@@ -405,6 +485,9 @@ class RemoteOutput(Output):
         self._close()
 
     def _close(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         if not self._closed:
             self._closed = True
             if self.fd >= 0:
