@@ -73,11 +73,10 @@ class SignalWatch:
                 continue
             except OSError:
                 return
-            if not data:
+            if not data or 0 in data:  # closed, or stop() asks the thread to end
                 return
-            if any(b in STOP_SIGNALS for b in data) or b"\0" in data:
-                if b"\0" not in data:
-                    self._cancel.set()
+            if any(b in STOP_SIGNALS for b in data):
+                self._cancel.set()
                 return
 
     def stop(self) -> None:

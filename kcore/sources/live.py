@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kcore.errors import KcoreError, SourceError
+from kcore.errors import InputError, KcoreError, SourceError
 from kcore.sources.base import MemorySource
 from kcore.sources.devmem import DevmemSource
 from kcore.sources.kcore import KcoreSource
+from kcore.system import read_root_text
 
 # (name, root-relative path), in the order `auto` tries them
 AUTO_ORDER = (("kcore", "proc/kcore"), ("crash", "dev/crash"), ("mem", "dev/mem"))
@@ -39,10 +40,10 @@ class SourceProbe:
 
 
 def _read(root: Path, rel: str) -> str | None:
+    """A root file's text, or None when it is missing or cannot be read (a probe says why)."""
     try:
-        with open(root / rel, "rb") as f:
-            return f.read(1 << 16).decode("utf-8", "replace")
-    except (OSError, ValueError):  # ValueError: a NUL byte in the root's path
+        return read_root_text(root, rel, required=False)
+    except InputError:
         return None
 
 
