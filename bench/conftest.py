@@ -6,7 +6,6 @@ import datetime
 import importlib.util
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,12 +14,6 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "RESULTS.md"
-# The tests' helpers (tests/helpers.py) and the memory-child helper live with the tests.
-sys.path.insert(0, str(BENCH.parent / "tests"))
-
-import helpers  # noqa: E402
-
-tests_conftest = helpers  # the name the bench files use
 
 
 def load_module(name: str, path: Path):

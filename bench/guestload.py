@@ -12,13 +12,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "vm"))
-
-import qemu_vm  # noqa: E402
+from tests.vm import qemu_vm
 
 LOAD = r"""
 import json, os, sys, time

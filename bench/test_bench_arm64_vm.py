@@ -20,12 +20,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_bench_dump import ratio_line, run_timed
+
+from tests.vm import qemu_vm
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "vm"))
-
-import qemu_vm  # noqa: E402
-from test_bench_dump import ratio_line, run_timed  # noqa: E402
 
 ROUNDS = int(os.environ.get("KCORE_BENCH_ROUNDS", "5"))
 SHM = Path(os.environ.get("KCORE_BENCH_DIR", "/dev/shm"))

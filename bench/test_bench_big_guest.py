@@ -32,12 +32,10 @@ from pathlib import Path
 
 import pytest
 from conftest import BENCH
+from guestload import capture, load
+from peers import lime_module, makedumpfile_path
 
-sys.path.insert(0, str(BENCH.parent / "tests" / "vm"))
-
-import qemu_vm  # noqa: E402
-from guestload import capture, load  # noqa: E402
-from peers import lime_module, makedumpfile_path  # noqa: E402
+from tests.vm import qemu_vm
 
 REPO = BENCH.parent
 SIZES = [int(x) for x in os.environ.get("KCORE_BENCH_BIG_GIB", "1,4,16").split(",") if x]

@@ -21,17 +21,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from test_bench_dump_vm import guest_core, kcore_run, remove  # noqa: F401
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "vm"))
-
-import qemu_vm  # noqa: E402
-from smear_load import start_load, stop_load  # noqa: E402
-from test_bench_dump_vm import guest_core, kcore_run, remove  # noqa: E402,F401
+from tests.vm import qemu_vm
+from tests.vm.smear_load import start_load, stop_load
 
 N = int(os.environ.get("KCORE_BENCH_SMEAR_N", "5"))
 PLUGINS = ("linux.pslist", "linux.pstree")
@@ -67,9 +63,8 @@ def busy_guest():
 def test_smear_busy_guest(benchmark, busy_guest, record, note):
     """N dumps each way; each plugin's window and failures."""
     pytest.importorskip("volatility3", reason="volatility3 is not installed")
-    from helpers import CACHE, make_isf
-
     from kcore.commands.smear import measure
+    from tests.helpers import CACHE, make_isf
 
     isf = make_isf()
     cache = CACHE / "vol-cache"

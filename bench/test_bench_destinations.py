@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_module, tests_conftest
+from conftest import load_module
 
 from kcore.destinations import DEFAULT_PART
+from tests import helpers
+from tests.destinations import servers
 
 REPO = Path(__file__).resolve().parent.parent
 _data = load_module("kcore_bench_dumpdata", REPO / "bench" / "dumpdata.py")
-servers = load_module("kcore_bench_servers", REPO / "tests" / "servers.py")
 ROUNDS = int(os.environ.get("KCORE_BENCH_ROUNDS", "3"))
 SHM = Path(os.environ.get("KCORE_BENCH_DIR", "/dev/shm"))
 DISK = Path(os.environ.get("KCORE_BENCH_DISK", "/var/tmp"))
@@ -35,8 +36,8 @@ GIB = 1 << 30
 @pytest.fixture(scope="module")
 def image_4gib():
     """A dense 4 GiB raw image (the capture's RAM, then data) and its root."""
-    name = tests_conftest.FIXTURE_NAMES[0]
-    ram = tests_conftest.fixture_memory(name)
+    name = helpers.FIXTURE_NAMES[0]
+    ram = helpers.fixture_memory(name)
     for where, need in ((SHM, 5), (DISK, 10)):
         st = os.statvfs(where)
         if st.f_bavail * st.f_frsize < need * GIB:
@@ -44,7 +45,7 @@ def image_4gib():
     d = SHM / f"kcore-bench-dest-{os.getpid()}"
     d.mkdir()
     try:
-        _data.make_root(tests_conftest.shared_fixture(name) / "root", d / "root")
+        _data.make_root(helpers.shared_fixture(name) / "root", d / "root")
         image = d / "dense.raw"
         _data.make_image(ram, image, 0.0)
         subprocess.run(["cat", str(image)], stdout=subprocess.DEVNULL, check=True)

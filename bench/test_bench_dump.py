@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_module, tests_conftest
+from conftest import load_module
+
+from tests import helpers
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-_tests = tests_conftest
+_tests = helpers
 _data = load_module("kcore_bench_dumpdata", REPO / "bench" / "dumpdata.py")
 FIXTURE_NAMES, fixture_memory, shared_fixture = (_tests.FIXTURE_NAMES, _tests.fixture_memory,
                                                  _tests.shared_fixture)

@@ -23,16 +23,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_bench_dump import ratio_line, run_timed
+
+from kcore import engine
+from kcore.sources import open_source
+from tests.vm import qemu_vm
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests" / "vm"))
-
-import qemu_vm  # noqa: E402
-from test_bench_dump import ratio_line, run_timed  # noqa: E402
-
-from kcore import engine  # noqa: E402
-from kcore.sources import open_source  # noqa: E402
-
 ROUNDS = int(os.environ.get("KCORE_BENCH_ROUNDS", "5"))
 SHM = Path(os.environ.get("KCORE_BENCH_DIR", "/dev/shm"))
 MEM_MIB = 4096

@@ -23,16 +23,13 @@ from pathlib import Path
 
 import pytest
 from conftest import BENCH
+from guestload import capture, load
+from pagejudge import judge
+from peers import makedumpfile_path
 
-sys.path.insert(0, str(BENCH.parent / "tests" / "vm"))
-
-import qemu_vm  # noqa: E402
-from guestload import capture, load  # noqa: E402
-from pagejudge import judge  # noqa: E402
-from peers import makedumpfile_path  # noqa: E402
-
-from tests import pagesets  # noqa: E402
-from tests.helpers import debug_vmlinux  # noqa: E402
+from tests import pagesets
+from tests.helpers import debug_vmlinux
+from tests.vm import qemu_vm
 
 REPO = BENCH.parent
 KERNELS = os.environ.get("KCORE_BENCH_612_KERNELS",

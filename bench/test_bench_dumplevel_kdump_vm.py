@@ -8,18 +8,11 @@ Run: python3 -m pytest bench/test_bench_dumplevel_kdump_vm.py --benchmark-only -
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from test_bench_dump import ratio_line, run_timed  # noqa: E402
-from test_bench_dump_vm import ROUNDS, remove  # noqa: E402
-from test_bench_dump_vm import guest_core as _guest_core  # noqa: E402, F401 (the fixture)
-from test_bench_dumplevel_vm import GB, kcore, subprocess_cat  # noqa: E402
+from test_bench_dump import ratio_line, run_timed
+from test_bench_dump_vm import ROUNDS, remove
+from test_bench_dump_vm import guest_core as _guest_core  # noqa: F401 (the fixture)
+from test_bench_dumplevel_vm import GB, kcore, subprocess_cat
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_bench_dump import ratio_line, run_timed
+from test_bench_dump_vm import MEM_MIB, ROUNDS, remove
+from test_bench_dump_vm import guest_core as _guest_core  # noqa: F401 (the fixture)
+
+from tests import pagesets
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-import pagesets  # noqa: E402
-from test_bench_dump import ratio_line, run_timed  # noqa: E402
-from test_bench_dump_vm import MEM_MIB, ROUNDS, remove  # noqa: E402
-from test_bench_dump_vm import guest_core as _guest_core  # noqa: E402, F401 (the fixture)
 
 LEVELS = (1, 16, 17, 23, 31)
 GB = 1e9

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import best_time, best_times, tests_conftest
-from engine_memchild import PAGE, MemChild
+from conftest import best_time, best_times
 
 from kcore import engine
-from tests import pyengine
+from tests import helpers, pyengine
+from tests.engine_memchild import PAGE, MemChild
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 RAM_FIXTURE = "linux-6.1.0-56-nokaslr-512M"  # real kernel RAM: where its zero pages lie
 
 
-_tests_conftest = tests_conftest
+_tests_conftest = helpers
 fixture_memory = _tests_conftest.fixture_memory
 RAM_FIXTURE_HERE = (_tests_conftest.SHARED_FIXTURES / RAM_FIXTURE / "memory").is_dir()
 

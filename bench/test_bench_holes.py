@@ -22,17 +22,18 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import best_time, best_times, tests_conftest
+from conftest import best_time, best_times
 from test_bench_dump import run_timed
 
 from kcore import engine
+from tests import helpers
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("KCORE_BENCH_ROUNDS", "3"))
 SIZE = int(float(os.environ.get("KCORE_BENCH_HOLES_GIB", "2")) * (1 << 30))
 BATCH = 2 << 20
 PAGE = 4096
-NOKASLR = tests_conftest.FIXTURE_NAMES[0]
+NOKASLR = helpers.FIXTURE_NAMES[0]
 FILESYSTEMS = {"tmpfs": Path("/dev/shm"),
                "ext4": Path(os.environ.get("KCORE_BENCH_EXT4_DIR", "/var/tmp"))}
 
@@ -56,7 +57,7 @@ def _almost_dense(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         for _ in range(size >> 20):
             f.write(block)
-    tests_conftest.punch_hole(path, size - PAGE, PAGE)
+    helpers.punch_hole(path, size - PAGE, PAGE)
 
 
 def test_engine_batched_read_of_an_almost_dense_file(fs_dir, record, note, benchmark):
@@ -93,16 +94,16 @@ def test_kdump_of_a_filled_qemu_core_vs_makedumpfile(fs_dir, record, note, bench
     if shutil.which("makedumpfile") is None:
         pytest.skip("no makedumpfile (Debian: makedumpfile)")
     name, folder = fs_dir
-    root = tests_conftest.shared_fixture(NOKASLR) / "root"
+    root = helpers.shared_fixture(NOKASLR) / "root"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # makedumpfile 1.7.2 refuses QEMU's core of the capture (its PT_LOADs' p_vaddr are 0):
     # the capture's RAM as a /proc/vmcore-like ELF, zero pages left as holes
     core = folder / "vmcore.elf"
     run_timed([sys.executable, "-m", "kcore", "dump", "--root", str(root), "--source",
-               f"raw:{tests_conftest.fixture_memory(NOKASLR)}", "--no-elide", "--no-digest",
+               f"raw:{helpers.fixture_memory(NOKASLR)}", "--no-elide", "--no-digest",
                "--quiet", "-o", str(core)], env=env)
     filled = folder / "vmcore-filled.elf"
-    tests_conftest.filled_copy(core, filled)
+    helpers.filled_copy(core, filled)
     sparse = folder / "vmcore-sparse.elf"
     out_dir = Path(tempfile.mkdtemp(prefix="kcore-bench-holes-out-", dir="/dev/shm"))
     out = out_dir / "out.kdump"

@@ -13,7 +13,8 @@ import random
 import time
 
 import pytest
-from conftest import tests_conftest
+
+from tests import helpers
 
 NAME = "linux-6.1.0-56-nokaslr-512M"
 FIELDS = 10_000
@@ -25,7 +26,7 @@ def programs(tmp_path_factory):
     drgn = pytest.importorskip("drgn", reason="drgn is not installed")
     from kcore.integrations.drgn import program
 
-    t = tests_conftest
+    t = helpers
     root = t.shared_fixture(NAME) / "root"
     image = t.fixture_memory(NAME)
     vmlinux = str(t.debug_vmlinux())

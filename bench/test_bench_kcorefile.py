@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tests_conftest
 
 import kcore
+from tests import helpers
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "linux-6.1.0-56-nokaslr-512M"
@@ -27,7 +27,7 @@ MIB = 1 << 20
 @pytest.fixture(scope="module")
 def setup():
     """(KcoreFile, source fd, RAM entry, its kcore offset) over the raw RAM image."""
-    t = tests_conftest
+    t = helpers
     image = t.fixture_memory(NAME)
     root = t.shared_fixture(NAME) / "root"
     kf = kcore.open(str(root), f"raw:{image}")

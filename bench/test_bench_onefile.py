@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_module, tests_conftest
+from conftest import load_module
+
+from tests import helpers
 
 REPO = Path(__file__).resolve().parent.parent
 _data = load_module("kcore_bench_dumpdata_onefile", REPO / "bench" / "dumpdata.py")
@@ -27,7 +29,7 @@ MIB = 1 << 20
 @pytest.fixture(scope="module")
 def onefile() -> Path:
     """The file make dist builds (cached per sources' hash)."""
-    return tests_conftest.onefile(CACHE)
+    return helpers.onefile(CACHE)
 
 
 def _package() -> list[str]:
@@ -76,15 +78,15 @@ def test_version_startup(benchmark, onefile: Path, record) -> None:
 @pytest.fixture(scope="module")
 def image_4g():
     """A 4 GiB raw image (the fixture's RAM, then data with zero runs) and its root."""
-    name = tests_conftest.FIXTURE_NAMES[0]
-    ram = tests_conftest.fixture_memory(name)
+    name = helpers.FIXTURE_NAMES[0]
+    ram = helpers.fixture_memory(name)
     st = os.statvfs(SHM)
     if st.f_bavail * st.f_frsize < 5 * (1 << 30):
         pytest.skip(f"{SHM} has less than 5 GiB free")
     d = SHM / f"kcore-bench-onefile-{os.getpid()}"
     d.mkdir()
     try:
-        root = _data.make_root(tests_conftest.shared_fixture(name) / "root", d / "root")
+        root = _data.make_root(helpers.shared_fixture(name) / "root", d / "root")
         image = d / "ram.raw"
         _data.make_image(ram, image, 0.3)
         yield d, root, image

@@ -16,18 +16,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import best_times, tests_conftest
+from conftest import best_times
+
+from tests import helpers
 
 REPO = Path(__file__).resolve().parent.parent
 ROUNDS = int(os.environ.get("KCORE_BENCH_ROUNDS", "3"))
 WORK = Path(os.environ.get("KCORE_BENCH_SPARSE_DIR", "/tmp"))
 TIB = 1 << 40
-NOKASLR = tests_conftest.FIXTURE_NAMES[0]
+NOKASLR = helpers.FIXTURE_NAMES[0]
 
 
 def _sparse_setup(tmp: Path) -> tuple[Path, Path]:
     """A root whose iomem claims System RAM up to 1 TiB, and the capture's RAM in a 1 TiB file."""
-    fx = tests_conftest.shared_fixture(NOKASLR)
+    fx = helpers.shared_fixture(NOKASLR)
     root = tmp / "root"
     shutil.copytree(fx / "root", root)
     iomem = root / "proc/iomem"
@@ -35,7 +37,7 @@ def _sparse_setup(tmp: Path) -> tuple[Path, Path]:
              if not ln.startswith(("100000000-", "fd00000000-"))]
     iomem.write_text("\n".join([*lines, f"100000000-{TIB - 1:x} : System RAM"]) + "\n")
     image = tmp / "sparse-1t.bin"
-    subprocess.run(["cp", "--sparse=always", str(tests_conftest.fixture_memory(NOKASLR)),
+    subprocess.run(["cp", "--sparse=always", str(helpers.fixture_memory(NOKASLR)),
                     str(image)], check=True)
     os.truncate(image, TIB)
     fd = os.open(image, os.O_RDONLY)
@@ -55,8 +57,8 @@ def test_sparse_1tib_dump_within_10x_of_the_dense_512mib(record, note, benchmark
     tmp.mkdir()
     try:
         root, image = _sparse_setup(tmp)
-        dense_root = tests_conftest.shared_fixture(NOKASLR) / "root"
-        dense = tests_conftest.fixture_memory(NOKASLR)
+        dense_root = helpers.shared_fixture(NOKASLR) / "root"
+        dense = helpers.fixture_memory(NOKASLR)
         env = dict(os.environ, PYTHONPATH=str(REPO))
 
         def dump(r: Path, src: Path, out: str) -> None:

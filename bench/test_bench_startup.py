@@ -16,10 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import tests_conftest
+from tests import helpers
 
 REPO = Path(__file__).resolve().parent.parent
-NAME = tests_conftest.FIXTURE_NAMES[0]
+NAME = helpers.FIXTURE_NAMES[0]
 
 
 def _run(argv: list[str], tree: Path | None = None) -> float:
@@ -35,8 +35,8 @@ def _run(argv: list[str], tree: Path | None = None) -> float:
 
 def test_ranges_startup_vs_bare_interpreter(record) -> None:
     """`kcore ranges --json` on the nokaslr capture vs `python3 -c pass`."""
-    root = tests_conftest.shared_fixture(NAME) / "root"
-    spec = f"raw:{tests_conftest.fixture_memory(NAME)}"
+    root = helpers.shared_fixture(NAME) / "root"
+    spec = f"raw:{helpers.fixture_memory(NAME)}"
     ranges = [sys.executable, "-m", "kcore", "ranges", "--root", str(root), "--source", spec,
               "--json"]
     old = os.environ.get("KCORE_BENCH_OLD")

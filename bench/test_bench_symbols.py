@@ -98,8 +98,8 @@ def test_symbols_per_kernel(guest, benchmark, record, note):
     """The bytes the symbols add to an elf dump (the KCORE notes) and the ISF's build time,
     per kernel: an amd64 guest gathers its live root; an arm64 guest's capture, the host."""
     pytest.importorskip("pakunoda", reason="pakunoda builds the ISF (kcore[symbols])")
-    import qemu_vm  # tests/vm, on sys.path once test_bench_dump_vm is imported
-    from guests import ARM64_CONFIGS, Pool
+    from tests.vm import qemu_vm
+    from tests.vm.guests import ARM64_CONFIGS, Pool
 
     arch = "arm64" if guest in ARM64_CONFIGS else None
     reason = qemu_vm.unavailable_reason(*([arch] if arch else []))

@@ -9,12 +9,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import best_times, tests_conftest
+from conftest import best_times
 
 from kcore.output import ChunkedSha256
+from tests import helpers
 
-REPO = tests_conftest.REPO
-KASLR = tests_conftest.FIXTURE_NAMES[1]
+REPO = helpers.REPO
+KASLR = helpers.FIXTURE_NAMES[1]
 
 
 def test_chunk_digests_cost(benchmark, record, note):
@@ -47,10 +48,10 @@ def test_verify_vs_sha256sum(benchmark, record, tmp_path):
     """`kcore verify` of an ELF dump (structure, digest, chunks, zero pages) vs sha256sum."""
     if shutil.which("sha256sum") is None:
         pytest.skip("no sha256sum")
-    root = tests_conftest.shared_fixture(KASLR) / "root"
-    mem = tests_conftest.fixture_memory(KASLR)
+    root = helpers.shared_fixture(KASLR) / "root"
+    mem = helpers.fixture_memory(KASLR)
     out = tmp_path / "mem.elf"
-    r = tests_conftest.run_kcore("dump", "-q", "--root", str(root), "--source", f"elf:{mem}",
+    r = helpers.run_kcore("dump", "-q", "--root", str(root), "--source", f"elf:{mem}",
                                  "-o", str(out))
     assert r.returncode == 0, r.stderr.decode()
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -6,19 +6,6 @@ import subprocess
 
 import pytest
 
-# Earlier branches import these from conftest: kept importable here until they move.
-from helpers import (  # noqa: F401
-    DATA,
-    FIXTURE_NAMES,
-    REPO,
-    SHARED_FIXTURES,
-    debug_vmlinux,
-    fixture_memory,
-    run_kcore,
-    shared_fixture,
-    volatility_cmd,
-)
-
 
 @pytest.fixture
 def small_tmpfs(tmp_path):

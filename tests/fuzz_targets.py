@@ -47,7 +47,8 @@ def _ram() -> Path | None:
     """The capture's RAM image (decompressed once into the test cache), or None."""
     if "ram" not in _STATE:
         import pytest
-        from helpers import fixture_memory
+
+        from tests.helpers import fixture_memory
 
         try:  # the shared capture, or the same one made in QEMU (helpers.shared_fixture)
             ram = fixture_memory(FIXTURE)
@@ -58,7 +59,7 @@ def _ram() -> Path | None:
 
 
 def _fixture_root() -> Path:
-    from helpers import shared_fixture
+    from tests.helpers import shared_fixture
 
     return shared_fixture(FIXTURE) / "root"
 
@@ -73,7 +74,7 @@ def _system() -> Any:
 
 
 def _cache() -> Path:
-    from helpers import CACHE
+    from tests.helpers import CACHE
 
     CACHE.mkdir(parents=True, exist_ok=True)
     return CACHE
@@ -488,7 +489,7 @@ def _nodes(doc: Any, out: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
 def _manifest_mutate(seed: bytes, rnd: random.Random) -> bytes:
     kind, text = seed[:1], seed[1:]
     if rnd.random() < 0.15:  # bytes, not JSON
-        from fuzzing import mutate, text_fields
+        from tests.fuzzing import mutate, text_fields
 
         return kind + mutate(text, rnd, text_fields, text=True)
     doc = json.loads(text)

@@ -7,7 +7,7 @@ own writers (LiME, kdump, AVML, flattened). Mutations know where each format's f
 (ELF header, program headers, note headers, LiME range headers, text lines) and write
 values at their edges there.
 
-The long run (no pytest): python tests/fuzzing.py [PARSER ...] --count N [--seconds S]
+The long run (no pytest): python -m tests.fuzzing [PARSER ...] --count N [--seconds S]
 reports executions, failures (kept under tests/data/fuzz/crashes/PARSER/), the slowest input
 and the peak RSS.
 """
@@ -26,10 +26,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from kcore.errors import KcoreError
 
-from kcore.errors import KcoreError  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 SEEDS = HERE / "data" / "fuzz" / "seeds"
 CRASHES = HERE / "data" / "fuzz" / "crashes"
@@ -176,7 +175,8 @@ def _dumped_seed(fmt: str) -> bytes | None:
     import subprocess
 
     import pytest
-    from helpers import fixture_memory, shared_fixture
+
+    from tests.helpers import fixture_memory, shared_fixture
 
     cache = Path(os.environ.get("KCORE_TEST_CACHE", "/tmp/kcore-test-cache"))
     try:  # the nokaslr capture: shared, or made in QEMU and cached
@@ -352,7 +352,7 @@ def _dumped(fmt: str) -> Callable[[], list[bytes]]:
     return lambda: [d for d in (_dumped_seed(fmt),) if d]
 
 
-from fuzz_targets import TARGETS  # noqa: E402 - the whole-command targets (second round)
+from tests.fuzz_targets import TARGETS  # noqa: E402 - the whole-command targets (second round)
 
 PARSERS: dict[str, Parser] = {p.name: p for p in (*(Parser(**t) for t in TARGETS),
     Parser("elf", _seed_file("kcore-head.bin"), elf_fields, _file("elf")),

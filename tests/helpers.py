@@ -1,7 +1,7 @@
 """What tests and benchmarks share: where the real-kernel captures are, how to run the CLI.
 
-Import it as `from helpers import ...` (tests/ is on sys.path under pytest); conftest.py
-holds only pytest fixtures.
+Import it as `from tests.helpers import ...` (pytest puts the checkout on sys.path: pyproject.toml's
+`pythonpath`); conftest.py holds only pytest fixtures.
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ def shared_fixture(name: str) -> Path:
     path = SHARED_FIXTURES / name
     if path.is_dir():
         return path
-    if str(REPO / "tests" / "vm") not in sys.path:
-        sys.path.insert(0, str(REPO / "tests" / "vm"))
-    import fixture_capture
+    from tests.vm import fixture_capture
 
     why = fixture_capture.unavailable_reason(name)
     if why:

@@ -65,7 +65,7 @@ def test_zlib_pages_of_real_memory_are_zlibs_within_5_percent():
     inflates with zlib itself, and the whole is at most 1.05x zlib's own level-1 pages."""
     if not codecs.available("zlib"):
         pytest.skip(codecs.missing(codecs.CODECS["zlib"]))
-    from helpers import FIXTURE_NAMES, fixture_memory
+    from tests.helpers import FIXTURE_NAMES, fixture_memory
 
     with open(fixture_memory(FIXTURE_NAMES[0]), "rb") as f:
         f.seek(64 << 20)

@@ -17,7 +17,8 @@ import subprocess
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from helpers import (
+
+from tests.helpers import (
     CACHE,
     FIXTURE_NAMES,
     fixture_memory,
@@ -46,9 +47,8 @@ def test_volatility_follows_the_critical_pages(tmp_path):
     --times, Volatility's linux.pslist (through kcore's layer, run by `kcore smear`) lists
     the tasks the walk found, and nearly every page it reads is one the dump read first."""
     pytest.importorskip("volatility3", reason="volatility3 is not installed")
-    from test_integration_volatility import pslist
-
     from kcore.commands.smear import measure
+    from tests.integrations.test_volatility import pslist
 
     out = tmp_path / "m.lime"
     r = run_kcore("dump", "--root", root(KASLR), "--source", spec(KASLR), "--format", "lime",

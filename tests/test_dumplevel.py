@@ -17,10 +17,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pagesets
 import pytest
-from helpers import FIXTURE_NAMES, run_kcore, scratch_dir, shared_fixture
-from test_dump import source_spec
+
+from tests import pagesets
+from tests.commands.test_dump import source_spec
+from tests.helpers import FIXTURE_NAMES, run_kcore, scratch_dir, shared_fixture
 
 LEVELS = (1, 16, 17, 23, 31)
 NOKASLR, KASLR = FIXTURE_NAMES

@@ -7,7 +7,7 @@ import json
 
 from elftools.elf.elffile import ELFFile
 
-from tests.conftest import FIXTURE_NAMES, fixture_memory, shared_fixture
+from tests.helpers import FIXTURE_NAMES, fixture_memory, shared_fixture
 
 
 def test_psargs_strncpy_in_the_seed_and_strscpy_since():

@@ -13,11 +13,11 @@ import threading
 import time
 
 import pytest
-from engine_memchild import PAGE, MemChild, expected_memory
 
 from kcore import engine
 from kcore.errors import FaultError
 from tests import pyengine
+from tests.engine_memchild import PAGE, MemChild, expected_memory
 
 
 @pytest.fixture(scope="module")

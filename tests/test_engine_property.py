@@ -7,12 +7,12 @@ import random
 import tempfile
 
 import pytest
-from engine_memchild import PAGE, MemChild, expected_memory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kcore import engine
 from tests import pyengine
+from tests.engine_memchild import PAGE, MemChild, expected_memory
 
 KINDS = st.sampled_from(["data", "zero", "hole", "noaccess"])
 

@@ -12,11 +12,11 @@ import random
 import threading
 
 import pytest
-from engine_memchild import PAGE, MemChild, expected_memory
 
 from kcore import engine
 from kcore.errors import FaultError
 from tests import pyengine
+from tests.engine_memchild import PAGE, MemChild, expected_memory
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Fuzz every parser of untrusted input: one-line kcore errors or success, nothing else.
 
 Brief by default (CI); KCORE_FUZZ_EXAMPLES=N runs N examples per parser. The long run with
-execution counts, time and memory: python tests/fuzzing.py --count 100000. Inputs that once
+execution counts, time and memory: python -m tests.fuzzing --count 100000. Inputs that once
 broke a parser are kept in tests/data/fuzz/crashes/ and replayed here.
 """
 
@@ -11,9 +11,10 @@ import os
 import random
 
 import pytest
-from fuzzing import PARSERS, Scratch, crash_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.fuzzing import PARSERS, Scratch, crash_inputs
 
 pytestmark = pytest.mark.fuzz
 

@@ -12,18 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (
+
+import kcore
+from kcore import kcorefile
+from kcore.errors import SourceError
+from kcore.sources import base
+from tests.helpers import (
     FIXTURE_NAMES,
     fixture_memory,
     has_file_in,
     run_kcore,
     shared_fixture,
 )
-
-import kcore
-from kcore import kcorefile
-from kcore.errors import SourceError
-from kcore.sources import base
 
 NOKASLR = FIXTURE_NAMES[0]
 MiB = 1 << 20
@@ -765,7 +765,7 @@ def _small_dump(tmp_path: Path) -> Path:
     """kcore's own elf dump of the capture's pages that discovery reads (small), copied."""
     import shutil
 
-    from fuzz_targets import _small_dump as made
+    from tests.fuzz_targets import _small_dump as made
 
     src = made("elf")
     if src is None:
@@ -806,7 +806,7 @@ def test_rebuild_refuses_a_stream_that_would_be_mostly_holes(tmp_path: Path) -> 
     """kcore's own flattened stream with one record moved to 8 TiB: exit 2 at once (it hashed
     8 TiB of holes), nothing left at OUT; the stream as written rebuilds into the file
     makedumpfile -R makes."""
-    from fuzz_targets import _records, _stream
+    from tests.fuzz_targets import _records, _stream
 
     stream = _stream("zstd")
     if stream is None:
@@ -835,7 +835,7 @@ def test_rebuild_refuses_a_stream_that_would_be_mostly_holes(tmp_path: Path) -> 
 
 def test_rebuild_past_the_file_size_limit_names_the_output(tmp_path: Path) -> None:
     """`ulimit -f` below the rebuilt size: "File too large" names OUT and says what to do."""
-    from fuzz_targets import _stream
+    from tests.fuzz_targets import _stream
 
     stream = _stream("zstd")
     if stream is None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
-from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
 
 import kcore
 from kcore.kcorefile import KcoreFile
+from tests.helpers import FIXTURE_NAMES, fixture_memory, run_kcore, shared_fixture
 
 KASLR, NOKASLR = "linux-6.1.0-56-kaslr-512M", "linux-6.1.0-56-nokaslr-512M"
 SPEC = {KASLR: "elf", NOKASLR: "raw"}

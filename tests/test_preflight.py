@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURE_NAMES, shared_fixture
-from test_dump import source_spec
 
 from kcore import preflight
 from kcore.discover import discover
 from kcore.errors import SourceError
 from kcore.sources import live
+from tests.commands.test_dump import source_spec
+from tests.helpers import FIXTURE_NAMES, shared_fixture
 
 LIME_HEADER = 32
 

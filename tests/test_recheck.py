@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURE_NAMES, shared_fixture
-from test_dump import source_spec
 
 from kcore.formats.plan import Copy, Plan, Zeros
 from kcore.recheck import recheck
 from kcore.sources import open_source
+from tests.commands.test_dump import source_spec
+from tests.helpers import FIXTURE_NAMES, shared_fixture
 
 PAGE = 4096
 

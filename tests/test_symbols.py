@@ -13,10 +13,10 @@ import zlib
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, scratch_dir, shared_fixture
 
 from kcore import symbols
 from kcore.wire.elf import KCORE_NAME, NT_KCORE_FILE, note
+from tests.helpers import FIXTURE_NAMES, fixture_memory, run_kcore, scratch_dir, shared_fixture
 
 NOKASLR, KASLR = FIXTURE_NAMES
 TEXT_LINK_ADDRESS = 0xFFFFFFFF81000000  # x86-64's _text before KASLR (CONFIG_PHYSICAL_START)

@@ -14,9 +14,9 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURE_NAMES, fixture_memory, run_kcore, scratch_dir, shared_fixture
 
 from kcore.cli import main
+from tests.helpers import FIXTURE_NAMES, fixture_memory, run_kcore, scratch_dir, shared_fixture
 
 NOKASLR, KASLR = FIXTURE_NAMES
 CHUNK = 64 << 20

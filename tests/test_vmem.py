@@ -6,12 +6,12 @@ import json
 import struct
 
 import pytest
-from helpers import fixture_memory, shared_fixture
 
 from kcore.addrmap import PAGE_SIZE, x86_64_map
 from kcore.sources import open_source
 from kcore.vmcoreinfo import VmcoreInfo
 from kcore.vmem import PageWalker
+from tests.helpers import fixture_memory, shared_fixture
 
 CAPTURES = {"linux-6.1.0-56-kaslr-512M": "elf", "linux-6.1.0-56-nokaslr-512M": "raw"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from guests import Guest
+from tests.vm.guests import Guest
 
 PAGE = 4096
 PT_LOAD = 1

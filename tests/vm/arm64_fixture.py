@@ -1,6 +1,6 @@
 """Make a small arm64 fixture for the fast suite from one boot of an arm64 guest.
 
-    python tests/vm/arm64_fixture.py GUEST OUTDIR      (GUEST: a name in guests.ARM64_CONFIGS)
+    python -m tests.vm.arm64_fixture GUEST OUTDIR      (GUEST: a name in guests.ARM64_CONFIGS)
 
 OUTDIR gets what the guest's real /proc/kcore showed and just enough of its memory:
 - root/: the guest's proc/ and sys/ files (kallsyms cut to the lines kcore and the tests
@@ -21,14 +21,12 @@ import shutil
 import sys
 from pathlib import Path
 
+import kcore
+from kcore.wire.lime import pack_header
+from tests.vm import guests
+from tests.vm.arm64 import PAGE, guest_read, kcore_offset, loads, symbol, vmcoreinfo
+
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parents[1])]
-
-import guests  # noqa: E402
-from arm64 import PAGE, guest_read, kcore_offset, loads, symbol, vmcoreinfo  # noqa: E402
-
-import kcore  # noqa: E402
-from kcore.wire.lime import pack_header  # noqa: E402
 
 ALL_ONES = (1 << 64) - 1
 KEEP_SYMBOLS = ("_text", "_stext", "_etext", "_end", "_sinittext", "swapper_pg_dir",

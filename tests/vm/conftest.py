@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import qemu_vm
-from guests import ARM64_CONFIGS, CONFIGS, FILE_ORDER, ONEFILE_CONFIGS, POOLS, Guest, Pool
 
 from tests import helpers
+from tests.vm import qemu_vm
+from tests.vm.guests import ARM64_CONFIGS, CONFIGS, FILE_ORDER, ONEFILE_CONFIGS, POOLS, Guest, Pool
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,7 +8,7 @@ dump-guest-memory ELF core (KASLR, `memory/vmcore.elf`).  The result goes to
 KCORE_VM_CACHE/fixtures/<name>/ once, under a lock (several pytest runs may share the cache),
 with the layout of /work/shared/fixtures/<name>/ (memory uncompressed).
 
-    python tests/vm/fixture_capture.py [NAME...]     # make them ahead of a test run
+    python -m tests.vm.fixture_capture [NAME...]     # make them ahead of a test run
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+from tests.vm import qemu_vm
 
-import qemu_vm  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 # The captures the tests use, and how each guest boots (the shared fixtures' way).
 CONFIGS = {

@@ -15,7 +15,7 @@ import os
 import struct
 import sys
 
-from guest_capture import copy_root, parse_kcore, pread_all, real_pointers
+from tests.vm.guest_capture import copy_root, parse_kcore, pread_all, real_pointers
 
 KCORE = "/proc/kcore"
 # The files of a shared fixture's root/ (the shared captures have exactly these).

@@ -7,9 +7,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import guest_capture
-import qemu_vm
-from qemu_vm import Vm, VmConfig
+from tests.vm import guest_capture, qemu_vm
+from tests.vm.qemu_vm import Vm, VmConfig
 
 # The guests the suite boots, in the order the tests run.  "nokaslr" can take a DIMM (hotplug
 # tests run last on it); "big" has more than 4 GiB, so part of System RAM sits above the PCI

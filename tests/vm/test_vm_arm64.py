@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from arm64 import PAGE, guest_read, kcore_offset, loads, phys_read, symbol, vmcoreinfo
 from elftools.elf.elffile import ELFFile
-from guests import Guest, assert_same_header
-from qemu_vm import host_kcore
 
 import kcore
 from tests.helpers import elf_read, run_kcore
+from tests.vm.arm64 import PAGE, guest_read, kcore_offset, loads, phys_read, symbol, vmcoreinfo
+from tests.vm.guests import Guest, assert_same_header
+from tests.vm.qemu_vm import host_kcore
 
 EM_AARCH64 = 183
 ALL_ONES = (1 << 64) - 1

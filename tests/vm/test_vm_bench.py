@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from guests import Guest
-from test_vm_harness import loads
-
 from kcore.kclist import ALL_ONES
+from tests.vm.guests import Guest
+from tests.vm.test_vm_harness import loads
 
 
 def test_bench_against_real_kcore(kaslr_guest: Guest) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from guests import Guest
+from tests.vm.guests import Guest
 
 SECURITYFS = "mount -t securityfs securityfs /sys/kernel/security 2>/dev/null || true\n"
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import qemu_vm
 from elftools.elf.elffile import ELFFile
-from guests import Guest, Pool
-from test_vm_data import segment_offset
-from test_vm_harness import loads
 
-from tests.conftest import debug_vmlinux, volatility_cmd
+from tests.helpers import debug_vmlinux, volatility_cmd
+from tests.vm import qemu_vm
+from tests.vm.guests import Guest, Pool
+from tests.vm.test_vm_data import segment_offset
+from tests.vm.test_vm_harness import loads
 
 RELEASE_BANNER = b"Linux version "
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import qemu_vm
-from guests import Guest
-from pagecmp import PAGE, differing_pages
-from qemu_vm import host_kcore
-from test_vm_harness import loads
-from test_vm_ranges_header import real_loads
 
 from kcore.kcorefile import open_kcore
+from tests.vm import qemu_vm
+from tests.vm.guests import Guest
+from tests.vm.pagecmp import PAGE, differing_pages
+from tests.vm.qemu_vm import host_kcore
+from tests.vm.test_vm_harness import loads
+from tests.vm.test_vm_ranges_header import real_loads
 
 MIB = 1 << 20
 AREA_CAP = 4 * MIB  # at most this much of one vmalloc area

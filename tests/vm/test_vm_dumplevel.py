@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from guests import Guest, Pool
-from qemu_vm import phdrs_after_ehdr
 
 from tests import pagesets
 from tests.helpers import debug_vmlinux, scratch_dir
+from tests.vm.guests import Guest, Pool
+from tests.vm.qemu_vm import phdrs_after_ehdr
 
 
 @dataclass

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import fixture_capture
 import pytest
-from helpers import FIXTURE_NAMES, SHARED_FIXTURES
 
 from kcore.sources import open_source
+from tests.helpers import FIXTURE_NAMES, SHARED_FIXTURES
+from tests.vm import fixture_capture
 
 
 def _files(folder: Path) -> set[str]:

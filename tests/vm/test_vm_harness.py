@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-import qemu_vm
 from elftools.elf.elffile import ELFFile
-from guests import Guest
-from pagecmp import differing_pages
+
+from tests.vm import qemu_vm
+from tests.vm.guests import Guest
+from tests.vm.pagecmp import differing_pages
 
 PT_NOTE, PT_LOAD = 4, 1
 ALL_ONES = (1 << 64) - 1

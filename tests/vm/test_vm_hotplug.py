@@ -8,12 +8,12 @@ import shutil
 from dataclasses import dataclass
 
 import pytest
-import qemu_vm
-from guests import Guest, Pool
-from test_vm_ranges_header import kcore_ranges, real_loads
 
 from kcore.discover import discover
 from kcore.elfcore import build_header
+from tests.vm import qemu_vm
+from tests.vm.guests import Guest, Pool
+from tests.vm.test_vm_ranges_header import kcore_ranges, real_loads
 
 DIMM_MIB = 512
 Loads = list[tuple[int, int, int, int]]

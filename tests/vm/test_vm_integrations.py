@@ -6,9 +6,9 @@ import time
 import uuid
 
 import pytest
-from guests import Guest
 
-from tests.conftest import debug_vmlinux
+from tests.helpers import debug_vmlinux
+from tests.vm.guests import Guest
 
 
 def ram_spec(guest: Guest) -> str:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import qemu_vm
-from guests import Guest, Pool
-from pagecmp import stable_mismatches
 
 from kcore.kcorefile import open_kcore
+from tests.vm import qemu_vm
+from tests.vm.guests import Guest, Pool
+from tests.vm.pagecmp import stable_mismatches
 
 pytestmark = pytest.mark.vm
 PAGE = 4096

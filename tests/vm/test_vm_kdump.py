@@ -8,9 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from guests import Guest, Pool
 
-from tests.conftest import debug_vmlinux
+from tests.helpers import debug_vmlinux
+from tests.vm.guests import Guest, Pool
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from arm64 import PAGE, guest_read, kcore_offset, symbol
 from elftools.elf.elffile import ELFFile
-from guests import Guest, assert_same_header
-from qemu_vm import host_kcore
 
+from tests.destinations.servers import Nginx, free_ports, running
 from tests.helpers import FIXTURE_NAMES, elf_read, fixture_memory, shared_fixture
-from tests.servers import Nginx, free_ports, running
+from tests.vm.arm64 import PAGE, guest_read, kcore_offset, symbol
+from tests.vm.guests import Guest, assert_same_header
+from tests.vm.qemu_vm import host_kcore
 
 # Every file and directory of the guest but /proc, /sys and the share (other filesystems);
 # /dev/shm, /run and /tmp whichever are mounts of their own.

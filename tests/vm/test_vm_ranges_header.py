@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from guests import Guest, assert_same_header
-from qemu_vm import host_kcore
+from tests.vm.guests import Guest, assert_same_header
+from tests.vm.qemu_vm import host_kcore
 
 PT_LOAD = 1
 

@@ -18,10 +18,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from guests import Guest, Pool
 
 from kcore.sources import open_source
-from tests.conftest import debug_vmlinux
+from tests.helpers import debug_vmlinux
+from tests.vm.guests import Guest, Pool
 
 PAGE = 4096
 ALL_ONES = (1 << 64) - 1

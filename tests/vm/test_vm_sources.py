@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import qemu_vm
+
+from tests.vm import qemu_vm
 
 pytestmark = pytest.mark.vm
 

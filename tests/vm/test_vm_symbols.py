@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import qemu_vm
-from guests import Guest, Pool
 
-from tests.conftest import volatility_cmd
-from tests.helpers import CACHE, REPO, run_kcore
+from tests.helpers import CACHE, REPO, run_kcore, volatility_cmd
+from tests.vm import qemu_vm
+from tests.vm.guests import Guest, Pool
 
 # ps's view of the guest before and after its dump: PID and the task's comm
 _PS = ('for d in /proc/[0-9]*; do printf "%s\\t" "${d#/proc/}"; '

@@ -1,0 +1,1 @@
+"""Dumps opened by the tools people use: drgn, gdb, crash, makedumpfile, Volatility."""
