@@ -69,10 +69,8 @@ def sink_for(dest: str, opts: RemoteOptions, force: bool) -> Sink:
     if dest.startswith("multipart:"):
         return http.S3Multipart(dest[len("multipart:"):], opts, force)
     if dest.startswith("azure+"):
-        return http.AzureBlob(dest[len("azure+"):], opts, force)
-    if not urllib.parse.urlsplit(dest).hostname:
-        raise InputError(f"{http.redact(dest)}: no host in the URL")
-    if _is_azure(dest):
+        return http.AzureBlob(http.checked_url(dest[len("azure+"):]), opts, force)
+    if _is_azure(http.checked_url(dest)):
         return http.AzureBlob(dest, opts, force)
     if opts.resume:
         raise InputError(f"--resume needs parts on the server: an Azure SAS URL or a "

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import http.client
 import json
+import re
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -21,11 +22,33 @@ RETRIED_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 def redact(url: str) -> str:
     """A URL without its query (a signature or SAS token is a secret) nor user info."""
-    p = urllib.parse.urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host += f":{p.port}"
+    try:
+        p = urllib.parse.urlsplit(url)
+        host = p.hostname or ""
+        if p.port is not None:
+            host += f":{p.port}"
+    except ValueError:  # not a URL (checked_url says why): its text up to the query
+        return re.sub(r"//[^/?#]*@", "//", url.split("?", 1)[0].split("#", 1)[0])
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]" if host.count(":") > 1 else host
     return urllib.parse.urlunsplit((p.scheme, host, p.path, "", ""))
+
+
+def checked_url(url: str, what: str = "") -> str:
+    """url, if it is an http(s) URL with a host and a valid port; else an InputError."""
+    where = f"{what}: " if what else ""
+    try:
+        p = urllib.parse.urlsplit(url)
+        port, host = p.port, p.hostname
+    except ValueError as exc:
+        raise InputError(f"{where}{redact(url)}: not a valid URL ({exc})") from None
+    if p.scheme not in ("http", "https"):
+        raise InputError(f"{where}{redact(url)}: not an http:// or https:// URL")
+    if not host:
+        raise InputError(f"{where}{redact(url)}: no host in the URL")
+    if port == 0:
+        raise InputError(f"{where}{redact(url)}: port 0 (a port from 1 to 65535)")
+    return url
 
 
 def with_query(url: str, **extra: str) -> str:
@@ -337,6 +360,12 @@ class S3Multipart(Sink):
                              f"see kcore dump --help): {exc!r}") from None
         if not self.parts or not all(isinstance(u, str) for u in self.parts):
             raise InputError(f"{path}: its parts must be a non-empty list of URLs")
+        for url in [*self.parts, self.complete_url, self.list_url, self.manifest_url,
+                    self.sha256_url]:
+            if url is not None and not isinstance(url, str):
+                raise InputError(f"{path}: {url!r} is not a URL")
+            if url is not None:
+                checked_url(url, path)
         if not 5 << 20 <= self.part_size <= 5 << 30:
             raise InputError(f"{path}: part_size {self.part_size} must be from 5 MiB to 5 GiB "
                              f"(S3's limits)")

@@ -391,3 +391,30 @@ def test_bad_destinations_are_refused_up_front(tmp_path: Path) -> None:
     assert str(bad) in line
     line = one_line_error(dump(str(tmp_path / "f.elf"), "--resume"), 2)
     assert "remote" in line
+
+
+@pytest.mark.parametrize(("dest", "says"), [
+    ("http://127.0.0.1:99999/x", "Port out of range"),
+    ("http://127.0.0.1:12ab/x", "12ab"),
+    ("azure+http://[::1/x", "Invalid IPv6 URL"),
+    ("http://[zz]/x", "IPv4 or IPv6"),
+    ("https://127.0.0.1:0/x", "port 0"),
+    ("http://:80/x", "no host"),
+    ("http://u:pw@127.0.0.1:1x/x?sig=SECRET", "not a valid URL"),
+])
+def test_malformed_urls_end_in_one_line(dest: str, says: str) -> None:
+    """A URL urllib cannot split (bad port, bad IPv6 host) or with no host is refused before
+    anything is read: exit 2, one line, the URL's secrets (user info, query) left out."""
+    line = one_line_error(dump(dest), 2)
+    assert says in line and "SECRET" not in line and "pw" not in line, line
+
+
+def test_malformed_url_in_a_url_set(tmp_path: Path) -> None:
+    """A URL set whose part URL or complete URL is not a URL: exit 2, one line naming the set."""
+    for i, (parts, complete) in enumerate([(["http://h:99999/a"], "http://h/c"),
+                                           (["http://h/a"], 5)]):
+        urls = tmp_path / f"urls{i}.json"
+        urls.write_text(json.dumps({"parts": parts, "complete": complete,
+                                    "part_size": 5 * MiB}))
+        line = one_line_error(dump(f"multipart:{urls}"), 2)
+        assert str(urls) in line, line
