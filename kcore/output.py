@@ -206,11 +206,12 @@ class ChunkedSha256:
     """The SHA-256 of a whole output and of each chunk bytes of it (CHUNK by default; a second
     thread hashes the chunks beside the whole, so the two cost one hash's time on two cores)."""
 
-    def __init__(self, chunk: int = CHUNK, whole: bool = True) -> None:
+    def __init__(self, chunk: int = CHUNK, whole: bool = True, chunks: bool = True) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.size = chunk
         self.whole = whole  # False: the chunks' digests only (hexdigest() gives "")
+        self.by_chunk = chunks or not whole  # False: the whole's digest only (chunks stays [])
         self._total = hashlib.sha256()
         self._chunk = hashlib.sha256()
         self._left = chunk
@@ -222,6 +223,9 @@ class ChunkedSha256:
         view = memoryview(data).cast("B")
         if not self.whole:
             self._update_chunks(view)
+            return
+        if not self.by_chunk:
+            self._total.update(view)
             return
         job = self._pool.submit(self._update_chunks, view)
         self._total.update(view)

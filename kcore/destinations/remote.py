@@ -227,6 +227,7 @@ class RemoteOutput(Output):
     _first_part: int = 0  # parts before it are held, and were not read again (--resume)
     _held: list[str] = field(default_factory=list)
     _whole: Any = None
+    _one_part: bool = False  # a stream that cannot resume: its one part is the whole dump
     _watch: SignalWatch | None = None
 
     @classmethod
@@ -324,9 +325,13 @@ class RemoteOutput(Output):
 
     def _run_stream(self) -> None:
         buf = bytearray(STREAM_CHUNK)
-        # each part, and the whole (on a second thread) unless --no-digest; hashed on a
-        # thread of its own while the same bytes are sent
-        hasher = ChunkedSha256(self.part_size, whole=self._whole is not None)
+        # hashed on a thread of its own while the same bytes are sent. A stream that cannot
+        # resume commits once, so it is one part: the whole's SHA-256 is the part's (one hash
+        # pass, not two). With --no-digest, or a sink that resumes, each part is hashed.
+        one_part = self._whole is not None and not self.sink.resumable
+        hasher = ChunkedSha256(self.part_size, whole=self._whole is not None,
+                               chunks=not one_part)
+        self._one_part = one_part
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="kcore-upload-sha256") as pool:
                 while not self._cancel.is_set():
@@ -344,7 +349,7 @@ class RemoteOutput(Output):
             whole = hasher.hexdigest()
         if self._whole is not None:
             self._whole = _Done(whole)
-        self._parts = hasher.chunks
+        self._parts = [whole] if one_part and self._received else hasher.chunks
 
     def _run_parts(self) -> None:
         size = self.part_size
@@ -448,7 +453,8 @@ class RemoteOutput(Output):
             beside.append((".sha256", f"{self.sha256}  {name}\n".encode()))
         if manifest is not None:
             full = dict(manifest, sha256=self.sha256, chunks=None,
-                        parts={"size": self.part_size, "count": len(self._parts),
+                        parts={"size": self._received if self._one_part else self.part_size,
+                               "count": len(self._parts),
                                "sha256": self._parts, "resumed": self._skipped})
             beside.append((".json", manifest_bytes(full)))
         for suffix, data in beside:

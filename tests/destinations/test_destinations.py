@@ -210,7 +210,10 @@ def test_nginx_put_elf_writes_no_local_disk(request: pytest.FixtureRequest,
         assert stats["write_bytes"] == 0, stats
         sha = (ng.www / "dumps" / "mem.elf.sha256").read_text()
         assert sha == f"{hashlib.sha256(data).hexdigest()}  mem.elf\n"
-        check_manifest(json.loads((ng.www / "dumps" / "mem.elf.json").read_bytes()), data)
+        manifest = json.loads((ng.www / "dumps" / "mem.elf.json").read_bytes())
+        check_manifest(manifest, data)
+        # one PUT commits once: one part, the whole dump (hashed once, not twice)
+        assert manifest["parts"]["count"] == 1 and manifest["parts"]["size"] == len(data)
         from elftools.elf.elffile import ELFFile
 
         with open(ng.www / "dumps" / "mem.elf", "rb") as f:
