@@ -15,6 +15,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "kcore_api.h"
@@ -623,6 +624,56 @@ int kc_read_fd(int fd, uint64_t off, void *buf, size_t len, size_t block,
         if (rc)
             return rc;
         done += n;
+    }
+    return 0;
+}
+
+static uint64_t kc_now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+int kc_read_spans(int fd, const uint64_t *spans, size_t n, void *buf, size_t block,
+                  size_t page_size, uint32_t flags, uint64_t *times_ns,
+                  struct kc_stats *stats_ret)
+{
+    struct kc_stats *st = stats_ret, one;
+    char *b = buf;
+    uint64_t total = 0;
+
+    memset(st, 0, sizeof(*st));
+    if (!kc_page_ok(page_size) || block < page_size)
+        return -EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        if (spans[2 * i + 1] % page_size || spans[2 * i + 1] > SIZE_MAX - total)
+            return -EINVAL;
+        total += spans[2 * i + 1];
+    }
+    memset(buf, 0, (size_t)total);  /* fault the buffer in before the first read */
+    if (times_ns)
+        times_ns[0] = kc_now_ns();
+    for (size_t i = 0; i < n; i++) {
+        uint64_t off = spans[2 * i], len = spans[2 * i + 1];
+        int rc = kc_read_fd(fd, off, b, (size_t)len, block, page_size, flags, &one);
+
+        st->bytes_read += one.bytes_read;
+        st->bytes_fast += one.bytes_fast;
+        st->pages_zero_filled += one.pages_zero_filled;
+        if (one.first_errno && !st->first_errno) {
+            st->first_errno = one.first_errno;
+            st->first_error_offset = one.first_error_offset;
+        }
+        if (rc) {
+            st->fail_where = one.fail_where;
+            st->fail_offset = one.fail_offset;
+            return rc;
+        }
+        if (times_ns)
+            times_ns[i + 1] = kc_now_ns();
+        b += len;
     }
     return 0;
 }

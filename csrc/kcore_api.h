@@ -48,6 +48,20 @@ int kc_read_fd(int fd, uint64_t off, void *buf, size_t len, size_t block,
                size_t page_size, uint32_t flags, struct kc_stats *stats_ret);
 
 /*
+ * Read n spans of fd one after another, as kc_read_fd reads each: span i
+ * starts at source offset spans[2i] and is spans[2i+1] bytes long (a multiple
+ * of page_size). Their bytes go back to back into buf, which is touched
+ * whole first (its page faults come before the first read). times_ns, if not
+ * NULL, has n + 1 slots: CLOCK_MONOTONIC ns when the first read began, then
+ * when each span's read ended. One call for a scattered set of pages: nothing
+ * but the reads between the first and the last. The stats add up over the
+ * spans. Returns 0, or -errno.
+ */
+int kc_read_spans(int fd, const uint64_t *spans, size_t n, void *buf, size_t block,
+                  size_t page_size, uint32_t flags, uint64_t *times_ns,
+                  struct kc_stats *stats_ret);
+
+/*
  * Copy len bytes from src_fd at src_off to dst_fd at dst_off, through the
  * caller's buffer buf of buf_len bytes (one pread block at a time).
  * dst_off < 0: sequential write() (pipes, stdout; KC_SPARSE is ignored).

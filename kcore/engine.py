@@ -236,6 +236,26 @@ def readinto_range(
     return stats
 
 
+def read_spans(
+    fd: int, spans: list[tuple[int, int]], *, page_size: int = 4096, path: PathArg = None,
+) -> tuple[bytearray, list[int], CopyStats]:
+    """Read scattered (offset, length) spans of fd in one C call: their bytes back to back;
+    when the first read began and each span's read ended (CLOCK_MONOTONIC ns, the clock of
+    time.monotonic_ns()); stats. Unreadable pages read as zeros (counted)."""
+    for off, n in spans:
+        _check_args(off, n, page_size)
+    flat = ffi.new("uint64_t[]", [v for span in spans for v in span] or [0])
+    times = ffi.new("uint64_t[]", len(spans) + 1)
+    buf = bytearray(sum(n for _o, n in spans))
+    st = _native.new_stats()
+    with ffi.from_buffer(buf, require_writable=True) as base:
+        rc = lib.kc_read_spans(fd, flat, len(spans), base, BLOCK, page_size, 0, times, st)
+    stats = CopyStats()
+    stats._add_c(st)
+    _native.check(rc, st, path=path)
+    return buf, list(times), stats
+
+
 def read_range(
     fd: int, offset: int, length: int, *, strict: bool = False, page_size: int = 4096,
     path: PathArg = None,

@@ -129,3 +129,19 @@ def test_sparse_is_ignored_for_pipes_and_devices(tmp_path, eng):
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_read_spans_matches_pread(tmp_path) -> None:
+    """Scattered spans in one call: each span's bytes are what os.pread gives there, in the
+    order asked, their end times rise, and pages past the end read as zeros (counted)."""
+    data = os.urandom(16 * PAGE + 100)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    spans = [(9 * PAGE, PAGE), (2 * PAGE, 3 * PAGE), (16 * PAGE, 2 * PAGE), (0, PAGE)]
+    with open(src, "rb") as f:
+        buf, ends, st = engine.read_spans(f.fileno(), spans)
+        want = b"".join(os.pread(f.fileno(), n, off).ljust(n, b"\0") for off, n in spans)
+    assert bytes(buf) == want
+    assert len(ends) == 5 and ends == sorted(ends) and ends[0] > 0
+    assert st.pages_zero_filled == 2 and st.bytes_read == 5 * PAGE + 100
+    assert engine.read_spans(0, [])[0] == bytearray()

@@ -87,6 +87,38 @@ static void test_read_past_eof(void)
     free(out);
 }
 
+static void test_read_spans(void)
+{
+    size_t n = 8 * PAGE + 10;
+    unsigned char *src = malloc(n), *out = malloc(6 * PAGE);
+    /* page 1, pages 5-6, then past the end (page 8: 10 bytes; page 9: none) */
+    uint64_t spans[] = {PAGE, PAGE, 5 * PAGE, 2 * PAGE, 8 * PAGE, 2 * PAGE};
+    uint64_t ends[4] = {0, 0, 0, 0}, odd[] = {0, PAGE + 1};
+    struct kc_stats st;
+    int fd;
+
+    fill(src, n, 3);
+    fd = memfd_with(src, n);
+    memset(out, 0xAA, 6 * PAGE);
+    CHECK(kc_read_spans(fd, spans, 3, out, BLOCK, PAGE, 0, ends, &st) == 0);
+    CHECK(memcmp(out, src + PAGE, PAGE) == 0);
+    CHECK(memcmp(out + PAGE, src + 5 * PAGE, 2 * PAGE) == 0);
+    CHECK(memcmp(out + 3 * PAGE, src + 8 * PAGE, 10) == 0);
+    CHECK(kc_is_zero(out + 3 * PAGE + 10, 2 * PAGE - 10));
+    CHECK(ends[0] > 0 && ends[0] <= ends[1] && ends[1] <= ends[2] && ends[2] <= ends[3]);
+    CHECK(st.bytes_read == 3 * PAGE + 10);
+    CHECK(st.pages_zero_filled == 2);
+    CHECK(st.first_errno == EIO && st.first_error_offset == n);
+    CHECK(kc_read_spans(fd, spans, 3, out, BLOCK, PAGE, KC_STRICT, NULL, &st) == -EIO);
+    CHECK(st.fail_where == KC_FAIL_FAULT && st.fail_offset == n);
+    CHECK(kc_read_spans(fd, odd, 1, out, BLOCK, PAGE, 0, NULL, &st) == -EINVAL);
+    CHECK(kc_read_spans(fd, spans, 0, out, BLOCK, PAGE, 0, NULL, &st) == 0);
+    CHECK(st.bytes_read == 0);
+    close(fd);
+    free(src);
+    free(out);
+}
+
 static void test_proc_self_mem_holes(void)
 {
     enum { NP = 600 };
@@ -372,6 +404,7 @@ int main(void)
 {
     test_is_zero();
     test_read_past_eof();
+    test_read_spans();
     test_proc_self_mem_holes();
     test_output_errors();
     test_mem_sigbus();
