@@ -102,10 +102,29 @@ def _manifest(folder: Path, what: str, sums: dict[str, str]) -> None:
     (folder / "MANIFEST").write_text("\n".join(lines) + "\n")
 
 
+def _wrapper_text(lib: Path, program: Path) -> str:
+    """The script that runs makedumpfile with its own loader and libraries. libgcc_s is
+    preloaded: glibc dlopens it at a thread's pthread_exit, and with --num-threads that
+    dlopen can come while makedumpfile's main thread exits, fail, and abort the run
+    ("libgcc_s.so.1 must be installed for pthread_exit to work", signal 6: 2 runs of 12 of
+    `-z -d 1 --num-threads 2` here; 0 of 12 preloaded)."""
+    return ("#!/bin/sh\n# Debian unstable's makedumpfile 1.7.8 with its own libraries "
+            "(bench/peers.py; libgcc_s preloaded for --num-threads)\n"
+            f'export LD_LIBRARY_PATH="{lib}"\n'
+            f'exec "{lib}/ld-linux-x86-64.so.2" --library-path "{lib}" '
+            f'--preload "{lib}/libgcc_s.so.1" "{program}" "$@"\n')
+
+
 def makedumpfile_path() -> Path | None:
     """The made makedumpfile 1.7.8 (a wrapper running it with its own libraries), or None."""
     path = PEERS / "makedumpfile-1.7.8" / "makedumpfile"
-    return path if path.exists() else None
+    if not path.exists():
+        return None
+    root = path.parent / "root"
+    want = _wrapper_text(root / "usr/lib/x86_64-linux-gnu", root / "usr/bin/makedumpfile")
+    if path.read_text() != want:  # made by an older peers.py: the wrapper is rewritten
+        path.write_text(want)
+    return path
 
 
 def build_makedumpfile() -> Path:
@@ -126,13 +145,7 @@ def build_makedumpfile() -> Path:
         shutil.move(str(root), folder / "root")
         wrapper = folder / "makedumpfile"
         here = PEERS / "makedumpfile-1.7.8" / "root"
-        wrapper.write_text(
-            "#!/bin/sh\n# Debian unstable's makedumpfile 1.7.8 with its own libraries "
-            "(bench/peers.py; LD_LIBRARY_PATH too: glibc dlopens libgcc_s for its threads)\n"
-            f'export LD_LIBRARY_PATH="{here}/{lib}"\n'
-            f'exec "{here}/{lib}/ld-linux-x86-64.so.2" '
-            f'--library-path "{here}/{lib}" '
-            f'"{here}/usr/bin/makedumpfile" "$@"\n')
+        wrapper.write_text(_wrapper_text(here / lib, here / "usr/bin/makedumpfile"))
         wrapper.chmod(0o755)
         _manifest(folder, f"{name} {version} and its runtime from Debian unstable", sums)
         final = PEERS / folder.name
