@@ -169,6 +169,7 @@ class _Walk:
         self.walker = walker_for(system, source)
         self.kinds: dict[int, str] = {}
         self.warnings: list[str] = []
+        self.followed: set[int] = set()  # files, dentries, mounts already walked
 
     def phys(self, vaddr: int) -> int | None:
         """The physical address of a kernel virtual address, or None if unmapped."""
@@ -316,6 +317,8 @@ def _walk_tasks(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[tuple[in
     """Every task on init_task.tasks and its threads, and what hangs from each."""
     o = {m: btf.offset("task_struct", m) for m in ("tasks", "mm", "pid", "comm", "files",
                                                     "cred", "real_cred")}
+    if btf.has("task_struct", "fs"):
+        o["fs"] = btf.offset("task_struct", "fs")
     thread = "thread_group" if btf.has("task_struct", "thread_group") else None
     tsize = btf.size("task_struct")
     init = symbols["init_task"]
@@ -323,11 +326,22 @@ def _walk_tasks(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[tuple[in
     out: list[tuple[int, str]] = []
     seen: set[int] = set()
     mms: set[int] = set()
+    # the threads: task->signal->thread_head linked by thread_node (6.7, and stable kernels
+    # it was backported to, such as Debian's 6.1: Volatility follows it where it exists),
+    # and the older thread_group list
+    by_signal = (btf.has("task_struct", "signal") and btf.has("signal_struct", "thread_head")
+                 and btf.has("task_struct", "thread_node"))
     for leader in leaders:
         group = [leader]
         if thread is not None:
             off = btf.offset("task_struct", thread)
             group += walk.list_entries(leader + off, off, MAX_TASKS)
+        if btf.has("task_struct", "signal"):
+            sig = walk.ptr(leader + btf.offset("task_struct", "signal"))
+            if walk.add(sig, btf.size("signal_struct"), "task_struct") and by_signal:
+                node = btf.offset("task_struct", "thread_node")
+                group += walk.list_entries(sig + btf.offset("signal_struct", "thread_head"),
+                                           node, MAX_TASKS)
         for task in group:
             if task in seen or len(seen) >= MAX_TASKS:
                 continue
@@ -347,6 +361,8 @@ def _walk_tasks(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[tuple[in
 
             for name in ("cred", "real_cred"):
                 walk.add(field_ptr(name), btf.size("cred"), "cred")
+            if "fs" in o:
+                _walk_fs(walk, btf, field_ptr("fs"))
             _walk_files(walk, btf, field_ptr("files"))
             mm = field_ptr("mm")
             if mm and mm not in mms:
@@ -368,10 +384,81 @@ def _walk_files(walk: _Walk, btf: Btf, files: int) -> None:
     if not n or not walk.add(fd, 8 * n, "files"):
         return
     table = walk.read(fd, 8 * n) or b""
-    fsize = btf.size("file")
     for (f,) in struct.iter_unpack("<Q", table):
         if f:
-            walk.add(f, fsize, "files")
+            _walk_file(walk, btf, f, "files")
+
+
+MAX_DEPTH = 64  # path components (dentries) or mounts followed up from one file at most
+
+
+def _walk_fs(walk: _Walk, btf: Btf, fs: int) -> None:
+    """A task's fs_struct and its root and working directory (a file's path is said
+    relative to the task's root)."""
+    if not walk.add(fs, btf.size("fs_struct"), "files"):
+        return
+    for member in ("root", "pwd"):
+        if btf.has("fs_struct", member):
+            at = fs + btf.offset("fs_struct", member)
+            _walk_path(walk, btf, walk.ptr(at + btf.offset("path", "mnt")),
+                       walk.ptr(at + btf.offset("path", "dentry")), "files")
+
+
+def _walk_file(walk: _Walk, btf: Btf, f: int, kind: str) -> None:
+    """An open file and what naming it follows: its inode and superblock, its path's
+    dentries up to the root and the mounts it crosses (Volatility's path_for_file)."""
+    if f in walk.followed or not walk.add(f, btf.size("file"), kind):
+        return
+    walk.followed.add(f)
+    if btf.has("file", "f_inode"):
+        inode = walk.ptr(f + btf.offset("file", "f_inode"))
+        if walk.add(inode, btf.size("inode"), kind) and btf.has("inode", "i_sb"):
+            walk.add(walk.ptr(inode + btf.offset("inode", "i_sb")), btf.size("super_block"),
+                     kind)
+    at = f + btf.offset("file", "f_path")
+    _walk_path(walk, btf, walk.ptr(at + btf.offset("path", "mnt")),
+               walk.ptr(at + btf.offset("path", "dentry")), kind)
+
+
+def _walk_path(walk: _Walk, btf: Btf, mnt: int, dentry: int, kind: str) -> None:
+    """A path's dentries (each with its name and operations) up to their root, and its mount
+    and the mounts above it, with the dentries they are mounted on."""
+    _walk_dentries(walk, btf, dentry, kind)
+    if not mnt or not btf.has("mount", "mnt"):
+        return
+    mnt_off = btf.offset("mount", "mnt")
+    mount = mnt - mnt_off
+    for _ in range(MAX_DEPTH):
+        if mount in walk.followed or not walk.add(mount, btf.size("mount"), kind):
+            return
+        walk.followed.add(mount)
+        _walk_dentries(walk, btf, walk.ptr(mount + btf.offset("mount", "mnt_mountpoint")),
+                       kind)
+        parent = walk.ptr(mount + btf.offset("mount", "mnt_parent"))
+        if not parent or parent == mount:
+            return
+        mount = parent
+
+
+def _walk_dentries(walk: _Walk, btf: Btf, dentry: int, kind: str) -> None:
+    """A dentry and its parents up to the root: each one's name and operations."""
+    size = btf.size("dentry")
+    parent_off = btf.offset("dentry", "d_parent")
+    name_off = btf.offset("dentry", "d_name") + btf.offset("qstr", "name")
+    op_off = btf.offset("dentry", "d_op") if btf.has("dentry", "d_op") else None
+    for _ in range(MAX_DEPTH):
+        if not dentry or dentry in walk.followed or not walk.add(dentry, size, kind):
+            return
+        walk.followed.add(dentry)
+        name = walk.ptr(dentry + name_off)
+        if not dentry <= name < dentry + size:  # a long name, outside the dentry
+            walk.add(name, 256, kind)  # NAME_MAX + 1: where a component's name ends
+        if op_off is not None and btf.has("dentry_operations", "d_dname"):
+            walk.add(walk.ptr(dentry + op_off), btf.size("dentry_operations"), kind)
+        parent = walk.ptr(dentry + parent_off)
+        if parent == dentry:
+            return
+        dentry = parent
 
 
 def _walk_mm(walk: _Walk, btf: Btf, mm: int) -> None:
@@ -390,13 +477,16 @@ def _walk_mm(walk: _Walk, btf: Btf, mm: int) -> None:
     else:
         vmas = _vma_list(walk, btf, mm)
     file_off = btf.offset("vm_area_struct", "vm_file")
-    dentry_off = btf.offset("file", "f_path") + btf.offset("path", "dentry")
+    ops_off = (btf.offset("vm_area_struct", "vm_ops")
+               if btf.has("vm_area_struct", "vm_ops") else None)
     for vma in vmas:
         if not walk.add(vma, vsize, "vma"):
             continue
+        if ops_off is not None:  # a special mapping ([vdso]...) is named through its ops
+            walk.add(walk.ptr(vma + ops_off), btf.size("vm_operations_struct"), "vma")
         f = walk.ptr(vma + file_off)
-        if f and walk.add(f, btf.size("file"), "vma"):
-            walk.add(walk.ptr(f + dentry_off), btf.size("dentry"), "vma")
+        if f:
+            _walk_file(walk, btf, f, "vma")
 
 
 def _vma_list(walk: _Walk, btf: Btf, mm: int) -> list[int]:
@@ -412,34 +502,36 @@ def _vma_list(walk: _Walk, btf: Btf, mm: int) -> list[int]:
     return out
 
 
-# lib/maple_tree.c: a node pointer has bit 1 set and its type in bits 3-6; nodes are 256 bytes
+# lib/maple_tree.c: the tree's root, if a node, is an encoded node with bit 1 set (xa_is_node);
+# a node's child slots hold encoded nodes without it: node address | type << 3 | 4
+# (mt_mk_node: MAPLE_ENODE_TYPE_SHIFT, MAPLE_ENODE_NULL); nodes are 256 bytes. A leaf's slots
+# hold the entries (VMAs, 8-byte aligned); a slot below 4096 is empty or the node's metadata.
 _MAPLE_LEAF_64, _MAPLE_RANGE_64, _MAPLE_ARANGE_64 = 1, 2, 3
 _MAPLE_SLOTS = {_MAPLE_LEAF_64: (128, 16), _MAPLE_RANGE_64: (128, 16), _MAPLE_ARANGE_64: (80, 10)}
 
 
 def _maple_entries(walk: _Walk, root_at: int) -> list[int]:
     """The entries (VMAs) of a maple tree whose ma_root is at root_at."""
+    root = walk.ptr(root_at)
+    if root < 4096:
+        return []
+    if root & 3 != 2:  # the root is the tree's one entry
+        return [root] if root & 7 == 0 else []
     out: list[int] = []
-    stack = [walk.ptr(root_at)]
+    stack = [root]
     nodes = 0
     while stack and len(out) < MAX_VMAS and nodes < MAX_VMAS:
-        entry = stack.pop()
-        if not entry:
-            continue
-        if entry & 3 != 2 or entry < 4096:  # not a node: an entry (a VMA)
-            if entry & 3 == 0:
-                out.append(entry)
-            continue
-        node = entry & ~0xFF
-        kind = (entry >> 3) & 0xF
+        enode = stack.pop()
+        node = enode & ~0xFF
+        kind = (enode >> 3) & 0xF
         slots = _MAPLE_SLOTS.get(kind)
         if slots is None or not walk.add(node, 256, "vma"):
             continue
         nodes += 1
         raw = walk.read(node + slots[0], 8 * slots[1]) or b""
-        children = [v for (v,) in struct.iter_unpack("<Q", raw) if v]
+        children = [v for (v,) in struct.iter_unpack("<Q", raw) if v >= 4096]
         if kind == _MAPLE_LEAF_64:
-            out.extend(v for v in children if v & 3 == 0 and v >= 4096)
+            out.extend(v for v in children if v & 7 == 0)
         else:
             stack.extend(reversed(children))
     return out

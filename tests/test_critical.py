@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -74,7 +75,63 @@ def test_volatility_follows_the_critical_pages(tmp_path):
         system.close()
     assert walked == {(pid, comm) for pid, _ppid, comm in rows}
     assert got["pages"] > 20 and got["pages_without_time"] == 0
-    assert got["pages_critical"] >= 0.9 * got["pages"], got
+    # every page the plugins follow (tasks, threads, maps with their files' paths, open
+    # files) was read first: none is read later in address order
+    assert got["pages_critical"] == got["pages"], got
+    for plugin in ("linux.proc.Maps", "linux.lsof"):
+        more = measure(str(out), plugin, ["-s", make_isf()], str(cache))
+        assert more["exit_status"] == 0 and more["rows"] > 5, more["error"]
+        assert more["pages"] > 20 and more["pages_critical"] == more["pages"], more
+
+
+def test_the_walk_finds_the_maps_volatility_lists():
+    """The critical walk decodes each process's maple tree of VMAs: the VMAs it finds are
+    the ones Volatility's linux.proc.Maps lists (PID and start address)."""
+    pytest.importorskip("volatility3", reason="volatility3 is not installed")
+    from kcore import critical
+    from kcore.commands.smear import measure
+    from kcore.discover import discover
+    from kcore.kallsyms import parse_kallsyms
+
+    system = discover(root(KASLR), spec(KASLR))
+    try:
+        walk = critical._Walk(system, system.source)
+        kallsyms = (shared_fixture(KASLR) / "root/proc/kallsyms").read_text()
+        symbols = parse_kallsyms(kallsyms, critical.SYMBOLS, where="kallsyms",
+                                 required=("init_task",))
+        walk.btf = btf = critical.load_btf(shared_fixture(KASLR) / "root", walk.read, symbols)
+        o = {m: btf.offset("task_struct", m) for m in ("tasks", "mm", "pid")}
+        ma_root = btf.offset("mm_struct", "mm_mt") + btf.offset("maple_tree", "ma_root")
+        start = btf.offset("vm_area_struct", "vm_start")
+        ours = set()
+        init = symbols["init_task"]
+        for task in walk.list_entries(init + o["tasks"], o["tasks"], 1 << 16):
+            mm = walk.ptr(task + o["mm"])
+            if mm:
+                pid = walk.ptr(task + o["pid"]) & 0xFFFFFFFF
+                ours |= {(pid, walk.ptr(v + start))
+                         for v in critical._maple_entries(walk, mm + ma_root)}
+    finally:
+        system.close()
+    cache = CACHE / "vol-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    dump = run_kcore("dump", "--root", root(KASLR), "--source", spec(KASLR), "--format",
+                     "lime", "--times", "-q", "-o", str(CACHE / f"maps-{os.getpid()}.lime"),
+                     "--force", check=True)
+    assert dump.returncode == 0
+    lime = CACHE / f"maps-{os.getpid()}.lime"
+    try:
+        got = measure(str(lime), "linux.proc.Maps", ["-s", make_isf()], str(cache))
+    finally:
+        for p in (lime, Path(f"{lime}.times"), Path(f"{lime}.sha256")):
+            p.unlink(missing_ok=True)
+    assert got["exit_status"] == 0, got["error"]
+    theirs = set()
+    for line in got["stdout"].splitlines():
+        cols = line.split("\t")
+        if len(cols) > 3 and cols[0].isdigit() and cols[2].startswith("0x"):
+            theirs.add((int(cols[0]), int(cols[2], 16)))
+    assert len(theirs) > 10 and ours == theirs, (sorted(ours ^ theirs)[:10], len(ours))
 
 
 def test_critical_pages_are_the_early_reads(tmp_path, monkeypatch):

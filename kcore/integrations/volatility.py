@@ -63,6 +63,24 @@ if _recording:
 
     atexit.register(_save_touched)
 
+    def _not_while_stacking() -> None:
+        """The stackers' probes (an AVML or LiME header looked for at some offset, the
+        kernel's page tables found) come before the plugin runs: not what it follows."""
+        from volatility3.framework.automagic import stacker
+
+        stack_layer = stacker.LayerStacker.stack_layer.__func__
+
+        def quiet(cls: Any, *args: Any, **kwargs: Any) -> Any:
+            _scanning[0] += 1
+            try:
+                return stack_layer(cls, *args, **kwargs)
+            finally:
+                _scanning[0] -= 1
+
+        stacker.LayerStacker.stack_layer = classmethod(quiet)
+
+    _not_while_stacking()
+
 
 def page_times(path: str) -> Any:
     """The read times kept beside a dump (DUMP.times, `kcore dump --times`), or None."""
