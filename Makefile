@@ -3,7 +3,7 @@
 # nearly every file at once.
 PYTHON ?= python3
 
-.PHONY: build check test-fast test dist
+.PHONY: build check test-fast test dist dist-aarch64
 
 build:  ## the C core, in place (again after changing csrc/)
 	$(PYTHON) setup.py build_ext --inplace -q
@@ -20,3 +20,6 @@ test: build  ## the README's test command: everything
 
 dist: build  ## dist/kcore-VERSION-linux-ARCH: one file, nothing needed on the target (pip install '.[dist]')
 	$(PYTHON) packaging/build_dist.py $(DIST_ARGS)
+
+dist-aarch64:  ## dist/kcore-VERSION-linux-aarch64, built here in Debian's arm64 root (root; qemu-user-static, debootstrap)
+	$(PYTHON) packaging/build_dist.py --arch aarch64 $(DIST_ARGS)

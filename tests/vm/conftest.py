@@ -10,7 +10,16 @@ import pytest
 
 from tests import helpers
 from tests.vm import qemu_vm
-from tests.vm.guests import ARM64_CONFIGS, CONFIGS, FILE_ORDER, ONEFILE_CONFIGS, POOLS, Guest, Pool
+from tests.vm.guests import (
+    ARM64_CONFIGS,
+    CONFIGS,
+    FILE_ORDER,
+    ONEFILE_ARM64_CONFIGS,
+    ONEFILE_CONFIGS,
+    POOLS,
+    Guest,
+    Pool,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,6 +103,24 @@ def onefile_guest(request: pytest.FixtureRequest, vm_pool: Pool, onefile: Path) 
     return vm_pool.get(request.param, config)
 
 
+@pytest.fixture(scope="session")
+def onefile_aarch64() -> Path:
+    """The aarch64 one-file kcore of `make dist-aarch64` (cached as the x86-64 one)."""
+    return helpers.onefile(qemu_vm.CACHE, "aarch64")
+
+
+@pytest.fixture
+def onefile_arm64_guest(vm_pool: Pool, onefile_aarch64: Path) -> Guest:
+    """The busybox-only arm64 guest, the aarch64 file in its initramfs as /bin/kcore."""
+    reason = qemu_vm.unavailable_reason("arm64")
+    if reason:
+        pytest.skip(f"QEMU cannot run arm64 guests here: {reason}")
+    name = "onefile-arm64"
+    config = dataclasses.replace(ONEFILE_ARM64_CONFIGS[name],
+                                 extra_files=(("bin/kcore", onefile_aarch64),))
+    return vm_pool.get(name, config)
+
+
 def _guest_of(item: pytest.Item) -> str | None:
     """Which config a test item boots."""
     callspec = getattr(item, "callspec", None)
@@ -101,7 +128,7 @@ def _guest_of(item: pytest.Item) -> str | None:
         if callspec is not None and argname in callspec.params:
             return callspec.params[argname]
     for argname, name in (("nokaslr_guest", "nokaslr"), ("kaslr_guest", "kaslr"),
-                           ("big_guest", "big")):
+                           ("big_guest", "big"), ("onefile_arm64_guest", "onefile-arm64")):
         if argname in getattr(item, "fixturenames", ()):
             return name
     return None
@@ -116,7 +143,8 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Group vm tests by guest (one boot each), then by FILE_ORDER within a group."""
-    order = [*CONFIGS, *ARM64_CONFIGS, *ONEFILE_CONFIGS]
+    order = [*CONFIGS, *ARM64_CONFIGS, *ONEFILE_CONFIGS,
+             *ONEFILE_ARM64_CONFIGS]
     slots = [i for i, item in enumerate(items) if _guest_of(item) is not None]
     chosen = [items[i] for i in slots]
 

@@ -54,6 +54,12 @@ ONEFILE_CONFIGS = {
                              extra_append="khro", kernel=package)
     for v, package in (("6.1", qemu_vm.PINNED_PACKAGE), ("6.12", "linux-image-6.12-amd64"))
 }
+# The aarch64 one file (make dist-aarch64) in an arm64 guest (busybox only, as every arm64
+# guest), the root read-only as the x86-64 ones': Debian 12's 6.1.  The test adds the file.
+ONEFILE_ARM64_CONFIGS = {
+    "onefile-arm64": VmConfig("onefile-arm64", mem_mib=256, kaslr=True, arch="arm64",
+                              extra_append="khro", kernel=qemu_vm.ARM64_KERNELS["6.1"]),
+}
 # On each guest: the harness checks first; tests that change the guest for good (memory
 # hotplug) last.
 FILE_ORDER = ("test_vm_harness", "test_vm_ranges_header", "test_vm_data", "test_vm_bench",

@@ -15,7 +15,7 @@ from elftools.elf.elffile import ELFFile
 
 from tests.destinations.servers import Nginx, free_ports, running
 from tests.helpers import FIXTURE_NAMES, elf_read, fixture_memory, shared_fixture
-from tests.vm.arm64 import PAGE, guest_read, kcore_offset, symbol
+from tests.vm.arm64 import PAGE, guest_read, kcore_offset, loads, symbol, vmcoreinfo
 from tests.vm.guests import Guest, assert_same_header
 from tests.vm.qemu_vm import host_kcore
 
@@ -57,15 +57,16 @@ t verify; unset TMPDIR; {list} > $S/after.txt; umount /tmp
 """
 
 
-def _run_all(g: Guest) -> Path:
-    """Run SCRIPT in the guest once (the guest is shared by this module's tests)."""
+def _run_all(g: Guest, script: str = SCRIPT, last: str = "after.txt", **fields: object) -> Path:
+    """Run a script in the guest once (the guest is shared by this module's tests); `last`
+    is the share's file it writes last, `fields` what the script's text leaves to fill."""
     share = g.vm.share
     failed = share / "script-failed.txt"
     if failed.exists():  # an earlier test of this guest ran it: one failure, not three runs
         pytest.fail(failed.read_text())
-    if not (share / "after.txt").exists():
+    if not (share / last).exists():
         # ~105 s of CPU on an idle machine; a shared one stretches that many times over
-        r = g.vm.run(SCRIPT.format(share=share, list=LIST), timeout=2400)
+        r = g.vm.run(script.format(share=share, list=LIST, **fields), timeout=2400)
         if r.rc != 0:
             failed.write_text(f"the guest script failed (rc {r.rc}):\n{r.stderr[-3000:]}")
             pytest.fail(failed.read_text())
@@ -204,3 +205,104 @@ def test_onefile_uploads_over_http(onefile: Path, tmp_path: Path) -> None:
     assert https.returncode == 1 and not out, err
     (line,) = err.strip().splitlines()
     assert line.startswith("kcore: error: ") and "Connection refused" in line, line
+
+
+# The aarch64 file (make dist-aarch64) in the arm64 guest, live on its /proc/kcore: the
+# first time kcore runs on arm64 itself.  TMPDIR on the /dev/shm tmpfs (the root is read-only).
+ARM64_SCRIPT = """\
+S={share}; O=$S/out; mkdir -p $O; export TMPDIR=/dev/shm
+t() {{ echo "$(cut -d' ' -f1 /proc/uptime) $*" >> $S/times.txt; }}
+t start; kcore --version > $S/version.txt
+t version; kcore ranges --json > $S/ranges.json
+t ranges; kcore header -o $O/head.bin
+t header; kcore read --offset {offset} --length {length} -o $O/text.bin
+t read; kcore dump -q --no-digest --json $O/mem.elf > $S/dump.json
+t dump
+"""
+EM_AARCH64 = 183
+
+
+def _run_arm64(g: Guest) -> tuple[Path, int, bytes]:
+    """The aarch64 file's runs in the arm64 guest (once); _stext and 16 pages of kernel text
+    from there, read with dd from the real kcore."""
+    stext = symbol(g, "_stext")
+    offset = kcore_offset(g, stext)
+    (text,) = guest_read(g, [(offset, 16, 0)])
+    assert text != bytes(len(text))
+    share = _run_all(g, ARM64_SCRIPT, "dump.json", offset=hex(offset), length=hex(len(text)))
+    return share, stext, text
+
+
+def test_aarch64_file_live_on_real_arm64_kcore(onefile_arm64_guest: Guest) -> None:
+    """In the busybox-only arm64 guest the aarch64 file names itself so; its `ranges` are the
+    real kcore's PT_LOADs field by field, with its data offset and size; its `header` is the
+    real one's bytes; its `read` and its dump's kernel text are what dd read from the real
+    /proc/kcore."""
+    g = onefile_arm64_guest
+    share, stext, text = _run_arm64(g)
+    version = (share / "version.txt").read_text()
+    assert "one file for linux-aarch64" in version and "libzstd.so.1" in version, version
+    ours = json.loads((share / "ranges.json").read_text())
+    rows = [(int(x["vaddr"], 16), int(x["paddr"], 16), int(x["size"], 16), int(x["offset"], 16))
+            for x in ours["ranges"]]
+    assert rows == [(p["p_vaddr"], p["p_paddr"], p["p_filesz"], p["p_offset"]) for p in loads(g)]
+    assert int(ours["data_offset"], 16) == g.kcore["data_offset"]
+    assert int(ours["file_size"], 16) == g.kcore["st_size"]
+    assert_same_header(g, (share / "out" / "head.bin").read_bytes())
+    assert (share / "out" / "text.bin").read_bytes() == text
+    assert elf_read(share / "out" / "mem.elf", stext, len(text)) == text
+    dump = json.loads((share / "dump.json").read_text())
+    assert dump["format"] == "elf", dump
+
+
+def test_aarch64_dump_opens_in_drgn(onefile_arm64_guest: Guest) -> None:
+    """drgn, on this host, takes the dump the aarch64 file wrote live for an aarch64 Linux
+    core: walking its page tables from VMCOREINFO it reads the kernel's release where
+    init_uts_ns holds it, and the kernel text dd read from the real kcore."""
+    drgn = pytest.importorskip("drgn", reason="drgn is not installed (.ci/run installs it)")
+    g = onefile_arm64_guest
+    share, stext, text = _run_arm64(g)
+    prog = drgn.Program()
+    prog.set_core_dump(str(share / "out" / "mem.elf"))
+    assert prog.platform.arch == drgn.Architecture.AARCH64
+    assert prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL
+    info = vmcoreinfo(g)
+    uts = int(info["SYMBOL(init_uts_ns)"], 16) + int(info["OFFSET(uts_namespace.name)"])
+    release = prog.read(uts + 2 * 65, 65).split(b"\0")[0].decode()  # name.release
+    assert release == info["OSRELEASE"] == g.vm.kernel.release
+    assert prog.read(stext, len(text)) == text
+
+
+def test_aarch64_file_is_static_and_small(onefile_aarch64: Path) -> None:
+    """make dist-aarch64's file: at most 40 MiB, an aarch64 ELF executable that needs no
+    interpreter; started on this x86-64 machine (through qemu-user-static's binfmt handler,
+    which building it needs) it says in one line which machine it is for."""
+    assert onefile_aarch64.stat().st_size <= 40 << 20
+    with open(onefile_aarch64, "rb") as f:
+        elf = ELFFile(f)
+        assert elf["e_machine"] == "EM_AARCH64"
+        kinds = [seg["p_type"] for seg in elf.iter_segments()]
+    assert "PT_LOAD" in kinds and "PT_INTERP" not in kinds and "PT_DYNAMIC" not in kinds
+    r = subprocess.run([str(onefile_aarch64), "--version"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and not r.stdout, r
+    native = onefile_aarch64.name.replace("aarch64", "x86_64")
+    assert r.stderr == ("kcore: error: this kcore file is built for linux-aarch64 but this "
+                        f"machine is x86_64: run {native} instead\n")
+
+
+@pytest.mark.parametrize("onefile_guest", ["onefile-6.1"], indirect=True)
+def test_aarch64_file_on_amd64_host(onefile_guest: Guest, onefile_aarch64: Path) -> None:
+    """The aarch64 file started on an x86-64 machine with no emulator (the busybox-only
+    guest): the kernel refuses it, and busybox's shell stops at its line 1, in one line."""
+    g = onefile_guest
+    copy = g.vm.share / onefile_aarch64.name
+    shutil.copyfile(onefile_aarch64, copy)
+    copy.chmod(0o755)
+    try:
+        r = g.vm.run(f"{copy} --version\n", timeout=60)
+    finally:
+        copy.unlink()
+    assert r.rc != 0 and not r.stdout, r
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(ARM64_MESSAGE.format(copy)), line
