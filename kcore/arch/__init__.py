@@ -38,19 +38,22 @@ class Arch:
     walker: Callable[[Any, Any], Any]
     # kcore_map(vmcoreinfo, segments) -> AddressMap: the map of a real /proc/kcore
     kcore_map: Callable[[Any, list], Any]
+    # kcore_text(vmcoreinfo or None, segments) -> the kernel-image PT_LOAD of a real
+    # /proc/kcore (its p_paddr aliases RAM's), or None
+    kcore_text: Callable[[Any, list], Any]
 
 
-def _arch(name: str, discover: Callable, walker: Callable, kcore_map: Callable) -> Arch:
-    """A record whose ELF numbers come from the wire module (kcore.elf)."""
-    return Arch(name, EM_BY_ARCH[name], PRSTATUS_SIZE[name], PRPSINFO.size, discover, walker,
-                kcore_map)
+def _arch(name: str, module: Any) -> Arch:
+    """A record of an arch module's builders; its ELF numbers from the wire module."""
+    return Arch(name, EM_BY_ARCH[name], PRSTATUS_SIZE[name], PRPSINFO.size, module.discover,
+                module.walker, module.kcore_map, module.kcore_text)
 
 
 # arm64's struct elf_prstatus (34 registers: x0-x30, sp, pc, pstate) is 392 bytes, as the
 # real /proc/kcore of Debian's 6.1 and 6.12 arm64 kernels shows.
 ARCHES: dict[str, Arch] = {
-    "x86_64": _arch("x86_64", x86_64.discover, x86_64.walker, x86_64.kcore_map),
-    "aarch64": _arch("aarch64", arm64.discover, arm64.walker, arm64.kcore_map),
+    "x86_64": _arch("x86_64", x86_64),
+    "aarch64": _arch("aarch64", arm64),
 }
 ALIASES = {"arm64": "aarch64", "amd64": "x86_64"}
 

@@ -233,10 +233,20 @@ def walker(system: Any, source: Any) -> Arm64PageWalker | None:
     return walker
 
 
+def kcore_text(info: Any, segs: list) -> Any:
+    """The kernel-image PT_LOAD of a real arm64 /proc/kcore (p_paddr = __pa_symbol, aliasing
+    RAM): the one with a physical address above MODULES_VADDR, where the linear map is not;
+    None without it, or without VMCOREINFO to say where that is."""
+    if info is None or info.number("MODULES_VADDR") is None:
+        return None
+    modules = _need(info, "MODULES_VADDR") & ULONG_MAX
+    return next((s for s in segs if s.paddr != ULONG_MAX and s.vaddr >= modules), None)
+
+
 def kcore_map(info: Any, segs: list) -> AddressMap:
     """The address map of a real arm64 /proc/kcore: VMCOREINFO, the text from its PT_LOAD."""
-    modules = _need(info, "MODULES_VADDR") & ULONG_MAX
-    text = next((s for s in segs if s.paddr != ULONG_MAX and s.vaddr >= modules), None)
+    _need(info, "MODULES_VADDR")
+    text = kcore_text(info, segs)
     syms = {"_text": text.vaddr, "_end": text.vaddr + text.size} if text else {}
     return address_map(info, syms, "")
 

@@ -119,10 +119,16 @@ def walker(system: Any, source: Any) -> PageWalker | None:
     return PageWalker.for_source(source, amap.pgd_paddr, amap.pgtable_levels, sme_mask=sme)
 
 
+def kcore_text(info: VmcoreInfo | None, segs: list[Any]) -> Any:
+    """The kernel-text PT_LOAD of a real x86-64 /proc/kcore (above __START_KERNEL_map, its
+    p_paddr aliasing RAM), or None."""
+    return next((s for s in segs if s.paddr != ALL_ONES and s.vaddr >= X86_64_START_KERNEL_MAP),
+                None)
+
+
 def kcore_map(info: VmcoreInfo, segs: list[Any]) -> AddressMap:
     """x86-64: the address map of a real kcore, from its program headers and VMCOREINFO."""
-    text = next((s for s in segs if s.paddr != ALL_ONES and s.vaddr >= X86_64_START_KERNEL_MAP),
-                None)
+    text = kcore_text(info, segs)
     ram = [s for s in segs if s.paddr != ALL_ONES and s.vaddr < X86_64_START_KERNEL_MAP]
     vmalloc = [s for s in segs if s.paddr == ALL_ONES and s.vaddr < X86_64_START_KERNEL_MAP]
     levels = 5 if info.number("pgtable_l5_enabled") else 4

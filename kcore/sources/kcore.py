@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from kcore.addrmap import ALL_ONES, X86_64_START_KERNEL_MAP
-from kcore.errors import ElfFormatError
+from kcore import arch
+from kcore.addrmap import ALL_ONES
+from kcore.errors import ElfFormatError, InputError
 from kcore.sources.base import CopyStats, Extent, MemorySource, Probe, WritableBuffer, check_extents
 from kcore.sources.elf import parse_elf_core
 from kcore.sources.files import opened
+from kcore.vmcoreinfo import VmcoreInfo
 from kcore.wire.elf import ELF_MAGIC, PT_LOAD, ElfCore, vmcoreinfo_of
 
 KERNEL_HALF = 0xFFFF800000000000  # lowest canonical kernel address with 4-level paging
@@ -38,6 +40,22 @@ def looks_like_kcore(core: ElfCore) -> bool:
     return len({(ph.p_vaddr - ph.p_offset) % (1 << 64) for ph in loads}) == 1
 
 
+def kernel_text(e_machine: int, info: bytes | None, segments: list[Segment],
+                path: str) -> Segment | None:
+    """The kernel-image PT_LOAD of a kcore, by its architecture's rule (x86-64's where the
+    machine is not one kcore knows), or None."""
+    try:
+        rule = arch.by_machine(e_machine, path)
+    except InputError:
+        rule = arch.ARCHES["x86_64"]
+    try:
+        parsed = VmcoreInfo.parse(info) if info else None
+    except InputError as exc:
+        raise ElfFormatError(f"{path}: its VMCOREINFO note: {exc}") from None
+    text: Segment | None = rule.kcore_text(parsed, segments)
+    return text
+
+
 class KcoreSource(MemorySource):
     """A /proc/kcore file (live or saved); physical extents from its KCORE_RAM segments."""
 
@@ -63,16 +81,19 @@ class KcoreSource(MemorySource):
         core = parse_elf_core(self.fd, self.path)
         segments = [Segment(ph.p_vaddr, ph.p_paddr, ph.p_offset, ph.p_filesz)
                     for ph in core.phdrs if ph.p_type == PT_LOAD]
-        # KCORE_RAM: direct-map segments with p_paddr = __pa(addr); TEXT (above
-        # __START_KERNEL_map) would alias RAM, and vmalloc/vmemmap have all-ones.
+        info = vmcoreinfo_of(core)
+        # KCORE_RAM: direct-map segments with p_paddr = __pa(addr); TEXT (p_paddr =
+        # __pa_symbol(addr): x86-64's above __START_KERNEL_map, arm64's in the vmalloc area
+        # above MODULES_VADDR) would alias RAM, and vmalloc/vmemmap have all-ones.
+        text = kernel_text(core.e_machine, info, segments, self.path)
         extents = [Extent(s.paddr, s.size, s.offset) for s in segments
-                   if s.paddr != ALL_ONES and s.vaddr < X86_64_START_KERNEL_MAP and s.size]
+                   if s.paddr != ALL_ONES and s is not text and s.size]
         if all(s.paddr == 0 for s in segments):
             extents = []  # before Linux 4.11 p_paddr was 0: no physical view
         self._set_extents(check_extents(extents, self.path, ElfFormatError))
         self.core = core
         self.segments = segments
-        self.vmcoreinfo = vmcoreinfo_of(core)
+        self.vmcoreinfo = info
 
     def read_kcore(self, offset: int, length: int) -> bytes:
         """Read `length` bytes at kcore file offset `offset` (faults read as zeros)."""

@@ -243,3 +243,31 @@ def test_dump_without_slabinfo(fx: Fixture, tmp_path: Path) -> None:
                   "-o", str(tmp_path / "head.bin"))
     err = r.stderr.decode()
     assert r.returncode == 2 and err.count("\n") == 1 and "slabinfo" in err, err
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_real_kcore_as_source_leaves_text_out(name: str) -> None:
+    """The real arm64 /proc/kcore as a memory source (what the aarch64 one file reads live):
+    its kernel-image PT_LOAD, whose p_paddr (__pa_symbol) aliases RAM, is the one holding
+    _stext and stays out of the physical view; the linear-map PT_LOADs left make it without
+    overlap, inside iomem's System RAM (with the image, opening it failed: overlapping ranges)."""
+    from kcore.addrmap import ALL_ONES
+    from kcore.errors import ElfFormatError
+    from kcore.iomem import parse_iomem
+    from kcore.sources.base import Extent, check_extents
+    from kcore.sources.kcore import Segment, kernel_text
+
+    real = json.loads((DATA / name / "kcore.json").read_text())
+    segs = [Segment(p["p_vaddr"], p["p_paddr"], p["p_offset"], p["p_filesz"])
+            for p in real["phdrs"] if p["p_type"] == 1]
+    info = bytes.fromhex(next(n for n in real["notes"] if n["name"] == "VMCOREINFO")["desc"])
+    text = kernel_text(real["e_machine"], info, segs, name)
+    kallsyms = (DATA / name / "root/proc/kallsyms").read_text()
+    stext = int(next(ln for ln in kallsyms.splitlines() if ln.endswith(" _stext")).split()[0], 16)
+    assert text is not None and text.vaddr <= stext < text.vaddr + text.size
+    ram = [Extent(s.paddr, s.size, s.offset) for s in segs if s.paddr != ALL_ONES and s is not text]
+    with pytest.raises(ElfFormatError, match="overlapping memory ranges"):
+        check_extents([*ram, Extent(text.paddr, text.size, text.offset)], name, ElfFormatError)
+    system_ram = parse_iomem((DATA / name / "root/proc/iomem").read_text(), name).system_ram()
+    for e in check_extents(ram, name, ElfFormatError):
+        assert any(lo <= e.paddr and e.paddr + e.length <= hi + 1 for lo, hi in system_ram), e
