@@ -75,12 +75,14 @@ def in_root(root: Path, script: str, env: dict[str, str] | None = None) -> None:
     of its own (gone with it: nothing stays mounted on the host)."""
     inner = {"PATH": f"{VENV}/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
              "LANG": "C.UTF-8", "PIP_DISABLE_PIP_VERSION_CHECK": "1", **(env or {})}
-    subprocess.run(
+    r = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--fork", "/bin/sh", "-euc",
          'mount --rbind /dev "$R/dev"; mount -t proc proc "$R/proc";'
          ' exec chroot "$R" /usr/bin/env -i "$@"',
          "sh", *(f"{k}={v}" for k, v in inner.items()), "/bin/sh", "-euc", script],
-        env={**os.environ, "R": str(root)}, check=True, stdout=sys.stderr)  # stdout: ours
+        env={**os.environ, "R": str(root)}, stdout=sys.stderr)  # stdout: ours
+    if r.returncode != 0:  # what failed is above, on stderr
+        fail(f"in {root} (exit {r.returncode}): {script}")
 
 
 def rootfs(arch: str, packages: list[str]) -> Path:
