@@ -271,7 +271,7 @@ def find(system: Any, source: Any = None, max_pages: int = MAX_PAGES) -> Critica
     if getattr(system.addrmap, "arch", "x86_64") != "x86_64":
         raise InputError("--order critical walks x86-64 kernels only (this one is "
                          f"{system.addrmap.arch})")
-    from kcore.system import read_root_text
+    from kcore.rootfiles import read_root_text
 
     root = Path(system.root)
     symbols = parse_kallsyms(read_root_text(root, "proc/kallsyms"), SYMBOLS,

@@ -9,9 +9,10 @@ from kcore import arch
 from kcore.addrmap import ALL_ONES, AddressMap
 from kcore.errors import InputError
 from kcore.kclist import KcoreEntry, KcoreType
+from kcore.rootfiles import root_word
 from kcore.sources import open_source
 from kcore.sources.base import MemorySource
-from kcore.system import System, root_word
+from kcore.system import System
 from kcore.vmcoreinfo import VmcoreInfo
 from kcore.wire.elf import (
     CORE_NAME,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kcore.errors import InputError
-from kcore.integrations import require
+from kcore.extras import require
 from kcore.symbols import KALLSYMS, UNAME, VERSION, VMCOREINFO, SymbolFiles
 
 # Volatility opens .json, .json.gz, .json.xz and .json.bz2; gzip level 6 writes ~20 MB of

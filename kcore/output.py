@@ -629,19 +629,14 @@ def guard_std_streams() -> None:
 
 
 def open_output(path: str, *, force: bool = False, digest: bool = True,
-                sidecars: bool = True, tty_ok: bool = False, remote: Any = None) -> Output:
+                sidecars: bool = True, tty_ok: bool = False) -> Output:
     """Open a dump destination: '-' (stdout), an existing device/FIFO, or a new 0600 file.
 
     A new file is created (unnamed where the filesystem allows, else under a temporary
     name) when the result's with block is entered, and named when committed. sidecars:
     OUTPUT.sha256 and OUTPUT.json go beside it. tty_ok: stdout may be a terminal.
-    remote: the destinations.RemoteOptions that let path be a URL (kcore.destinations).
+    (A URL is kcore.destinations.open_output's.)
     """
-    if remote is not None:
-        from kcore import destinations
-
-        if destinations.is_remote(path):
-            return destinations.open_remote(path, remote, force=force, digest=digest)
     if path == "-":
         fd = stdout_fd()
         if not tty_ok and os.isatty(fd):

@@ -36,6 +36,7 @@ from kcore.sources.live import (
     probe,
     probe_all,
 )
+from kcore.symbols import banner_in_memory
 
 SECURE_BOOT_VAR = "sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 DEFAULT_TEXT_BASE = 0xFFFFFFFF81000000  # _text without KASLR (x86-64)
@@ -325,22 +326,6 @@ def _advice(rep: Report, mode: str | None, euid: int) -> str:
         return ("this system shows no kernel memory (/proc/kcore, /dev/crash and /dev/mem are "
                 "missing): dump a saved image instead (kcore dump --root DIR --source SPEC)")
     return f"fix one source above: {rep.problem}"
-
-
-def banner_in_memory(root: Path, system: Any) -> str | None:
-    """linux_banner read from memory (its address from kallsyms), for roots without
-    proc/version."""
-    text = _read(root, "proc/kallsyms", limit=1 << 26) or ""
-    at = text.find(" linux_banner\n")
-    if at < 0:
-        return None
-    try:
-        vaddr = int(text[text.rfind("\n", 0, at) + 1:at].split()[0], 16)
-        data, _stats = system.source.read_phys(system.addrmap.pa_symbol(vaddr), 512)
-    except (KcoreError, OSError, ValueError, IndexError, AttributeError, TypeError):
-        return None
-    banner = data.split(b"\0")[0].decode("utf-8", "replace").strip()
-    return banner if banner.startswith("Linux version ") else None
 
 
 def manifest_facts(root: str, spec: str, chosen: Any, system: Any = None) -> dict[str, Any]:

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kcore.errors import InputError
+from kcore.errors import InputError, KcoreError
+from kcore.rootfiles import read_bounded
 from kcore.sources.files import open_readonly
-from kcore.system import read_bounded
 from kcore.wire.elf import (
     EHDR,
     EM_BY_ARCH,
@@ -135,10 +135,27 @@ def _loaded_modules(modules: bytes | None) -> list[str]:
             if line.strip()]
 
 
+def banner_in_memory(root: Path, system: Any) -> str | None:
+    """linux_banner read from memory (its address from kallsyms), for roots without
+    proc/version."""
+    try:
+        text = _read_file(root / KALLSYMS).decode("utf-8", "replace")
+    except (OSError, ValueError, InputError):  # ValueError: a NUL byte in the root's path
+        return None
+    at = text.find(" linux_banner\n")
+    if at < 0:
+        return None
+    try:
+        vaddr = int(text[text.rfind("\n", 0, at) + 1:at].split()[0], 16)
+        data, _stats = system.source.read_phys(system.addrmap.pa_symbol(vaddr), 512)
+    except (KcoreError, OSError, ValueError, IndexError, AttributeError, TypeError):
+        return None
+    banner = data.split(b"\0")[0].decode("utf-8", "replace").strip()
+    return banner if banner.startswith("Linux version ") else None
+
+
 def gather(root: str | Path, system: Any = None) -> SymbolFiles:
     """The symbol files of the system at root (what is missing is listed, not an error)."""
-    from kcore.preflight import banner_in_memory
-
     rootp = Path(root)
     out = SymbolFiles()
 

@@ -183,7 +183,7 @@ def test_symbols_without_btf_says_so(dumps: dict[str, Path], tmp_path: Path) -> 
 def test_live_root_files_read() -> None:
     """This machine's own sysctl files read through read_root (a read of 4 MiB or more of a
     sysctl file fails with ENOMEM), and gather() takes uname's line from them."""
-    from kcore.system import read_root
+    from kcore.rootfiles import read_root
 
     release = os.uname().release
     assert read_root(Path("/"), "proc/sys/kernel/osrelease") == f"{release}\n".encode()

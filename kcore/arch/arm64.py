@@ -35,6 +35,7 @@ from kcore.errors import InputError
 from kcore.iomem import parse_iomem
 from kcore.kallsyms import parse_kallsyms
 from kcore.kclist import KcoreList, RamRange, ram_ranges_from_resources
+from kcore.rootfiles import read_root_text, root_word
 from kcore.system import (
     PhysReader,
     System,
@@ -42,8 +43,6 @@ from kcore.system import (
     load_vmcoreinfo,
     online_memory_blocks,
     online_memory_end_pfn,
-    read_root_text,
-    root_word,
 )
 from kcore.vmem import PageWalker, add_run
 

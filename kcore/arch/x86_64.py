@@ -22,6 +22,7 @@ from kcore.errors import InputError
 from kcore.iomem import parse_iomem
 from kcore.kallsyms import parse_kallsyms
 from kcore.kclist import KcoreList, RamRange, ram_ranges_from_resources
+from kcore.rootfiles import read_root_text, root_word
 from kcore.system import (
     TASK_STRUCT_SANE,
     PhysReader,
@@ -31,8 +32,6 @@ from kcore.system import (
     load_vmcoreinfo,
     online_memory_blocks,
     online_memory_end_pfn,
-    read_root_text,
-    root_word,
 )
 from kcore.vmcoreinfo import VmcoreInfo
 from kcore.vmem import PageWalker

@@ -22,7 +22,7 @@ from kcore.errors import InputError, SourceError
 from kcore.formats import FORMATS, Format, names
 from kcore.formats.plan import DEFAULT_GRANULE, SCAN_CHUNK, Plan, Request
 from kcore.formats.write import write_plan
-from kcore.output import Output, human, open_output
+from kcore.output import Output, human
 
 DESCRIPTION_TEMPLATE = """\
 Dump kernel memory in a format analysis tools open, at the speed of the hardware.
@@ -263,7 +263,7 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     # crash would find the task list pointing into them.
     remote = destinations.options(args) if destinations.is_remote(path) else None
     timeline = _timeline(args, system)
-    with (open_output(path, force=args.force, digest=want_digest, remote=remote) as out,
+    with (destinations.open_output(path, remote, force=args.force, digest=want_digest) as out,
           engine.started_threads(req.threads)):
         filtered = _apply_level(args, req, fmt)
         first = _read_critical(args, system, req, timeline)

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import urllib.parse
 
+from kcore.cli import int_arg
 from kcore.destinations.remote import RemoteOptions, RemoteOutput, Sink, UploadError
 from kcore.errors import InputError
+from kcore.output import Output
+from kcore.output import open_output as local_output
 
 __all__ = ["RemoteOptions", "RemoteOutput", "UploadError", "add_args", "is_remote",
            "open_remote", "options", "MIN_PART", "MAX_PART"]
@@ -83,10 +86,16 @@ def open_remote(dest: str, opts: RemoteOptions, *, force: bool, digest: bool) ->
     return RemoteOutput.make(sink_for(dest, opts, force), opts, force=force, digest=digest)
 
 
+def open_output(dest: str, opts: RemoteOptions | None, *, force: bool, digest: bool) -> Output:
+    """A dump destination: a URL when opts are given and dest is one, else a local output
+    (kcore.output.open_output: a file, a device, or '-')."""
+    if opts is not None and is_remote(dest):
+        return open_remote(dest, opts, force=force, digest=digest)
+    return local_output(dest, force=force, digest=digest)
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     """The options of remote destinations (-o URL)."""
-    from kcore.cli import int_arg
-
     g = parser.add_argument_group("remote destinations (-o URL, tcp://, multipart:)")
     g.add_argument("--resume", action="store_true",
                    help="object storage: send only the parts the server does not hold yet "

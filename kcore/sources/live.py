@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from kcore.errors import InputError, KcoreError, SourceError
+from kcore.rootfiles import read_root_text
 from kcore.sources.base import MemorySource
 from kcore.sources.devmem import DevmemSource
 from kcore.sources.kcore import KcoreSource
-from kcore.system import read_root_text
 
 # (name, root-relative path), in the order `auto` tries them
 AUTO_ORDER = (("kcore", "proc/kcore"), ("crash", "dev/crash"), ("mem", "dev/mem"))
