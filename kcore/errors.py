@@ -20,9 +20,12 @@ class SourceError(KcoreError):
 
     exit_code = 2
 
-    def __init__(self, message: str, errno: int | None = None) -> None:
+    def __init__(self, message: str, errno: int | None = None, *, offset: int | None = None,
+                 field: str | None = None) -> None:
         super().__init__(message)
         self.errno = errno  # the OS error behind it, if any (auto explains EPERM, ENOENT...)
+        self.offset = offset  # the file offset where the contents stop making sense, if known
+        self.field = field  # the name of the field found wrong there, if one is
 
 
 class ElfFormatError(SourceError):

@@ -40,6 +40,7 @@ __all__ = [
     "RawSource",
     "SOURCES",
     "detect",
+    "detect_kind",
     "open_auto",
     "open_source",
 ]
@@ -72,6 +73,14 @@ def open_source(spec: str, root: str = "/") -> MemorySource:
     return cls.open(rest, spec, root)
 
 
+def detect_kind(probe: Probe) -> type[MemorySource] | None:
+    """The first kind of source in SOURCES that recognises the probed file (None: none)."""
+    for cls in SOURCES:
+        if cls.detect(probe):
+            return cls
+    return None
+
+
 def detect(path: str, root: str = "/") -> MemorySource:
     """Open `path` as the first source in SOURCES whose detect() recognises its contents."""
     fd = open_readonly(path)
@@ -86,10 +95,9 @@ def detect(path: str, root: str = "/") -> MemorySource:
                                   f"{os.strerror(exc.errno or 0)}") from None
             if stat.S_ISREG(st.st_mode) and st.st_size == 0 or not head:
                 raise SourceError(f"{path}: empty file at offset 0x0 (no memory to read)")
-        probe = Probe(path, fd, st, head)
-        for cls in SOURCES:
-            if cls.detect(probe):
-                return cls.open(path, path, root)
+        cls = detect_kind(Probe(path, fd, st, head))
+        if cls is not None:
+            return cls.open(path, path, root)
         if stat.S_ISCHR(st.st_mode):
             raise SourceError(f"{path}: a character device that is not /dev/mem or /dev/crash")
         raise SourceError(f"{path}: no kind of memory source recognises it; name one "

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 from kcore.addrmap import PAGE_SIZE
 from kcore.engine import CopyStats, readinto_range
 from kcore.errors import SourceError
+from kcore.sources.checks import Region, Result
 from kcore.sources.files import open_readonly
 from kcore.vmem import zero_fill
 
@@ -46,11 +47,12 @@ def check_extents(extents: list[Extent], path: str, error: type[SourceError]) ->
     for prev, cur in zip(out, out[1:], strict=False):
         if cur.paddr < prev.paddr + prev.length:
             raise error(f"{path}: overlapping memory ranges at physical {prev.paddr:#x} and "
-                        f"{cur.paddr:#x} (file offset {cur.offset:#x})")
+                        f"{cur.paddr:#x} (file offset {cur.offset:#x})", offset=cur.offset)
     for e in out:
         if e.paddr + e.length > MAX_PHYS:
             raise error(f"{path}: physical range {e.paddr:#x}+{e.length:#x} at file offset "
-                        f"{e.offset:#x} is beyond the 52-bit physical address space")
+                        f"{e.offset:#x} is beyond the 52-bit physical address space",
+                        offset=e.offset)
     return out
 
 
@@ -62,6 +64,7 @@ class MemorySource:
     """
 
     kind = "base"
+    signatures: tuple[str, ...] = ()  # the magics detect() knows, named for messages
     # Whether two threads may read self.fd at once. Where not (a live /proc/kcore: 6.1's
     # read_kcore() copies every page through one bounce page per open file, so concurrent
     # reads of one fd can hand a thread another thread's page), a read borrows an fd no other
@@ -93,6 +96,14 @@ class MemorySource:
     def detect(cls, probe: Probe) -> bool:
         """Whether a bare PATH is a source of this kind (its magic); False: never detected."""
         return False
+
+    @classmethod
+    def check(cls, fd: int, path: str, res: Result,
+              manifest: dict[str, Any] | None) -> list[Region] | None:
+        """`kcore verify`'s checks of a dump file of this kind (kcore.sources.checks): fill res
+        and return the regions of memory the file holds, or raise LayoutError where its
+        structure breaks. None: verify knows no structure of this kind to check."""
+        return None
 
     def borrow_fd(self) -> int:
         """An fd for one read, held until return_fd(): close() waits for it.

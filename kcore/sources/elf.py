@@ -5,86 +5,44 @@ from __future__ import annotations
 import bisect
 from typing import Any, NamedTuple
 
-from kcore.addrmap import ALL_ONES
+from kcore.addrmap import ALL_ONES, X86_64_START_KERNEL_MAP
 from kcore.errors import ElfFormatError, SourceError
 from kcore.sources.base import Extent, MemorySource, Probe, check_extents
+from kcore.sources.checks import Region, Result, layout_error, note_vmcoreinfo
 from kcore.sources.files import file_size, opened, pread_exact, pread_full
+from kcore.wire import LayoutError
+from kcore.wire.diskdump import vmcoreinfo_span
 from kcore.wire.elf import (
     EHDR,
     ELF_MAGIC,
-    ELFCLASS64,
-    ELFDATA2LSB,
-    ET_CORE,
+    EM_BY_ARCH,
     PHDR,
-    PN_XNUM,
     PT_LOAD,
     PT_NOTE,
-    SH_INFO_AT,
-    SHDR_INFO,
+    SHDR,
+    SHT_NOBITS,
     ElfCore,
     Phdr,
-    parse_notes,
+    read_core,
     vmcoreinfo_of,
 )
 
 # Caps that bound a hostile file's cost (kdump cores of huge machines stay far below them).
-MAX_PHNUM = 1 << 20
-MAX_NOTES_SIZE = 64 << 20
 MAX_ALIAS_BYTES = 4 << 30  # overlapping (aliased) PT_LOAD bytes compared when opening
 SMEAR_FIRST = 16  # differing pages listed by address
 PAGE = 4096
+EM_X86_64 = EM_BY_ARCH["x86_64"]
 
 
 def parse_elf_core(fd: int, path: str, *, size: int | None = None) -> ElfCore:
-    """Parse an ELF64 LE core's header, program headers and notes, checking every bound."""
-    if size is None:
-        size = file_size(fd)
-    if size == 0:
-        raise ElfFormatError(f"{path}: empty file at offset 0x0")
-
-    def need(offset: int, length: int, what: str) -> bytes:
-        if offset + length > size:
-            raise ElfFormatError(f"{path}: truncated {what} at offset {offset:#x} "
-                                 f"(needs {length:#x} bytes, file ends at {size:#x})")
+    """Parse the ELF64 LE core at fd (kcore.wire.elf.read_core: every bound checked)."""
+    def read(offset: int, length: int, what: str) -> bytes:
         try:
             return pread_exact(fd, offset, length, path, what)
         except SourceError as exc:
-            raise ElfFormatError(str(exc)) from None
+            raise ElfFormatError(str(exc), offset=exc.offset) from None
 
-    (ident, e_type, e_machine, _ver, _entry, e_phoff, e_shoff, _flags, _ehsize, e_phentsize,
-     e_phnum, _shentsize, _shnum, _shstrndx) = EHDR.unpack(need(0, EHDR.size, "ELF header"))
-    if ident[:4] != ELF_MAGIC:
-        raise ElfFormatError(f"{path}: not an ELF file (bad magic at offset 0x0)")
-    if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
-        raise ElfFormatError(f"{path}: only 64-bit little-endian ELF cores are supported "
-                             f"(e_ident at offset 0x4)")
-    if e_type != ET_CORE:
-        raise ElfFormatError(f"{path}: e_type {e_type} at offset 0x10 is not ET_CORE")
-    phnum = e_phnum
-    if phnum == PN_XNUM:  # the real count is in section header 0's sh_info (kdump, >65534 phdrs)
-        (phnum,) = SHDR_INFO.unpack(need(e_shoff + SH_INFO_AT, 4, "section header 0"))
-    if phnum and e_phentsize != PHDR.size:
-        raise ElfFormatError(f"{path}: e_phentsize {e_phentsize} at offset 0x36 is not "
-                             f"{PHDR.size}")
-    if phnum > MAX_PHNUM:
-        raise ElfFormatError(f"{path}: {phnum} program headers at offset {e_phoff:#x} "
-                             f"(more than {MAX_PHNUM})")
-    table = need(e_phoff, phnum * PHDR.size, "program header table")
-    phdrs = [Phdr._make((*PHDR.unpack_from(table, i * PHDR.size), e_phoff + i * PHDR.size))
-             for i in range(phnum)]
-    notes: list[tuple[bytes, int, bytes]] = []
-    for ph in phdrs:
-        if ph.p_type == PT_LOAD and ph.p_offset + ph.p_filesz > size:
-            raise ElfFormatError(
-                f"{path}: PT_LOAD at offset {ph.at:#x} has data past the end of file "
-                f"(p_offset {ph.p_offset:#x} + p_filesz {ph.p_filesz:#x} > {size:#x})")
-        if ph.p_type == PT_NOTE and ph.p_filesz:
-            if ph.p_filesz > MAX_NOTES_SIZE:
-                raise ElfFormatError(f"{path}: PT_NOTE at offset {ph.at:#x} is absurdly large "
-                                     f"({ph.p_filesz:#x} bytes)")
-            notes += parse_notes(need(ph.p_offset, ph.p_filesz, "PT_NOTE data"),
-                                 ph.p_offset, path)
-    return ElfCore(e_machine, e_phoff, phdrs, notes, size)
+    return read_core(read, file_size(fd) if size is None else size, path)
 
 
 class Smear(NamedTuple):
@@ -140,7 +98,7 @@ def resolve_aliases(fd: int, path: str, loads: list[Phdr]) -> tuple[list[Extent]
                        lo, budget, ph.at, stop=True):
                 raise ElfFormatError(
                     f"{path}: PT_LOADs at offsets {ats[i]:#x} and {ph.at:#x} overlap at "
-                    f"physical {lo:#x} with different contents")
+                    f"physical {lo:#x} with different contents", offset=ats[i])
         covered = out[-1].paddr + out[-1].length if out else 0
         if end > covered:
             lo = max(start, covered)
@@ -197,7 +155,7 @@ def _differ(fd: int, path: str, a: int, b: int, length: int, paddr: int, budget:
     budget[0] -= length
     if budget[0] < 0:
         raise ElfFormatError(f"{path}: PT_LOADs overlap by more than {MAX_ALIAS_BYTES:#x} "
-                             f"bytes (program header at {at:#x})")
+                             f"bytes (program header at {at:#x})", offset=at)
     step, count = 1 << 20, 0
     for pos in range(0, length, step):
         n = min(step, length - pos)
@@ -218,6 +176,7 @@ class ElfSource(MemorySource):
     """An ELF core whose PT_LOADs carry physical addresses in p_paddr."""
 
     kind = "elf"
+    signatures = ("ELF",)
     core: ElfCore  # the parsed headers and notes
     smear: Smear = NO_SMEAR  # pages the text load holds differently from the RAM loads
 
@@ -230,7 +189,8 @@ class ElfSource(MemorySource):
                      if ph.p_type == PT_LOAD and ph.p_filesz and ph.p_paddr != ALL_ONES]
             if not loads:
                 raise ElfFormatError(f"{path}: no PT_LOAD with a physical address (p_paddr) in "
-                                     f"the program headers at offset {core.phoff:#x}")
+                                     f"the program headers at offset {core.phoff:#x}",
+                                     offset=core.phoff)
             extents, smear = resolve_aliases(fd, path, loads)
             src = cls(spec or f"elf:{path}", path, fd,
                       check_extents(extents, path, ElfFormatError), vmcoreinfo_of(core))
@@ -242,3 +202,146 @@ class ElfSource(MemorySource):
     def detect(cls, probe: Probe) -> bool:
         """The ELF magic (a /proc/kcore among ELF cores is KcoreSource's, tried first)."""
         return probe.head[:4] == ELF_MAGIC
+
+    @classmethod
+    def check(cls, fd: int, path: str, res: Result,
+              manifest: dict[str, Any] | None) -> list[Region] | None:
+        """`kcore verify` of an ELF core: every header, note and load in bounds, loads that
+        share file bytes or hold one frame differently, and what drgn, crash and Volatility
+        make of it."""
+        return check_elf(fd, path, res, kcore=False)
+
+
+def check_elf(fd: int, path: str, res: Result, *, kcore: bool) -> list[Region]:
+    """The checks of an ELF core (kcore: a /proc/kcore image, whose loads may share bytes)."""
+    try:
+        core = parse_elf_core(fd, path, size=res.size)
+    except SourceError as exc:
+        raise layout_error(exc, path) from None
+    loads = [ph for ph in core.phdrs if ph.p_type == PT_LOAD]
+    names = {n for n, _t, _d in core.notes}
+    if kcore:
+        res.format, res.detail = "kcore", "a /proc/kcore image"
+    else:
+        res.format = "elf"
+        res.detail = ("QEMU dump-guest-memory core" if b"QEMU" in names
+                      else "ELF core with physical addresses")
+    if core.e_machine != EM_X86_64:
+        res.warnings.append(f"e_machine {core.e_machine} is not x86-64 ({EM_X86_64})")
+    end = core.phoff + len(core.phdrs) * PHDR.size
+    for ph in core.phdrs:
+        if ph.p_type == PT_LOAD and ph.p_filesz > ph.p_memsz:
+            raise LayoutError(ph.at, "p_filesz", "larger than p_memsz",
+                              f"PT_LOAD at {ph.at:#x}: p_filesz {ph.p_filesz:#x} is larger "
+                              f"than p_memsz {ph.p_memsz:#x}")
+        if ph.p_filesz:
+            end = max(end, ph.p_offset + ph.p_filesz)
+    end = max(end, _sections_end(fd, res.size))
+    if res.size > end and not kcore:
+        res.warnings.append(f"{res.size - end} bytes after the last segment's data "
+                            f"(from {end:#x})")
+    by_file = sorted((ph.p_offset, ph.p_offset + ph.p_filesz, ph.at) for ph in loads
+                     if ph.p_filesz)
+    for (_a0, a1, at_a), (b0, _b1, at_b) in zip(by_file, by_file[1:], strict=False):
+        if b0 < a1 and not kcore:
+            raise LayoutError(at_b, "p_offset", "shares file bytes",
+                              f"PT_LOADs at {at_a:#x} and {at_b:#x} share file bytes "
+                              f"from {b0:#x}")
+    phys = [ph for ph in loads if ph.p_filesz and ph.p_paddr not in (ALL_ONES, 0)
+            or ph.p_filesz and ph.p_paddr == 0 and ph.p_vaddr == 0]
+    if not kcore and phys:
+        try:  # RAM loads that overlap must hold the same bytes; the text load may not
+            res.smear = resolve_aliases(fd, path, phys)[1].as_dict()
+        except SourceError as exc:
+            raise layout_error(exc, path) from None
+    regions = [Region(ph.p_offset, ph.p_filesz, ph.p_memsz, ph.p_paddr,
+                      "text" if ph.p_vaddr >= X86_64_START_KERNEL_MAP else
+                      "ram" if ph.p_paddr != ALL_ONES else "mapped")
+               for ph in loads]
+    if kcore:  # vmalloc and vmemmap areas are address space, not RAM; no whole digest
+        regions = [r for r in regions if r.kind != "mapped"]
+        res.whole_digest = False
+    else:  # the loads with file bytes, as the manifest lists them
+        res.file_ranges = {(r.offset, r.filesz) for r in regions if r.filesz}
+    res.structure = (f"ELF header, {len(core.phdrs)} program headers ({len(loads)} PT_LOAD), "
+                     f"{len(core.notes)} notes: valid end to end")
+    res.ranges["count"] = len(loads)
+    res.ranges["memory_bytes"] = sum(r.memsz for r in regions if r.kind == "ram")
+    note_vmcoreinfo(res, vmcoreinfo_of(core))
+    res.vmcoreinfo["offset"] = _vmcoreinfo_offset(fd, core)
+    _elf_consumers(res, loads)
+    if kcore:
+        res.consumers["volatility"] = {"ok": False, "why": "a /proc/kcore image: its vmalloc "
+                                       "and vmemmap loads carry no physical address; dump "
+                                       "--format elf or lime for Volatility"}
+    return regions
+
+
+def _vmcoreinfo_offset(fd: int, core: ElfCore) -> int | None:
+    """The file offset of the VMCOREINFO note's text (None without one)."""
+    for ph in core.phdrs:
+        if ph.p_type == PT_NOTE and ph.p_filesz:
+            at, size = vmcoreinfo_span(pread_full(fd, ph.p_filesz, ph.p_offset))
+            if size:
+                return ph.p_offset + at
+    return None
+
+
+def _sections_end(fd: int, size: int) -> int:
+    """Where the section header table and its sections end (QEMU writes a .shstrtab)."""
+    head = pread_full(fd, EHDR.size, 0)
+    if len(head) < EHDR.size:
+        return 0
+    fields = EHDR.unpack(head)
+    shoff, shentsize, shnum = fields[6], fields[11], fields[12]
+    if not shoff or shentsize != SHDR.size or not 0 < shnum < 4096 or \
+            shoff + shnum * SHDR.size > size:
+        return 0
+    end = shoff + shnum * SHDR.size
+    table = pread_full(fd, shnum * SHDR.size, shoff)
+    for i in range(1, shnum):
+        _name, sh_type, _fl, _addr, sh_offset, sh_size, *_rest = SHDR.unpack_from(
+            table, i * SHDR.size)
+        if sh_type != SHT_NOBITS and sh_offset + sh_size <= size:
+            end = max(end, sh_offset + sh_size)
+    return end
+
+
+def _elf_consumers(res: Result, loads: list[Phdr]) -> None:
+    """What Volatility, drgn and crash make of an ELF core's loads and VMCOREINFO."""
+    partial = [ph for ph in loads if ph.p_filesz and ph.p_filesz != ph.p_memsz]
+    empty = [ph for ph in loads if not ph.p_filesz]
+    if partial:
+        ph = partial[0]
+        res.consumers["volatility"] = {
+            "ok": False,
+            "why": f"{len(partial)} PT_LOADs have 0 < p_filesz < p_memsz (first at {ph.at:#x}: "
+                   f"{ph.p_filesz:#x} < {ph.p_memsz:#x}); Volatility's ELF layer maps only "
+                   f"PT_LOADs with p_filesz == p_memsz, so their memory is missing to it",
+        }
+    else:
+        why = "every PT_LOAD with file bytes has p_filesz == p_memsz"
+        if empty:
+            why += (f"; {len(empty)} zero-run PT_LOADs (p_filesz 0) are unmapped to it "
+                    f"(read as zeros elsewhere)")
+        res.consumers["volatility"] = {"ok": True, "why": why}
+    vi = res.vmcoreinfo
+    if not vi.get("present"):
+        res.consumers["drgn"] = {"ok": False, "why": "no VMCOREINFO note: drgn does not take "
+                                 "it for a kernel core"}
+        res.consumers["crash"] = {"ok": False, "why": "no VMCOREINFO: crash needs --kaslr and "
+                                  "phys_base given by hand for a KASLR kernel"}
+        return
+    res.consumers["drgn"] = {"ok": bool(vi.get("valid")), "why": "VMCOREINFO note present"
+                             if vi.get("valid") else "the VMCOREINFO note is damaged"}
+    text = any(ph.p_vaddr >= X86_64_START_KERNEL_MAP and ph.p_filesz for ph in loads)
+    if vi.get("kerneloffset") is None:
+        res.consumers["crash"] = {"ok": False, "why": "VMCOREINFO has no KERNELOFFSET: crash "
+                                  "cannot relocate a KASLR kernel's symbols"}
+    elif vi.get("phys_base") is None and not text:
+        res.consumers["crash"] = {"ok": False, "why": "no NUMBER(phys_base) in VMCOREINFO and "
+                                  "no kernel text PT_LOAD to derive it from"}
+    else:
+        src = "NUMBER(phys_base)" if vi.get("phys_base") is not None else "the text PT_LOAD"
+        res.consumers["crash"] = {"ok": True, "why": f"KERNELOFFSET={vi['kerneloffset']}, "
+                                  f"phys_base from {src}"}

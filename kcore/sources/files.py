@@ -85,16 +85,16 @@ def pread_exact(fd: int, offset: int, length: int, path: str, what: str) -> byte
     """Read exactly `length` bytes of metadata at `offset`, or raise SourceError naming both."""
     if offset < 0 or length < 0 or offset + length > (1 << 63) - 1:
         raise SourceError(f"{path}: {what} at offset {offset:#x} (length {length:#x}) lies "
-                          f"beyond any file")
+                          f"beyond any file", offset=offset)
     size = file_size(fd)  # a hostile length must not cost its size in memory
     if size and offset + length > size:
         raise SourceError(f"{path}: truncated {what} at offset {offset:#x} (needs {length:#x} "
-                          f"bytes, the file ends at {size:#x})")
+                          f"bytes, the file ends at {size:#x})", offset=offset)
     try:
         data = pread_full(fd, length, offset)
     except OSError as exc:
         raise SourceError(f"{path}: cannot read {what} at offset {offset:#x}: "
-                          f"{describe_errno(exc.errno)}", exc.errno) from None
+                          f"{describe_errno(exc.errno)}", exc.errno, offset=offset) from None
     if len(data) != length:
-        raise SourceError(f"{path}: truncated {what} at offset {offset:#x}")
+        raise SourceError(f"{path}: truncated {what} at offset {offset:#x}", offset=offset)
     return data

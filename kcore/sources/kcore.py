@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kcore import arch
 from kcore.addrmap import ALL_ONES
-from kcore.errors import ElfFormatError, InputError
+from kcore.errors import ElfFormatError, InputError, SourceError
 from kcore.sources.base import CopyStats, Extent, MemorySource, Probe, WritableBuffer, check_extents
-from kcore.sources.elf import parse_elf_core
+from kcore.sources.checks import Region, Result
+from kcore.sources.elf import check_elf, parse_elf_core
 from kcore.sources.files import opened
 from kcore.vmcoreinfo import VmcoreInfo
 from kcore.wire.elf import ELF_MAGIC, PT_LOAD, ElfCore, vmcoreinfo_of
@@ -73,8 +74,18 @@ class KcoreSource(MemorySource):
     @classmethod
     def detect(cls, probe: Probe) -> bool:
         """An ELF core whose PT_LOADs sit where /proc/kcore puts them (looks_like_kcore)."""
-        return probe.head[:4] == ELF_MAGIC and looks_like_kcore(
-            parse_elf_core(probe.fd, probe.path))
+        if probe.head[:4] != ELF_MAGIC:
+            return False
+        try:
+            return looks_like_kcore(parse_elf_core(probe.fd, probe.path))
+        except SourceError:  # a damaged ELF file: ElfSource says what is wrong with it
+            return False
+
+    @classmethod
+    def check(cls, fd: int, path: str, res: Result,
+              manifest: dict[str, Any] | None) -> list[Region] | None:
+        """`kcore verify` of a /proc/kcore image: an ELF core whose loads may share bytes."""
+        return check_elf(fd, path, res, kcore=True)
 
     def reload_segments(self) -> None:
         """Re-read the program headers (a live kcore rebuilds them after memory hotplug)."""

@@ -8,12 +8,15 @@ file like a raw image, with an extent per run of dumped pages. A flattened file 
 
 from __future__ import annotations
 
+import errno
 import os
+from typing import Any
 
 from kcore.errors import SourceError
 from kcore.sources.base import Extent, MemorySource, Probe, check_extents
+from kcore.sources.checks import Region, Result, need, no_notes, note_vmcoreinfo
 from kcore.sources.files import file_size, open_readonly, pread_exact, pread_full
-from kcore.wire import diskdump, flattened
+from kcore.wire import LayoutError, diskdump, flattened
 
 BATCH_PAGES = 512
 WINDOW = 4 << 20  # file bytes read at once while unpacking
@@ -41,26 +44,32 @@ def temp_file(near: str) -> int:
     return fd
 
 
+class FileStream:
+    """A file read as a stream from offset 0 (the flattened walker's read(n))."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pos = fd, 0
+
+    def read(self, n: int) -> bytes:
+        """Up to n bytes from where the last read ended (b"" at the end of the file)."""
+        data = pread_full(self.fd, n, self.pos)
+        self.pos += len(data)
+        return data
+
+
 def rebuild_flattened(fd: int, path: str) -> int:
     """A temporary file holding the rebuilt dump of a flattened file at fd."""
     out = temp_file(path)
-    pos = 0
-
-    def read(n: int) -> bytes:
-        nonlocal pos
-        data = pread_full(fd, n, pos)
-        pos += len(data)
-        return data
-
+    stream = FileStream(fd)
     try:
-        flattened.rebuild(read, out)
+        flattened.rebuild(stream.read, out)
     except flattened.FlatFormatError as exc:
         os.close(out)
-        raise KdumpFormatError(f"{path}: {exc}") from None
+        raise KdumpFormatError(f"{path}: {exc}", offset=exc.offset, field=exc.field) from None
     except OSError as exc:  # EFBIG, ENOSPC: a record's offset the temporary file cannot take
         os.close(out)
         raise KdumpFormatError(f"{path}: cannot rebuild the flattened dump in a temporary file "
-                               f"(at stream offset {pos:#x}): {os.strerror(exc.errno or 0)} "
+                               f"(at stream offset {stream.pos:#x}): {os.strerror(exc.errno or 0)} "
                                f"(KCORE_TMPDIR chooses where)") from None
     except BaseException:
         os.close(out)
@@ -72,6 +81,7 @@ class KdumpSource(MemorySource):
     """A kdump-compressed dump: the pages its second bitmap says are dumped."""
 
     kind = "kdump"
+    signatures = ("kdump", "flattened")
 
     @classmethod
     def open(cls, path: str, spec: str | None = None, root: str = "/") -> KdumpSource:
@@ -98,9 +108,88 @@ class KdumpSource(MemorySource):
 
     @classmethod
     def detect(cls, probe: Probe) -> bool:
-        """makedumpfile's "KDUMP   " signature, or a flattened file's "makedumpfile"."""
-        return (probe.head.startswith(diskdump.KDUMP_SIGNATURE)
+        """makedumpfile's "KDUMP   " (or diskdump's "DISKDUMP") signature, or a flattened
+        file's "makedumpfile"."""
+        return (probe.head[:8] in (diskdump.KDUMP_SIGNATURE, diskdump.DISKDUMP_SIGNATURE)
                 or flattened.is_flattened(probe.head))
+
+    @classmethod
+    def check(cls, fd: int, path: str, res: Result,
+              manifest: dict[str, Any] | None) -> list[Region] | None:
+        """`kcore verify` of a kdump-compressed file (headers, bitmaps, every page descriptor,
+        every page decompressed to one page) or of a flattened one (its records)."""
+        if flattened.is_flattened(pread_full(fd, flattened.HEADER.size, 0)):
+            return _check_flattened(fd, res)
+        return _check_kdump(fd, res)
+
+
+KDUMP_BATCH = 1024  # page descriptors checked (and their pages decompressed) at a time
+
+
+def _check_kdump(fd: int, res: Result) -> list[Region]:
+    """The checks of a kdump-compressed file (kcore.wire.diskdump's walker, kcore.codecs)."""
+    from kcore import codecs
+
+    res.format, res.detail = "kdump", "kdump-compressed (makedumpfile's diskdump format)"
+    layout = diskdump.read_layout(lambda at, n, what: need(fd, at, n, res.size, what), res.size)
+    note_vmcoreinfo(res, layout.vmcoreinfo)
+    res.vmcoreinfo["offset"] = (layout.sub.offset_vmcoreinfo if layout.vmcoreinfo is not None
+                                else None)
+    geo = layout.geometry
+    bs, npages, desc_at = geo.block_size, geo.dumped_pages, geo.desc_offset
+    zero = 0
+    window, dst = bytearray((4 << 20) + bs), bytearray(KDUMP_BATCH * bs)
+    zero_page = bytes(bs)
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for first in range(0, npages, KDUMP_BATCH):
+            count = min(KDUMP_BATCH, npages - first)
+            raw = pread_full(fd, count * diskdump.PAGE_DESC.size,
+                             desc_at + first * diskdump.PAGE_DESC.size)
+            diskdump.check_descs(raw, first, layout, res.size)
+            rc, bad = codecs.kdump_unpack(fd, raw, count, bs, window, dst, null, 0)
+            if rc != 0:
+                at = desc_at + (first + bad) * diskdump.PAGE_DESC.size
+                raise LayoutError(at, "page data", os.strerror(-rc),
+                                  f"page {first + bad} (descriptor at {at:#x}) does not "
+                                  f"decompress to one page ({os.strerror(-rc)})")
+            zero += sum(dst[i * bs:(i + 1) * bs] == zero_page for i in range(count))
+    finally:
+        os.close(null)
+    res.structure = (f"headers, bitmaps, {npages} page descriptors, every page decompressed: "
+                     f"valid")
+    res.ranges["count"] = len(layout.runs)
+    res.ranges["memory_bytes"] = npages * bs
+    res.pages = {"memory": npages, "zero": zero,
+                 "zero_share": round(zero / npages, 4) if npages else None,
+                 "unreadable": None, "unreadable_share": None}
+    res.consumers["volatility"] = {"ok": False, "why": "Volatility 3 does not open "
+                                   "kdump-compressed files"}
+    ok = bool(res.vmcoreinfo.get("valid"))
+    res.consumers["drgn"] = {"ok": ok, "why": "drgn opens it when built with libkdumpfile "
+                             "(VMCOREINFO present)" if ok else "no VMCOREINFO"}
+    res.consumers["crash"] = {"ok": ok and res.vmcoreinfo.get("kerneloffset") is not None,
+                              "why": "its native format; KERNELOFFSET in VMCOREINFO" if ok
+                              else "no VMCOREINFO"}
+    return []
+
+
+def _check_flattened(fd: int, res: Result) -> list[Region]:
+    """The checks of makedumpfile's flattened records (kcore.wire.flattened's walker)."""
+    res.format, res.detail = "flattened", "makedumpfile flattened format (-F)"
+    _size, records, end = flattened.walk(FileStream(fd).read, lambda _at, _data, _rec: None)
+    if end != res.size:
+        res.warnings.append(f"{res.size - end} bytes after the end marker (from {end:#x})")
+    res.structure = f"{records} flattened records up to the end marker: valid"
+    res.ranges["count"] = records
+    no_notes(res, volatility="Volatility does not open flattened dumps",
+             drgn="drgn refuses makedumpfile's flattened format: rearrange it with "
+                  "makedumpfile -R first",
+             crash="", volatility_ok=False)
+    res.consumers["crash"] = {"ok": True, "why": "crash reads flattened files (it rearranges "
+                              "them in memory first)"}
+    res.vmcoreinfo = {"present": None, "why": "inside the flattened stream (not checked)"}
+    return []
 
 
 def unpack(fd: int, path: str, out: int) -> tuple[list[Extent], bytes | None]:
@@ -111,28 +200,15 @@ def unpack(fd: int, path: str, out: int) -> tuple[list[Extent], bytes | None]:
         try:
             return pread_exact(fd, offset, length, path, what)
         except SourceError as exc:
-            raise KdumpFormatError(str(exc)) from None
+            raise KdumpFormatError(str(exc), offset=exc.offset) from None
 
     size = file_size(fd)
-    header = diskdump.DiskDumpHeader.unpack(need(0, diskdump.HEADER.size, "disk_dump_header"))
     try:
-        geo = diskdump.check_header(header, size)
-        sub = diskdump.SubHeader.unpack(need(header.block_size, diskdump.SUB_HEADER.size,
-                                             "kdump_sub_header"), header.header_version)
-        max_mapnr = diskdump.check_sub(header, sub, size)
-    except diskdump.LayoutError as exc:
-        raise KdumpFormatError(f"{path}: {exc}") from None
-    block = header.block_size
-    vmcoreinfo = None
-    if sub.size_vmcoreinfo:
-        vmcoreinfo = need(sub.offset_vmcoreinfo, sub.size_vmcoreinfo, "VMCOREINFO")
-    dumped = need(geo.bitmap_offset + geo.bitmap_len, geo.bitmap_len, "dumpable bitmap")
-    runs = diskdump.runs_of(dumped, max_mapnr)
-    npages = sum(n for _f, n in runs)
-    desc_end = geo.desc_offset + npages * diskdump.PAGE_DESC.size
-    if desc_end > size:
-        raise KdumpFormatError(f"{path}: truncated page descriptors at offset {size:#x} "
-                               f"({npages} pages need them up to {desc_end:#x})")
+        layout = diskdump.read_layout(need, size)
+    except LayoutError as exc:
+        raise KdumpFormatError(f"{path}: {exc}", offset=exc.offset, field=exc.field) from None
+    geo, runs, block = layout.geometry, layout.runs, layout.geometry.block_size
+    vmcoreinfo = layout.vmcoreinfo
     extents: list[Extent] = []
     jobs: list[tuple[int, int, int]] = []  # (first desc index, pages, output offset)
     at = 0
@@ -162,16 +238,16 @@ def unpack(fd: int, path: str, out: int) -> tuple[list[Extent], bytes | None]:
         pd_at = desc_at + bad * diskdump.PAGE_DESC.size
         offset, length, flags, _pf = diskdump.PAGE_DESC.unpack_from(descs, bad * 24)
         pfn = _pfn_of(runs, first_desc + bad)
-        if rc == -2:  # ENOENT: the codec's library is missing
+        if rc == -errno.ENOENT:  # the codec's library is missing
             codec = codecs.BY_FLAG.get(flags & diskdump.DH_CODECS)
             why = codecs.missing(codec) if codec else f"unknown flags {flags:#x}"
             raise KdumpFormatError(f"{path}: page {pfn:#x} (descriptor at offset {pd_at:#x}): "
-                                   f"{why}")
-        what = ("data past the end of the file" if rc == -34  # ERANGE
+                                   f"{why}", offset=pd_at)
+        what = ("data past the end of the file" if rc == -errno.ERANGE
                 else "corrupt page data, size or flags")
         raise KdumpFormatError(f"{path}: {what} for PFN {pfn:#x} at offset {offset:#x} (size "
                                f"{length:#x}, flags {flags:#x}; descriptor at offset "
-                               f"{pd_at:#x})")
+                               f"{pd_at:#x})", offset=pd_at)
 
     engine.run_ordered(((j, 1) for j in range(len(jobs))), work,
                        lambda *_a: None, threads, depth)

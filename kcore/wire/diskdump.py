@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from kcore.wire import LayoutError as LayoutError  # the kdump checks raise it
 
 KDUMP_SIGNATURE = b"KDUMP   "
 DISKDUMP_SIGNATURE = b"DISKDUMP"
@@ -111,14 +114,6 @@ MIN_BLOCK, MAX_BLOCK = 1 << 12, 1 << 16  # block size = page size: 4 KiB to 64 K
 MAX_VMCOREINFO = 1 << 20
 
 
-class LayoutError(ValueError):
-    """An impossible kdump header field: the file offset and name of the field, and why."""
-
-    def __init__(self, offset: int, field: str, why: str) -> None:
-        super().__init__(f"{field} at offset {offset:#x}: {why}")
-        self.offset, self.field, self.why = offset, field, why
-
-
 def check_header(hdr: DiskDumpHeader, size: int) -> Geometry:
     """The geometry of a file of size bytes with this disk_dump_header, or a LayoutError."""
     def bad(field: str, why: str) -> LayoutError:
@@ -206,6 +201,64 @@ class Geometry:
     def data_offset(self) -> int:
         """File offset where page data starts (the shared zero page first)."""
         return self.desc_offset + self.dumped_pages * PAGE_DESC.size
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A kdump-compressed file's headers, checked: where each part is and which pages it holds."""
+
+    header: DiskDumpHeader
+    sub: SubHeader
+    geometry: Geometry  # dumped_pages: the pages the second bitmap says are in the file
+    max_mapnr: int
+    runs: list[tuple[int, int]]  # (first PFN, count) of the dumped pages
+    vmcoreinfo: bytes | None
+
+
+def read_layout(read: Callable[[int, int, str], bytes], size: int) -> Layout:
+    """Walk a kdump-compressed file of size bytes up to its page descriptors: the headers
+    (check_header, check_sub), VMCOREINFO, the dumpable bitmap, and that the descriptors fit.
+    read(offset, length, what) gives exactly that many of the file's bytes. LayoutError at the
+    first field that makes no sense."""
+    header = DiskDumpHeader.unpack(read(0, HEADER.size, "disk_dump_header"))
+    geo = check_header(header, size)
+    sub = SubHeader.unpack(read(header.block_size, SUB_HEADER.size, "kdump_sub_header"),
+                           header.header_version)
+    max_mapnr = check_sub(header, sub, size)
+    vmcoreinfo = None
+    if sub.size_vmcoreinfo:
+        vmcoreinfo = read(sub.offset_vmcoreinfo, sub.size_vmcoreinfo, "VMCOREINFO")
+    dumped = read(geo.bitmap_offset + geo.bitmap_len, geo.bitmap_len, "dumpable bitmap")
+    runs = runs_of(dumped, max_mapnr)
+    npages = sum(n for _f, n in runs)
+    geo = Geometry(geo.block_size, geo.sub_hdr_size, geo.bitmap_blocks, npages)
+    if geo.data_offset > size:
+        raise LayoutError(geo.desc_offset, "page_desc", "truncated",
+                          f"{npages} page descriptors at {geo.desc_offset:#x} run past the end "
+                          f"of the file ({size:#x}): truncated")
+    return Layout(header, sub, geo, max_mapnr, runs, vmcoreinfo)
+
+
+def check_descs(raw: bytes, first: int, layout: Layout, size: int) -> None:
+    """The page descriptors first, first + 1... whose bytes are raw: each page's data inside
+    the file's page data, one codec flag at most, an uncompressed page a whole block. Raises
+    LayoutError at the first descriptor that breaks a rule."""
+    geo = layout.geometry
+    bs = geo.block_size
+    for i in range(len(raw) // PAGE_DESC.size):
+        offset, length, flags, _pf = PAGE_DESC.unpack_from(raw, i * PAGE_DESC.size)
+        at = geo.desc_offset + (first + i) * PAGE_DESC.size
+        if offset < geo.data_offset or offset + length > size or not 0 < length <= bs:
+            raise LayoutError(at, "offset" if 0 < length <= bs else "size", "outside the page data",
+                              f"page descriptor {first + i}: {length:#x} bytes at "
+                              f"{offset:#x} lie outside the page data "
+                              f"({geo.data_offset:#x}-{size:#x})")
+        if flags & ~DH_CODECS or bin(flags).count("1") > 1:
+            raise LayoutError(at, "flags", "unknown", f"page descriptor {first + i}: "
+                              f"unknown flags {flags:#x}")
+        if not flags and length != bs:
+            raise LayoutError(at, "size", "not a page", f"page descriptor {first + i}: an "
+                              f"uncompressed page of {length:#x} bytes")
 
 
 def bitmap_of(runs: list[tuple[int, int]], nbytes: int) -> bytearray:

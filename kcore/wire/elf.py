@@ -1,13 +1,15 @@
 """ELF64 little-endian cores on the wire: headers, notes, kcore's note payloads, machines.
 
 The one home of these layouts (include/uapi/linux/elf.h, elfcore.h): kcore's own header
-(kcore.elfcore) and the compact ELF dump (kcore.formats.elf) are written with them, ELF
-sources (kcore.sources.elf) and discovery read with them.
+(kcore.elfcore) and the compact ELF dump (kcore.formats.elf) are written with them; read_core()
+is the one walker of an ELF core, which the ELF sources (kcore.sources.elf), `kcore verify`
+and the kept symbols' reader call.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from kcore.errors import ElfFormatError
@@ -41,6 +43,10 @@ EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 # Elf64_Phdr: p_type p_flags p_offset p_vaddr p_paddr p_filesz p_memsz p_align
 PHDR = struct.Struct("<IIQQQQQQ")
 NHDR = struct.Struct("<III")  # Elf64_Nhdr: n_namesz n_descsz n_type
+# Elf64_Shdr: sh_name sh_type sh_flags sh_addr sh_offset sh_size sh_link sh_info sh_addralign
+# sh_entsize
+SHDR = struct.Struct("<IIQQQQIIQQ")
+SHT_NOBITS = 8  # a section with no bytes in the file
 SHDR_INFO = struct.Struct("<I")  # Elf64_Shdr.sh_info, at byte SH_INFO_AT of a section header
 SH_INFO_AT = 44
 E_IDENT = ELF_MAGIC + bytes([ELFCLASS64, ELFDATA2LSB, EV_CURRENT, ELFOSABI_NONE]) + bytes(8)
@@ -125,11 +131,12 @@ def parse_notes(data: bytes, base: int, path: str) -> list[tuple[bytes, int, byt
         desc_at = name_at + align4(namesz)
         end = desc_at + align4(descsz)
         if desc_at + descsz > len(data):
-            raise ElfFormatError(f"{path}: truncated note at offset {base + pos:#x}")
+            raise ElfFormatError(f"{path}: truncated note at offset {base + pos:#x}",
+                                 offset=base + pos)
         if namesz and data[name_at + namesz - 1] != 0:
             raise ElfFormatError(f"{path}: note name {data[name_at:name_at + namesz][:16]!r} "
                                  f"at offset {base + pos:#x} has no NUL in its n_namesz "
-                                 f"{namesz}")
+                                 f"{namesz}", offset=base + pos, field="n_namesz")
         name = data[name_at:name_at + namesz].rstrip(b"\0")
         out.append((name, ntype, data[desc_at:desc_at + descsz]))
         if namesz == 0 and descsz == 0 and ntype == 0:
@@ -149,3 +156,61 @@ def find_note(core: ElfCore, name: bytes, ntype: int | None = None) -> bytes | N
 def vmcoreinfo_of(core: ElfCore) -> bytes | None:
     """The desc of the VMCOREINFO note, if the core has one."""
     return find_note(core, VMCOREINFO_NAME)
+
+
+# Caps that bound a hostile file's cost (kdump cores of huge machines stay far below them).
+MAX_PHNUM = 1 << 20
+MAX_NOTES_SIZE = 64 << 20
+
+
+def read_core(read: Callable[[int, int, str], bytes], size: int, path: str) -> ElfCore:
+    """Parse an ELF64 LE core of size bytes (read(offset, length, what) gives exactly those
+    bytes): its header, program headers and notes, every bound checked. ElfFormatError,
+    naming path, the offset and the field, at the first one that makes no sense."""
+    if size == 0:
+        raise ElfFormatError(f"{path}: empty file at offset 0x0", offset=0)
+
+    def need(offset: int, length: int, what: str) -> bytes:
+        if offset + length > size:
+            raise ElfFormatError(f"{path}: truncated {what} at offset {offset:#x} "
+                                 f"(needs {length:#x} bytes, file ends at {size:#x})",
+                                 offset=offset)
+        return read(offset, length, what)
+
+    (ident, e_type, e_machine, _ver, _entry, e_phoff, e_shoff, _flags, _ehsize, e_phentsize,
+     e_phnum, _shentsize, _shnum, _shstrndx) = EHDR.unpack(need(0, EHDR.size, "ELF header"))
+    if ident[:4] != ELF_MAGIC:
+        raise ElfFormatError(f"{path}: not an ELF file (bad magic at offset 0x0)", offset=0,
+                             field="e_ident")
+    if ident[4] != ELFCLASS64 or ident[5] != ELFDATA2LSB:
+        raise ElfFormatError(f"{path}: only 64-bit little-endian ELF cores are supported "
+                             f"(e_ident at offset 0x4)", offset=4, field="e_ident")
+    if e_type != ET_CORE:
+        raise ElfFormatError(f"{path}: e_type {e_type} at offset 0x10 is not ET_CORE",
+                             offset=0x10, field="e_type")
+    phnum = e_phnum
+    if phnum == PN_XNUM:  # the real count is in section header 0's sh_info (kdump, >65534 phdrs)
+        (phnum,) = SHDR_INFO.unpack(need(e_shoff + SH_INFO_AT, 4, "section header 0"))
+    if phnum and e_phentsize != PHDR.size:
+        raise ElfFormatError(f"{path}: e_phentsize {e_phentsize} at offset 0x36 is not "
+                             f"{PHDR.size}", offset=0x36, field="e_phentsize")
+    if phnum > MAX_PHNUM:
+        raise ElfFormatError(f"{path}: {phnum} program headers at offset {e_phoff:#x} "
+                             f"(more than {MAX_PHNUM})", offset=e_phoff, field="e_phnum")
+    table = need(e_phoff, phnum * PHDR.size, "program header table")
+    phdrs = [Phdr._make((*PHDR.unpack_from(table, i * PHDR.size), e_phoff + i * PHDR.size))
+             for i in range(phnum)]
+    notes: list[tuple[bytes, int, bytes]] = []
+    for ph in phdrs:
+        if ph.p_type == PT_LOAD and ph.p_offset + ph.p_filesz > size:
+            raise ElfFormatError(
+                f"{path}: PT_LOAD at offset {ph.at:#x} has data past the end of file "
+                f"(p_offset {ph.p_offset:#x} + p_filesz {ph.p_filesz:#x} > {size:#x})",
+                offset=ph.at, field="p_filesz")
+        if ph.p_type == PT_NOTE and ph.p_filesz:
+            if ph.p_filesz > MAX_NOTES_SIZE:
+                raise ElfFormatError(f"{path}: PT_NOTE at offset {ph.at:#x} is absurdly large "
+                                     f"({ph.p_filesz:#x} bytes)", offset=ph.at, field="p_filesz")
+            notes += parse_notes(need(ph.p_offset, ph.p_filesz, "PT_NOTE data"),
+                                 ph.p_offset, path)
+    return ElfCore(e_machine, e_phoff, phdrs, notes, size)

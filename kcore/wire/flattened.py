@@ -11,6 +11,8 @@ import os
 import struct
 from collections.abc import Callable
 
+from kcore.wire import LayoutError
+
 SIGNATURE = b"makedumpfile"
 TYPE_FLAT_HEADER = 1
 VERSION_FLAT_HEADER = 1
@@ -23,8 +25,8 @@ MAX_OFFSET = 1 << 52  # larger than any dump; bounds what a hostile record makes
 MAX_HOLES = 64 << 20  # bytes of a rebuilt file no record wrote, at most (beyond half of it)
 
 
-class FlatFormatError(ValueError):
-    """A flattened stream is truncated or inconsistent (the message names the offset)."""
+class FlatFormatError(LayoutError):
+    """A flattened stream is truncated or inconsistent: its stream offset and field."""
 
 
 def file_header() -> bytes:
@@ -55,56 +57,72 @@ def _read_exactly(read: Callable[[int], bytes], n: int, at: int, what: str) -> b
     while len(out) < n:
         chunk = read(min(n - len(out), COPY_BLOCK))
         if not chunk:
-            raise FlatFormatError(f"truncated {what} at offset {at:#x} "
+            raise FlatFormatError(at, what, "truncated", f"truncated {what} at offset {at:#x} "
                                   f"(needs {n:#x} bytes, the stream ends after {len(out):#x})")
         out += chunk
     return bytes(out)
 
 
-def rebuild(read: Callable[[int], bytes], dst_fd: int,
-            progress: Callable[[int], None] | None = None) -> int:
-    """Write a flattened stream's records at their offsets in dst_fd; return the file's size.
+def walk(read: Callable[[int], bytes], place: Callable[[int, memoryview, int], None],
+         progress: Callable[[int], None] | None = None) -> tuple[int, int, int]:
+    """Check a flattened stream record by record, handing each record's bytes to
+    place(offset in the dump, bytes, stream offset of the record); return the rebuilt dump's
+    size, the number of records and the stream bytes up to the end marker.
 
     read(n) returns up to n bytes of the stream (b"" at its end), as os.read does on a pipe.
     """
     head = _read_exactly(read, HEADER_SIZE, 0, "flattened header")
     sig, ftype, version = HEADER.unpack_from(head)
     if sig.rstrip(b"\0") != SIGNATURE:
-        raise FlatFormatError("not a flattened dump: no \"makedumpfile\" signature at offset 0x0")
+        raise FlatFormatError(0, "signature", "not makedumpfile", "not a flattened dump: no "
+                              "\"makedumpfile\" signature at offset 0x0")
     if ftype != TYPE_FLAT_HEADER or version != VERSION_FLAT_HEADER:
-        raise FlatFormatError(f"unknown flattened type {ftype} / version {version} at offset 0x10")
+        raise FlatFormatError(16, "type", "unknown", f"unknown flattened type {ftype} / "
+                              f"version {version} at offset 0x10")
     pos = HEADER_SIZE
-    size = written = 0
+    size = written = records = 0
     while True:
         offset, length = RECORD.unpack(_read_exactly(read, RECORD.size, pos, "record header"))
         if offset == END_FLAG:
             if size - written > max(written, MAX_HOLES):
                 # a dump file is dense (headers, bitmaps, descriptors, pages): records that
                 # leave most of it unwritten are not a dump (and would be hashed for hours)
-                raise FlatFormatError(f"the records write {written:#x} bytes but reach offset "
-                                      f"{size:#x}: most of the file would be holes")
-            return size
+                raise FlatFormatError(pos, "offset", "mostly holes", f"the records write "
+                                      f"{written:#x} bytes but reach offset {size:#x}: most of "
+                                      f"the file would be holes")
+            return size, records, pos + RECORD.size
         if offset < 0 or length <= 0 or offset + length > MAX_OFFSET:
-            raise FlatFormatError(f"bad record (offset {offset:#x}, size {length:#x}) at offset "
-                                  f"{pos:#x}")
+            raise FlatFormatError(pos, "offset" if offset < 0 or length > 0 else "buf_size",
+                                  "out of range", f"bad record (offset {offset:#x}, size "
+                                  f"{length:#x}) at offset {pos:#x}")
+        records += 1
         rec_at, pos = pos, pos + RECORD.size
         at = offset
         left = length
         while left:
             chunk = _read_exactly(read, min(left, COPY_BLOCK), pos, "record data")
-            view = memoryview(chunk)
-            while view:
-                try:
-                    n = os.pwrite(dst_fd, view, at)
-                except OSError as exc:  # say which record was being written
-                    exc.strerror = (f"{exc.strerror} (writing the record at stream offset "
-                                    f"{rec_at:#x}, at {at:#x})")
-                    raise
-                view = view[n:]
-                at += n
+            place(at, memoryview(chunk), rec_at)
+            at += len(chunk)
             pos += len(chunk)
             left -= len(chunk)
             if progress is not None:
                 progress(len(chunk))
         size = max(size, offset + length)
         written += length
+
+
+def rebuild(read: Callable[[int], bytes], dst_fd: int,
+            progress: Callable[[int], None] | None = None) -> int:
+    """Write a flattened stream's records at their offsets in dst_fd; return the file's size."""
+    def place(at: int, view: memoryview, rec_at: int) -> None:
+        while view:
+            try:
+                n = os.pwrite(dst_fd, view, at)
+            except OSError as exc:  # say which record was being written
+                exc.strerror = (f"{exc.strerror} (writing the record at stream offset "
+                                f"{rec_at:#x}, at {at:#x})")
+                raise
+            view = view[n:]
+            at += n
+
+    return walk(read, place, progress)[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kcore import codecs
-from kcore.wire import avml, lime
+from kcore.wire import LayoutError, avml, lime
 from tests.helpers import FIXTURE_NAMES
 from tests.wire.test_lime import real_ranges, volatility_layer
 
@@ -52,3 +52,37 @@ def test_volatility_reads_real_memory_from_avml_blocks(tmp_path: Path) -> None:
     head = avml.HEADER.unpack(avml.block_header(ranges[0][0], len(ranges[0][1])))
     assert head[:4] == (avml.AVML_MAGIC, avml.AVML_VERSION, ranges[0][0],
                         ranges[0][0] + len(ranges[0][1]) - 1)
+
+
+def test_walk_unpacks_real_memory_and_names_a_damaged_stream(tmp_path: Path) -> None:
+    """walk() of an AVML image of real ranges hands on the kernel's bytes, block after block,
+    and finds a damaged chunk (its CRC-32C) inside the block that holds it."""
+    if not codecs.available("snappy"):
+        pytest.skip("libsnappy.so.1 is not installed (apt-get install libsnappy1v5)")
+    ranges = real_ranges(KASLR)
+    image = bytearray()
+    streams = []  # (start, end) of each block's snappy stream in the file
+    for paddr, data in ranges:
+        frames = bytearray(codecs.snappy_frame_bound(len(data)))
+        n = codecs.snappy_frame(data, frames)
+        stream = avml.STREAM_IDENTIFIER + bytes(frames[:n])
+        image += avml.block_header(paddr, len(data))
+        streams.append((len(image), len(image) + len(stream)))
+        image += stream + avml.TRAILER.pack(len(stream))
+    got = bytearray()
+
+    def read(offset: int, length: int) -> bytes:
+        return bytes(image[offset:offset + length])
+
+    def sink(data: memoryview, at: int) -> None:
+        assert at == len(got)
+        got.extend(data)
+
+    blocks = avml.walk(read, len(image), sink)
+    assert [(b[0], b[1]) for b in blocks] == [(pa, len(d)) for pa, d in ranges]
+    assert bytes(got) == b"".join(d for _pa, d in ranges)
+    lo, hi = streams[1]
+    image[(lo + hi) // 2] ^= 0xFF
+    with pytest.raises(LayoutError) as exc:
+        avml.walk(read, len(image), lambda data, at: None)
+    assert exc.value.field == "snappy stream" and lo <= exc.value.offset < hi, exc.value

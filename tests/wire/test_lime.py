@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kcore.wire import lime
+from kcore.wire import LayoutError, lime
 from tests.helpers import FIXTURE_NAMES, shared_fixture
 
 NOKASLR = FIXTURE_NAMES[0]
@@ -91,3 +91,30 @@ def test_volatility_refuses_what_unpack_header_marks_foreign() -> None:
         assert (h.magic, h.version) != (LimeLayer.MAGIC, LimeLayer.VERSION)
     h = lime.unpack_header(good)
     assert (h.magic, h.version) == (LimeLayer.MAGIC, LimeLayer.VERSION)
+
+
+def test_walk_finds_the_ranges_volatility_maps_and_names_a_bad_field(tmp_path: Path) -> None:
+    """walk() of a LiME image of real ranges gives the (address, length, data offset) that
+    Volatility's LimeLayer maps; a damaged header is a LayoutError at its offset and field."""
+    ranges = real_ranges(NOKASLR)
+    path = tmp_path / "real.lime"
+    with open(path, "wb") as f:
+        for paddr, data in ranges:
+            f.write(lime.pack_header(paddr, len(data)) + data)
+    image = bytearray(path.read_bytes())
+
+    def read(offset: int, length: int) -> bytes:
+        return bytes(image[offset:offset + length])
+
+    layer = volatility_layer(path, "LimeLayer")
+    mapping = list(layer.mapping(0, 1 << 32, ignore_errors=True))  # type: ignore[attr-defined]
+    assert lime.walk(read, len(image)) == [(m[0], m[1], m[2]) for m in mapping]
+    second = mapping[1][2] - lime.HEADER.size  # the second range's header
+    for at, value, field in ((second, 0x41, "magic"), (second + 4, 2, "version")):
+        saved = image[at]
+        image[at] = value
+        with pytest.raises(LayoutError) as exc:
+            lime.walk(read, len(image))
+        image[at] = saved
+        assert (exc.value.offset, exc.value.field) == (at, field), exc.value
+        assert f"at offset {second:#x}" in str(exc.value)
