@@ -121,17 +121,6 @@ def wants_zero_elision(level: int) -> bool:
     return bool(level & DL_ZERO)
 
 
-def header_bytes(filtered: Filtered, fmt: str) -> int:
-    """Room the format's headers take around the kept pages (an estimate's upper bound)."""
-    runs = len(filtered.source.extents)
-    page = filtered.classes.page_size
-    if fmt == "elf":  # ELF header, a data and a zero-fill PT_LOAD a run, notes (< 16 KiB)
-        return -(-(64 + 56 * (2 * runs + 3) + (16 << 10)) // page) * page
-    if fmt == "lime":
-        return 32 * runs
-    return 0
-
-
 def level_table(system: Any, level: int, filtered: Filtered) -> dict[str, int]:
     """RAM pages each even dump level keeps (zero pages not counted out), from one walk.
 

@@ -442,6 +442,10 @@ class Output:
                 ) from None
             raise
 
+    def resume_at(self, size: int) -> int:
+        """Where the copy of a dump of size bytes starts: 0 (a remote output may resume)."""
+        return 0
+
     def start_digest(self) -> None:
         """Start hashing the output (file outputs only): the writer submits every byte, in
         file order, to self.hasher."""

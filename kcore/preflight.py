@@ -255,12 +255,11 @@ def estimate_sizes(system: Any) -> dict[str, dict[str, int]]:
     without zero elision (upper bounds).
     """
     from kcore.formats import FORMATS
-    from kcore.formats.elf import estimate_size
     from kcore.formats.plan import Request
 
     out: dict[str, dict[str, int]] = {}
     for name, fmt in FORMATS.items():
-        if getattr(fmt, "write", None) is not None:
+        if fmt.writes_itself:
             continue  # compressing formats (kdump, avml) write themselves: no plan to size
         req = Request(system, system.source, elide=False)
         try:
@@ -269,18 +268,23 @@ def estimate_sizes(system: Any) -> dict[str, dict[str, int]]:
             continue
         space = plan.size if not fmt.sparse else plan.space_needed  # zeros written
         out[name] = {"size": plan.size, "space": space}
-    if "elf" in out:
-        size, read = estimate_size(Request(system, system.source))
-        out["elf"] = {"size": size, "space": size, "at_most": out["elf"]["size"],
-                      "sampled_bytes": read * Request.granule}
+    sampled = [f for f in FORMATS.values() if f.estimate is not None and f.name in out]
+    for fmt in sampled:
+        assert fmt.estimate is not None
+        size, read = fmt.estimate(Request(system, system.source))
+        out[fmt.name] = {"size": size, "space": size, "at_most": out[fmt.name]["size"],
+                         "sampled_bytes": read * Request.granule}
     try:  # -d 31 (the kernel's own pages): classify the mem_map, as dump --estimate does
         from kcore import dumplevel
 
-        filtered = dumplevel.apply(system, system.source, 31)
-        page = filtered.classes.page_size
-        size, read = estimate_size(Request(system, filtered.source, granule=page,
-                                           dump_level=31))
-        out["elf -d 31"] = {"size": size, "space": size, "sampled_bytes": read * page}
+        filtered = dumplevel.apply(system, system.source, 31) if sampled else None
+        for fmt in sampled:
+            assert fmt.estimate is not None and filtered is not None
+            page = filtered.classes.page_size
+            size, read = fmt.estimate(Request(system, filtered.source, granule=page,
+                                              dump_level=31))
+            out[f"{fmt.name} -d 31"] = {"size": size, "space": size,
+                                        "sampled_bytes": read * page}
     except (KcoreError, OSError, AttributeError, ValueError):
         pass  # a kernel whose VMCOREINFO lacks what -d needs: no estimate
     return out

@@ -19,9 +19,8 @@ from kcore.codecs import DEFAULT as DEFAULT_CODEC
 from kcore.codecs import get as get_codec
 from kcore.engine import MAX_THREADS, default_threads
 from kcore.errors import InputError, SourceError
-from kcore.formats import FORMATS, Format, names
+from kcore.formats import FORMATS, Format, Run, names
 from kcore.formats.plan import DEFAULT_GRANULE, SCAN_CHUNK, Plan, Request
-from kcore.formats.write import write_plan
 from kcore.output import Output, human
 
 DESCRIPTION_TEMPLATE = """\
@@ -63,11 +62,22 @@ examples:
 
 """ + destinations.HELP + "\n"
 
-LEVEL_HELP = (
-    "leave out pages as makedumpfile -d N does (0-31, a sum of: 1 zero pages, 2 page cache "
-    "without private data, 4 page cache with private data, 8 user data, 16 free pages); "
-    "the kernel's own mem_map says which page is which. Every format but kcore (excluded "
-    "pages: absent from elf and lime, holes in raw, zeros in padded)")
+def _level_help() -> str:
+    """-d's help: makedumpfile's levels, and what excluded pages become in each format."""
+    by: dict[str, list[str]] = {}
+    for f in FORMATS.values():
+        if f.dump_levels and f.excluded:
+            by.setdefault(f.excluded, []).append(f.name)
+    said = ", ".join(f"{what} {'in' if what != 'absent' else 'from'} "
+                     f"{' and '.join([', '.join(n[:-1]), n[-1]] if len(n) > 1 else n)}"
+                     for what, n in by.items())
+    return ("leave out pages as makedumpfile -d N does (0-31, a sum of: 1 zero pages, 2 page "
+            "cache without private data, 4 page cache with private data, 8 user data, 16 free "
+            "pages); the kernel's own mem_map says which page is which. Every format but "
+            f"{' and '.join(names(lambda f: not f.dump_levels))} (excluded pages: {said})")
+
+
+LEVEL_HELP = _level_help()
 
 
 def add_parser(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -139,6 +149,12 @@ def _level_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _planned() -> str:
+    """The formats whose bytes are memory's, in a plan (not compressed as read)."""
+    planned = names(lambda f: not f.writes_itself)
+    return ", ".join(planned[:-1]) + " or " + planned[-1]
+
+
 def _check_args(args: argparse.Namespace, fmt: Format) -> None:
     if getattr(args, "output_arg", None) is not None:
         if args.output is not None and args.output != args.output_arg:
@@ -170,11 +186,11 @@ def _check_args(args: argparse.Namespace, fmt: Format) -> None:
                          f"{' or '.join(names(lambda f: f.compresses))} only")
     if fmt.compresses:
         get_codec(args.compress or DEFAULT_CODEC)  # unknown or unavailable: exit 2, say which
-    if fmt.write is not None and (args.order == "critical" or args.times):
+    if fmt.writes_itself and (args.order == "critical" or args.times):
         what = "--order critical" if args.order == "critical" else "--times"
         raise InputError(f"{what}: --format {fmt.name} compresses pages in address order as "
-                         f"it reads them, which this option cannot reorder or time; use elf, "
-                         f"lime, raw, padded or kcore (then convert: --source elf:DUMP)")
+                         f"it reads them, which this option cannot reorder or time; use "
+                         f"{_planned()} (then convert: --source elf:DUMP)")
     if args.times and args.output == "-":
         raise InputError("--times keeps its record beside the output (OUTPUT.times): give a "
                          "file (-o FILE), not stdout")
@@ -269,21 +285,15 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
         first = _read_critical(args, system, req, timeline)
         if args.recheck and out.kind != "file":
             raise InputError(f"--recheck reads the output back: give a file, not {path}")
-        if args.recheck and fmt.write is not None:
+        if args.recheck and fmt.writes_itself:
             raise InputError(f"--recheck compares the output's bytes with memory: --format "
-                             f"{fmt.name} compresses them (use elf, lime, raw, padded or kcore)")
+                             f"{fmt.name} compresses them (use {_planned()})")
         if fmt.needs_seek and not out.seekable:
             raise InputError(f"--format {fmt.name} needs a seekable file, not {path}")
-        done: tuple[Plan, Any] | None
-        if fmt.write is not None:
-            done = _write_self(args, req, out, fmt)
-        else:  # the one pass places pages as it finds them: no room for --order or --times
-            one = not want_digest and timeline is None and not args.resume
-            done = _write_one_pass(args, req, out, fmt) if one else None
-        if done is not None:
-            plan, stats = done
-        else:
-            plan, stats = _write_two_pass(args, req, out, fmt, first, timeline)
+        run = Run(lambda total, label: _progress_bar(total, args.quiet, label),
+                  digest=want_digest, strict=args.strict, first=first, times=timeline,
+                  resume=args.resume)
+        plan, stats = fmt.dump(req, out, run)
         hashing = out.hasher
         bar = _progress_bar(plan.size, args.quiet, "sha256") if hashing is not None else None
         if bar is not None and hashing is not None:
@@ -299,7 +309,7 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
                                  f"exact image keeps every page): ignored")
         smear = _recheck(args, out, req.source, plan, system) if args.recheck else None
         summary = _summary(args, out, system, plan, stats, seconds, started)
-        if fmt.name == "kcore" and out.kind == "file" and args.digest:
+        if fmt.chunk_digests and out.kind == "file" and args.digest:
             from kcore.manifest import CHUNK
             from kcore.verify import sparse_chunk_digests
 
@@ -443,7 +453,8 @@ def _estimate(args: argparse.Namespace, system: Any, fmt: Format) -> int:
 
         kept_symbols = len(elf_notes(symbols))
     result: dict[str, Any] = {"format": fmt.name, "estimate": True,
-              "bytes": kept * page + dumplevel.header_bytes(filtered, fmt.name) + kept_symbols,
+              "bytes": kept * page + fmt.header_bytes(
+                  len(filtered.source.extents), page) + kept_symbols,
               "dump_level": report,
               "levels": dumplevel.level_table(system, level, filtered)}
     if args.json:
@@ -496,73 +507,6 @@ def _kernel_code(args: argparse.Namespace, system: Any) -> tuple[int, int] | Non
     except (OSError, ValueError, AttributeError):
         return None
     return (lo, hi) if all(want.values()) and lo < hi else None
-
-
-def _write_one_pass(args: argparse.Namespace, req: Request, out: Output,
-                    fmt: Format) -> tuple[Plan, Any] | None:
-    """The format's single pass (scan and copy at once); None where it does not apply.
-
-    Only without a digest: the one pass writes the header last, so a SHA-256 (in file order)
-    could not start before the copy ends, while the two passes let it trail the copy.
-    """
-    if fmt.one_pass is None:
-        return None
-    bar = _progress_bar(None, args.quiet, f"dump {fmt.name}")
-
-    def sized(total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.refresh()
-
-    try:
-        done = fmt.one_pass(req, out, bar.update if bar is not None else None, sized)
-    finally:
-        if bar is not None:
-            bar.close()
-    return done
-
-
-def _write_self(args: argparse.Namespace, req: Request, out: Output,
-                fmt: Format) -> tuple[Plan, Any]:
-    """A format that writes itself (compressed): its zero-run scan, if any, inside."""
-    assert fmt.write is not None
-    bar = _progress_bar(None, args.quiet, f"dump {fmt.name}")
-    try:
-        return fmt.write(req, out, bar.update if bar is not None else None)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def _write_two_pass(args: argparse.Namespace, req: Request, out: Output,
-                    fmt: Format, first: Any = None, times: Any = None) -> tuple[Plan, Any]:
-    """Plan the dump (a zero-run scan first where elision applies), then write it.
-
-    A digest needs a contiguous plan: it is hashed from the writer's own buffers, in order.
-    """
-    bar = _progress_bar(None, args.quiet or not req.elide, "scan for zero runs")
-    req.progress = bar.update if bar is not None else None
-    try:
-        plan = fmt.plan(req)
-    finally:
-        if bar is not None:
-            bar.close()
-    out.check_space(plan.space_needed, estimate=plan.estimate)
-    if plan.contiguous:  # hashed from the writer's buffers, in file order
-        out.start_digest()
-    # a resumed upload: each output byte maps to a source range, so the copy starts at
-    # the first part the server lacks (a compressed format re-reads: its stream cannot)
-    start = out.resume_at(plan.size) if isinstance(out, destinations.RemoteOutput) else 0
-    bar = _progress_bar(plan.copy_bytes, args.quiet, f"dump {fmt.name}")
-    try:
-        stats = write_plan(out, req.source, plan, sparse=fmt.sparse,
-                           strict=args.strict, threads=req.threads,
-                           progress=bar.update if bar is not None else None,
-                           first=first, times=times, start=start)
-    finally:
-        if bar is not None:
-            bar.close()
-    return plan, stats
 
 
 def _summary(args: argparse.Namespace, out: Output, system: Any, plan: Plan, stats: Any,

@@ -10,7 +10,8 @@ The pieces every format shares live in modules with one job each:
 Adding a format: write `kcore/formats/NAME.py` with a `plan(req) -> Plan` function and
 `FORMAT = Format(name=..., extension=..., plan=plan, ...)`, then add `NAME.FORMAT` to the
 tuple in `_registered()` below. `kcore dump --format` choices, the default file extension,
-the stdout check and the option checks all come from the record.
+the stdout check, the option checks, --help's text, `kcore check`'s size estimates and how
+the dump is written (`Format.dump`, the one entry point) all come from the record.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kcore.formats.plan import Plan, Request
+from kcore.formats.write import Run, two_pass
 
 if TYPE_CHECKING:
     from kcore.output import Output
@@ -34,6 +36,10 @@ Writer = Callable[[Request, "Output", Progress | None], "tuple[Plan, Any]"]
 
 def _no_plan(req: Request) -> Plan:
     raise AssertionError("this format writes itself (Format.write)")
+
+
+def _no_headers(runs: int, page: int) -> int:
+    return 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,49 @@ class Format:
     write: Writer | None = None  # writes itself instead of planning items (then no plan)
     compresses: bool = False  # --compress applies
     notes: bool = False  # carries kcore's symbol notes itself (others: an OUTPUT.symbols sidecar)
+    # (ranges of the source, page size) -> room its headers take around the pages -d keeps
+    header_bytes: Callable[[int, int], int] = _no_headers
+    excluded: str = ""  # what -d's excluded pages become in it ("absent", "holes", "zeros")
+    # a sparse image too large to hash: the manifest holds a SHA-256 per 64 MiB chunk of data
+    chunk_digests: bool = False
+    # (request) -> (bytes, granules read): the size its dump would take, from a sample of the
+    # memory (kcore check); None: its plan's size is the estimate (an upper bound)
+    estimate: Callable[[Request], tuple[int, int]] | None = None
+
+    @property
+    def writes_itself(self) -> bool:
+        """It compresses pages in address order as it reads them (no plan, no reordering)."""
+        return self.write is not None
+
+    def dump(self, req: Request, out: Output, run: Run) -> tuple[Plan, Any]:
+        """Write the dump of req to out: the one entry point. A format that writes itself
+        does; else its one pass (scan and copy at once) where nothing needs the plan first
+        (no digest in file order, no read-time record, no resumed upload); else the two
+        passes (kcore.formats.write.two_pass)."""
+        if self.write is not None:
+            bar = run.bar(None, f"dump {self.name}")
+            try:
+                return self.write(req, out, bar.update if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+        if self.one_pass is not None and not run.digest and run.times is None \
+                and not run.resume:
+            bar = run.bar(None, f"dump {self.name}")
+
+            def sized(total: int) -> None:
+                if bar is not None:
+                    bar.total = total
+                    bar.refresh()
+
+            try:
+                done = self.one_pass(req, out, bar.update if bar is not None else None, sized)
+            finally:
+                if bar is not None:
+                    bar.close()
+            if done is not None:
+                return done
+        return two_pass(self.name, self.plan, self.sparse, req, out, run)
 
 
 def _registered() -> dict[str, Format]:
@@ -65,6 +114,9 @@ def _registered() -> dict[str, Format]:
 
 
 FORMATS: dict[str, Format] = _registered()  # in --help order; elf is the default
+
+
+__all__ = ["FORMATS", "Format", "Run", "names"]
 
 
 def names(pick: Callable[[Format], bool] = lambda f: True) -> list[str]:

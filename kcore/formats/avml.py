@@ -142,7 +142,7 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
 
 
 FORMAT = Format(
-    "avml", "avml", write=write, streamable=True, elides=True,
+    "avml", "avml", write=write, streamable=True, elides=True, excluded="absent",
     help="AVML's compressed LiME (version 2): per block of RAM a header, its bytes\n"
          "snappy-framed, their size; zero runs left out. Opens in Volatility 3 (AVMLLayer,\n"
          "with libsnappy) and avml-convert; snappy runs on the --threads.")

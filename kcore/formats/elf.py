@@ -392,18 +392,6 @@ def write_packed(req: Request, out: Output, progress: Callable[[int], None] | No
     return done, stats
 
 
-FORMAT = Format(
-    "elf", "elf", plan, streamable=True, elides=True, segment_options=True, notes=True,
-    one_pass=write_packed,
-    help=("(default) a compact ELF core: PT_NOTE (NT_PRSTATUS, NT_PRPSINFO, NT_TASKSTRUCT,\n"
-          "VMCOREINFO) then packed PT_LOADs for RAM and kernel text with real p_vaddr and\n"
-          "p_paddr, in kdump's style. Opens in drgn, crash, gdb, makedumpfile and\n"
-          "Volatility 3. Zero runs are left out of the file; PT_LOADs without file bytes\n"
-          "(p_filesz 0) stand for them and read as zeros. --vmalloc/--modules add those\n"
-          "areas' mapped pages (System RAM only), --no-text leaves the kernel text out.")
-)
-
-
 ESTIMATE_SAMPLES = 4096  # granules read to estimate an elided core's size (systematic sample)
 ESTIMATE_BYTES = 64 << 20  # ... and at most this many bytes of them
 
@@ -452,3 +440,21 @@ def estimate_size(req: Request, samples: int = ESTIMATE_SAMPLES) -> tuple[int, i
         req.source.readinto_phys(pa + off, view)
         data += view != zero[:len(view)]
     return head + round(total * data / count / unit) * unit, count
+
+
+def header_bytes(runs: int, page: int) -> int:
+    """Room the headers take around the pages -d keeps (an upper bound): the ELF header, a
+    data and a zero-fill PT_LOAD a run of the source, notes (< 16 KiB)."""
+    return -(-(EHDR.size + PHDR.size * (2 * runs + 3) + (16 << 10)) // page) * page
+
+
+FORMAT = Format(
+    "elf", "elf", plan, streamable=True, elides=True, segment_options=True, notes=True,
+    one_pass=write_packed, header_bytes=header_bytes, excluded="absent", estimate=estimate_size,
+    help=("(default) a compact ELF core: PT_NOTE (NT_PRSTATUS, NT_PRPSINFO, NT_TASKSTRUCT,\n"
+          "VMCOREINFO) then packed PT_LOADs for RAM and kernel text with real p_vaddr and\n"
+          "p_paddr, in kdump's style. Opens in drgn, crash, gdb, makedumpfile and\n"
+          "Volatility 3. Zero runs are left out of the file; PT_LOADs without file bytes\n"
+          "(p_filesz 0) stand for them and read as zeros. --vmalloc/--modules add those\n"
+          "areas' mapped pages (System RAM only), --no-text leaves the kernel text out.")
+)

@@ -37,6 +37,7 @@ def plan(req: Request) -> Plan:
 
 FORMAT = Format(
     "kcore", "kcore", plan, digest=False, needs_seek=True, dump_levels=False,
+    chunk_digests=True,
     help=("the exact /proc/kcore image as a sparse file of the real size (~128 TiB apparent\n"
           "on x86-64; needs tmpfs, xfs or btrfs: ext4 stops at 16 TiB). No digest.")
 )

@@ -306,6 +306,7 @@ def _count(result: Compression, descs: bytearray, m: int, zero_offset: int, page
 
 FORMAT = Format(
     "kdump", "kdump", write=write, streamable=True, compresses=True, notes=True,
+    excluded="absent",
     help="makedumpfile's kdump-compressed format: each page compressed (--compress zstd,\n"
          "lzo, snappy, zlib or none; default zstd), zero pages sharing one descriptor.\n"
          "Opens in crash, drgn, libkdumpfile and makedumpfile. -o - writes makedumpfile's\n"

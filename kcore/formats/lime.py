@@ -30,7 +30,8 @@ def plan(req: Request) -> Plan:
 
 
 FORMAT = Format(
-    "lime", "lime", plan, streamable=True, elides=True,
+    "lime", "lime", plan, streamable=True, elides=True, excluded="absent",
+    header_bytes=lambda runs, page: HEADER.size * runs,
     help=("LiME (Volatility's LimeLayer, LiME's lime format): per RAM range a 32-byte\n"
           "header then the bytes; zero runs left out.")
 )

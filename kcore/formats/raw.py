@@ -28,11 +28,11 @@ def plan(req: Request, *, padded: bool = False) -> Plan:
 
 
 RAW = Format(
-    "raw", "raw", plan,
+    "raw", "raw", plan, excluded="holes",
     help=("a physical image, file offset = physical address; holes for gaps and zero pages\n"
           "(read it back with --source raw:PATH).")
 )
 PADDED = Format(
-    "padded", "img", partial(plan, padded=True), sparse=False,
+    "padded", "img", partial(plan, padded=True), sparse=False, excluded="zeros",
     help=("the same layout with zeros written densely (LiME's padded format).")
 )

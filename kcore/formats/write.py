@@ -4,15 +4,60 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kcore.addrmap import PAGE_SIZE
-from kcore.formats.plan import SCAN_CHUNK, Blob, Copy, Plan
+from kcore.formats.plan import SCAN_CHUNK, Blob, Copy, Plan, Request
 
 if TYPE_CHECKING:
     from kcore.output import Output
 
 ZERO_BLOCK = 1 << 20
+
+
+@dataclass
+class Run:
+    """How the CLI wants one dump written (kcore.formats.Format.dump)."""
+
+    # a progress bar (total or None, label) with update(n), close() and a settable total;
+    # None when quiet
+    bar: Callable[[int | None, str], Any]
+    digest: bool = True  # a SHA-256 of the output, in file order
+    strict: bool = False  # an unreadable page is an error, not zeros
+    first: Any = None  # the critical pages, read first (--order critical)
+    times: Any = None  # the read-time record (--times)
+    resume: bool = False  # a resumed upload: start at the first part the server lacks
+
+
+def two_pass(name: str, plan_of: Callable[[Request], Plan], sparse: bool, req: Request,
+             out: Output, run: Run) -> tuple[Plan, Any]:
+    """Plan the dump (a zero-run scan first where elision applies), then write it.
+
+    A digest needs a contiguous plan: it is hashed from the writer's own buffers, in order.
+    """
+    bar = run.bar(None, "scan for zero runs") if req.elide else None
+    req.progress = bar.update if bar is not None else None
+    try:
+        plan = plan_of(req)
+    finally:
+        if bar is not None:
+            bar.close()
+    out.check_space(plan.space_needed, estimate=plan.estimate)
+    if plan.contiguous:  # hashed from the writer's buffers, in file order
+        out.start_digest()
+    # a resumed upload: each output byte maps to a source range, so the copy starts at
+    # the first part the server lacks (a compressed format re-reads: its stream cannot)
+    start = out.resume_at(plan.size)
+    bar = run.bar(plan.copy_bytes, f"dump {name}")
+    try:
+        stats = write_plan(out, req.source, plan, sparse=sparse, strict=run.strict,
+                           threads=req.threads, progress=bar.update if bar is not None else None,
+                           first=run.first, times=run.times, start=start)
+    finally:
+        if bar is not None:
+            bar.close()
+    return plan, stats
 
 
 def write_plan(out: Output, source: Any, plan: Plan, *, sparse: bool, strict: bool,
