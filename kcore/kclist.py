@@ -6,9 +6,10 @@ import enum
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from kcore.addrmap import ALL_ONES, ULONG_MAX, AddressMap
+from kcore.addrmap import ALL_ONES, ULONG_MAX, X86_64_START_KERNEL_MAP, AddressMap
+from kcore.wire.elf import EM_BY_ARCH
 
 
 class KcoreType(enum.IntEnum):
@@ -229,3 +230,27 @@ class KcoreList:
             self._hotplug_seen = state
             self.need_update = False
             return True
+
+
+def kcore_text_x86_64(info: Any, segs: list[Any]) -> Any:
+    """The kernel-text PT_LOAD of a real x86-64 /proc/kcore (above __START_KERNEL_map, its
+    p_paddr aliasing RAM), or None."""
+    return next((s for s in segs if s.paddr != ALL_ONES and s.vaddr >= X86_64_START_KERNEL_MAP),
+                None)
+
+
+def kcore_text_arm64(info: Any, segs: list[Any]) -> Any:
+    """The kernel-image PT_LOAD of a real arm64 /proc/kcore (p_paddr = __pa_symbol, aliasing
+    RAM): the one with a physical address above MODULES_VADDR, where the linear map is not;
+    None without it, or without VMCOREINFO to say where that is."""
+    modules = None if info is None else info.number("MODULES_VADDR")
+    if modules is None:
+        return None
+    return next((s for s in segs if s.paddr != ULONG_MAX and s.vaddr >= modules & ULONG_MAX),
+                None)
+
+
+# The kernel-image PT_LOAD of a real /proc/kcore, by ELF machine (x86-64's rule elsewhere):
+# kcore.sources.kcore keeps it out of the physical view, kcore.arch builds the address map.
+KCORE_TEXT: dict[int, Callable[[Any, list[Any]], Any]] = {
+    EM_BY_ARCH["x86_64"]: kcore_text_x86_64, EM_BY_ARCH["aarch64"]: kcore_text_arm64}

@@ -34,7 +34,7 @@ from kcore.addrmap import ULONG_MAX, AddressMap
 from kcore.errors import InputError
 from kcore.iomem import parse_iomem
 from kcore.kallsyms import parse_kallsyms
-from kcore.kclist import KcoreList, RamRange, ram_ranges_from_resources
+from kcore.kclist import KcoreList, RamRange, kcore_text_arm64, ram_ranges_from_resources
 from kcore.rootfiles import read_root_text, root_word
 from kcore.system import (
     PhysReader,
@@ -232,14 +232,7 @@ def walker(system: Any, source: Any) -> Arm64PageWalker | None:
     return walker
 
 
-def kcore_text(info: Any, segs: list) -> Any:
-    """The kernel-image PT_LOAD of a real arm64 /proc/kcore (p_paddr = __pa_symbol, aliasing
-    RAM): the one with a physical address above MODULES_VADDR, where the linear map is not;
-    None without it, or without VMCOREINFO to say where that is."""
-    if info is None or info.number("MODULES_VADDR") is None:
-        return None
-    modules = _need(info, "MODULES_VADDR") & ULONG_MAX
-    return next((s for s in segs if s.paddr != ULONG_MAX and s.vaddr >= modules), None)
+kcore_text = kcore_text_arm64  # the kernel-image PT_LOAD of a real arm64 /proc/kcore
 
 
 def kcore_map(info: Any, segs: list) -> AddressMap:

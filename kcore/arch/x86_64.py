@@ -21,7 +21,7 @@ from kcore.addrmap import (
 from kcore.errors import InputError
 from kcore.iomem import parse_iomem
 from kcore.kallsyms import parse_kallsyms
-from kcore.kclist import KcoreList, RamRange, ram_ranges_from_resources
+from kcore.kclist import KcoreList, RamRange, kcore_text_x86_64, ram_ranges_from_resources
 from kcore.rootfiles import read_root_text, root_word
 from kcore.system import (
     TASK_STRUCT_SANE,
@@ -118,11 +118,7 @@ def walker(system: Any, source: Any) -> PageWalker | None:
     return PageWalker.for_source(source, amap.pgd_paddr, amap.pgtable_levels, sme_mask=sme)
 
 
-def kcore_text(info: VmcoreInfo | None, segs: list[Any]) -> Any:
-    """The kernel-text PT_LOAD of a real x86-64 /proc/kcore (above __START_KERNEL_map, its
-    p_paddr aliasing RAM), or None."""
-    return next((s for s in segs if s.paddr != ALL_ONES and s.vaddr >= X86_64_START_KERNEL_MAP),
-                None)
+kcore_text = kcore_text_x86_64  # the kernel-text PT_LOAD of a real x86-64 /proc/kcore
 
 
 def kcore_map(info: VmcoreInfo, segs: list[Any]) -> AddressMap:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from kcore import arch
 from kcore.addrmap import ALL_ONES
 from kcore.errors import ElfFormatError, InputError, SourceError
+from kcore.kclist import KCORE_TEXT, kcore_text_x86_64
 from kcore.sources.base import CopyStats, Extent, MemorySource, Probe, WritableBuffer, check_extents
 from kcore.sources.checks import Region, Result
 from kcore.sources.elf import check_elf, parse_elf_core
@@ -45,15 +45,12 @@ def kernel_text(e_machine: int, info: bytes | None, segments: list[Segment],
                 path: str) -> Segment | None:
     """The kernel-image PT_LOAD of a kcore, by its architecture's rule (x86-64's where the
     machine is not one kcore knows), or None."""
-    try:
-        rule = arch.by_machine(e_machine, path)
-    except InputError:
-        rule = arch.ARCHES["x86_64"]
+    rule = KCORE_TEXT.get(e_machine, kcore_text_x86_64)
     try:
         parsed = VmcoreInfo.parse(info) if info else None
     except InputError as exc:
         raise ElfFormatError(f"{path}: its VMCOREINFO note: {exc}") from None
-    text: Segment | None = rule.kcore_text(parsed, segments)
+    text: Segment | None = rule(parsed, segments)
     return text
 
 
