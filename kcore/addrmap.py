@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 ULONG_MAX = (1 << 64) - 1
 ALL_ONES = ULONG_MAX  # p_paddr of segments with no physical address (vmalloc, modules, vmemmap)
@@ -57,7 +58,7 @@ class AddressMap:
     phys_offset: int = 0  # arm64 PHYS_OFFSET (memstart_addr); 0 on x86-64
     highmem: bool = False
     pgd_paddr: int | None = None
-    extra: dict = field(default_factory=dict, compare=False)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def page_shift(self) -> int:
@@ -95,7 +96,7 @@ class AddressMap:
         """Whether an address lies in the direct map (below the vmalloc area)."""
         return self.page_offset <= vaddr < self.vmalloc_start
 
-    def with_(self, **changes) -> AddressMap:
+    def with_(self, **changes: Any) -> AddressMap:
         """A copy with some fields changed."""
         return replace(self, **changes)
 

@@ -34,7 +34,7 @@ BY_FLAG = {lib.kc_codec_flag(c.cid): c for c in CODECS.values() if c.cid != lib.
 
 def available(name: str) -> bool:
     """Whether a codec's library loads here."""
-    return lib.kc_codec_load(CODECS[name].cid) == 0
+    return int(lib.kc_codec_load(CODECS[name].cid)) == 0
 
 
 def get(name: str) -> Codec:

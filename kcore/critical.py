@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kcore.addrmap import AddressMap
 from kcore.errors import InputError
 from kcore.kallsyms import parse_kallsyms
 
@@ -134,7 +135,8 @@ class Btf:
         vlen = info & 0xFFFF
         bitfields = bool(info & 0x80000000)
         for i in range(vlen):
-            name_off, mtype, off = struct.unpack_from("<III", self._data, at + 12 * i)
+            fields: tuple[int, int, int] = struct.unpack_from("<III", self._data, at + 12 * i)
+            name_off, mtype, off = fields
             bits = off & 0xFFFFFF if bitfields else off
             if name_off and self._name(name_off) == member:
                 return bits // 8
@@ -164,7 +166,7 @@ class _Walk:
     def __init__(self, system: Any, source: Any) -> None:
         from kcore.arch import walker_for
 
-        self.amap = system.addrmap
+        self.amap: AddressMap = system.addrmap
         self.source = source
         self.walker = walker_for(system, source)
         self.kinds: dict[int, str] = {}

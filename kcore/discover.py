@@ -81,7 +81,7 @@ class SegmentKcoreList:
     def refresh(self) -> bool:
         """Re-read the program headers; True when they changed."""
         new = self._load()
-        changed = new != self._entries
+        changed: bool = new != self._entries
         self._entries = new
         self.need_update = False
         return changed

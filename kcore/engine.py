@@ -18,6 +18,8 @@ from kcore._native import PathArg, ffi, lib
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    from _typeshed import WriteableBuffer
+
 BLOCK = 1 << 20  # one pread/pwrite block (docs/kernel-facts.md section 7: 1 MiB is the sweet spot)
 CHUNK = 64 << 20  # bytes per C call: Ctrl-C and progress are seen between calls
 PIECE = 4 << 20  # bytes per read when threads feed an in-order writer (fits the caches)
@@ -73,7 +75,7 @@ class CopyStats:
     def __iadd__(self, other: CopyStats) -> CopyStats:
         return self.merge(other)
 
-    def _add_c(self, st) -> None:
+    def _add_c(self, st: Any) -> None:  # st: a cffi struct kc_stats
         self.bytes_read += st.bytes_read
         self.bytes_written += st.bytes_written
         self.pages_zero_filled += st.pages_zero_filled
@@ -83,14 +85,15 @@ class CopyStats:
             self.first_errno = st.first_errno
 
 
-def _block_buffer(size: int):
+def _block_buffer(size: int) -> tuple[Any, Any]:
     """A page-aligned C buffer of size bytes (aligned copies are faster in the kernel)."""
     raw = ffi.new("char[]", size + 4096)
     addr = int(ffi.cast("uintptr_t", raw))
     return raw, ffi.cast("char *", (addr + 4095) & ~4095)
 
 
-def _chunks(offset: int, length: int, align: int, chunk: int | None = None):
+def _chunks(offset: int, length: int, align: int,
+            chunk: int | None = None) -> Iterator[tuple[int, int]]:
     """(position, length) pieces of [offset, offset+length), each ending on an align boundary."""
     chunk = CHUNK if chunk is None else chunk
     chunk = max(chunk - chunk % align, align)
@@ -185,7 +188,7 @@ def run_ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int],
     """
     from concurrent.futures import wait  # only threaded calls import it
 
-    pending: deque[tuple[int, int, int, Future]] = deque()
+    pending: deque[tuple[int, int, int, Future[Any]]] = deque()
     free = list(range(depth - 1, -1, -1))
     ex, owned = _executor(threads)
     try:
@@ -219,7 +222,7 @@ def run_ordered(jobs: Iterable[tuple[int, int]], work: Callable[[int, int, int],
 
 
 def readinto_range(
-    fd: int, offset: int, buf, *, strict: bool = False, page_size: int = 4096,
+    fd: int, offset: int, buf: WriteableBuffer, *, strict: bool = False, page_size: int = 4096,
     path: PathArg = None,
 ) -> CopyStats:
     """Fill the writable buffer buf from fd at offset; unreadable pages become zeros."""
@@ -333,7 +336,7 @@ def _copy_parallel(src_fds: Callable[[int], int], src_offset: int, dst_fd: int,
 
     def work(pos: int, n: int, slot: int) -> int:
         t0 = times.now() if times is not None else 0
-        rc = lib.kc_copy_fd(src_fds(slot), pos, dst_fd, dst_offset + (pos - src_offset), n,
+        rc: int = lib.kc_copy_fd(src_fds(slot), pos, dst_fd, dst_offset + (pos - src_offset), n,
                             bufs[slot][1], BLOCK, page_size, flags, sts[slot])
         if times is not None:
             times.add(pos, n, t0, times.now())
@@ -364,7 +367,7 @@ def _copy_in_order(src_fds: Callable[[int], int], src_offset: int, dst_fd: int, 
 
     def work(pos: int, n: int, slot: int) -> int:
         t0 = times.now() if times is not None else 0
-        rc = lib.kc_read_fd(src_fds(slot), pos, bufs[slot][1], n, BLOCK, page_size,
+        rc: int = lib.kc_read_fd(src_fds(slot), pos, bufs[slot][1], n, BLOCK, page_size,
                             read_flags, sts[slot])
         if times is not None:
             times.add(pos, n, t0, times.now())
@@ -396,7 +399,8 @@ def _copy_in_order(src_fds: Callable[[int], int], src_offset: int, dst_fd: int, 
 
 
 def copy_through(
-    src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, buf, *, sparse: bool = False,
+    src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, buf: WriteableBuffer, *,
+    sparse: bool = False,
     strict: bool = False, page_size: int = 4096, path: PathArg = None, dst_path: PathArg = None,
 ) -> CopyStats:
     """Copy len(buf) bytes like copy_range, in one C call through buf, which holds them after."""
@@ -488,8 +492,9 @@ def data_runs(
 
     def work(pos: int, n: int, slot: int) -> int:
         src = slot_fd(slot) if slot_fd is not None and threads > 1 else fd
-        return lib.kc_data_runs(src, pos, n, granule, page_size, bufs[slot][1], buf_len, flags,
-                                outs[slot], max_runs, nruns[slot], sts[slot])
+        rc: int = lib.kc_data_runs(src, pos, n, granule, page_size, bufs[slot][1], buf_len,
+                                   flags, outs[slot], max_runs, nruns[slot], sts[slot])
+        return rc
 
     def done(pos: int, n: int, slot: int, rc: int) -> None:
         stats._add_c(sts[slot])
@@ -514,7 +519,8 @@ def data_runs(
 
 
 def readinto_mapped(
-    mapping: mmap.mmap, offset: int, buf, *, strict: bool = False, page_size: int = 4096,
+    mapping: mmap.mmap, offset: int, buf: WriteableBuffer, *, strict: bool = False,
+    page_size: int = 4096,
     path: PathArg = None,
 ) -> CopyStats:
     """Fill buf from mapping[offset:], surviving SIGBUS/SIGSEGV: faulting pages become zeros."""

@@ -107,7 +107,7 @@ def _bad(key: str, value: int, why: str) -> InputError:
 
 def struct_page_size(info: Any) -> int:
     """SIZE(page), checked against what a kernel can have (32-256 bytes)."""
-    size = info.size("page")
+    size: int | None = info.size("page")
     if size is None:
         raise InputError("VMCOREINFO has no SIZE(page): the mem_map cannot be read "
                          "(dump without -d)")
@@ -132,7 +132,7 @@ def page_rules(info: Any, level: int) -> Any:
 
     def off(name: str, limit: int = size) -> int:
         """OFFSET(name) inside a structure of limit bytes, or -1 when the kernel has none."""
-        v = info.offset(name)
+        v: int | None = info.offset(name)
         if v is None:
             return -1
         if v >= limit:

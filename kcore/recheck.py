@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from kcore.formats.plan import Copy, Plan
+from kcore.sources.base import Extent
 from kcore.sources.files import pread_full
 
 BLOCK = 1 << 20
@@ -22,7 +23,8 @@ MAX_LISTED = 64  # changed pages listed per range (physical addresses)
 
 def _paddr_of(source: Any, offset: int) -> int | None:
     """The physical address a source file offset holds (None outside its extents)."""
-    for e in source.extents:
+    extents: list[Extent] = source.extents
+    for e in extents:
         if e.offset <= offset < e.offset + e.length:
             return e.paddr + offset - e.offset
     return None

@@ -58,7 +58,7 @@ class PageWalker:
         self.levels = levels
         self.sme_mask = sme_mask
         self._top_shift = PAGE_SHIFT + 9 * levels - 9  # 39 (PGD, 4-level) or 48 (5-level)
-        self._cache: dict[int, array] = {}
+        self._cache: dict[int, array[int]] = {}
         self._lock = threading.Lock()
         # Bounds of one runs() walk (a corrupt or hostile table must not run for ever):
         # every mapped byte once is at most what the memory holds (max_mapped), and each
@@ -119,7 +119,7 @@ class PageWalker:
         """Forget cached page-table pages (a live system's tables change)."""
         self._cache = {}
 
-    def _table(self, paddr: int) -> array:
+    def _table(self, paddr: int) -> array[int]:
         """The 512 entries of the page-table page at paddr (cached)."""
         table = self._cache.get(paddr)
         if table is None:

@@ -19,6 +19,7 @@ from kcore.wire.elf import EM_BY_ARCH, PRPSINFO, PRSTATUS_SIZE
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from kcore.addrmap import AddressMap
     from kcore.sources.base import MemorySource
     from kcore.system import System
     from kcore.vmem import PageWalker
@@ -35,12 +36,12 @@ class Arch:
     # discover(root, source, layout) -> System: the address map from a system root + memory
     discover: Callable[[Path, MemorySource, str], System]
     # walker(system, source) -> a page walker of the kernel's page tables, or None
-    walker: Callable[[Any, Any], Any]
+    walker: Callable[[Any, Any], PageWalker | None]
     # kcore_map(vmcoreinfo, segments) -> AddressMap: the map of a real /proc/kcore
-    kcore_map: Callable[[Any, list], Any]
+    kcore_map: Callable[[Any, list[Any]], AddressMap]
     # kcore_text(vmcoreinfo or None, segments) -> the kernel-image PT_LOAD of a real
     # /proc/kcore (its p_paddr aliases RAM's), or None
-    kcore_text: Callable[[Any, list], Any]
+    kcore_text: Callable[[Any, list[Any]], Any]
 
 
 def _arch(name: str, module: Any) -> Arch:
@@ -86,7 +87,8 @@ def walker_for(system: Any, source: Any = None) -> PageWalker | None:
         return None
     cached = getattr(system, "_page_walker", None)
     if cached is not None and cached[0] is source:
-        return cached[1]
+        hit: PageWalker | None = cached[1]
+        return hit
     walker = get(getattr(amap, "arch", "x86_64")).walker(system, source)
     system._page_walker = (source, walker)
     return walker

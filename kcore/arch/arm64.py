@@ -44,7 +44,7 @@ from kcore.system import (
     online_memory_blocks,
     online_memory_end_pfn,
 )
-from kcore.vmem import PageWalker, add_run
+from kcore.vmem import PageWalker, Run, add_run
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -66,7 +66,7 @@ def _signed(v: int) -> int:
 
 def _need(info: Any, key: str) -> int:
     """NUMBER(key) of VMCOREINFO, or a one-line InputError saying it is missing."""
-    v = info.number(key)
+    v: int | None = info.number(key)
     if v is None:
         raise InputError(f"VMCOREINFO has no NUMBER({key}): not an arm64 kernel kcore knows "
                          "(Linux 5.x+ exports it)")
@@ -195,7 +195,8 @@ class Arm64PageWalker(PageWalker):
             table = self._table(self._oa(entry))
             shift -= 9
 
-    def _runs(self, table_paddr: int, shift: int, start: int, end: int, out: list) -> None:
+    def _runs(self, table_paddr: int, shift: int, start: int, end: int,
+              out: list[Run]) -> None:
         """Collect runs for [start, end) from one table level (recursion depth <= levels)."""
         self._visit(table_paddr, shift, start)
         table = self._table(table_paddr)
@@ -235,7 +236,7 @@ def walker(system: Any, source: Any) -> Arm64PageWalker | None:
 kcore_text = kcore_text_arm64  # the kernel-image PT_LOAD of a real arm64 /proc/kcore
 
 
-def kcore_map(info: Any, segs: list) -> AddressMap:
+def kcore_map(info: Any, segs: list[Any]) -> AddressMap:
     """The address map of a real arm64 /proc/kcore: VMCOREINFO, the text from its PT_LOAD."""
     _need(info, "MODULES_VADDR")
     text = kcore_text(info, segs)

@@ -9,7 +9,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from kcore import engine
 from kcore.cli import int_arg, subcommand
@@ -43,7 +45,7 @@ Prints each speed and kcore's speedups over dd (a ratio above 1 means kcore was 
 of --rounds interleaved rounds. Needs root."""
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str,
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
                help_text: str) -> argparse.ArgumentParser:
     """Register `kcore bench` and its options."""
     p = subcommand(
@@ -168,7 +170,8 @@ def run_startup(kcore: str, root: str) -> Run:
                "included in kcore-dump)", 0, seconds)
 
 
-def measure(kcore: str, root: str, limit: int = 0, rounds: int = 1, threads: int = 1) -> dict:
+def measure(kcore: str, root: str, limit: int = 0, rounds: int = 1,
+            threads: int = 1) -> dict[str, Any]:
     """Read the RAM segments every way; return the best runs and kcore's speedups over dd."""
     if rounds < 1:
         raise InputError(f"--rounds {rounds}: at least 1")
@@ -177,8 +180,9 @@ def measure(kcore: str, root: str, limit: int = 0, rounds: int = 1, threads: int
     extents = ram_extents(kcore, limit)
     dd = gnu_dd()
     total = sum(e.length for e in extents)
-    methods = [lambda: run_dd(dd, kcore, extents, "1M"), lambda: run_dd(dd, kcore, extents, "4k"),
-               lambda: run_engine(kcore, extents)]
+    methods: list[Callable[[], Run]] = [lambda: run_dd(dd, kcore, extents, "1M"),
+                                        lambda: run_dd(dd, kcore, extents, "4k"),
+                                        lambda: run_engine(kcore, extents)]
     if threads > 1:
         methods.append(lambda: run_engine_threads(kcore, extents, threads))
     if limit <= 0:  # the dump reads all RAM; comparable only when the others did too

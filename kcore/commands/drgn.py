@@ -14,7 +14,7 @@ from kcore.cli import add_system_args, subcommand
 from kcore.errors import InputError
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str,
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
                help_text: str) -> argparse.ArgumentParser:
     """Register the subcommand."""
     p = subcommand(

@@ -11,7 +11,7 @@ from kcore.errors import OutputError
 from kcore.output import stdout_fd, write_small
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str,
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
                help_text: str) -> argparse.ArgumentParser:
     """Register `kcore header` and its options."""
     p = subcommand(

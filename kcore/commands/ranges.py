@@ -12,7 +12,7 @@ from kcore.elfcore import KcoreHeader, build_header, phdr_paddr
 
 
 def add_parser(
-    sub: argparse._SubParsersAction, name: str, help_text: str
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
 ) -> argparse.ArgumentParser:
     """Register the subcommand."""
     p = subcommand(

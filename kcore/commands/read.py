@@ -13,7 +13,7 @@ from kcore.output import open_output
 CHUNK = 1 << 20  # bytes read and written per step
 
 
-def add_parser(sub: argparse._SubParsersAction, name: str,
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
                help_text: str) -> argparse.ArgumentParser:
     """Register the subcommand."""
     p = subcommand(

@@ -231,7 +231,7 @@ class KcoreLayer(interfaces.layers.DataLayerInterface):
         if _recording and not _scanning[0]:
             _touched.update(range(offset & ~4095, offset + length, 4096))
         try:
-            data, _stats = self._source.read_phys(offset, length)  # zeros in the holes
+            data: bytes = self._source.read_phys(offset, length)[0]  # zeros in the holes
         except KcoreError as exc:
             raise exceptions.InvalidAddressException(self.name, offset, str(exc)) from None
         return data

@@ -42,7 +42,7 @@ class AvmlSource(MemorySource):
         if len(probe.head) < 8:
             return False
         magic, version = avml.HEADER.unpack_from(probe.head.ljust(avml.HEADER.size, b"\0"))[:2]
-        return magic == avml.AVML_MAGIC and version == avml.AVML_VERSION
+        return bool(magic == avml.AVML_MAGIC and version == avml.AVML_VERSION)
 
     @classmethod
     def check(cls, fd: int, path: str, res: Result,

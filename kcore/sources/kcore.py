@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from kcore.addrmap import ALL_ONES
+from kcore.engine import CopyStats
 from kcore.errors import ElfFormatError, InputError, SourceError
 from kcore.kclist import KCORE_TEXT, kcore_text_x86_64
-from kcore.sources.base import CopyStats, Extent, MemorySource, Probe, WritableBuffer, check_extents
+from kcore.sources.base import Extent, MemorySource, Probe, WritableBuffer, check_extents
 from kcore.sources.checks import Region, Result
 from kcore.sources.elf import check_elf, parse_elf_core
 from kcore.sources.files import opened

@@ -17,7 +17,7 @@ from typing import Any
 
 from kcore.errors import InputError, KcoreError, SourceError
 from kcore.rootfiles import read_root_text
-from kcore.sources.base import MemorySource
+from kcore.sources.base import Extent, MemorySource
 from kcore.sources.devmem import DevmemSource
 from kcore.sources.kcore import KcoreSource
 
@@ -103,7 +103,7 @@ def kcore_mask(root: Path) -> str | None:
 
 def first_ram_page(src: Any) -> int | None:
     """The physical address of a page of RAM above 1 MiB in a source (below when none)."""
-    exts = [e for e in src.extents if e.length >= PROBE_PAGE]
+    exts: list[Extent] = [e for e in src.extents if e.length >= PROBE_PAGE]
     above = [e for e in exts if e.paddr + e.length >= LOW_RAM + PROBE_PAGE]
     if above:
         return max(above[0].paddr, LOW_RAM)
