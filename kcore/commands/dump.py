@@ -429,7 +429,8 @@ def _level_report(filtered: Any, plan: Plan, fmt: Format) -> dict[str, Any]:
         zero = max(0, held - kept)
     else:
         kept, zero = held, 0
-    return filtered.report(zero, kept)
+    report: dict[str, Any] = filtered.report(zero, kept)
+    return report
 
 
 def _estimate(args: argparse.Namespace, system: Any, fmt: Format) -> int:

@@ -297,7 +297,7 @@ def _sections_end(fd: int, size: int) -> int:
     if not shoff or shentsize != SHDR.size or not 0 < shnum < 4096 or \
             shoff + shnum * SHDR.size > size:
         return 0
-    end = shoff + shnum * SHDR.size
+    end: int = shoff + shnum * SHDR.size
     table = pread_full(fd, shnum * SHDR.size, shoff)
     for i in range(1, shnum):
         _name, sh_type, _fl, _addr, sh_offset, sh_size, *_rest = SHDR.unpack_from(

@@ -94,7 +94,8 @@ def pack_prpsinfo(state: str, fname: bytes, psargs: bytes) -> bytes:
 def prpsinfo_psargs(desc: bytes) -> bytes:
     """pr_psargs of an elf_prpsinfo note's descriptor, up to its first NUL."""
     fields = PRPSINFO.unpack_from(desc.ljust(PRPSINFO.size, b"\0"))
-    return fields[-1].split(b"\0")[0]
+    psargs: bytes = fields[-1]
+    return psargs.split(b"\0")[0]
 
 
 class Phdr(NamedTuple):

@@ -39,7 +39,7 @@ def is_flattened(head: bytes) -> bool:
     if len(head) < HEADER.size:
         return False
     sig, ftype, _version = HEADER.unpack_from(head)
-    return sig.rstrip(b"\0") == SIGNATURE and ftype == TYPE_FLAT_HEADER
+    return bool(sig.rstrip(b"\0") == SIGNATURE and ftype == TYPE_FLAT_HEADER)
 
 
 def record(offset: int, size: int) -> bytes:
