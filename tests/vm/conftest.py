@@ -13,6 +13,7 @@ from tests.vm import qemu_vm
 from tests.vm.guests import (
     ARM64_CONFIGS,
     CONFIGS,
+    EXTRA_CONFIGS,
     FILE_ORDER,
     ONEFILE_ARM64_CONFIGS,
     ONEFILE_CONFIGS,
@@ -122,7 +123,11 @@ def onefile_arm64_guest(vm_pool: Pool, onefile_aarch64: Path) -> Guest:
 
 
 def _guest_of(item: pytest.Item) -> str | None:
-    """Which config a test item boots."""
+    """Which config a test item boots: its `guest` mark (a module fixture's vm_pool.get), else
+    the guest fixture it takes."""
+    mark = item.get_closest_marker("guest")
+    if mark is not None:
+        return mark.args[0]
     callspec = getattr(item, "callspec", None)
     for argname in ("guest", "small_guest", "lockdown_guest", "arm64_guest", "onefile_guest"):
         if callspec is not None and argname in callspec.params:
@@ -142,16 +147,21 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group vm tests by guest (one boot each), then by FILE_ORDER within a group."""
-    order = [*CONFIGS, *ARM64_CONFIGS, *ONEFILE_CONFIGS,
-             *ONEFILE_ARM64_CONFIGS]
-    slots = [i for i, item in enumerate(items) if _guest_of(item) is not None]
+    """Group vm tests by guest (one boot each), then by FILE_ORDER within a group; the tests
+    that boot guests of their own go last, in their order (between two tests of one module,
+    they would make its module fixtures run twice)."""
+    order = [*CONFIGS, *EXTRA_CONFIGS, *ARM64_CONFIGS, *ONEFILE_CONFIGS, *ONEFILE_ARM64_CONFIGS]
+    slots = [i for i, item in enumerate(items)
+             if Path(str(item.fspath)).is_relative_to(qemu_vm.HERE)]
     chosen = [items[i] for i in slots]
 
     def key(item: pytest.Item) -> tuple[int, int]:
+        guest = _guest_of(item)
+        if guest is None:
+            return len(order), 0
         stem = Path(str(item.fspath)).stem
         rank = FILE_ORDER.index(stem) if stem in FILE_ORDER else len(FILE_ORDER)
-        return order.index(_guest_of(item) or order[0]), rank
+        return order.index(guest), rank
 
     chosen.sort(key=key)
     for i, item in zip(slots, chosen, strict=True):

@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import debug_vmlinux
 from tests.vm.guests import Guest, Pool
 
+pytestmark = pytest.mark.guest("kaslr")  # the fixture below takes it: run with its group
 
 @pytest.fixture(scope="module")
 def guest_kdump(vm_pool: Pool) -> tuple[Guest, Path, dict]:

@@ -53,6 +53,7 @@ TMPFS_MIB = 320
 CHANGED_BOUND = 0.35
 HERE = Path(__file__).resolve().parent
 
+pytestmark = pytest.mark.guest("kaslr")  # the fixture below takes it: run with its group
 
 @pytest.fixture(scope="module")
 def dumped(vm_pool: Pool):

@@ -136,7 +136,8 @@ def arm64_capture_dump(pool: Pool, name: str) -> SelfDump:
                     kallsyms)
 
 
-@pytest.fixture(scope="module", params=["kaslr", "kaslr-6.12", "arm64-6.12"])
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.guest(name))
+                                        for name in ("kaslr", "kaslr-6.12", "arm64-6.12")])
 def dumped(request: pytest.FixtureRequest, vm_pool: Pool) -> SelfDump:
     """Each guest's dump of itself (Debian 12's 6.1, then bookworm-backports' 6.12), and an
     arm64 guest's capture dumped on the host (6.12: Debian 12's arm64 6.1 has no data symbols
