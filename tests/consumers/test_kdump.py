@@ -11,6 +11,7 @@ with --no-symbols (issue 22).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 from kcore import codecs, symbols
 from kcore.sources import open_source
 from tests.commands.test_dump import dump, source_spec
+from tests.consumers.test_dump import banner_address
 from tests.helpers import (
     FIXTURE_NAMES,
     debug_vmlinux,
@@ -75,15 +77,6 @@ def need_codec(name: str) -> None:
         pytest.skip(codecs.missing(codecs.CODECS[name]))
 
 
-def banner_address(name: str) -> int:
-    """linux_banner's address in the capture's /proc/kallsyms."""
-    for line in (shared_fixture(name) / "root" / "proc" / "kallsyms").open():
-        addr, _kind, sym = line.split()[:3]
-        if sym == "linux_banner":
-            return int(addr, 16)
-    raise AssertionError("no linux_banner in kallsyms")
-
-
 def kernel_ram_runs(name: str) -> list[list[int]]:
     """The RAM PT_LOADs of the real /proc/kcore (direct map: vaddr - PAGE_OFFSET == paddr)."""
     exp = json.loads((shared_fixture(name) / "expected" / "kcore.json").read_text())
@@ -95,7 +88,13 @@ def kernel_ram_runs(name: str) -> list[list[int]]:
 
 
 def pages_sha256(name: str, runs: list[list[int]]) -> str:
-    """SHA-256 of the fixture memory's pages in those PFN runs (read as a raw/ELF source)."""
+    """SHA-256 of the fixture memory's pages in those PFN runs (read as a raw/ELF source); every
+    codec's dump is held against the same runs: hashed once per fixture."""
+    return _pages_sha256(name, tuple(tuple(r) for r in runs))
+
+
+@functools.cache
+def _pages_sha256(name: str, runs: tuple[tuple[int, ...], ...]) -> str:
     h = hashlib.sha256()
     with open_source(source_spec(name)) as src:
         for pfn, n in runs:
