@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 from kcore.addrmap import ALL_ONES, X86_64_START_KERNEL_MAP
 from kcore.errors import ElfFormatError, SourceError
+from kcore.kclist import KCORE_TEXT
 from kcore.sources.base import Extent, MemorySource, Probe, check_extents
 from kcore.sources.checks import Region, Result, layout_error, note_vmcoreinfo
 from kcore.sources.files import file_size, opened, pread_exact, pread_full
@@ -31,7 +32,6 @@ from kcore.wire.elf import (
 MAX_ALIAS_BYTES = 4 << 30  # overlapping (aliased) PT_LOAD bytes compared when opening
 SMEAR_FIRST = 16  # differing pages listed by address
 PAGE = 4096
-EM_X86_64 = EM_BY_ARCH["x86_64"]
 
 
 def parse_elf_core(fd: int, path: str, *, size: int | None = None) -> ElfCore:
@@ -226,8 +226,11 @@ def check_elf(fd: int, path: str, res: Result, *, kcore: bool) -> list[Region]:
         res.format = "elf"
         res.detail = ("QEMU dump-guest-memory core" if b"QEMU" in names
                       else "ELF core with physical addresses")
-    if core.e_machine != EM_X86_64:
-        res.warnings.append(f"e_machine {core.e_machine} is not x86-64 ({EM_X86_64})")
+    if core.e_machine not in KCORE_TEXT:  # the machines kcore reads (x86-64, arm64)
+        known = " or ".join(f"{em} {arch}" for arch, em in EM_BY_ARCH.items()
+                            if em in KCORE_TEXT and arch != "arm64")
+        res.warnings.append(f"e_machine {core.e_machine} is not a machine kcore reads "
+                            f"({known})")
     end = core.phoff + len(core.phdrs) * PHDR.size
     for ph in core.phdrs:
         if ph.p_type == PT_LOAD and ph.p_filesz > ph.p_memsz:

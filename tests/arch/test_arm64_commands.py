@@ -143,6 +143,15 @@ def test_elf_dump_banner_in_volatility(fx: Fixture, elf_dump: Path, tmp_path: Pa
     assert version in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
+def test_elf_dump_verifies_without_warning(fx: Fixture, elf_dump: Path) -> None:
+    """kcore verify takes the arm64 dump as complete, with no warning (its e_machine, 183,
+    is one kcore reads: it was once said not to be x86-64)."""
+    r = run_kcore("verify", "--json", str(elf_dump))
+    assert r.returncode == 0, r.stderr.decode()
+    res = json.loads(r.stdout)
+    assert res["warnings"] == [] and res["format"] == "elf", res
+
+
 def test_elf_dump_text_equals_the_real_kcores(fx: Fixture, elf_dump: Path) -> None:
     """The dump's kernel text is what the real /proc/kcore read there (the VM test checks the
     unmapped head of 6.1's image, which these captures do not hold)."""
