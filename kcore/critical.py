@@ -62,6 +62,7 @@ class Btf:
             raise InputError(f"{where}: BTF sections run past its {len(data)} bytes")
         self._strings = data[s0:s0 + str_len]
         self._data = data
+        self._offsets: dict[tuple[str, str], int] = {}  # offset()'s answers, asked often
         # One record a type: 12 bytes, then what its kind adds (all multiples of 4 bytes). A
         # tight loop over 32-bit words: a 6.1 kernel has ~130k types.
         words = array("I")
@@ -123,10 +124,13 @@ class Btf:
 
     def offset(self, struct_name: str, member: str) -> int:
         """offsetof(struct NAME, member), through anonymous structs and unions."""
-        tid = self._tid(struct_name)
-        got = None if tid is None else self._find(tid, member, 0)
+        got = self._offsets.get((struct_name, member))
         if got is None:
-            raise InputError(f"BTF has no member {member} in struct {struct_name}")
+            tid = self._tid(struct_name)
+            got = None if tid is None else self._find(tid, member, 0)
+            if got is None:
+                raise InputError(f"BTF has no member {member} in struct {struct_name}")
+            self._offsets[struct_name, member] = got
         return got
 
     def _find(self, tid: int, member: str, depth: int) -> int | None:
@@ -178,6 +182,7 @@ class _Walk:
         self.warnings: list[str] = []
         self.followed: set[int] = set()  # files, dentries, mounts already walked
         self.have: dict[int, bytes] | None = None  # pages already read (read from here)
+        self.tasks_seen: set[int] = set()  # task_structs walked
 
     def phys(self, vaddr: int) -> int | None:
         """The physical address of a kernel virtual address, or None if unmapped."""
@@ -339,6 +344,9 @@ def _task_groups(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[list[in
     signal = btf.offset("task_struct", "signal") if btf.has("task_struct", "signal") else None
     by_signal = (signal is not None and btf.has("signal_struct", "thread_head")
                  and btf.has("task_struct", "thread_node"))
+    sig_size = btf.size("signal_struct") if signal is not None else 0
+    node = btf.offset("task_struct", "thread_node") if by_signal else 0
+    head = btf.offset("signal_struct", "thread_head") if by_signal else 0
     groups = []
     for leader in leaders:
         group = [leader]
@@ -346,10 +354,8 @@ def _task_groups(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[list[in
             group += walk.list_entries(leader + thread, thread, MAX_TASKS)
         if signal is not None:
             sig = walk.ptr(leader + signal)
-            if walk.add(sig, btf.size("signal_struct"), "task_struct") and by_signal:
-                node = btf.offset("task_struct", "thread_node")
-                group += walk.list_entries(sig + btf.offset("signal_struct", "thread_head"),
-                                           node, MAX_TASKS)
+            if walk.add(sig, sig_size, "task_struct") and by_signal:
+                group += walk.list_entries(sig + head, node, MAX_TASKS)
         groups.append(group)
     return groups
 
@@ -365,7 +371,9 @@ def _task_closure(walk: _Walk, btf: Btf, symbols: dict[str, int],
         before = set(walk.kinds)
         for group in _task_groups(walk, btf, symbols):
             for task in group[:MAX_TASKS]:
-                walk.add(task, tsize, "task_struct")
+                if task not in walk.tasks_seen:
+                    walk.tasks_seen.add(task)
+                    walk.add(task, tsize, "task_struct")
         return sorted(p for p in walk.kinds if p not in before and p not in have)
     finally:
         walk.have = None
@@ -379,7 +387,7 @@ def _walk_tasks(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[tuple[in
         o["fs"] = btf.offset("task_struct", "fs")
     tsize = btf.size("task_struct")
     out: list[tuple[int, str]] = []
-    seen: set[int] = set()
+    seen = walk.tasks_seen
     mms: set[int] = set()
     for group in _task_groups(walk, btf, symbols):
         leader = group[0]
