@@ -14,12 +14,10 @@ hostile image cannot make it loop or grow without end).
 from __future__ import annotations
 
 import bisect
-import functools
 import struct
 import sys
 import time
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,6 @@ MAX_PAGES = 1 << 16  # critical pages kept at most (256 MiB); the rest go in add
 MAX_BTF = 64 << 20  # a BTF blob larger than this is not a kernel's
 SYMBOLS = ("init_task", "init_top_pgt", "modules", "__start_BTF", "__stop_BTF", "_sdata",
            "_edata", "__bss_start", "_end")
-CLOSURE_ROUNDS = 2  # the task lists followed again through what was read, at most
 MAX_KERNEL_DATA = 256 << 20  # a kernel's .data and .bss larger than this are not believed
 
 # BTF (Documentation/bpf/btf.rst): kinds and the bytes each adds after its 12-byte header
@@ -163,8 +160,6 @@ class CriticalSet:
     tasks: list[tuple[int, str]]  # (pid, comm) of every task walked, in list order
     seconds: float  # the walk's time
     warnings: list[str] = field(default_factory=list)
-    # the task lists followed again through pages read (page -> bytes): pages they now reach
-    closure: Callable[[dict[int, bytes]], list[int]] | None = None
 
 
 class _Walk:
@@ -181,8 +176,6 @@ class _Walk:
         self.kinds: dict[int, str] = {}
         self.warnings: list[str] = []
         self.followed: set[int] = set()  # files, dentries, mounts already walked
-        self.have: dict[int, bytes] | None = None  # pages already read (read from here)
-        self.tasks_seen: set[int] = set()  # task_structs walked
 
     def phys(self, vaddr: int) -> int | None:
         """The physical address of a kernel virtual address, or None if unmapped."""
@@ -204,11 +197,7 @@ class _Walk:
             if pa is None or not self.source.contains(pa):
                 return None
             k = min(n, PAGE - vaddr % PAGE)
-            page = self.have.get(pa & ~(PAGE - 1)) if self.have is not None else None
-            if page is not None:
-                parts.append(page[pa % PAGE:pa % PAGE + k])
-            else:
-                parts.append(self.source.read_phys(pa, k)[0])
+            parts.append(self.source.read_phys(pa, k)[0])
             vaddr += k
             n -= k
         return b"".join(parts)
@@ -308,8 +297,7 @@ def find(system: Any, source: Any = None, max_pages: int = MAX_PAGES) -> Critica
     counts: dict[str, int] = {}
     for kind in walk.kinds.values():
         counts[kind] = counts.get(kind, 0) + 1
-    return CriticalSet(pages, counts, tasks, time.perf_counter() - t0, walk.warnings,
-                       functools.partial(_task_closure, walk, btf, symbols))
+    return CriticalSet(pages, counts, tasks, time.perf_counter() - t0, walk.warnings)
 
 
 def _walk_kernel(walk: _Walk, symbols: dict[str, int]) -> None:
@@ -360,25 +348,6 @@ def _task_groups(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[list[in
     return groups
 
 
-def _task_closure(walk: _Walk, btf: Btf, symbols: dict[str, int],
-                  have: dict[int, bytes]) -> list[int]:
-    """The task lists followed again through the pages just read (have: page -> bytes),
-    as an analysis of the dump will follow them: the task_struct and signal_struct pages
-    they reach that are not among them (tasks forked since the walk)."""
-    walk.have = have
-    try:
-        tsize = btf.size("task_struct")
-        before = set(walk.kinds)
-        for group in _task_groups(walk, btf, symbols):
-            for task in group[:MAX_TASKS]:
-                if task not in walk.tasks_seen:
-                    walk.tasks_seen.add(task)
-                    walk.add(task, tsize, "task_struct")
-        return sorted(p for p in walk.kinds if p not in before and p not in have)
-    finally:
-        walk.have = None
-
-
 def _walk_tasks(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[tuple[int, str]]:
     """Every task on init_task.tasks and its threads, and what hangs from each."""
     o = {m: btf.offset("task_struct", m) for m in ("tasks", "mm", "pid", "comm", "files",
@@ -387,7 +356,7 @@ def _walk_tasks(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[tuple[in
         o["fs"] = btf.offset("task_struct", "fs")
     tsize = btf.size("task_struct")
     out: list[tuple[int, str]] = []
-    seen = walk.tasks_seen
+    seen: set[int] = set()
     mms: set[int] = set()
     for group in _task_groups(walk, btf, symbols):
         leader = group[0]
@@ -650,45 +619,24 @@ def read_first(source: Any, cset: CriticalSet, times: Any = None) -> Snapshot:
 
     extents = sorted(source.extents, key=lambda e: e.paddr)
     starts = [e.paddr for e in extents]
-    runs: list[tuple[int, bytes]] = []
-    have: dict[int, bytes] = {}
-    first = last = 0
-    bad = 0
-    todo = cset.pages
-    for _round in range(CLOSURE_ROUNDS + 1):
-        pairs = []  # (source offset, page address)
-        for pa in todo:
-            i = bisect.bisect_right(starts, pa) - 1
-            if i >= 0 and pa + PAGE <= extents[i].paddr + extents[i].length:
-                pairs.append((extents[i].offset + pa - extents[i].paddr, pa))
-        pairs.sort()
-        spans: list[list[int]] = []
-        for off, _pa in pairs:
-            if spans and spans[-1][0] + spans[-1][1] == off:
-                spans[-1][1] += PAGE
-            else:
-                spans.append([off, PAGE])
-        if not spans:
-            break
-        # one C call reads every span (no return to Python between two reads: a short window)
-        buf, stamps, st = engine.read_spans(source.fd, [(o, n) for o, n in spans])
-        first, last = first or stamps[0], stamps[-1]
-        bad += st.pages_zero_filled
-        at = 0
-        for (off, n), r0, r1 in zip(spans, stamps, stamps[1:], strict=False):
-            runs.append((off, bytes(buf[at:at + n])))
-            at += n
-            if times is not None:
-                times.add(off, n, r0 - times.start, r1 - times.start, CRITICAL)
-        have.update((pa, bytes(buf[i * PAGE:(i + 1) * PAGE])) for i, (_o, pa) in
-                    enumerate(pairs))
-        if cset.closure is None or _round == CLOSURE_ROUNDS:
-            break
-        # a task forked since the walk is on the lists just read: read it now, not later
-        todo = cset.closure(have)
-        if not todo:
-            break
-        cset.pages = sorted(set(cset.pages) | set(todo))
-        cset.counts["task_struct"] = cset.counts.get("task_struct", 0) + len(todo)
-    runs.sort()
-    return Snapshot(runs, (last - first) / 1e9, bad, cset)
+    offsets: list[int] = []
+    for pa in cset.pages:
+        i = bisect.bisect_right(starts, pa) - 1
+        if i >= 0 and pa + PAGE <= extents[i].paddr + extents[i].length:
+            offsets.append(extents[i].offset + pa - extents[i].paddr)
+    offsets.sort()
+    spans: list[list[int]] = []
+    for off in offsets:
+        if spans and spans[-1][0] + spans[-1][1] == off:
+            spans[-1][1] += PAGE
+        else:
+            spans.append([off, PAGE])
+    # one C call reads every span (no return to Python between two reads: a short window)
+    buf, stamps, st = engine.read_spans(source.fd, [(o, n) for o, n in spans])
+    runs, at = [], 0
+    for (off, n), r0, r1 in zip(spans, stamps, stamps[1:], strict=False):
+        runs.append((off, bytes(buf[at:at + n])))
+        at += n
+        if times is not None:
+            times.add(off, n, r0 - times.start, r1 - times.start, CRITICAL)
+    return Snapshot(runs, (stamps[-1] - stamps[0]) / 1e9, st.pages_zero_filled, cset)

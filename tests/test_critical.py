@@ -298,39 +298,3 @@ def test_arm64_is_refused():
     system = SimpleNamespace(addrmap=SimpleNamespace(arch="aarch64"), source=None, root="/")
     with pytest.raises(InputError, match="x86-64"):
         critical.find(system)
-
-
-def test_a_task_the_walk_missed_is_read_in_the_closure():
-    """A task on the lists the first read brought in, but not in the walked set (forked since
-    the walk, on a live kernel), is read right after, not later in address order: its pages
-    are in the snapshot, read after the first round and before the copy."""
-    from kcore import critical
-    from kcore.discover import discover
-    from kcore.pagetimes import CRITICAL, Timeline
-
-    system = discover(root(NOKASLR), spec(NOKASLR))
-    try:
-        cset = critical.find(system)
-        walk = cset.closure.args[0]
-        tasks = sorted(walk.tasks_seen)
-        assert len(tasks) > 20
-        task = tasks[len(tasks) // 2]  # as if the walk had not seen this task
-        size = walk.btf.size("task_struct")
-        pages = {walk.phys(va) & ~(PAGE - 1) for va in range(task, task + size, PAGE)}
-        pages.add(walk.phys(task + size - 1) & ~(PAGE - 1))
-        for p in pages:
-            cset.pages.remove(p)
-            del walk.kinds[p]
-        walk.tasks_seen.discard(task)
-        times = Timeline()
-        snap = critical.read_first(system.source, cset, times)
-    finally:
-        system.close()
-    held = {off + i for off, data in snap.runs for i in range(0, len(data), PAGE)}
-    assert pages <= held and pages <= set(cset.pages)  # the raw source: offset = address
-    when = {off: t0 for off, n, t0, _t1, flags in times.raw if flags & CRITICAL}
-    gone = min(pages)
-    assert when[gone] == max(when.values())  # read in the closure's round, after the first
-    with open(fixture_memory(NOKASLR), "rb") as f:
-        f.seek(gone)
-        assert dict(snap.runs)[gone][:PAGE] == f.read(PAGE)
