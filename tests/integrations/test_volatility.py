@@ -189,8 +189,13 @@ def test_plugin_folder_and_missing_volatility():
                        text=True, env=env)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (
-        "kcore.integrations.MissingDependencyError: volatility3 is not installed: "
+        "kcore.extras.MissingDependencyError: volatility3 is not installed: "
         "pip install 'kcore[volatility]' (or pip install volatility3)")
+    import kcore.extras
+    import kcore.integrations
+
+    # the class lives in kcore.extras; embedders catch it by its old name too
+    assert kcore.integrations.MissingDependencyError is kcore.extras.MissingDependencyError
 
 
 @pytest.fixture(scope="module")
