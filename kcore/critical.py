@@ -59,7 +59,7 @@ class Btf:
             raise InputError(f"{where}: BTF sections run past its {len(data)} bytes")
         self._strings = data[s0:s0 + str_len]
         self._data = data
-        self._offsets: dict[tuple[str, str], int] = {}  # offset()'s answers, asked often
+        self._offsets: dict[tuple[str, str], int | None] = {}  # _member()'s answers
         # One record a type: 12 bytes, then what its kind adds (all multiples of 4 bytes). A
         # tight loop over 32-bit words: a 6.1 kernel has ~130k types.
         words = array("I")
@@ -114,20 +114,23 @@ class Btf:
             raise InputError(f"BTF has no struct {struct_name}")
         return self._sizes[tid]
 
+    def _member(self, struct_name: str, member: str) -> int | None:
+        """offsetof(struct NAME, member), or None; each answer found once (asked often)."""
+        key = (struct_name, member)
+        if key not in self._offsets:
+            tid = self._tid(struct_name)
+            self._offsets[key] = None if tid is None else self._find(tid, member, 0)
+        return self._offsets[key]
+
     def has(self, struct_name: str, member: str) -> bool:
         """Whether struct NAME has a member (through anonymous structs and unions)."""
-        tid = self._tid(struct_name)
-        return tid is not None and self._find(tid, member, 0) is not None
+        return self._member(struct_name, member) is not None
 
     def offset(self, struct_name: str, member: str) -> int:
         """offsetof(struct NAME, member), through anonymous structs and unions."""
-        got = self._offsets.get((struct_name, member))
+        got = self._member(struct_name, member)
         if got is None:
-            tid = self._tid(struct_name)
-            got = None if tid is None else self._find(tid, member, 0)
-            if got is None:
-                raise InputError(f"BTF has no member {member} in struct {struct_name}")
-            self._offsets[struct_name, member] = got
+            raise InputError(f"BTF has no member {member} in struct {struct_name}")
         return got
 
     def _find(self, tid: int, member: str, depth: int) -> int | None:
@@ -463,7 +466,9 @@ def _walk_dentries(walk: _Walk, btf: Btf, dentry: int, kind: str) -> None:
     size = btf.size("dentry")
     parent_off = btf.offset("dentry", "d_parent")
     name_off = btf.offset("dentry", "d_name") + btf.offset("qstr", "name")
-    op_off = btf.offset("dentry", "d_op") if btf.has("dentry", "d_op") else None
+    op_off = (btf.offset("dentry", "d_op")
+              if btf.has("dentry", "d_op") and btf.has("dentry_operations", "d_dname")
+              else None)
     for _ in range(MAX_DEPTH):
         if not dentry or dentry in walk.followed or not walk.add(dentry, size, kind):
             return
@@ -471,7 +476,7 @@ def _walk_dentries(walk: _Walk, btf: Btf, dentry: int, kind: str) -> None:
         name = walk.ptr(dentry + name_off)
         if not dentry <= name < dentry + size:  # a long name, outside the dentry
             walk.add(name, 256, kind)  # NAME_MAX + 1: where a component's name ends
-        if op_off is not None and btf.has("dentry_operations", "d_dname"):
+        if op_off is not None:
             walk.add(walk.ptr(dentry + op_off), btf.size("dentry_operations"), kind)
         parent = walk.ptr(dentry + parent_off)
         if parent == dentry:

@@ -25,12 +25,13 @@ def redact(url: str) -> str:
     try:
         p = urllib.parse.urlsplit(url)
         host = p.hostname or ""
-        if p.port is not None:
-            host += f":{p.port}"
+        port = p.port
     except ValueError:  # not a URL (checked_url says why): its text up to the query
         return re.sub(r"//[^/?#]*@", "//", url.split("?", 1)[0].split("#", 1)[0])
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]" if host.count(":") > 1 else host
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    if port is not None:
+        host += f":{port}"
     return urllib.parse.urlunsplit((p.scheme, host, p.path, "", ""))
 
 
@@ -362,10 +363,11 @@ class S3Multipart(Sink):
             raise InputError(f"{path}: its parts must be a non-empty list of URLs")
         for url in [*self.parts, self.complete_url, self.list_url, self.manifest_url,
                     self.sha256_url]:
-            if url is not None and not isinstance(url, str):
+            if url is None:
+                continue
+            if not isinstance(url, str):
                 raise InputError(f"{path}: {url!r} is not a URL")
-            if url is not None:
-                checked_url(url, path)
+            checked_url(url, path)
         if not 5 << 20 <= self.part_size <= 5 << 30:
             raise InputError(f"{path}: part_size {self.part_size} must be from 5 MiB to 5 GiB "
                              f"(S3's limits)")

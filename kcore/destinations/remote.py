@@ -227,7 +227,6 @@ class RemoteOutput(Output):
     _first_part: int = 0  # parts before it are held, and were not read again (--resume)
     _held: list[str] = field(default_factory=list)
     _whole: Any = None
-    _one_part: bool = False  # a stream that cannot resume: its one part is the whole dump
     _watch: SignalWatch | None = None
 
     @classmethod
@@ -243,6 +242,11 @@ class RemoteOutput(Output):
     def seekable(self) -> bool:
         """Never: the destination takes the bytes in order."""
         return False
+
+    @property
+    def _one_part(self) -> bool:
+        """A stream that cannot resume, hashed whole: its one part is the whole dump."""
+        return self._whole is not None and not self.sink.parallel and not self.sink.resumable
 
     @property
     def part_size(self) -> int:
@@ -328,10 +332,9 @@ class RemoteOutput(Output):
         # hashed on a thread of its own while the same bytes are sent. A stream that cannot
         # resume commits once, so it is one part: the whole's SHA-256 is the part's (one hash
         # pass, not two). With --no-digest, or a sink that resumes, each part is hashed.
-        one_part = self._whole is not None and not self.sink.resumable
+        one_part = self._one_part
         hasher = ChunkedSha256(self.part_size, whole=self._whole is not None,
                                chunks=not one_part)
-        self._one_part = one_part
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="kcore-upload-sha256") as pool:
                 while not self._cancel.is_set():
