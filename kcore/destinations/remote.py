@@ -244,9 +244,19 @@ class RemoteOutput(Output):
         return False
 
     @property
+    def _one_commit(self) -> bool:
+        """A stream that cannot resume: it commits once, all or nothing."""
+        return not self.sink.parallel and not self.sink.resumable
+
+    @property
     def _one_part(self) -> bool:
         """A stream that cannot resume, hashed whole: its one part is the whole dump."""
-        return self._whole is not None and not self.sink.parallel and not self.sink.resumable
+        return self._whole is not None and self._one_commit
+
+    @property
+    def _unhashed(self) -> bool:
+        """--no-digest on a stream that cannot resume: no part needs a digest, none is made."""
+        return self._whole is None and self._one_commit
 
     @property
     def part_size(self) -> int:
@@ -329,9 +339,17 @@ class RemoteOutput(Output):
 
     def _run_stream(self) -> None:
         buf = bytearray(STREAM_CHUNK)
+        if self._unhashed:  # --no-digest, nothing to resume: the bytes go as they come
+            while not self._cancel.is_set():
+                n = os.readv(self._rfd, [buf])
+                if n == 0:
+                    break
+                self.sink.send(memoryview(buf)[:n])
+                self._received += n
+            return
         # hashed on a thread of its own while the same bytes are sent. A stream that cannot
         # resume commits once, so it is one part: the whole's SHA-256 is the part's (one hash
-        # pass, not two). With --no-digest, or a sink that resumes, each part is hashed.
+        # pass, not two). A sink that resumes has each part hashed.
         one_part = self._one_part
         hasher = ChunkedSha256(self.part_size, whole=self._whole is not None,
                                chunks=not one_part)
@@ -455,10 +473,10 @@ class RemoteOutput(Output):
             name = os.path.basename(self.path.split("?", 1)[0]) or "dump"
             beside.append((".sha256", f"{self.sha256}  {name}\n".encode()))
         if manifest is not None:
-            full = dict(manifest, sha256=self.sha256, chunks=None,
-                        parts={"size": self._received if self._one_part else self.part_size,
-                               "count": len(self._parts),
-                               "sha256": self._parts, "resumed": self._skipped})
+            parts = None if self._unhashed else {
+                "size": self._received if self._one_part else self.part_size,
+                "count": len(self._parts), "sha256": self._parts, "resumed": self._skipped}
+            full = dict(manifest, sha256=self.sha256, chunks=None, parts=parts)
             beside.append((".json", manifest_bytes(full)))
         for suffix, data in beside:
             try:

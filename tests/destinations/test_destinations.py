@@ -224,6 +224,12 @@ def test_nginx_put_elf_writes_no_local_disk(request: pytest.FixtureRequest,
         r = dump(url, "--force", "--format", "lime")
         assert r.returncode == 0, r.stderr.decode()
         assert (ng.www / "dumps" / "mem.elf").read_bytes() == streams["lime"]
+        # --no-digest: the same bytes, and no digest anywhere (no part needs one to resume)
+        r = dump(url, "--force", "--no-digest")
+        assert r.returncode == 0, r.stderr.decode()
+        assert (ng.www / "dumps" / "mem.elf").read_bytes() == streams["elf"]
+        manifest = json.loads((ng.www / "dumps" / "mem.elf.json").read_bytes())
+        assert manifest["sha256"] is None and manifest["parts"] is None, manifest
 
 
 def test_nginx_full_disk_leaves_no_object(request: pytest.FixtureRequest) -> None:
