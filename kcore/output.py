@@ -515,6 +515,8 @@ class Output:
         if self.sha256 is not None and self.with_sidecars:
             line = f"{self.sha256}  {os.path.basename(self.path)}\n"
             sidecars.append((self.sha256_path, line.encode()))
+        elif self.force and self.with_sidecars:  # the replaced dump's digest: now untrue
+            _unlink_quietly(os.path.basename(self.sha256_path), self._dir_fd)
         if manifest is not None and self.with_sidecars:
             chunks = None if self.chunk_sha256 is None else {"size": CHUNK,
                                                              "sha256": self.chunk_sha256}

@@ -54,6 +54,25 @@ def test_existing_file_needs_force(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_force_without_digest_drops_the_old_digest(tmp_path):
+    """--force --no-digest over a digested dump: the old OUTPUT.sha256, which sha256sum says
+    no longer matches, is not left beside the new dump."""
+    path = tmp_path / "dump.bin"
+    with open_output(str(path)) as out:
+        out.start_digest()
+        _write(out, b"old" * 4096)
+        out.commit(3 * 4096)
+    with open_output(str(path), force=True, digest=False) as out:
+        _write(out, b"new" * 4096)
+        check = subprocess.run(["sha256sum", "-c", "dump.bin.sha256"], cwd=tmp_path,
+                               capture_output=True)
+        out.commit(3 * 4096)
+    assert check.returncode == 0  # before the commit the old digest still held
+    assert subprocess.run(["sha256sum", "-c", "dump.bin.sha256"], cwd=tmp_path,
+                          capture_output=True).returncode != 0
+    assert sorted(os.listdir(tmp_path)) == ["dump.bin"]
+
+
 def test_existing_sidecar_needs_force(tmp_path):
     (tmp_path / "dump.bin.sha256").write_text("x")
     with pytest.raises(OutputError, match="dump.bin.sha256 already exists"):
