@@ -215,14 +215,12 @@ def debug_vmlinux(package: str | None = None) -> Path:
         return out
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         pytest.skip(f"no apt-get to download {package}")
-    debs = VM_CACHE / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
-    if not list(debs.glob(f"{package}_*.deb")):
-        r = subprocess.run(["apt-get", "download", package], cwd=debs, capture_output=True,
-                           text=True)
-        if r.returncode:
-            pytest.fail(f"apt-get download {package} failed: {r.stderr[-1000:]}")
-    deb = sorted(debs.glob(f"{package}_*.deb"))[-1]
+    from tests.vm import qemu_vm
+
+    try:  # the host's release, else Debian unstable (7.x kernels)
+        deb = qemu_vm._download(package, qemu_vm.ARCHES["x86_64"], VM_CACHE / "debs")
+    except qemu_vm.VmError as exc:
+        pytest.fail(str(exc))
     tmp = out.parent / f"unpack-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     try:

@@ -76,6 +76,8 @@ ARCHES = {
 ARM64_KERNELS = {"6.1": "linux-image-6.1.0-56-arm64", "6.12": "linux-image-6.12-arm64"}
 # bookworm-backports' 6.12 for x86-64 (the symbols tests: a second BTF and kallsyms layout)
 X86_KERNEL_612 = "linux-image-6.12-amd64"
+# Where a package the host's release lacks is looked for (KCORE_VM_KERNEL=linux-image-7.2...)
+NEWEST_SUITE = "unstable"
 
 
 class VmError(RuntimeError):
@@ -117,15 +119,21 @@ class Kernel:
     root: Path
     arch: str = "x86_64"
 
+    def _boot_file(self, name: str) -> Path:
+        """boot/NAME-RELEASE, or where Debian 7.x packages put it: usr/lib/modules/RELEASE/NAME."""
+        boot = self.root / "boot" / f"{name}-{self.release}"
+        split = self.root / "usr" / "lib" / "modules" / self.release / name
+        return split if not boot.exists() and split.exists() else boot
+
     @property
     def vmlinuz(self) -> Path:
         """The bzImage QEMU boots."""
-        return self.root / "boot" / f"vmlinuz-{self.release}"
+        return self._boot_file("vmlinuz")
 
     @property
     def system_map(self) -> Path:
         """The package's System.map (every symbol, data too)."""
-        return self.root / "boot" / f"System.map-{self.release}"
+        return self._boot_file("System.map")
 
     @property
     def modules(self) -> Path:
@@ -137,7 +145,7 @@ class Kernel:
 
     def config(self, name: str) -> str | None:
         """The value of CONFIG_NAME in the package's config (None if unset)."""
-        text = (self.root / "boot" / f"config-{self.release}").read_text()
+        text = self._boot_file("config").read_text()
         m = re.search(rf"^CONFIG_{name}=(.*)$", text, re.M)
         return m.group(1) if m else None
 
@@ -152,13 +160,14 @@ def _codename() -> str:
     return m.group(1) if m else "bookworm"
 
 
-def _foreign_apt(arch: GuestArch) -> list[str]:
+def _foreign_apt(arch: GuestArch, suite: str | None = None) -> list[str]:
     """apt options for `arch` packages: own sources, lists and cache; the host's are untouched.
 
     The lists live in the cache (updated once a day); the sources are Debian's release,
-    -updates, -security and -backports (6.12 for 12/bookworm) of the host's release.
+    -updates, -security and -backports (6.12 for 12/bookworm) of the host's release, or
+    `suite` alone (NEWEST_SUITE: the kernels no release has yet).
     """
-    base = CACHE / f"apt-{arch.deb_arch}"
+    base = CACHE / (f"apt-{arch.deb_arch}-{suite}" if suite else f"apt-{arch.deb_arch}")
     code = _codename()
     opts = [f"-oAPT::Architecture={arch.deb_arch}", f"-oAPT::Architectures={arch.deb_arch}",
             f"-oDir::Etc::SourceList={base / 'sources.list'}", "-oDir::Etc::SourceParts=-",
@@ -172,12 +181,12 @@ def _foreign_apt(arch: GuestArch) -> list[str]:
     (base / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     (base / "status").touch()
     key = "/usr/share/keyrings/debian-archive-keyring.gpg"
-    sources = os.environ.get("KCORE_VM_APT_SOURCES") or "".join(
-        f"deb [arch={arch.deb_arch} signed-by={key}] {url} {suite} main\n"
-        for url, suite in (("http://deb.debian.org/debian", code),
-                           ("http://deb.debian.org/debian", f"{code}-updates"),
-                           ("http://deb.debian.org/debian-security", f"{code}-security"),
-                           ("http://deb.debian.org/debian", f"{code}-backports")))
+    suites = (("http://deb.debian.org/debian", suite),) if suite else (
+        ("http://deb.debian.org/debian", code), ("http://deb.debian.org/debian", f"{code}-updates"),
+        ("http://deb.debian.org/debian-security", f"{code}-security"),
+        ("http://deb.debian.org/debian", f"{code}-backports"))
+    sources = (not suite and os.environ.get("KCORE_VM_APT_SOURCES")) or "".join(
+        f"deb [arch={arch.deb_arch} signed-by={key}] {url} {name} main\n" for url, name in suites)
     (base / "sources.list").write_text(sources)
     r = subprocess.run(["apt-get", *opts, "-qq", "update"], capture_output=True, text=True)
     if r.returncode != 0:
@@ -214,13 +223,17 @@ def _apt_package(arch: GuestArch, wanted: str | None = None) -> str:
 
 
 def _download(package: str, arch: GuestArch, debs: Path) -> Path:
-    """The cached .deb of `package`, fetched with apt-get download if missing."""
+    """The cached .deb of `package`, fetched with apt-get download if missing: from the
+    arch's release, else (a newer kernel, its -dbg) from Debian's NEWEST_SUITE."""
     debs.mkdir(parents=True, exist_ok=True)
     name = package.split(":")[0]
     found = sorted(debs.glob(f"{name}_*_{arch.deb_arch}.deb")) or sorted(
         debs.glob(f"{name}_*_all.deb"))
     if not found:
-        r = subprocess.run(["apt-get", *_apt_options(arch), "download", package], cwd=debs,
+        opts = _apt_options(arch)
+        if not _candidate(name, opts):
+            opts = _foreign_apt(arch, NEWEST_SUITE)
+        r = subprocess.run(["apt-get", *opts, "download", package], cwd=debs,
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise VmError(f"apt-get download {package} failed:\n{r.stderr[-2000:]}")
@@ -230,11 +243,12 @@ def _download(package: str, arch: GuestArch, debs: Path) -> Path:
     return found[-1]
 
 
-def _unpack(deb: Path, root: Path) -> None:
-    """dpkg-deb -x the package into root (atomically: a half-unpacked tree is never seen)."""
+def _unpack(deb: Path, root: Path, *more: Path) -> None:
+    """dpkg-deb -x the packages into root (atomically: a half-unpacked tree is never seen)."""
     tmp = Path(tempfile.mkdtemp(prefix="unpack-", dir=CACHE))
     try:
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
+        for each in (deb, *more):
+            subprocess.run(["dpkg-deb", "-x", str(each), str(tmp)], check=True)
         shutil.rmtree(root, ignore_errors=True)
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(root)
@@ -262,10 +276,23 @@ def fetch_kernel(arch: str = "x86_64", package: str | None = None) -> Kernel:
             package = pin.read_text().strip() if pin.exists() else _apt_package(a, package)
             pin.write_text(package + "\n")
         release = package.removeprefix("linux-image-")
-        root = CACHE / "kernels" / release
-        if not (root / "boot" / f"vmlinuz-{release}").exists():
-            _unpack(_download(package, a, CACHE / "debs"), root)
-        return Kernel(package, release, root, arch)
+        kernel = Kernel(package, release, CACHE / "kernels" / release, arch)
+        if not kernel.vmlinuz.exists():
+            deb = _download(package, a, CACHE / "debs")
+            parts = [_download(p, a, CACHE / "debs") for p in split_parts(deb, release)]
+            _unpack(deb, kernel.root, *parts)
+        return kernel
+
+
+def split_parts(deb: Path, release: str) -> list[str]:
+    """The packages a split kernel image depends on for its files (Debian's 7.x:
+    linux-binary-R holds vmlinuz, linux-modules-R the modules, linux-base-R System.map,
+    config and modules.builtin, all under usr/lib/modules/R); none for 6.x's one package."""
+    depends = subprocess.run(["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True,
+                             text=True, check=True).stdout
+    names = (re.match(r"\s*([^\s(]+)", d) for d in depends.split(","))
+    return [m.group(1) for m in names if m and re.fullmatch(
+        rf"linux-(binary|modules|base)-{re.escape(release)}", m.group(1))]
 
 
 def fetch_busybox(arch: str) -> Path:
