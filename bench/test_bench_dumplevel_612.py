@@ -93,6 +93,8 @@ def test_dumplevel_page_sets_against_makedumpfile_178(kernel, monkeypatch, bench
         finally:
             vm.close()
         release = kernel.removeprefix("linux-image-")
+        booted = (d / "root/proc/sys/kernel/osrelease").read_text().strip()
+        assert booted == release, f"the guest ran {booted}, not {kernel}"
         summary: dict = {"kernel": release, "fill": filled}
         for level in ("31", "1"):
             mine, theirs = _bitmaps(core, d / "root", level, d)
