@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -209,7 +210,6 @@ def debug_vmlinux(package: str | None = None) -> Path:
     fixtures'), or skip."""
     package = package or DEBUG_PACKAGE
     release = package.removeprefix("linux-image-").removesuffix("-dbg")
-    member = f"./usr/lib/debug/boot/vmlinux-{release}"
     out = VM_CACHE / "dbg" / f"vmlinux-{release}"
     if out.exists():
         return out
@@ -221,24 +221,29 @@ def debug_vmlinux(package: str | None = None) -> Path:
         deb = qemu_vm._download(package, qemu_vm.ARCHES["x86_64"], VM_CACHE / "debs")
     except qemu_vm.VmError as exc:
         pytest.fail(str(exc))
+    # vmlinux (~0.3 GB of the package's 5.6 GB): 6.x's at boot/, 7.x's under lib/modules/R
+    # (boot/ is a symlink to it); the first regular one is taken and the rest not read.
+    members = {f"./usr/lib/debug/boot/vmlinux-{release}",
+               f"./usr/lib/debug/lib/modules/{release}/vmlinux"}
     tmp = out.parent / f"unpack-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # dpkg-deb's stderr is dropped: it complains of the broken pipe when the reading stops.
+    deb_out = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL)
     try:
-        # Only vmlinux (~0.3 GB) of the package's 5.6 GB; tar stops reading after it.
-        tar = subprocess.Popen(["tar", "-x", "-C", str(tmp), "--occurrence", member],
-                               stdin=subprocess.PIPE)
-        # dpkg-deb's stderr is dropped: it complains of the broken pipe when tar stops.
-        deb_out = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
-                                   stdout=tar.stdin, stderr=subprocess.DEVNULL)
-        tar.stdin.close()
-        tar.wait()
-        deb_out.wait()
-        if not (tmp / member).is_file():
-            pytest.fail(f"cannot unpack {member} from {deb}")
-        os.replace(tmp / member, out)
+        with tarfile.open(fileobj=deb_out.stdout, mode="r|") as tar:
+            entry = next((e for e in tar if e.isfile() and e.name in members), None)
+            if entry is None:
+                pytest.fail(f"no {' or '.join(sorted(members))} in {deb}")
+            with tar.extractfile(entry) as src, open(tmp, "wb") as dst:  # type: ignore[union-attr]
+                shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, out)
         deb.unlink()  # 0.86 GB, of which only vmlinux is used
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        deb_out.kill()
+        deb_out.wait()
+        deb_out.stdout.close()  # type: ignore[union-attr]
+        tmp.unlink(missing_ok=True)
     return out
 
 
