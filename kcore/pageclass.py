@@ -158,7 +158,13 @@ def page_rules(info: Any, level: int) -> Any:
     r.off_mapping = inside("OFFSET(page.mapping)", off("page.mapping"), 8)
     r.off_mapcount = inside("OFFSET(page._mapcount)", off("page._mapcount"), 4)
     r.off_private = inside("OFFSET(page.private)", off("page.private"), 8)
-    r.off_compound_head = inside("OFFSET(page.compound_head)", off("page.compound_head"), 8)
+    # 7.x renamed it compound_info (include/linux/page-flags.h: bit 0 still marks a tail page;
+    # the rest is the head's address or a mask to it). Without it each tail page was judged
+    # on its own fields and a slab's tails were left out at -d 31, as makedumpfile 1.7.8
+    # leaves them out (2,449 slab pages on a 1 GiB 7.2.13 guest: bench/RESULTS.md).
+    head = "page.compound_head" if info.offset("page.compound_head") is not None \
+        else "page.compound_info"
+    r.off_compound_head = inside(f"OFFSET({head})", off(head), 8)
     # init_compound_offset: folio fields (6.3+) sit in the folio's second page (a folio is
     # at most four struct pages)
     order, dtor = off("folio._folio_order", 4 * size), off("folio._folio_dtor", 4 * size)

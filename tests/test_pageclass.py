@@ -9,11 +9,13 @@ map as SPARSEMEM without VMEMMAP places them, and a few free blocks (PageBuddy, 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from kcore.pageclass import classify, mem_map_sections
+from kcore.pageclass import classify, mem_map_sections, page_rules
 from kcore.sources import open_source
 from kcore.vmcoreinfo import VmcoreInfo
 
@@ -90,3 +92,40 @@ def test_sections_and_free_blocks(tmp_path, extreme):
     for pfn in FREE_BLOCKS:
         assert not any(pc.bitmap[(pfn + i) >> 3] >> ((pfn + i) & 7) & 1 for i in range(1024))
     assert pc.kept_pages(0, RAM) == npfn - 1024 * len(FREE_BLOCKS)
+
+
+MEM_MAP_72 = Path(__file__).resolve().parent / "data" / "x86_64-7.2-mem_map"
+
+
+def _kept_of_group(vmcoreinfo: str) -> tuple[set[int], list[str], int]:
+    """(pfns kept at -d 31, the kernel's word on each, first pfn) for the captured group."""
+    from kcore._native import ffi, lib
+
+    said = json.loads((MEM_MAP_72 / "kernel-says.json").read_text())
+    first, kinds = said["first_pfn"], said["kinds"]
+    structs = (MEM_MAP_72 / "struct-pages.bin").read_bytes()
+    rules = page_rules(VmcoreInfo.parse(vmcoreinfo.encode()), 31)
+    end = first + len(kinds)
+    bitmap = bytearray(-(-end // 8))
+    for pfn in range(first, end):
+        bitmap[pfn >> 3] |= 1 << (pfn & 7)
+    counts, skip = ffi.new("struct kc_page_counts *"), ffi.new("uint64_t *")
+    assert lib.kc_classify_pages(rules, ffi.from_buffer(structs), len(kinds), first,
+                                 ffi.from_buffer(bitmap), end, skip, counts) == 0
+    kept = {pfn for pfn in range(first, end) if bitmap[pfn >> 3] >> (pfn & 7) & 1}
+    return kept, kinds, first
+
+
+def test_7x_slab_tail_pages_are_kept() -> None:
+    """7.x renamed page.compound_head to compound_info in VMCOREINFO: a slab's tail pages are
+    still known as tails and kept with their head at -d 31 (real struct pages of a 7.2.13
+    guest; the kernel's word on each from drgn: tests/vm/capture_mem_map.py)."""
+    text = (MEM_MAP_72 / "vmcoreinfo").read_text()
+    assert "OFFSET(page.compound_info)=" in text and "compound_head" not in text
+    kept, kinds, first = _kept_of_group(text)
+    slab = {first + i for i, k in enumerate(kinds) if k.endswith("-slab")}
+    assert any(k == "tail-slab" for k in kinds)
+    assert slab <= kept
+    # the data holds the case: read as before (no tail marker), slab tails were left out
+    old, _, _ = _kept_of_group(text.replace("OFFSET(page.compound_info)", "OFFSET(page.x)"))
+    assert slab - old
