@@ -63,6 +63,38 @@ def _pcp_pages(prog) -> set[int]:
     return out
 
 
+def _head(prog, page):
+    """The compound head of page (a struct page *), by include/linux/page-flags.h's
+    _compound_head: bit 0 of compound_head (compound_info from 7.x) marks a tail; the rest is
+    the head's address, or from 7.x, with a power-of-two struct page and HVO
+    (compound_info_has_mask()), a mask that turns the tail's address into the head's."""
+    import drgn
+
+    info = int(page.compound_info if _has(prog, "compound_info") else page.compound_head)
+    if not info & 1:
+        return page
+    low = ~info & ((1 << 64) - 1) | 1  # set_compound_head's mask: GENMASK(63, shift) | 1
+    if _has(prog, "compound_info") and low & (low + 1) == 0:
+        return drgn.Object(prog, "struct page *", page.value_() & info)
+    return drgn.Object(prog, "struct page *", info - 1)
+
+
+def _flags(page) -> int:
+    """page->flags (a memdesc_flags_t, struct { unsigned long f; }, from 7.x)."""
+    try:
+        return int(page.flags)
+    except TypeError:
+        return int(page.flags.f)
+
+
+def _is_slab(prog, page, flags: int) -> bool:
+    """PG_slab, or from 6.10 the page type PGTY_slab (page_type's top byte)."""
+    try:
+        return bool(flags >> int(prog["PG_slab"]) & 1)
+    except KeyError:
+        return int(page.page_type) >> 24 == int(prog["PGTY_slab"])
+
+
 def _has(prog, member: str) -> bool:
     try:
         prog.type("struct page").member(member)
@@ -87,7 +119,7 @@ def judge(core: Path, vmlinux: Path, pfns: list[int], iomem: Path | None = None
         if not pfns:
             return out
     import drgn
-    from drgn.helpers.linux.mm import PageLRU, PageSlab, PageSwapBacked, pfn_to_page
+    from drgn.helpers.linux.mm import pfn_to_page
 
     prog = drgn.Program()
     prog.set_core_dump(str(core))
@@ -111,19 +143,19 @@ def judge(core: Path, vmlinux: Path, pfns: list[int], iomem: Path | None = None
             out[pfn] = "zero"
             continue
         page = pfn_to_page(prog, pfn)
-        head = page
-        if int(page.compound_head) & 1:
-            head = drgn.Object(prog, "struct page *", int(page.compound_head) - 1)
+        head = _head(prog, page)
         mapping = int(head.mapping)
-        if PageSlab(head):
+        flags = _flags(head)
+        if _is_slab(prog, head, flags):
             kind = "slab"
         elif mapping & 1:
             kind = "anon"
-        elif mapping and (PageLRU(head) or PageSwapBacked(head)):
+        elif mapping and (flags >> int(prog["PG_lru"]) & 1 or
+                              flags >> int(prog["PG_swapbacked"]) & 1):
             kind = "cache"
         elif mapping:
             kind = "mapped-not-lru"
         else:
-            kind = f"other(flags={int(head.flags):#x},type={int(head.page_type):#x})"
+            kind = f"other(flags={flags:#x},type={int(head.page_type):#x})"
         out[pfn] = kind
     return out

@@ -7,14 +7,18 @@ with 1 GiB, bench/guestload.py fills 60% of it (page cache, user data, slab), an
 is read by both tools at -d 31 and -d 1 (kdump, uncompressed): their 2nd bitmaps (the pages
 each keeps) are compared. Where they differ, drgn with the kernel's debug vmlinux (Debian's
 -dbg package) reads the free lists, the per-CPU lists and each page's flags
-(bench/pagejudge.py), and the row says which tool the kernel agrees with.
-Run: python3 -m pytest bench/test_bench_dumplevel_612.py --benchmark-only -s  (~15 min TCG)
+(bench/pagejudge.py), and the row says which tool the kernel agrees with; a seeded sample of
+the pages both leave out at -d 31 is judged too (equal sets can be wrong together: on 7.2 both
+left slab pages out until kcore read 7.x's page.compound_info).
+Run: python3 -m pytest bench/test_bench_dumplevel_612.py --benchmark-only -s  (~45 s a kernel at
+load 5; 7.x: KCORE_BENCH_612_KERNELS=linux-image-7.2.13+deb14-amd64, Debian unstable's)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -38,6 +42,9 @@ WORK = Path(os.environ.get("KCORE_BENCH_612_DIR", str(qemu_vm.CACHE / "runs")))
 # what -d 31 leaves out, by the kernel's truth (bench/pagejudge.py's names)
 # (not-ram: outside System RAM, which /proc/kcore leaves out and QEMU's core holds)
 EXCLUDED_AT = {"31": {"free", "zero", "anon", "cache", "not-ram"}, "1": {"zero", "not-ram"}}
+# Pages both tools leave out at -d 31, judged too (equal sets can still both be wrong: a page
+# type neither knows); a seeded sample of them.
+SAMPLE = int(os.environ.get("KCORE_BENCH_612_SAMPLE", "2000"))
 
 
 def _bitmaps(core: Path, root: Path, level: str, d: Path) -> tuple[bytearray, bytearray]:
@@ -57,6 +64,14 @@ def _bitmaps(core: Path, root: Path, level: str, d: Path) -> tuple[bytearray, by
     mine.unlink()
     theirs.unlink()
     return out
+
+
+def _both_out(a: bytearray, b: bytearray, n: int) -> list[int]:
+    """A seeded sample of n pfns set in neither a nor b."""
+    b = b.ljust(len(a), b"\0")
+    out = [i * 8 + bit for i, (p, q) in enumerate(zip(a, b, strict=False))
+           for bit in range(8) if not (p | q) >> bit & 1]
+    return sorted(random.Random(24).sample(out, min(n, len(out))))
 
 
 def _only(a: bytearray, b: bytearray) -> list[int]:
@@ -101,8 +116,10 @@ def test_dumplevel_page_sets_against_makedumpfile_178(kernel, monkeypatch, bench
             kcore_only, md_only = _only(mine, theirs), _only(theirs, mine)
             verdict = (judge(core, vmlinux, kcore_only + md_only, d / "root/proc/iomem")
                        if kcore_only or md_only else {})
-            # a page only kcore keeps is right to keep unless the kernel says -d drops it
-            kcore_wrong = sum(verdict[p] in EXCLUDED_AT[level] for p in kcore_only)
+            # a page only kcore keeps is right to keep unless the kernel says -d drops it; a
+            # zero page is not (the 2nd bitmap keeps zero pages: both tools keep every RAM
+            # page at -d 1, and makedumpfile writes the zero ones as its one zero page)
+            kcore_wrong = sum(verdict[p] in EXCLUDED_AT[level] - {"zero"} for p in kcore_only)
             md_wrong = sum(verdict[p] in EXCLUDED_AT[level] for p in md_only)
             summary[level] = {
                 "kcore_pages": pagesets.pages(mine), "makedumpfile_pages": pagesets.pages(theirs),
@@ -117,6 +134,15 @@ def test_dumplevel_page_sets_against_makedumpfile_178(kernel, monkeypatch, bench
                    f"(of {pagesets.pages(theirs)} kept)",
                    "0 / 0, or the kernel sides with kcore",
                    kcore_wrong == 0 and md_wrong == len(md_only))
+            if level == "31":
+                both = _both_out(mine, theirs, SAMPLE)
+                seen = judge(core, vmlinux, both, d / "root/proc/iomem") if both else {}
+                kinds = Counter(seen.values())
+                summary[level]["both_out_sample"] = dict(kinds)
+                record(f"{release} -d 31: a sample of {len(both)} pages both tools leave out "
+                       "(kernel's verdict on each: drgn)", str(dict(kinds)),
+                       "all free, zero, anon, cache or not-ram",
+                       set(kinds) <= EXCLUDED_AT[level])
         note(f"{release}: {json.dumps(summary)}")
         note("not-ram: page frames outside System RAM (pfn 0, 0x9f-0xff, the last 128 KiB below "
              "the PCI hole) that QEMU's core holds and makedumpfile keeps at every level; "
