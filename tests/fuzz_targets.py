@@ -438,10 +438,13 @@ def _small_dump(fmt: str) -> Path | None:
     sparse = _sparse_ram()
     if sparse is None:
         return None
+    from tests.helpers import locked
+
     out = _cache() / f"fuzz-small.{fmt}"
-    if not out.exists():
-        _kcore("dump", "--root", str(_fixture_root()), "--source", f"raw:{sparse}", "--format",
-               fmt, "-q", "--force", "--threads", "1", "-o", str(out))
+    with locked(out.with_name(f"{out.name}.lock")):  # another run's or worker's: wait for it
+        if not out.exists():
+            _kcore("dump", "--root", str(_fixture_root()), "--source", f"raw:{sparse}",
+                   "--format", fmt, "-q", "--force", "--threads", "1", "-o", str(out))
     return out
 
 

@@ -172,11 +172,9 @@ def _dumped_seed(fmt: str) -> bytes | None:
     """The first 64 KiB of a kcore dump of the nokaslr capture in fmt (None without it)."""
     if fmt in _GENERATED:
         return _GENERATED[fmt]
-    import subprocess
-
     import pytest
 
-    from tests.helpers import fixture_memory, shared_fixture
+    from tests.helpers import fixture_memory, locked, shared_fixture
 
     cache = Path(os.environ.get("KCORE_TEST_CACHE", "/tmp/kcore-test-cache"))
     try:  # the nokaslr capture: shared, or made in QEMU and cached
@@ -186,24 +184,30 @@ def _dumped_seed(fmt: str) -> bytes | None:
         return None
     cache.mkdir(parents=True, exist_ok=True)
     out = cache / f"fuzz-seed-{fmt}"
-    if not out.exists():
-        args = ["--format", "kdump", "-d", "31"] if fmt != "avml" else ["--format", "avml"]
-        env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-        tmp = cache / f"fuzz-seed-{fmt}.{os.getpid()}"
-        cmd = [sys.executable, "-m", "kcore", "dump", "--root", str(fx / "root"), "--source",
-               f"raw:{ram}", *args, "-q", "--no-digest"]
-        if fmt == "flattened":
-            with open(tmp, "wb") as f:
-                subprocess.run([*cmd, "-o", "-"], stdout=f, check=True, env=env)
-        else:
-            subprocess.run([*cmd, "-o", str(tmp)], check=True, env=env)
-            Path(str(tmp) + ".json").unlink(missing_ok=True)
-        with open(tmp, "rb") as f:
-            data = f.read(64 << 10)
-        tmp.unlink()
-        out.write_bytes(data)
+    with locked(cache / f"fuzz-seed-{fmt}.lock"):  # the other xdist worker: wait, then reuse
+        if not out.exists():
+            _make_seed(fmt, fx, ram, out)
     _GENERATED[fmt] = out.read_bytes()
     return _GENERATED[fmt]
+
+
+def _make_seed(fmt: str, fx: Path, ram: Path, out: Path) -> None:
+    """Write the first 64 KiB of a kcore dump of capture fx (RAM file ram) in fmt to out."""
+    import subprocess
+
+    args = ["--format", "kdump", "-d", "31"] if fmt != "avml" else ["--format", "avml"]
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    tmp = out.with_name(f"{out.name}.{os.getpid()}")
+    cmd = [sys.executable, "-m", "kcore", "dump", "--root", str(fx / "root"), "--source",
+           f"raw:{ram}", *args, "-q", "--no-digest"]
+    if fmt == "flattened":
+        with open(tmp, "wb") as f:
+            subprocess.run([*cmd, "-o", "-"], stdout=f, check=True, env=env)
+    else:
+        subprocess.run([*cmd, "-o", str(tmp)], check=True, env=env)
+        Path(str(tmp) + ".json").unlink(missing_ok=True)
+    os.truncate(tmp, min(tmp.stat().st_size, 64 << 10))
+    os.replace(tmp, out)
 
 
 # ---- harnesses --------------------------------------------------------------------------------

@@ -6,12 +6,15 @@ Import it as `from tests.helpers import ...` (pytest puts the checkout on sys.pa
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,16 @@ DATA = Path(__file__).resolve().parent / "data"
 SHARED_FIXTURES = Path(os.environ.get("KCORE_FIXTURES", REPO.parent / "shared" / "fixtures"))
 FIXTURE_NAMES = ("linux-6.1.0-56-nokaslr-512M", "linux-6.1.0-56-kaslr-512M")
 _CAPTURE_FAILED: dict[str, str] = {}  # a capture that failed once this session is not retried
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (made if missing): pytest runs and the xdist
+    workers of one run share the caches, so a second writer waits, then finds the file made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def shared_fixture(name: str) -> Path:
@@ -129,6 +142,17 @@ def scratch_dir(request: pytest.FixtureRequest, name: str) -> Path:
 CACHE = Path(os.environ.get("KCORE_TEST_CACHE", "/tmp/kcore-test-cache"))
 
 
+@contextmanager
+def shared_cache(name: str) -> Iterator[Path]:
+    """CACHE/name, held alone for the with block: a cache that a tool rewrites while it runs
+    (Volatility's symbol index, the ISFs kcore's stacker adds to it) is used by one test at a
+    time; another xdist worker's or run's test waits, then reuses it warm."""
+    path = CACHE / name
+    with locked(CACHE / f"{name}.lock"):
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+
+
 def fixture_memory(name: str) -> Path:
     """The memory image of a capture (a shared one decompressed under KCORE_TEST_CACHE), or skip."""
     folder = shared_fixture(name) / "memory"
@@ -140,10 +164,11 @@ def fixture_memory(name: str) -> Path:
         pytest.skip(f"no memory image in {folder}")
     out = CACHE / name / packed.name[: -len(".zst")]
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        _unzstd(packed, tmp)
-        os.replace(tmp, out)
+        with locked(out.with_suffix(".lock")):
+            if not out.exists():
+                tmp = out.with_suffix(f".tmp{os.getpid()}")
+                _unzstd(packed, tmp)
+                os.replace(tmp, out)
     return out
 
 
@@ -215,35 +240,38 @@ def debug_vmlinux(package: str | None = None) -> Path:
         return out
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         pytest.skip(f"no apt-get to download {package}")
-    from tests.vm import qemu_vm
+    with locked(out.parent / f"vmlinux-{release}.lock"):
+        if out.exists():  # another worker or run unpacked it meanwhile
+            return out
+        from tests.vm import qemu_vm
 
-    try:  # the host's release, else Debian unstable (7.x kernels)
-        deb = qemu_vm._download(package, qemu_vm.ARCHES["x86_64"], VM_CACHE / "debs")
-    except qemu_vm.VmError as exc:
-        pytest.fail(str(exc))
-    # vmlinux (~0.3 GB of the package's 5.6 GB): 6.x's at boot/, 7.x's under lib/modules/R
-    # (boot/ is a symlink to it); the first regular one is taken and the rest not read.
-    members = {f"./usr/lib/debug/boot/vmlinux-{release}",
-               f"./usr/lib/debug/lib/modules/{release}/vmlinux"}
-    tmp = out.parent / f"unpack-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # dpkg-deb's stderr is dropped: it complains of the broken pipe when the reading stops.
-    deb_out = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL)
-    try:
-        with tarfile.open(fileobj=deb_out.stdout, mode="r|") as tar:
-            entry = next((e for e in tar if e.isfile() and e.name in members), None)
-            if entry is None:
-                pytest.fail(f"no {' or '.join(sorted(members))} in {deb}")
-            with tar.extractfile(entry) as src, open(tmp, "wb") as dst:  # type: ignore[union-attr]
-                shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, out)
-        deb.unlink()  # 0.86 GB, of which only vmlinux is used
-    finally:
-        deb_out.kill()
-        deb_out.wait()
-        deb_out.stdout.close()  # type: ignore[union-attr]
-        tmp.unlink(missing_ok=True)
+        try:  # the host's release, else Debian unstable (7.x kernels)
+            deb = qemu_vm._download(package, qemu_vm.ARCHES["x86_64"], VM_CACHE / "debs")
+        except qemu_vm.VmError as exc:
+            pytest.fail(str(exc))
+        # vmlinux (~0.3 GB of the package's 5.6 GB): 6.x's at boot/, 7.x's under lib/modules/R
+        # (boot/ is a symlink to it); the first regular one is taken and the rest not read.
+        members = {f"./usr/lib/debug/boot/vmlinux-{release}",
+                   f"./usr/lib/debug/lib/modules/{release}/vmlinux"}
+        tmp = out.parent / f"unpack-{os.getpid()}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # dpkg-deb's stderr is dropped: it complains of the broken pipe when the reading stops.
+        deb_out = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL)
+        try:
+            with tarfile.open(fileobj=deb_out.stdout, mode="r|") as tar:
+                entry = next((e for e in tar if e.isfile() and e.name in members), None)
+                if entry is None:
+                    pytest.fail(f"no {' or '.join(sorted(members))} in {deb}")
+                with tar.extractfile(entry) as src, open(tmp, "wb") as dst:  # type: ignore[union-attr]
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, out)
+            deb.unlink()  # 0.86 GB, of which only vmlinux is used
+        finally:
+            deb_out.kill()
+            deb_out.wait()
+            deb_out.stdout.close()  # type: ignore[union-attr]
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -273,7 +301,6 @@ def onefile(cache: Path, arch: str | None = None) -> Path:
     tools too), the Python and the build tools' versions, so an unchanged tree reuses the
     file (CI builds it once).
     """
-    import fcntl
     import hashlib
     import platform
     from importlib import metadata
@@ -301,8 +328,7 @@ def onefile(cache: Path, arch: str | None = None) -> Path:
                 digest.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
     out = cache / "dist" / digest.hexdigest()[:16]
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / "dist.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(cache / "dist.lock"):
         found = sorted(out.glob(f"kcore-*-linux-{arch}"))
         if found:
             return found[0]
@@ -335,11 +361,13 @@ def make_isf() -> str:
     folder = CACHE / "isf-6.1.0-56-amd64"
     out = folder / "linux-6.1.0-56-amd64.isf.json"
     if not out.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"tmp{os.getpid()}.json"
-        r = subprocess.run([pakunoda, "extract", str(fixture_memory(FIXTURE_NAMES[0])), "-o",
-                            str(tmp), "--offline", "--no-donor", "-q"], capture_output=True,
-                           text=True, timeout=900)
-        assert r.returncode == 0 and tmp.exists(), r.stdout[-2000:] + r.stderr[-2000:]
-        os.replace(tmp, out)
+        memory = fixture_memory(FIXTURE_NAMES[0])
+        with locked(folder / "isf.lock"):
+            if not out.exists():
+                tmp = folder / f"tmp{os.getpid()}.json"
+                r = subprocess.run([pakunoda, "extract", str(memory), "-o", str(tmp),
+                                    "--offline", "--no-donor", "-q"], capture_output=True,
+                                   text=True, timeout=900)
+                assert r.returncode == 0 and tmp.exists(), r.stdout[-2000:] + r.stderr[-2000:]
+                os.replace(tmp, out)
     return str(folder)

@@ -26,6 +26,7 @@ from tests.helpers import (
     make_isf,
     pid1_comm,
     run_kcore,
+    shared_cache,
     shared_fixture,
 )
 
@@ -59,9 +60,11 @@ def test_volatility_follows_the_critical_pages(tmp_path):
     kinds = result["critical"]["kinds"]
     for kind in ("page_tables", "task_struct", "mm_struct", "vma", "files", "cred", "modules"):
         assert kinds.get(kind), (kind, kinds)
-    cache = CACHE / "vol-cache"  # Volatility's symbol index, shared with the integration tests
-    cache.mkdir(parents=True, exist_ok=True)
-    got = measure(str(out), "linux.pslist", ["-s", make_isf()], str(cache))
+    isf = make_isf()
+    # Volatility's symbol index, shared with tests/integrations/test_volatility.py
+    with shared_cache("vol-cache") as cache:
+        got, *more = (measure(str(out), plugin, ["-s", isf], str(cache))
+                      for plugin in ("linux.pslist", "linux.proc.Maps", "linux.lsof"))
     assert got["exit_status"] == 0, got["error"]
     rows = pslist(subprocess.CompletedProcess([], 0, got["stdout"], ""))
     assert (1, 0, pid1_comm(KASLR)) in rows, rows
@@ -78,10 +81,9 @@ def test_volatility_follows_the_critical_pages(tmp_path):
     # every page the plugins follow (tasks, threads, maps with their files' paths, open
     # files) was read first: none is read later in address order
     assert got["pages_critical"] == got["pages"], got
-    for plugin in ("linux.proc.Maps", "linux.lsof"):
-        more = measure(str(out), plugin, ["-s", make_isf()], str(cache))
-        assert more["exit_status"] == 0 and more["rows"] > 5, more["error"]
-        assert more["pages"] > 20 and more["pages_critical"] == more["pages"], more
+    for other in more:  # linux.proc.Maps, linux.lsof
+        assert other["exit_status"] == 0 and other["rows"] > 5, other["error"]
+        assert other["pages"] > 20 and other["pages_critical"] == other["pages"], other
 
 
 def test_the_walk_finds_the_maps_volatility_lists():
@@ -113,17 +115,18 @@ def test_the_walk_finds_the_maps_volatility_lists():
                          for v in critical._maple_entries(walk, mm + ma_root)}
     finally:
         system.close()
-    cache = CACHE / "vol-cache"
-    cache.mkdir(parents=True, exist_ok=True)
     dump = run_kcore("dump", "--root", root(KASLR), "--source", spec(KASLR), "--format",
                      "lime", "--times", "-q", "-o", str(CACHE / f"maps-{os.getpid()}.lime"),
                      "--force", check=True)
     assert dump.returncode == 0
     lime = CACHE / f"maps-{os.getpid()}.lime"
     try:
-        got = measure(str(lime), "linux.proc.Maps", ["-s", make_isf()], str(cache))
+        isf = make_isf()
+        with shared_cache("vol-cache") as cache:
+            got = measure(str(lime), "linux.proc.Maps", ["-s", isf], str(cache))
     finally:
-        for p in (lime, Path(f"{lime}.times"), Path(f"{lime}.sha256")):
+        for p in (lime, *(Path(f"{lime}.{ext}") for ext in ("times", "sha256", "json",
+                                                             "symbols"))):
             p.unlink(missing_ok=True)
     assert got["exit_status"] == 0, got["error"]
     theirs = set()

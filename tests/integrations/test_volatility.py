@@ -18,7 +18,6 @@ import pytest
 
 from tests.commands.test_dump import dump, expected, expected_bytes
 from tests.helpers import (
-    CACHE,
     FIXTURE_NAMES,
     REPO,
     fixture_memory,
@@ -26,6 +25,7 @@ from tests.helpers import (
     pid1_comm,
     run_kcore,
     scratch_dir,
+    shared_cache,
     shared_fixture,
     volatility_cmd,
 )
@@ -217,19 +217,19 @@ def pslist(r: subprocess.CompletedProcess) -> list[tuple[int, int, str]]:
 def test_pslist_through_kcores_layer(images, isf, tmp_path):
     """linux.pslist through kcore's layer on the LiME dump, the raw file and QEMU's core lists
     what Volatility's own layers list from the same memory (init and kthreadd among them)."""
-    cache = CACHE / "vol-cache"  # Volatility's symbol index: built once (slow), then reused
-    cache.mkdir(parents=True, exist_ok=True)
     args = ("-s", isf, "linux.pslist")
-    own = {NOKASLR: pslist(vol(tmp_path, images["raw"][1], *args, kcore=False,
-                               cache=str(cache))),
-           KASLR: pslist(vol(tmp_path, images["qemu-elf"][1], *args, kcore=False,
-                             cache=str(cache)))}
-    for fixture, rows in own.items():
-        assert (1, 0, pid1_comm(fixture)) in rows and (2, 0, "kthreadd") in rows, rows
-    for kind in ("lime", "raw", "qemu-elf", "kdump"):
-        if kind not in images:
-            continue
-        name, path = images[kind]
-        r = vol(tmp_path, path, "-vvvv", *args, cache=str(cache))
-        assert STACKED in r.stderr, r.stderr[-3000:]
-        assert pslist(r) == own[name], (kind, r.stdout[-2000:], r.stderr[-2000:])
+    # Volatility's symbol index: built once (slow), then reused (with test_critical.py)
+    with shared_cache("vol-cache") as cache:
+        own = {NOKASLR: pslist(vol(tmp_path, images["raw"][1], *args, kcore=False,
+                                   cache=str(cache))),
+               KASLR: pslist(vol(tmp_path, images["qemu-elf"][1], *args, kcore=False,
+                                 cache=str(cache)))}
+        for fixture, rows in own.items():
+            assert (1, 0, pid1_comm(fixture)) in rows and (2, 0, "kthreadd") in rows, rows
+        for kind in ("lime", "raw", "qemu-elf", "kdump"):
+            if kind not in images:
+                continue
+            name, path = images[kind]
+            r = vol(tmp_path, path, "-vvvv", *args, cache=str(cache))
+            assert STACKED in r.stderr, r.stderr[-3000:]
+            assert pslist(r) == own[name], (kind, r.stdout[-2000:], r.stderr[-2000:])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import gzip
 import hashlib
 import io
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
+
+from tests.helpers import locked
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -99,15 +100,6 @@ def unavailable_reason(arch: str = "x86_64") -> str | None:
     if not (CACHE / "kernels").is_dir() and shutil.which("apt-get") is None:
         return "no cached kernel and no apt-get to download linux-image-*-amd64"
     return None
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock file (several pytest runs may share the cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 @dataclass(frozen=True)
@@ -264,7 +256,7 @@ def fetch_kernel(arch: str = "x86_64", package: str | None = None) -> Kernel:
     pinned package (remembered in the cache); other architectures: the arch's pinned one.
     """
     a = ARCHES[arch]
-    with _locked(CACHE / "kernel.lock"):
+    with locked(CACHE / "kernel.lock"):
         if a.host_root and package is None:
             pin = CACHE / "kernel-package"
             package = os.environ.get("KCORE_VM_KERNEL") or (pin.read_text().strip()
@@ -302,7 +294,7 @@ def fetch_busybox(arch: str) -> Path:
     if a.host_root:
         return Path(shutil.which("busybox") or "/bin/busybox").resolve()
     root = CACHE / f"busybox-{a.deb_arch}"
-    with _locked(CACHE / "kernel.lock"):
+    with locked(CACHE / "kernel.lock"):
         if not (root / "bin" / "busybox").exists():
             _unpack(_download("busybox-static", a, CACHE / "debs"), root)
     return root / "bin" / "busybox"
@@ -907,7 +899,7 @@ def ensure_built() -> None:
     built = [p.stat().st_mtime for p in (REPO / "kcore").glob("_kcore_c*.so")]
     if built and min(built) > max(p.stat().st_mtime for p in (REPO / "csrc").rglob("*.[ch]")):
         return
-    with _locked(CACHE / "build.lock"):
+    with locked(CACHE / "build.lock"):
         subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=REPO,
                        check=True, capture_output=True)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CACHE, REPO, run_kcore, volatility_cmd
+from tests.helpers import REPO, run_kcore, shared_cache, volatility_cmd
 from tests.vm import qemu_vm
 from tests.vm.guests import Guest, Pool
 
@@ -149,14 +149,16 @@ def dumped(request: pytest.FixtureRequest, vm_pool: Pool) -> SelfDump:
 
 # Volatility's symbol index, built once (slow), then reused; this file's own: another vol
 # updating a shared index without kcore's ISF folder drops the entry kcore's stacker added
-VOL_CACHE = CACHE / "vol-cache-symbols"
+# (its guests' tests may run on both xdist workers: shared_cache lets one vol at a time in)
+VOL_CACHE = "vol-cache-symbols"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _drop_built_isfs() -> Iterator[None]:
     """The ISFs kcore's stacker builds into Volatility's cache (one per guest boot) go after."""
     yield
-    shutil.rmtree(VOL_CACHE / "kcore-isf", ignore_errors=True)
+    with shared_cache(VOL_CACHE) as cache:
+        shutil.rmtree(cache / "kcore-isf", ignore_errors=True)
 
 
 def vol(tmp_path: Path, image: Path, *args: str) -> subprocess.CompletedProcess:
@@ -166,10 +168,10 @@ def vol(tmp_path: Path, image: Path, *args: str) -> subprocess.CompletedProcess:
 
     env = dict(os.environ, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    VOL_CACHE.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([*volatility_cmd(), "-q", "--cache-path", str(VOL_CACHE),
-                           "-p", plugin_dir(), "-f", str(image), *args], capture_output=True,
-                          text=True, timeout=900, env=env)
+    with shared_cache(VOL_CACHE) as cache:
+        return subprocess.run([*volatility_cmd(), "-q", "--cache-path", str(cache),
+                               "-p", plugin_dir(), "-f", str(image), *args],
+                              capture_output=True, text=True, timeout=900, env=env)
 
 
 def rows(r: subprocess.CompletedProcess, pid_col: int, name_col: int) -> dict[int, str]:
