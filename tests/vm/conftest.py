@@ -140,9 +140,14 @@ def _guest_of(item: pytest.Item) -> str | None:
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
-    """Every test under tests/vm is a `vm` test (before -m selects)."""
-    if Path(str(item.fspath)).is_relative_to(qemu_vm.HERE):
+    """Every test under tests/vm is a `vm` test (before -m selects), in the xdist group of the
+    guest it boots (one worker runs them all: one boot a run), or of its module when it boots
+    guests of its own."""
+    path = Path(str(item.fspath))
+    if path.is_relative_to(qemu_vm.HERE):
         item.add_marker(pytest.mark.vm)
+        guest = _guest_of(item)
+        item.add_marker(pytest.mark.xdist_group(f"guest:{guest}" if guest else f"vm/{path.name}"))
 
 
 @pytest.hookimpl(trylast=True)

@@ -122,7 +122,8 @@ POOLS: list[Pool] = []  # every pool made this session (tests/vm/conftest.py swe
 
 
 class Pool:
-    """Boots guests on demand, keeps only one running (2 cores), closes them all at the end."""
+    """Boots guests on demand, keeps only one running (2 cores: one pool per xdist worker),
+    closes them all at the end."""
 
     def __init__(self) -> None:
         self.current: Guest | None = None
