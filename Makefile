@@ -1,6 +1,6 @@
 # Developer habits, also run by .ci/run: `make check` (lint and types), `make test-fast`
-# (everything but the QEMU tests). ruff format is not enforced: adopting it would rewrite
-# nearly every file at once.
+# (the fast set: no QEMU guest, no consumer tool). ruff format is not enforced: adopting it
+# would rewrite nearly every file at once.
 PYTHON ?= python3
 
 .PHONY: build check test-fast test dist dist-aarch64
@@ -12,8 +12,8 @@ check:  ## ruff and mypy (configured in pyproject.toml)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy
 
-test-fast: build  ## the tests that boot no VM
-	$(PYTHON) -m pytest -m 'not vm'
+test-fast: build  ## the fast set: no QEMU guest (vm), no crash/drgn/makedumpfile/Volatility (consumers)
+	$(PYTHON) -m pytest -m 'not vm and not consumers'
 
 test: build  ## the README's test command: everything
 	$(PYTHON) -m pytest
