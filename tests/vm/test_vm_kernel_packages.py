@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import locked
 from tests.vm import qemu_vm
 
 
@@ -28,7 +29,7 @@ def _cached(name: str) -> Path | None:
 def _fetch_newest() -> None:
     """Fetch unstable's newest linux-image and its binary and base parts into the cache."""
     arch = qemu_vm.ARCHES["x86_64"]
-    with qemu_vm._locked(qemu_vm.CACHE / "kernel.lock"):
+    with locked(qemu_vm.CACHE / "kernel.lock"):
         opts = qemu_vm._foreign_apt(arch, qemu_vm.NEWEST_SUITE)
         deps = subprocess.run(["apt-cache", *opts, "depends", arch.meta], capture_output=True,
                               text=True).stdout
@@ -78,7 +79,7 @@ def test_one_package_kernel_has_no_parts() -> None:
     if deb is None:  # the package the vm tests boot: fetched once for all of them
         if qemu_vm.unavailable_reason() is not None:
             pytest.skip(f"{qemu_vm.PINNED_PACKAGE} is not cached in {qemu_vm.CACHE / 'debs'}")
-        with qemu_vm._locked(qemu_vm.CACHE / "kernel.lock"):
+        with locked(qemu_vm.CACHE / "kernel.lock"):
             deb = qemu_vm._download(qemu_vm.PINNED_PACKAGE, qemu_vm.ARCHES["x86_64"],
                                     qemu_vm.CACHE / "debs")
     assert qemu_vm.split_parts(deb, qemu_vm.PINNED_PACKAGE.removeprefix("linux-image-")) == []
