@@ -85,6 +85,9 @@ def test_smear_busy_guest(benchmark, busy_guest, record, note):
                 "window": got.get("window_seconds"), "share": got.get("window_share"),
                 "failed": got["exit_status"] != 0, "broken": broken(got["stdout"]),
                 "pages": got["pages"], "pages_critical": got["pages_critical"]}
+        row["bytes"] = out.stat().st_size
+        row["times_bytes"] = Path(f"{out}.times").stat().st_size
+        row["critical_pages"] = (dump.get("critical") or {}).get("pages")
         runs[order].append(row)
         for p in vm.share.glob(f"smear-{order}-{i}.lime*"):
             p.unlink()
@@ -114,6 +117,13 @@ def test_smear_busy_guest(benchmark, busy_guest, record, note):
     crit = [r["critical"]["seconds"] / r["dump_seconds"] for r in runs["critical"]]
     record("critical set's read window / the dump's (worst)", f"{100 * max(crit):.3f}%",
            "<= 1%", max(crit) <= 0.01)
+    sidecar = max(r["times_bytes"] / r["bytes"] for o in runs for r in runs[o])
+    record("--times sidecar / the dump's size (1 GiB guest, LiME, worst of the dumps)",
+           f"{100 * sidecar:.4f}%", "<= 0.1%", sidecar <= 0.001)
+    note("Critical read (ms) / dump (s) per run: " + ", ".join(
+        f"{1e3 * r['critical']['seconds']:.1f}/{r['dump_seconds']:.1f}"
+        for r in runs["critical"]) + "; pages read first: "
+        + ", ".join(f"{r['critical_pages']}" for r in runs["critical"]) + ".")
     note("Windows per run (s), address order: "
          + "; ".join(f"{p}: " + ", ".join(f"{r['plugins'][p]['window']}" for r in
                                           runs["address"]) for p in PLUGINS)

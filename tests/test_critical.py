@@ -137,6 +137,39 @@ def test_the_walk_finds_the_maps_volatility_lists():
     assert len(theirs) > 10 and ours == theirs, (sorted(ours ^ theirs)[:10], len(ours))
 
 
+def test_the_kernels_zero_data_pages_are_left_to_address_order():
+    """Of the kernel's .data and .bss in the capture's RAM (the raw file: offset = physical
+    address), the set holds every page with a non-zero byte and, of the all-zero ones, only
+    the few something else walked to (a page table, a task): init_task's page is in, the 12
+    MiB of AMD microcode buffers (amd_ucode_patch, all zero in the guest) are not."""
+    from kcore import critical
+    from kcore.discover import discover
+
+    kallsyms = (shared_fixture(NOKASLR) / "root/proc/kallsyms").read_text()
+    sym = {parts[2]: int(parts[0], 16) for parts in map(str.split, kallsyms.splitlines())
+           if len(parts) >= 3 and parts[2] in ("_sdata", "_edata", "__bss_start", "_end",
+                                               "init_task", "amd_ucode_patch")}
+    system = discover(root(NOKASLR), spec(NOKASLR))
+    try:
+        pages = set(critical.find(system).pages)
+        pa = system.addrmap.pa_symbol
+    finally:
+        system.close()
+    ram = fixture_memory(NOKASLR).read_bytes()
+    held, zero, zero_held = 0, 0, 0
+    for lo, hi in (("_sdata", "_edata"), ("__bss_start", "_end")):
+        for va in range(sym[lo] & ~(PAGE - 1), sym[hi], PAGE):
+            p = pa(va)
+            if ram[p:p + PAGE].count(0) != PAGE:
+                assert p in pages, hex(va)
+                held += 1
+            else:
+                zero, zero_held = zero + 1, zero_held + (p in pages)
+    assert pa(sym["init_task"]) & ~(PAGE - 1) in pages
+    assert pa(sym["amd_ucode_patch"] + (1 << 20)) & ~(PAGE - 1) not in pages
+    assert held > 500 and zero > 3000 and zero_held < zero // 50, (held, zero, zero_held)
+
+
 def test_critical_pages_are_the_early_reads(tmp_path, monkeypatch):
     """The pages read first stand in the output, whatever the copy read of them later: the
     source's critical pages are overwritten right after the early read (a kernel at work);
