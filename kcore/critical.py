@@ -5,7 +5,9 @@ kernel's global data (.data and .bss: the variables everything hangs from) and p
 (every table page under init_top_pgt), every task_struct on init_task.tasks and its threads,
 and from each task its mm_struct and page-table tree (user half), its VMAs (the maple tree
 of 6.1+, else the mmap list) with their files and dentries, its files_struct, fdtable and
-open files, its credentials; then the module list. Structure offsets come from the kernel's
+open files, its credentials (the task_structs', signal_structs' and creds' slabs whole, and the
+slabs each CPU allocates the next ones from: a task forked while the walk runs is likely
+there); then the module list. Structure offsets come from the kernel's
 BTF (ROOT/sys/kernel/btf/vmlinux, else the BTF section between __start_BTF and __stop_BTF
 read from memory); addresses from kallsyms. Nothing here writes; the walk is bounded (a
 hostile image cannot make it loop or grow without end).
@@ -33,7 +35,11 @@ MAX_FDS = 1024  # open files per task looked at
 MAX_PAGES = 1 << 16  # critical pages kept at most (256 MiB); the rest go in address order
 MAX_BTF = 64 << 20  # a BTF blob larger than this is not a kernel's
 SYMBOLS = ("init_task", "init_top_pgt", "modules", "__start_BTF", "__stop_BTF", "_sdata",
-           "_edata", "__bss_start", "_end")
+           "_edata", "__bss_start", "_end", "task_struct_cachep", "signal_cachep", "cred_jar",
+           "__per_cpu_offset", "nr_cpu_ids")
+MAX_SLAB_ORDER = 4  # a slab of more than 16 pages (64 KiB) is not believed
+MAX_CPU_PARTIAL = 64  # a CPU's partial slabs followed at most
+MAX_CPUS = 8192
 MAX_KERNEL_DATA = 256 << 20  # a kernel's .data and .bss larger than this are not believed
 
 # BTF (Documentation/bpf/btf.rst): kinds and the bytes each adds after its 12-byte header
@@ -246,6 +252,62 @@ class _Walk:
                     self.kinds.setdefault(pa + k * PAGE, kind)
             i = j
 
+    def add_slab(self, vaddr: int, order: int, kind: str) -> None:
+        """Mark the slab holding the object at vaddr: its 2^order pages (the buddy allocator
+        aligns them so). A task forked while the walk runs likely lands in one of them."""
+        pa = self.phys(vaddr) if order and self.amap.in_direct_map(vaddr) else None
+        if pa is not None:
+            span = PAGE << order
+            self.add_pages(pa & ~(span - 1), span, kind)
+
+    def add_pages(self, pa: int, n: int, kind: str) -> None:
+        """Mark the physical pages [pa, pa + n) that the source holds."""
+        for p in range(pa, pa + n, PAGE):
+            if self.source.contains(p, PAGE):
+                self.kinds.setdefault(p, kind)
+
+    def slab_order(self, cachep: int | None) -> int:
+        """The page order of the slabs of the kmem_cache a kernel pointer at cachep names
+        (SLUB's oo, SLAB's gfporder); 0 when it cannot be read."""
+        btf = self.btf
+        cache = self.ptr(cachep) if cachep else 0
+        if not cache:
+            return 0
+        if btf.has("kmem_cache", "oo"):
+            order = (self.ptr(cache + btf.offset("kmem_cache", "oo")) & 0xFFFFFFFF) >> 16
+        elif btf.has("kmem_cache", "gfporder"):
+            order = self.ptr(cache + btf.offset("kmem_cache", "gfporder")) & 0xFFFFFFFF
+        else:
+            return 0
+        return order if order <= MAX_SLAB_ORDER else 0
+
+    def add_cpu_slabs(self, cachep: int | None, per_cpu: list[int], kind: str) -> None:
+        """Mark the slabs each CPU allocates the cache's next objects from (SLUB's
+        kmem_cache_cpu: its slab and partial list), whole: a task forked during the walk is
+        most likely in one of them."""
+        btf, amap = self.btf, self.amap
+        cache = self.ptr(cachep) if cachep else 0
+        if not cache or not (btf.has("kmem_cache", "cpu_slab") and btf.has("kmem_cache_cpu",
+                                                                            "slab")):
+            return
+        order = self.slab_order(cachep)
+        cpu_slab = self.ptr(cache + btf.offset("kmem_cache", "cpu_slab"))
+        partial = (btf.offset("kmem_cache_cpu", "partial")
+                   if btf.has("kmem_cache_cpu", "partial") and btf.has("slab", "next") else None)
+        for base in per_cpu:
+            kcc = (cpu_slab + base) & 0xFFFFFFFFFFFFFFFF
+            slabs = [self.ptr(kcc + btf.offset("kmem_cache_cpu", "slab"))]
+            nxt = self.ptr(kcc + partial) if partial is not None else 0
+            while nxt and nxt not in slabs and len(slabs) <= MAX_CPU_PARTIAL:
+                slabs.append(nxt)
+                nxt = self.ptr(nxt + btf.offset("slab", "next"))
+            for slab in slabs:
+                pfn, rest = divmod(slab - amap.vmemmap_start, amap.struct_page_size)
+                # a struct slab of this cache (the pointers are the kernel's, maybe stale)
+                if (slab and not rest and 0 <= pfn < 1 << 40 and self.ptr(
+                        slab + btf.offset("slab", "slab_cache")) == cache):
+                    self.add_pages(pfn * PAGE, PAGE << order, kind)
+
     def list_entries(self, head: int, member_off: int, limit: int) -> list[int]:
         """The objects on a list_head at head (their addresses: entry - member_off)."""
         out: list[int] = []
@@ -312,6 +374,7 @@ def find(system: Any, source: Any = None, max_pages: int = MAX_PAGES) -> Critica
     walk.btf = btf = load_btf(root, walk.read, symbols)
     tasks = _walk_tasks(walk, btf, symbols)
     _walk_kernel(walk, symbols)
+    _walk_cpu_slabs(walk, symbols)
     pages = sorted(walk.kinds)
     if len(pages) > max_pages:
         walk.warnings.append(f"the critical set has {len(pages)} pages: the first {max_pages} "
@@ -359,6 +422,7 @@ def _task_groups(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[list[in
     by_signal = (signal is not None and btf.has("signal_struct", "thread_head")
                  and btf.has("task_struct", "thread_node"))
     sig_size = btf.size("signal_struct") if signal is not None else 0
+    sig_order = walk.slab_order(symbols.get("signal_cachep"))
     node = btf.offset("task_struct", "thread_node") if by_signal else 0
     head = btf.offset("signal_struct", "thread_head") if by_signal else 0
     groups = []
@@ -368,8 +432,10 @@ def _task_groups(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[list[in
             group += walk.list_entries(leader + thread, thread, MAX_TASKS)
         if signal is not None:
             sig = walk.ptr(leader + signal)
-            if walk.add(sig, sig_size, "task_struct") and by_signal:
-                group += walk.list_entries(sig + head, node, MAX_TASKS)
+            if walk.add(sig, sig_size, "task_struct"):
+                walk.add_slab(sig, sig_order, "task_struct")
+                if by_signal:
+                    group += walk.list_entries(sig + head, node, MAX_TASKS)
         groups.append(group)
     return groups
 
@@ -381,6 +447,9 @@ def _walk_tasks(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[tuple[in
     if btf.has("task_struct", "fs"):
         o["fs"] = btf.offset("task_struct", "fs")
     tsize = btf.size("task_struct")
+    # whole slabs of tasks and credentials: those forked during the walk are likely in them
+    task_order = walk.slab_order(symbols.get("task_struct_cachep"))
+    cred_order = walk.slab_order(symbols.get("cred_jar"))
     out: list[tuple[int, str]] = []
     seen: set[int] = set()
     mms: set[int] = set()
@@ -392,6 +461,7 @@ def _walk_tasks(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[tuple[in
             seen.add(task)
             if not walk.add(task, tsize, "task_struct"):
                 continue
+            walk.add_slab(task, task_order, "task_struct")
             raw = walk.read(task, tsize) or b""
             if len(raw) < tsize:
                 continue
@@ -404,7 +474,8 @@ def _walk_tasks(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[tuple[in
                 return int.from_bytes(raw[o[name]:o[name] + 8], "little")
 
             for name in ("cred", "real_cred"):
-                walk.add(field_ptr(name), btf.size("cred"), "cred")
+                if walk.add(field_ptr(name), btf.size("cred"), "cred"):
+                    walk.add_slab(field_ptr(name), cred_order, "cred")
             if "fs" in o:
                 _walk_fs(walk, btf, field_ptr("fs"))
             _walk_files(walk, btf, field_ptr("files"))
@@ -413,6 +484,19 @@ def _walk_tasks(walk: _Walk, btf: Btf, symbols: dict[str, int]) -> list[tuple[in
                 mms.add(mm)
                 _walk_mm(walk, btf, mm)
     return out
+
+
+def _walk_cpu_slabs(walk: _Walk, symbols: dict[str, int]) -> None:
+    """The slabs each CPU hands out the next task_struct, signal_struct and cred from: the
+    walk takes seconds on a busy machine, and the tasks forked meanwhile are likely there.
+    Walked last, so as close to the read as can be."""
+    at, nr = symbols.get("__per_cpu_offset"), symbols.get("nr_cpu_ids")
+    n = min(walk.ptr(nr) & 0xFFFFFFFF, MAX_CPUS) if nr else 0
+    raw = walk.read(at, 8 * n) if at and n else None
+    per_cpu = [v for (v,) in struct.iter_unpack("<Q", raw)] if raw else []
+    for cachep, kind in (("task_struct_cachep", "task_struct"), ("signal_cachep", "task_struct"),
+                         ("cred_jar", "cred")):
+        walk.add_cpu_slabs(symbols.get(cachep), per_cpu, kind)
 
 
 def _walk_files(walk: _Walk, btf: Btf, files: int) -> None:

@@ -170,6 +170,39 @@ def test_the_kernels_zero_data_pages_are_left_to_address_order():
     assert held > 500 and zero > 3000 and zero_held < zero // 50, (held, zero, zero_held)
 
 
+def test_the_next_task_the_kernel_allocates_is_read_first():
+    """A task forked while the walk runs lands where SLUB hands out the next task_struct:
+    the object at the head of the CPU's freelist for task_struct_cachep (the capture's
+    kmem_cache_cpu, else its slab's freelist). Its pages are in the set, though no task
+    there was walked; so are the next signal_struct's and cred's."""
+    from kcore import critical
+    from kcore.discover import discover
+    from kcore.kallsyms import parse_kallsyms
+
+    system = discover(root(KASLR), spec(KASLR))
+    try:
+        pages = set(critical.find(system).pages)
+        walk = critical._Walk(system, system.source)
+        kallsyms = (shared_fixture(KASLR) / "root/proc/kallsyms").read_text()
+        symbols = parse_kallsyms(kallsyms, critical.SYMBOLS, where="kallsyms",
+                                 required=("init_task",))
+        walk.btf = btf = critical.load_btf(shared_fixture(KASLR) / "root", walk.read, symbols)
+        cpu0 = walk.ptr(symbols["__per_cpu_offset"])
+        for cachep, struct_name in (("task_struct_cachep", "task_struct"),
+                                    ("signal_cachep", "signal_struct"), ("cred_jar", "cred")):
+            cache = walk.ptr(symbols[cachep])
+            kcc = walk.ptr(cache + btf.offset("kmem_cache", "cpu_slab")) + cpu0
+            nxt = walk.ptr(kcc + btf.offset("kmem_cache_cpu", "freelist"))
+            if not nxt:
+                slab = walk.ptr(kcc + btf.offset("kmem_cache_cpu", "slab"))
+                nxt = walk.ptr(slab + btf.offset("slab", "freelist"))
+            assert nxt, cachep
+            for va in range(nxt & ~(PAGE - 1), nxt + btf.size(struct_name), PAGE):
+                assert walk.phys(va) in pages, (cachep, hex(va))
+    finally:
+        system.close()
+
+
 def test_critical_pages_are_the_early_reads(tmp_path, monkeypatch):
     """The pages read first stand in the output, whatever the copy read of them later: the
     source's critical pages are overwritten right after the early read (a kernel at work);
