@@ -167,8 +167,8 @@ def test_critical_order_cost_4gib(benchmark, guest_core, record, note):  # noqa:
     ratio = min(walls["crit"]) / min(walls["plain"])
     record(f"4 GiB guest core -> elf: --order critical --times / plain (best of {ROUNDS} each, "
            f"interleaved)", f"{ratio:.3f}x", "<= 1.10x", ratio <= 1.10)
-    med = statistics.median(walls["crit"]) / statistics.median(walls["plain"])
-    record("the same, median / median", f"{med:.3f}x", "<= 1.10x", med <= 1.10)
+    med = statistics.median(c / p for c, p in zip(walls["crit"], walls["plain"], strict=True))
+    record("the same, median of the rounds' ratios", f"{med:.3f}x", "<= 1.10x", med <= 1.10)
     share = sizes["times"] / sizes["dump"]
     record("--times sidecar / the dump's size (4 GiB guest, ELF)", f"{100 * share:.4f}%",
            "<= 0.1%", share <= 0.001)
