@@ -16,10 +16,13 @@ hostile image cannot make it loop or grow without end).
 from __future__ import annotations
 
 import bisect
+import os
 import struct
 import sys
 import time
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -676,6 +679,7 @@ class Snapshot:
     seconds: float = 0.0  # from the first read's start to the last read's end
     pages_unreadable: int = 0
     found: CriticalSet | None = None  # the set these pages came from
+    realtime: bool = False  # read at SCHED_FIFO priority (no other task preempted it)
     _placed: set[int] = field(default_factory=set)  # run indexes written into the output
 
     def __post_init__(self) -> None:
@@ -745,12 +749,32 @@ def read_first(source: Any, cset: CriticalSet, times: Any = None) -> Snapshot:
             spans[-1][1] += PAGE
         else:
             spans.append([off, PAGE])
-    # one C call reads every span (no return to Python between two reads: a short window)
-    buf, stamps, st = engine.read_spans(source.fd, [(o, n) for o, n in spans])
+    # one C call reads every span (no return to Python between two reads: a short window),
+    # at real-time priority where the process may: no task of the load preempts it meanwhile
+    with _realtime() as realtime:
+        buf, stamps, st = engine.read_spans(source.fd, [(o, n) for o, n in spans])
     runs, at = [], 0
     for (off, n), r0, r1 in zip(spans, stamps, stamps[1:], strict=False):
         runs.append((off, bytes(buf[at:at + n])))
         at += n
         if times is not None:
             times.add(off, n, r0 - times.start, r1 - times.start, CRITICAL)
-    return Snapshot(runs, (stamps[-1] - stamps[0]) / 1e9, st.pages_zero_filled, cset)
+    return Snapshot(runs, (stamps[-1] - stamps[0]) / 1e9, st.pages_zero_filled, cset,
+                    realtime=realtime)
+
+
+@contextmanager
+def _realtime() -> Iterator[bool]:
+    """The calling thread at SCHED_FIFO priority 1 for the block, where it may (root's
+    CAP_SYS_NICE), then back to its policy; yields whether it was. In a busy 6.1 guest the
+    critical read took 18-47 ms so (6 reads) against 20-275 ms without (6, interleaved)."""
+    try:
+        old = (os.sched_getscheduler(0), os.sched_getparam(0))
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except (OSError, AttributeError):  # not permitted, or not Linux
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.sched_setscheduler(0, *old)

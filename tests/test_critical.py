@@ -329,6 +329,21 @@ def test_refusals_are_one_line(tmp_path):
     assert r.returncode == 2 and "plain.lime.times: missing" in r.stderr
 
 
+def test_the_critical_read_runs_at_realtime_priority_then_returns():
+    """Where the process may (CAP_SYS_NICE), the critical read runs at SCHED_FIFO as the
+    kernel reports it, and the thread is back at its policy afterwards, even through Ctrl-C."""
+    from kcore import critical
+
+    before = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+    with critical._realtime() as realtime:
+        inside = os.sched_getscheduler(0)
+    assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
+    assert inside == (os.SCHED_FIFO if realtime else before[0])
+    with pytest.raises(KeyboardInterrupt), critical._realtime():
+        raise KeyboardInterrupt
+    assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
+
+
 def test_hostile_btf_is_one_error():
     """Truncated or corrupt BTF is an InputError, never an exception of another kind."""
     from kcore.critical import Btf

@@ -397,7 +397,7 @@ def _time_report(args: argparse.Namespace, summary: dict[str, Any], out: Output,
         cset = first.found
         crit = {"pages": first.pages, "kinds": cset.counts, "tasks": len(cset.tasks),
                 "walk_seconds": round(cset.seconds, 3), "read_seconds": round(first.seconds, 6),
-                "pages_unreadable": first.pages_unreadable,
+                "pages_unreadable": first.pages_unreadable, "realtime": first.realtime,
                 "pages_not_in_output": first.pages_not_placed, "warnings": cset.warnings}
         summary["result"]["critical"] = summary["manifest"]["critical"] = crit
 
