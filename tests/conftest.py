@@ -14,10 +14,11 @@ HERE = Path(__file__).resolve().parent
 # The groups that take longest, handed out first: xdist gives each worker the next group in
 # collection order when it runs dry (--no-loadscope-reorder), so a long one started last would
 # keep one CPU busy alone at the end.  In the order of their time in serial runs (2026-12-06):
-# the KASLR guest's group ~8 min (its readback dumps alone 3), the other guests' 1.5-3 min,
-# then the modules of crash, Volatility and drgn sessions and of many dumps (1-4 min).
+# the KASLR guest's group ~5 min and its readback dumps' (a guest of their own) ~3.5, the
+# other guests' 1.5-3 min, then the modules of crash, Volatility and drgn sessions and of many
+# dumps (1-4 min).
 LONGEST_FIRST = (
-    "guest:kaslr", "guest:nokaslr", "guest:big", "consumers/test_kdump.py",
+    "guest:kaslr", "guest:kaslr-readback", "guest:nokaslr", "guest:big", "consumers/test_kdump.py",
     "guest:kaslr-6.12", "integrations/test_volatility.py", "guest:onefile-6.12",
     "guest:onefile-6.1", "test_critical.py", "commands/test_dump.py",
     "integrations/test_drgn.py", "sources/test_short_reads.py", "consumers/test_dump.py",

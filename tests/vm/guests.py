@@ -28,6 +28,9 @@ CONFIGS = {
 # with KASLR (tests/vm/test_vm_symbols.py)
 EXTRA_CONFIGS = {
     "kaslr-6.12": VmConfig("kaslr-6.12", mem_mib=512, kaslr=True, kernel=qemu_vm.X86_KERNEL_612),
+    # the KASLR guest again, for tests/vm/test_vm_readback.py alone: its dumps (3 of the KASLR
+    # group's 8 minutes) then run on the other xdist worker, beside the rest of that group
+    "kaslr-readback": VmConfig("kaslr-readback", mem_mib=512, kaslr=True, smp=2),
 }
 # Guests whose /proc/kcore cannot be read (no capture is taken after boot).
 NO_CAPTURE = {"lockdown-confidentiality"}

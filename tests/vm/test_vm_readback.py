@@ -53,12 +53,13 @@ TMPFS_MIB = 320
 CHANGED_BOUND = 0.35
 HERE = Path(__file__).resolve().parent
 
-pytestmark = pytest.mark.guest("kaslr")  # the fixture below takes it: run with its group
+# a KASLR guest of its own (one more boot, ~30 s): its dumps run beside the KASLR group's tests
+pytestmark = pytest.mark.guest("kaslr-readback")
 
 @pytest.fixture(scope="module")
 def dumped(vm_pool: Pool):
     """{(where, name): the guest's findings}, with the dumps on the share for the host."""
-    kaslr_guest = vm_pool.get("kaslr")
+    kaslr_guest = vm_pool.get("kaslr-readback")
     vm = kaslr_guest.vm
     code = (HERE / "guest_dumps.py").read_text()
     found = {}
