@@ -339,20 +339,13 @@ class RemoteOutput(Output):
 
     def _run_stream(self) -> None:
         buf = bytearray(STREAM_CHUNK)
-        if self._unhashed:  # --no-digest, nothing to resume: the bytes go as they come
-            while not self._cancel.is_set():
-                n = os.readv(self._rfd, [buf])
-                if n == 0:
-                    break
-                self.sink.send(memoryview(buf)[:n])
-                self._received += n
-            return
         # hashed on a thread of its own while the same bytes are sent. A stream that cannot
         # resume commits once, so it is one part: the whole's SHA-256 is the part's (one hash
-        # pass, not two). A sink that resumes has each part hashed.
+        # pass, not two); with --no-digest no part needs one and nothing is hashed. A sink
+        # that resumes has each part hashed.
         one_part = self._one_part
-        hasher = ChunkedSha256(self.part_size, whole=self._whole is not None,
-                               chunks=not one_part)
+        hasher = None if self._unhashed else ChunkedSha256(
+            self.part_size, whole=self._whole is not None, chunks=not one_part)
         try:
             with ThreadPoolExecutor(1, thread_name_prefix="kcore-upload-sha256") as pool:
                 while not self._cancel.is_set():
@@ -360,17 +353,19 @@ class RemoteOutput(Output):
                     if n == 0:
                         break
                     view = memoryview(buf)[:n]
-                    hashed = pool.submit(hasher.update, view)
+                    hashed = pool.submit(hasher.update, view) if hasher is not None else None
                     try:
                         self.sink.send(view)
                     finally:
-                        hashed.result()
+                        if hashed is not None:
+                            hashed.result()
                     self._received += n
         finally:
-            whole = hasher.hexdigest()
+            whole = hasher.hexdigest() if hasher is not None else ""
         if self._whole is not None:
             self._whole = _Done(whole)
-        self._parts = [whole] if one_part and self._received else hasher.chunks
+        if hasher is not None:
+            self._parts = [whole] if one_part and self._received else hasher.chunks
 
     def _run_parts(self) -> None:
         size = self.part_size
