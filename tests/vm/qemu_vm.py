@@ -199,11 +199,11 @@ def _candidate(package: str, opts: list[str]) -> bool:
     return "Candidate:" in policy.stdout and "Candidate: (none)" not in policy.stdout
 
 
-def _apt_package(arch: GuestArch, wanted: str | None = None) -> str:
+def _apt_package(arch: GuestArch, wanted: str | None = None, suite: str | None = None) -> str:
     """The kernel package: `wanted` or the pinned one if apt has it, else what the arch's
     linux-image meta package depends on; a meta package (linux-image-6.12-arm64) is resolved
-    to the kernel it depends on."""
-    opts = _apt_options(arch)
+    to the kernel it depends on. `suite`: look in that Debian suite alone (NEWEST_SUITE)."""
+    opts = _foreign_apt(arch, suite) if suite else _apt_options(arch)
     for name in (wanted or arch.pinned, arch.meta):
         if not _candidate(name, opts):
             continue
