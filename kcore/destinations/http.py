@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import re
+import ssl
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -91,6 +92,9 @@ class Http:
                 r = self.pool.request(method, url, body=body, headers=headers or {},
                                       chunked=chunked, preload_content=True, redirect=False)
             except self.urllib3.exceptions.HTTPError as exc:
+                untrusted = _untrusted(exc)
+                if untrusted:  # as certain on the next try: not retried
+                    raise UploadError(f"{what} at {redact(url)} failed: {untrusted}") from None
                 last = _reason(exc)
                 continue
             if (ok or _2xx)(r.status):
@@ -108,6 +112,21 @@ class Http:
 
 def _2xx(status: int) -> bool:
     return 200 <= status < 300
+
+
+def _untrusted(exc: BaseException) -> str | None:
+    """What to say when exc (or what it wraps) is a TLS certificate the system does not
+    trust; else None."""
+    seen: set[int] = set()
+    inner: Any = exc
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        if isinstance(inner, ssl.SSLCertVerificationError):
+            why = inner.verify_message or inner.reason or "not trusted"
+            return (f"the server's TLS certificate is not trusted ({why}); if it is the "
+                    f"right server, name its CA certificate with SSL_CERT_FILE=FILE")
+        inner = getattr(inner, "reason", None) or inner.__cause__ or inner.__context__
+    return None
 
 
 def _reason(exc: Exception) -> str:
@@ -177,6 +196,10 @@ class PutStream(Sink):
                 return
             except OSError as exc:
                 conn.close()
+                untrusted = _untrusted(exc)
+                if untrusted:
+                    raise UploadError(f"connecting to {self.display} failed: {untrusted}"
+                                      ) from None
                 if attempt == self.http.retries:
                     raise UploadError(f"connecting to {self.display} failed (after "
                                       f"{attempt + 1} tries): {exc.strerror or exc}") from None

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -73,14 +74,17 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    """Wait until url answers (any HTTP status), or fail saying what the server printed."""
+def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 120,
+              cafile: Path | None = None) -> None:
+    """Wait until url answers (any HTTP status), or fail saying what the server printed;
+    an https server's certificate is checked against cafile."""
     deadline = time.monotonic() + timeout
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"{what} exited with {proc.returncode}")
         try:
-            urllib.request.urlopen(url, timeout=2).close()
+            urllib.request.urlopen(url, timeout=2, context=context).close()
             return
         except urllib.error.HTTPError:
             return
@@ -99,9 +103,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 class Nginx:
     """nginx serving ROOT/www with WebDAV PUT; small_disk: its files (and request-body
-    temp files) on a tmpfs of that many MiB, mounted in a mount namespace of its own."""
+    temp files) on a tmpfs of that many MiB, mounted in a mount namespace of its own; tls:
+    https only, with a self-signed certificate for 127.0.0.1 (self.cert)."""
 
-    def __init__(self, folder: Path, small_disk: int = 0) -> None:
+    def __init__(self, folder: Path, small_disk: int = 0, tls: bool = False) -> None:
         if shutil.which("nginx") is None:
             pytest.skip("nginx is not installed (apt-get install nginx-core)")
         self.folder = folder
@@ -111,6 +116,17 @@ class Nginx:
         self.www.mkdir(exist_ok=True)
         conf = folder / "nginx.conf"
         tmp = folder / "tmp"
+        self.scheme, listen, self.cert = "http", "", None
+        if tls:
+            if shutil.which("openssl") is None:
+                pytest.skip("openssl is not installed (apt-get install openssl)")
+            self.cert, key = folder / "cert.pem", folder / "key.pem"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-days", "2", "-subj", "/CN=127.0.0.1", "-addext",
+                            "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out",
+                            str(self.cert)], check=True, capture_output=True)
+            self.scheme = "https"
+            listen = f" ssl;\n    ssl_certificate {self.cert}; ssl_certificate_key {key}"
         conf.write_text(f"""daemon off;
 master_process off;
 pid {folder}/nginx.pid;
@@ -121,7 +137,7 @@ http {{
   client_body_temp_path {tmp};
   proxy_temp_path {tmp}; fastcgi_temp_path {tmp}; uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
   server {{
-    listen 127.0.0.1:{self.port};
+    listen 127.0.0.1:{self.port}{listen};
     root {self.www};
     client_max_body_size 0;
     location / {{ dav_methods PUT DELETE; create_full_put_path on; dav_access user:rw; }}
@@ -138,7 +154,7 @@ http {{
         self.proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         try:
-            wait_http(self.url("/"), self.proc, "nginx")
+            wait_http(self.url("/"), self.proc, "nginx", cafile=self.cert)
         except AssertionError:
             err = self.proc.stderr.read().decode() if self.proc.poll() is not None else ""
             stop(self.proc)
@@ -148,7 +164,7 @@ http {{
 
     def url(self, path: str) -> str:
         """The URL of path on this server."""
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def close(self) -> None:
         """Stop nginx."""

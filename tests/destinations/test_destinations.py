@@ -232,6 +232,30 @@ def test_nginx_put_elf_writes_no_local_disk(request: pytest.FixtureRequest,
         assert manifest["sha256"] is None and manifest["parts"] is None, manifest
 
 
+def test_nginx_https_put_through_tls(request: pytest.FixtureRequest,
+                                    streams: dict[str, bytes],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An https:// PUT (what a pre-signed URL is): TLS encrypts in the process, so the bytes
+    are read and sent rather than spliced; the object and its .sha256 are the stream's. A
+    certificate the system does not trust ends in one line naming it, and nothing is made."""
+    folder = scratch_dir(request, "nginx-tls")
+    with running(Nginx(folder, tls=True)) as ng:
+        url = ng.url("/mem.lime")
+        line = one_line_error(dump(url, "--format", "lime"))
+        # said at once (not retried: the next try would fail alike), with what to do
+        assert url in line and "certificate is not trusted" in line, line
+        assert "SSL_CERT_FILE" in line and "tries" not in line, line
+        assert not (ng.www / "mem.lime").exists()
+        monkeypatch.setenv("SSL_CERT_FILE", str(ng.cert))
+        r = dump(url, "--format", "lime")
+        assert r.returncode == 0, r.stderr.decode()
+        data = (ng.www / "mem.lime").read_bytes()
+        assert data == streams["lime"]
+        sha = (ng.www / "mem.lime.sha256").read_text()
+        assert sha == f"{hashlib.sha256(data).hexdigest()}  mem.lime\n"
+        check_manifest(json.loads((ng.www / "mem.lime.json").read_bytes()), data)
+
+
 def test_nginx_full_disk_leaves_no_object(request: pytest.FixtureRequest) -> None:
     """A server whose disk fills (a 16 MiB tmpfs) fails the PUT: one line, exit 1, and the
     object is not there."""
