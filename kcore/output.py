@@ -384,6 +384,7 @@ class Output:
     sidecars: list[str] = field(default_factory=list)
     with_sidecars: bool = True  # OUTPUT.sha256 and OUTPUT.json beside a file (not `kcore read`)
     extra_sidecars: dict[str, bytes] = field(default_factory=dict)  # suffix -> bytes (.symbols)
+    notes: list[str] = field(default_factory=list)  # warnings for the summary
     _closed: bool = False
     _directory: str = ""
     _name: str = ""
@@ -412,13 +413,22 @@ class Output:
         """Where the JSON manifest goes."""
         return sidecar_path(self.path)
 
-    def check_space(self, needed: int, *, estimate: bool = False) -> None:
-        """Refuse to start when the output filesystem has less than needed bytes free."""
+    def check_space(self, needed: int, *, estimate: bool = False, least: int | None = None
+                    ) -> None:
+        """Refuse to start when the output filesystem has less than needed bytes free; with
+        least (compressed pages: needed is every page stored whole), only when it has less
+        than least, and a warning between the two."""
         if self.kind != "file":
             return
         directory = os.path.dirname(os.path.abspath(self.path))
         st = os.statvfs(directory)
         free = st.f_bavail * st.f_frsize
+        if needed > free and least is not None and least <= free:
+            self.notes.append(
+                f"{directory} has {human(free)} free and the dump may need up to "
+                f"{human(needed)} (every page stored whole): started anyway, as compressed "
+                f"pages take less; a full disk stops it and removes the partial file")
+            return
         if needed > free:
             what = "up to " if estimate else ""
             note = " (a conservative estimate: zero pages will take less)" if estimate else ""

@@ -345,7 +345,7 @@ def _dump(args: argparse.Namespace, system: Any, fmt: Format, path: str, started
     if isinstance(out, destinations.RemoteOutput):
         summary["result"]["uploaded"] = out.where
         summary["result"]["parts_resumed"] = out.resumed_parts
-        summary["result"]["warnings"] = summary["result"]["warnings"] + out.notes
+    summary["result"]["warnings"] = summary["result"]["warnings"] + out.notes
     if args.json:
         print(json.dumps(summary["result"], indent=2))
     elif not args.quiet:

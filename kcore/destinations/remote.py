@@ -214,7 +214,6 @@ class RemoteOutput(Output):
     sink: Sink = field(default_factory=Sink)
     options: RemoteOptions = field(default_factory=RemoteOptions)
     where: list[str] = field(default_factory=list)  # the object, then its files beside it
-    notes: list[str] = field(default_factory=list)  # warnings for the summary
     _rfd: int = -1
     _error: BaseException | None = None
     _failed: BaseException | None = None  # the pump's error, when it stopped the dump

@@ -210,7 +210,10 @@ def write(req: Request, out: Any, progress: Callable[[int], None] | None = None)
 
     seekable = out.seekable
     if seekable:
-        out.check_space(geo.data_offset + page + npages * page, estimate=True)
+        # the bound stores every kept page whole; compressed, a dump of most kernels' memory
+        # is a fraction of it, so only the headers must fit before it starts
+        out.check_space(geo.data_offset + page + npages * page, estimate=True,
+                        least=geo.data_offset + page if codec.name != "none" else None)
     sink: FileSink | FlatSink = FileSink(out.fd) if seekable else FlatSink(out.fd)
     sink.put(0, head)
     # one bitmap at a time (32 MiB each for 1 TiB of RAM)
