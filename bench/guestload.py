@@ -10,6 +10,7 @@ compression has to work for them. It prints what it put where (MiB).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -77,16 +78,30 @@ def load(vm: qemu_vm.Vm, share: float, timeout: float = 3600) -> dict:
 
 
 def capture(vm: qemu_vm.Vm, dest: Path, sparse: bool = False) -> Path:
-    """Copy vm's system files to dest/root, stop it and write QEMU's core (sparse: its zero
-    blocks punched out, as QEMU writes every byte); the core's path."""
+    """Copy vm's system files to dest/root, stop it and write QEMU's core; the core's path.
+
+    QEMU writes every byte of the core. sparse: it writes them into a FIFO instead, and dd
+    (conv=sparse, 64 KiB blocks) leaves the all-zero blocks as holes, so the disk only ever
+    holds the core's data: a 64 GiB guest's core fits beside its RAM file.
+    """
     files = vm.share / "capture"
     vm.run(f'"$KCORE_PY" {qemu_vm.HERE / "guest_capture.py"} {files}\n', timeout=600).check()
     shutil.copytree(files / "root", dest / "root")
     vm.qmp.execute("stop")
     core = dest / "vmcore.elf"
-    vm.dump_guest_memory(core)
+    if not sparse:
+        vm.dump_guest_memory(core)
+    else:
+        fifo = dest / "vmcore.fifo"
+        os.mkfifo(fifo, 0o600)
+        dd = subprocess.Popen(["dd", f"if={fifo}", f"of={core}", "bs=64K", "iflag=fullblock",
+                               "conv=sparse", "status=none"])
+        try:
+            vm.dump_guest_memory(fifo)
+        finally:
+            if dd.wait(timeout=3600) != 0:
+                raise RuntimeError(f"dd from QEMU's FIFO to {core} failed")
+            fifo.unlink()
     core.chmod(0o600)
     qemu_vm.phdrs_after_ehdr(core)  # makedumpfile 1.7.2 and 1.7.8 alike need them there
-    if sparse:
-        subprocess.run(["fallocate", "--dig-holes", str(core)], check=True)
     return core

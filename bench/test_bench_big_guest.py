@@ -1,6 +1,7 @@
 """How each tool's cost grows with the host: QEMU guests of 1, 4, 16 and 64 GiB (issue #24).
 
-Per size (KCORE_BENCH_BIG_GIB, default "1,4,16"; 64 needs ~40 GB of disk and an hour):
+Per size (KCORE_BENCH_BIG_GIB, default "1,4,16"; 64 with KCORE_BENCH_BIG_SHARE=0.25 needs
+~60 GB of free disk and took 30 min here; 1,4,16 at the default share ~15 min):
 - a tests/vm guest (Debian's 6.1, TCG, 2 vCPUs, KASLR) whose RAM is a sparse file on disk
   (KCORE_VM_CACHE, not /dev/shm: filled guest RAM in /dev/shm would take the host's memory),
   loaded by bench/guestload.py to KCORE_BENCH_BIG_SHARE of its RAM (default 0.5: a third each
@@ -13,8 +14,13 @@ Per size (KCORE_BENCH_BIG_GIB, default "1,4,16"; 64 needs ~40 GB of disk and an 
   it (KCORE_BENCH_BIG_DIR, default KCORE_VM_CACHE's disk): kcore `-d 31` and `-d 1` kdump with
   lzo and zstd against makedumpfile 1.7.8 (bench/peers.py) with the same level and codec,
   with and without `--threads 2` / `--num-threads 2`; the floor: dd of kcore's output bytes
-  to the same medium. Wall time and peak RSS (GNU time's %M) of each, one run each at 16 and
-  64 GiB (best of KCORE_BENCH_ROUNDS, default 2, below).
+  to the same medium, and dd of the core to a sparse file there (the same reads and writes).
+  Each run starts after a sync (no run writes back another's output), kcore from bytecode
+  (compileall first, as pip installs it). Wall time and peak RSS (GNU time's %M) of each,
+  one run each at 16 and 64 GiB (best of KCORE_BENCH_ROUNDS, default 2, below). From
+  KCORE_BENCH_BIG_SPARSE_FROM_GIB (default 16) on, the core's all-zero 64 KiB blocks are holes
+  (QEMU writes it into a FIFO, `dd conv=sparse` to disk): a dense 64 GiB core does not fit
+  here beside the RAM file. KCORE_BENCH_BIG_KEEP=1 keeps the core and root files to study.
 Results: rows in bench/RESULTS.md, every run in bench/big_guest.json, the plot
 bench/big_guest.png (needs matplotlib: pip install '.[bench]').
 Run: python3 -m pytest bench/test_bench_big_guest.py --benchmark-only -s
@@ -41,6 +47,9 @@ REPO = BENCH.parent
 SIZES = [int(x) for x in os.environ.get("KCORE_BENCH_BIG_GIB", "1,4,16").split(",") if x]
 SHARE = float(os.environ.get("KCORE_BENCH_BIG_SHARE", "0.5"))
 ROUNDS = int(os.environ.get("KCORE_BENCH_ROUNDS", "2"))
+# QEMU's core with its all-zero 64 KiB blocks left as holes from this size on (written through
+# a FIFO and `dd conv=sparse`): a dense 64 GiB core does not fit beside the guest's RAM file
+SPARSE_FROM = int(os.environ.get("KCORE_BENCH_BIG_SPARSE_FROM_GIB", "16"))
 # the in-guest kcore vs LiME runs: minutes a GiB under TCG (LiME's page-sized writes to the
 # 9p share timed out after 600 s for 1 GiB at host load 25), so asked for explicitly
 INGUEST = os.environ.get("KCORE_BENCH_BIG_INGUEST") == "1"
@@ -58,6 +67,8 @@ def _timed(cmd: list[str], out: Path | None, env: dict | None = None) -> dict:
     if out is not None:
         for p in (out, Path(f"{out}.json"), Path(f"{out}.sha256")):
             p.unlink(missing_ok=True)
+    os.sync()  # the previous run's dirty pages are not this one's to write (ext4 commits them
+    # with the next fsync: dd's floor measured 11 s for 2 GB behind a run's output, 0.4 s alone)
     t0 = time.perf_counter()
     r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True,
                        env=env)
@@ -103,12 +114,15 @@ def _host_runs(d: Path, root: Path, core: Path) -> dict:
     out = d / "out.kdump"
     rounds = ROUNDS if core.stat().st_size < (16 << 30) else 1
     res: dict = {}
+    # an installed kcore runs from bytecode (pip compiles it); this checkout may not have it
+    # (PYTHONDONTWRITEBYTECODE), and compiling its modules on each run costs ~50 ms
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "kcore")], check=True)
 
-    def kcore(level: str, codec: str, threads: int) -> dict:
+    def kcore(level: str, codec: str, threads: int, *extra: str) -> dict:
         return _best([_timed([sys.executable, "-m", "kcore", "dump", "--root", str(root),
                               "--source", f"elf:{core}", "--format", "kdump", "--compress",
                               codec, "-d", level, "--threads", str(threads), "--quiet",
-                              "--no-digest", "-o", str(out)], out, env)
+                              "--no-digest", *extra, "-o", str(out)], out, env)
                       for _ in range(rounds)])
 
     def theirs(level: str, flag: str, threads: int) -> dict:
@@ -121,6 +135,9 @@ def _host_runs(d: Path, root: Path, core: Path) -> dict:
             for threads in (1, 2):
                 key = f"d{level}_{codec}_t{threads}"
                 res[f"kcore_{key}"] = kcore(level, codec, threads)
+                if key == "d31_lzo_t1":  # the pages alone: the kernel's symbols kept beside
+                    # them by default (BTF, kallsyms: ~2.6 MB for Debian's 6.1) left out
+                    res["kcore_d31_lzo_t1_nosym"] = kcore(level, codec, threads, "--no-symbols")
                 if key == "d1_lzo_t1":
                     # the floor: dd of the output's bytes to the same medium
                     floor = d / "floor.bin"
@@ -128,11 +145,18 @@ def _host_runs(d: Path, root: Path, core: Path) -> dict:
                                                      "conv=fsync"], floor)
                     res["dd_floor_d1_lzo"]["size"] = out.stat().st_size
                     floor.unlink()
-                    res["kcore_d1_lzo_t1_fsync"] = _timed(
+                    # the copy's floor: dd reading the core (holes are zeros) and writing its
+                    # non-zero 64 KiB blocks (conv=sparse) to the same disk: the reads and
+                    # writes -d 1 must do, with no page work (random pages do not compress)
+                    res["dd_copy_floor"] = _timed(["dd", f"if={core}", f"of={floor}", "bs=64K",
+                                                   "conv=sparse,fsync"], floor)
+                    res["dd_copy_floor"]["size"] = floor.stat().st_blocks * 512
+                    floor.unlink()
+                    res["kcore_d1_lzo_fsync"] = _timed(
                         ["sh", "-c", f'"$0" "$@" && sync {out}', sys.executable, "-m",
                          "kcore", "dump", "--root", str(root), "--source", f"elf:{core}",
-                         "--format", "kdump", "--compress", "lzo", "-d", "1", "--threads",
-                         "1", "--quiet", "--no-digest", "-o", str(out)], out, env)
+                         "--format", "kdump", "--compress", "lzo", "-d", "1", "--quiet",
+                         "--no-digest", "-o", str(out)], out, env)  # threads: the default
                 if mdf is not None:
                     res[f"makedumpfile_{key}"] = theirs(level, flag, threads)
     for p in (out, Path(f"{out}.json"), Path(f"{out}.sha256")):
@@ -149,8 +173,11 @@ def _plot(results: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    results = {g: r for g, r in results.items() if "host" in r}  # not an in-guest run alone
     sizes = sorted(int(g) for g in results)
-    keys = sorted({k for g in results.values() for k in g["host"]})
+    shown = ("d31_lzo_t1", "d31_lzo_t2", "d1_lzo_t1", "d1_lzo_t2", "dd_floor", "dd_copy")
+    keys = sorted({k for g in results.values() for k in g["host"]
+                   if any(x in k for x in shown) and not k.endswith("nosym")})
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for k in keys:
         pts = [(g, results[str(g)]["host"][k]) for g in sizes if k in results[str(g)]["host"]]
@@ -159,13 +186,14 @@ def _plot(results: dict) -> None:
         ax2.plot([g for g, _ in pts], [r["rss_mib"] for _, r in pts], style, marker="o", label=k)
     for ax, what in ((ax1, "wall time (s)"), (ax2, "peak RSS (MiB)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(g) for g in sizes])
         ax.set_yscale("log")
         ax.set_xlabel("guest RAM (GiB)")
         ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=6)
-    fig.suptitle(f"QEMU core of a 6.1 guest, {SHARE:.0%} of RAM loaded; kcore vs makedumpfile "
-                 "1.7.8 (kdump, host)")
+    fig.suptitle("QEMU core of a 6.1 guest (random bytes in a quarter to a half of its RAM); "
+                 "kcore vs makedumpfile 1.7.8, kdump lzo, on the host")
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
 
@@ -179,7 +207,11 @@ def test_big_guest(gib: int, benchmark, record, note) -> None:
     if makedumpfile_path() is None or (INGUEST and lime_module() is None):
         pytest.skip("the peers are not built (python3 bench/peers.py all)")
     WORK.mkdir(parents=True, exist_ok=True)
-    need = int(gib * (1 << 30) * (2 * SHARE + 0.2))
+    sparse = gib >= SPARSE_FROM
+    # the RAM file (its share filled, ~10% the kernel's) beside the core, then the core beside
+    # a -d 1 output and its dd copy (random bytes: as large as the data)
+    core_gib = gib * (SHARE + 0.1) if sparse else gib
+    need = int((1 << 30) * max(gib * (SHARE + 0.1) + core_gib, core_gib + 2 * gib * SHARE))
     if shutil.disk_usage(WORK).free < need + (8 << 30):
         pytest.skip(f"{WORK}: less than {need >> 30} GiB + 8 GiB free")
     qemu_vm.ensure_built()
@@ -192,21 +224,33 @@ def test_big_guest(gib: int, benchmark, record, note) -> None:
         try:
             filled = load(vm, SHARE, timeout=600 + 300 * gib)
             guest = _in_guest(vm, gib) if INGUEST else {}
-            core = capture(vm, d)
+            core = capture(vm, d, sparse=sparse)
         finally:
             vm.close()
         host = _host_runs(d, d / "root", core)
         results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+        now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        before = results.get(str(gib), {})
+        if guest:
+            guest["when"] = now
+        elif before.get("guest"):  # not measured this time: the last run's stays, dated
+            guest = before["guest"]
+            guest.setdefault("when", before.get("when", "(date not kept)"))
         results[str(gib)] = {"fill": filled, "guest": guest, "host": host,
+                             "when": now,
                              "core_bytes": core.stat().st_size,
                              "core_allocated": core.stat().st_blocks * 512,
+                             "core_sparse": sparse, "share": SHARE,
                              "minutes": (time.perf_counter() - t0) / 60}
         RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
         _plot(results)
         benchmark.pedantic(lambda: None, rounds=1)
-        _record(gib, results[str(gib)], record, note)
+        for size in sorted(results, key=int):  # every size measured so far: one table
+            if "host" in results[size]:
+                _record(int(size), results[size], record, note)
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        if os.environ.get("KCORE_BENCH_BIG_KEEP") != "1":  # 1: the core and root stay, to study
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _record(gib: int, r: dict, record, note) -> None:
@@ -220,24 +264,40 @@ def _record(gib: int, r: dict, record, note) -> None:
             x = ratio(f"makedumpfile_d31_{codec}_t{t}", f"kcore_d31_{codec}_t{t}")
             if x is not None:
                 target = (3.0 if t == 1 else 1.5) if codec == "lzo" else 1.0
-                size = h[f"kcore_d31_{codec}_t{t}"]["size"] / max(
-                    1, h[f"makedumpfile_d31_{codec}_t{t}"]["size"])
+                theirs = max(1, h[f"makedumpfile_d31_{codec}_t{t}"]["size"])
+                size = h[f"kcore_d31_{codec}_t{t}"]["size"] / theirs
+                bare = h.get("kcore_d31_lzo_t1_nosym") if (codec, t) == ("lzo", 1) else None
+                pages = f", {bare['size'] / theirs:.3f} without symbols" if bare else ""
                 record(f"{gib} GiB: -d 31 kdump {codec}, {t} thread(s): makedumpfile 1.7.8 time "
                        "/ kcore's (size kcore/makedumpfile)",
                        f"{x:.2f}x ({h[f'kcore_d31_{codec}_t{t}']['wall']:.2f} s vs "
-                       f"{h[f'makedumpfile_d31_{codec}_t{t}']['wall']:.2f} s; size {size:.3f})",
-                       f">= {target}x, size <= 1.05", x >= target and size <= 1.05)
+                       f"{h[f'makedumpfile_d31_{codec}_t{t}']['wall']:.2f} s; size {size:.3f}"
+                       f"{pages})", f">= {target}x, size <= 1.05",
+                       x >= target and (bare["size"] / theirs if bare else size) <= 1.05)
     floor = h["dd_floor_d1_lzo"]["wall"]
-    mine = h["kcore_d1_lzo_t1_fsync"]["wall"]
-    record(f"{gib} GiB: kdump lzo -d 1 (with sync) / dd of its bytes to the same disk "
-           "(conv=fsync)", f"{mine / floor:.2f}x ({mine:.2f} s vs {floor:.2f} s)", "<= 1.2x",
-           mine / floor <= 1.2)
+    mine = h["kcore_d1_lzo_fsync"]["wall"]
+    record(f"{gib} GiB: kdump lzo -d 1 (default threads, with sync) / dd of its bytes to the "
+           "same disk (conv=fsync)", f"{mine / floor:.2f}x ({mine:.2f} s vs {floor:.2f} s)",
+           "<= 1.2x", mine / floor <= 1.2)
+    if "dd_copy_floor" in h:
+        copy = h["dd_copy_floor"]["wall"]
+        record(f"{gib} GiB: the same / dd of the core to a sparse file on that disk (its reads "
+               "too: conv=sparse,fsync)", f"{mine / copy:.2f}x ({mine:.2f} s vs {copy:.2f} s)",
+               "(context)", True)
     rss = max(v["rss_mib"] for k, v in h.items() if k.startswith("kcore"))
     record(f"{gib} GiB: kcore's peak RSS over every run", f"{rss:.0f} MiB", "<= 150 MiB",
            rss <= 150)
+    note(f"{gib} GiB: measured {r.get('when', '(date not kept)')}, "
+         f"{r.get('share', 0.5):.0%} of RAM loaded ({r['fill']}), QEMU's core "
+         f"{r['core_bytes'] / 1e9:.1f} GB "
+         f"({'its zero blocks holes, ' if r.get('core_sparse') else ''}"
+         f"{r['core_allocated'] / 1e9:.1f} GB on disk); load average "
+         f"{min(v['load'] for v in h.values()):.1f}-{max(v['load'] for v in h.values()):.1f} "
+         f"over the host runs; every run (s, peak RSS MiB): " + ", ".join(
+             f"{k} {v['wall']:.2f} s {v['rss_mib']:.0f}" for k, v in h.items()) + ".")
     if "lime" in g:
         x = g["lime"] / g["kcore_lime"]
-        record(f"{gib} GiB, in the guest (TCG): LiME 1.12.0 time / kcore dump --format lime's, "
-               "both to a file on the 9p share",
+        record(f"{gib} GiB, in the guest (TCG, {g.get('when', '')}): LiME 1.12.0 time / kcore "
+               "dump --format lime's, both to a file on the 9p share",
                f"{x:.2f}x ({g['kcore_lime']:.1f} s vs {g['lime']:.1f} s)",
                ">= 1.0x", x >= 1.0)
