@@ -423,19 +423,20 @@ class Output:
         directory = os.path.dirname(os.path.abspath(self.path))
         st = os.statvfs(directory)
         free = st.f_bavail * st.f_frsize
-        if needed > free and least is not None and least <= free:
+        if needed <= free:
+            return
+        if least is not None and least <= free:
             self.notes.append(
                 f"{directory} has {human(free)} free and the dump may need up to "
                 f"{human(needed)} (every page stored whole): started anyway, as compressed "
                 f"pages take less; a full disk stops it and removes the partial file")
             return
-        if needed > free:
-            what = "up to " if estimate else ""
-            note = " (a conservative estimate: zero pages will take less)" if estimate else ""
-            raise OutputError(
-                f"not enough space in {directory}: the dump needs {what}{human(needed)}{note}, "
-                f"{human(free)} free; free some space or write elsewhere (-o PATH, or - for stdout)"
-            )
+        what = "up to " if estimate else ""
+        note = " (a conservative estimate: zero pages will take less)" if estimate else ""
+        raise OutputError(
+            f"not enough space in {directory}: the dump needs {what}{human(needed)}{note}, "
+            f"{human(free)} free; free some space or write elsewhere (-o PATH, or - for stdout)"
+        )
 
     def set_size(self, size: int) -> None:
         """Give a seekable file its final size up front (holes where nothing is written)."""

@@ -235,9 +235,9 @@ def test_nginx_put_elf_writes_no_local_disk(request: pytest.FixtureRequest,
 def test_nginx_https_put_through_tls(request: pytest.FixtureRequest,
                                     streams: dict[str, bytes],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """An https:// PUT (what a pre-signed URL is): TLS encrypts in the process, so the bytes
-    are read and sent rather than spliced; the object and its .sha256 are the stream's. A
-    certificate the system does not trust ends in one line naming it, and nothing is made."""
+    """An https:// PUT (what a pre-signed URL is): the object and its .sha256 are the
+    stream's. A certificate the system does not trust ends in one line naming it, and nothing
+    is made."""
     folder = scratch_dir(request, "nginx-tls")
     with running(Nginx(folder, tls=True)) as ng:
         url = ng.url("/mem.lime")
